@@ -1,0 +1,69 @@
+"""The four MRI modalities and the subsets of them a model may see.
+
+One home for modality names, indices and the `--mode` syntax, shared by the data layer,
+the model, training and evaluation. A *subset* is a sorted tuple of modality indices,
+e.g. ``(0, 2)`` for FLAIR + T1ce.
+"""
+import itertools
+import random
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of every image tensor
+FULL = tuple(range(len(MODALITIES)))
+
+# The 15 non-empty subsets: singles first, then pairs, triples and the full set.
+ALL_SUBSETS = tuple(
+    s for k in range(1, len(MODALITIES) + 1) for s in itertools.combinations(FULL, k)
+)
+SINGLE_SUBSETS = tuple(s for s in ALL_SUBSETS if len(s) == 1)
+
+
+def parse_subset(text):
+    """'0,2' or 'flair,t1ce' (or a mix) -> (0, 2). Raises ValueError on anything else."""
+    indices = set()
+    for token in str(text).replace("+", ",").split(","):
+        token = token.strip().lower()
+        if not token:
+            continue
+        if token.isdigit() and int(token) < len(MODALITIES):
+            indices.add(int(token))
+        elif token in MODALITIES:
+            indices.add(MODALITIES.index(token))
+        else:
+            raise ValueError(
+                f"unknown modality {token!r} in {text!r}: use indices 0-3 or names {', '.join(MODALITIES)}"
+            )
+    if not indices:
+        raise ValueError(f"empty modality subset {text!r}")
+    return tuple(sorted(indices))
+
+
+def parse_mode(text):
+    """`--mode` value -> 'random', 'all' (the 15 subsets) or one subset tuple.
+
+    Published spellings are accepted too: 'random' and the full set '0,1,2,3'.
+    """
+    text = str(text).strip().lower()
+    if text in ("random", "all"):
+        return text
+    return parse_subset(text)
+
+
+def parse_teachers(text):
+    """`--teachers '0'` or `'flair,t1ce'` -> (0,) / (0, 2); empty string -> ()."""
+    return parse_subset(text) if str(text).strip() else ()
+
+
+def subset_name(subset):
+    """(0, 2) -> 'flair+t1ce' (used for folder names and table rows)."""
+    return "+".join(MODALITIES[i] for i in subset)
+
+
+def subset_mask(subset):
+    """(0, 2) -> (True, False, True, False)."""
+    return tuple(i in subset for i in FULL)
+
+
+def sample_subset(rng: random.Random, sizes=(1, 2, 3)):
+    """Published random-missing draw: k uniform in `sizes`, then k modalities uniformly."""
+    k = rng.choice(sizes)
+    return tuple(sorted(rng.sample(FULL, k)))

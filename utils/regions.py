@@ -1,0 +1,32 @@
+"""BraTS labels <-> the network's overlapping regions, in one place.
+
+Labels: 0 background, 1 necrotic / non-enhancing core (NCR/NET), 2 edema (ED),
+4 enhancing tumour (ET; BraTS 2023 writes it as 3, mapped to 4 when a case is read).
+Regions, in the network's output order: ET = {4}, WT = {1, 2, 4}, TC = {1, 4}.
+"""
+import numpy as np
+
+LABELS = (0, 1, 2, 4)
+REGIONS = ("ET", "WT", "TC")
+REGION_LABELS = {"ET": (4,), "WT": (1, 2, 4), "TC": (1, 4)}
+# Export writes regions in this order, later ones overwriting: WT -> 2, TC -> 1, ET -> 4.
+EXPORT_ORDER = (("WT", 2), ("TC", 1), ("ET", 4))
+
+
+def labels_to_regions(label):
+    """Label map (...) -> bool array (3, ...) of ET, WT, TC."""
+    label = np.asarray(label)
+    return np.stack([np.isin(label, REGION_LABELS[r]) for r in REGIONS])
+
+
+def regions_to_labels(regions):
+    """Bool/0-1 array (3, ...) of ET, WT, TC -> uint8 label map with values in {0, 1, 2, 4}.
+
+    Inverse of `labels_to_regions` for any label map; for network outputs the nesting
+    ET ⊂ TC ⊂ WT is not guaranteed, and the published overwrite order decides.
+    """
+    regions = np.asarray(regions).astype(bool)
+    label = np.zeros(regions.shape[1:], dtype=np.uint8)
+    for region, value in EXPORT_ORDER:
+        label[regions[REGIONS.index(region)]] = value
+    return label
