@@ -1,0 +1,141 @@
+import itertools
+
+import pytest
+import torch
+
+from utils.inference import gaussian_map, predict_subsets, sliding_window, window_starts
+
+
+def constant(value, k=3):
+    """A predict that returns `value` everywhere, K channels."""
+    return lambda x: torch.full((x.shape[0], k) + tuple(x.shape[2:]), value)
+
+
+@pytest.mark.parametrize("gaussian", [False, True])
+@pytest.mark.parametrize("mirror", [False, True])
+def test_constant_prediction_is_reproduced_everywhere(gaussian, mirror):
+    image = torch.randn(2, 20, 27, 33)
+    out = sliding_window(constant(0.7), image, (8, 16, 16), gaussian=gaussian, mirror=mirror,
+                         batch_size=3)
+    assert out.shape == (3, 20, 27, 33) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.full_like(out, 0.7), rtol=1e-6, atol=1e-6)
+
+
+def test_gaussian_map_has_no_zeros_and_peaks_in_the_centre():
+    g = gaussian_map((16, 32, 32))
+    assert g.shape == (16, 32, 32)
+    assert g.min() > 0
+    assert g.max() == 1.0
+    # symmetric under every flip (centred at (n-1)/2), so mirror TTA is unbiased
+    for axes in [(0,), (1,), (2,)]:
+        assert torch.equal(g, g.flip(axes))
+    # sigma = n/8: one sigma from the centre along D the weight is exp(-1/2)
+    g1 = gaussian_map((64, 8, 8))
+    x = torch.arange(64) - 31.5
+    expected = torch.exp(-0.5 * (x / 8.0) ** 2)
+    expected = expected / expected.max()
+    torch.testing.assert_close(g1[:, 3, 3] / g1[:, 3, 3].max(), expected.float(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_window_starts_cover_and_clamp():
+    # published tiling: step ceil(16 * 2/3) = 11 -> starts 0, 11, 22, then clamped 24
+    assert window_starts(40, 16, 11) == [0, 11, 22, 24]
+    assert window_starts(16, 16, 11) == [0]
+    assert window_starts(27, 16, 11) == [0, 11]
+    for size, window, step in itertools.product([16, 17, 31, 32, 33, 155], [16], [1, 5, 11, 16]):
+        starts = window_starts(size, window, step)
+        covered = set()
+        for s in starts:
+            assert 0 <= s <= size - window
+            covered.update(range(s, s + window))
+        assert covered == set(range(size))
+
+
+def test_identity_is_reproduced_exactly():
+    # integer values: sums and divisions of the overlapping copies are exact in float32
+    image = torch.randint(-50, 50, (2, 23, 37, 41)).float()
+    for mirror in (False, True):
+        out = sliding_window(lambda x: x, image, (8, 16, 16), mirror=mirror)
+        assert torch.equal(out, image)
+    out = sliding_window(lambda x: x, torch.randn(1, 19, 21, 40), (8, 16, 16), gaussian=True)
+    assert out.shape == (1, 19, 21, 40)
+
+
+def test_volume_smaller_than_window_is_padded_and_cropped_back():
+    image = torch.randint(1, 9, (1, 5, 40, 7)).float()  # no zeros inside the volume
+    seen = []
+
+    def predict(x):
+        seen.append(x)
+        return x * 2
+
+    out = sliding_window(predict, image, (8, 16, 16), batch_size=1)
+    assert torch.equal(out, image * 2)
+    # H: starts 0, 11, 22, 24; D and W padded to one window each
+    assert len(seen) == 4 and all(x.shape[2:] == (8, 16, 16) for x in seen)
+    # the padding is zeros (the normalised background): 8*16*16 - 5*16*7 zeros per window
+    assert all(int((x == 0).sum()) == 8 * 16 * 16 - 5 * 16 * 7 for x in seen)
+
+
+def test_windows_are_batched_and_counted():
+    calls = []
+
+    def predict(x):
+        calls.append(x.shape[0])
+        return x[:, :1]
+
+    sliding_window(predict, torch.zeros(1, 40, 40, 40), (16, 16, 16), batch_size=5)
+    # 4 starts per axis (0, 11, 22, 24) -> 64 windows in batches of 5
+    assert sum(calls) == 64 and max(calls) == 5 and len(calls) == 13
+
+
+def test_mirror_averages_the_eight_flips():
+    # predict(x) = x + position along W: not flip-equivariant, so mirror must average
+    def predict(x):
+        w = torch.arange(x.shape[-1], dtype=torch.float32)
+        return x + w
+
+    image = torch.zeros(1, 8, 16, 16)
+    out = sliding_window(predict, image, (8, 16, 16), mirror=True)
+    # half the flips reverse W: average of w and (15 - w) = 7.5 everywhere
+    torch.testing.assert_close(out, torch.full_like(out, 7.5))
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs_and_accumulates_in_float32(amp):
+    conv = torch.nn.Conv3d(2, 3, 3, padding=1)
+    image = torch.randn(2, 12, 20, 20)
+    ref = sliding_window(conv, image, (8, 16, 16))
+    out = sliding_window(conv, image, (8, 16, 16), amp=amp)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError):
+        sliding_window(conv, image, (8, 16, 16), amp="fp8")
+
+
+class TwoSubsetModel(torch.nn.Module):
+    """forward_subsets -> (N, S, 3, d, h, w): logit = sum of the subset's channels; counts calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def forward_subsets(self, x, subsets):
+        assert not self.training
+        self.calls += 1
+        outs = [x[:, list(s)].sum(1, keepdim=True).expand(-1, 3, -1, -1, -1) * self.scale
+                for s in subsets]
+        return torch.stack(outs, 1)
+
+
+def test_predict_subsets_runs_each_window_once_for_all_subsets():
+    model = TwoSubsetModel().train()
+    image = torch.randn(4, 10, 20, 24)
+    probs = predict_subsets(model, image, [(0,), (1, 3)], (8, 16, 16), batch_size=1)
+    assert model.training  # mode restored
+    assert probs.shape == (2, 3, 10, 20, 24)
+    assert model.calls == 2 * 2 * 2  # one call per window (batch_size=1), not per subset
+    torch.testing.assert_close(probs[0], torch.sigmoid(image[0]).expand(3, -1, -1, -1))
+    torch.testing.assert_close(probs[1], torch.sigmoid(image[1] + image[3]).expand(3, -1, -1, -1))
