@@ -1,0 +1,88 @@
+import nibabel as nib
+import numpy as np
+import torch
+
+from datasets.brats import to_network_order
+from utils.export import probabilities_to_labels, save_labels
+from utils.regions import labels_to_regions
+
+
+def write_input(path, data_xyz, affine):
+    """An input modality as BraTS stores it: int16, mm units."""
+    image = nib.Nifti1Image(data_xyz.astype(np.int16), affine)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, path)
+    return nib.load(path)
+
+
+def random_labels(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.array([0, 1, 2, 4], dtype=np.uint8), size=shape, p=[0.7, 0.1, 0.1, 0.1])
+
+
+def test_probabilities_to_labels_thresholds_and_overwrites():
+    # one voxel per case: (ET, WT, TC) probabilities -> label
+    probs = np.array([
+        [0.1, 0.9, 0.2],   # WT only -> edema 2
+        [0.1, 0.9, 0.6],   # WT + TC -> 1
+        [0.7, 0.9, 0.6],   # all -> 4
+        [0.7, 0.2, 0.2],   # ET alone still overwrites last -> 4
+        [0.5, 0.5, 0.5],   # not > 0.5 -> background
+        [0.1, 0.2, 0.8],   # TC without WT -> 1 (TC overwrites)
+    ], dtype=np.float32).T.reshape(3, 6, 1, 1)
+    labels = probabilities_to_labels(torch.from_numpy(probs))
+    assert labels.dtype == np.uint8
+    assert labels[:, 0, 0].tolist() == [2, 1, 4, 4, 0, 1]
+
+
+def test_round_trip_regions_probabilities_export_reload(tmp_path):
+    shape_xyz = (12, 10, 7)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-5.0, 3.0, 20.0]
+    reference = write_input(tmp_path / "case_flair.nii.gz", np.ones(shape_xyz), affine)
+    label_xyz = random_labels(shape_xyz)
+    label = to_network_order(label_xyz)  # (D, H, W) = (7, 12, 10)
+    probs = labels_to_regions(label).astype(np.float32) * 0.8 + 0.1
+    header = reference.header.copy()
+    header.set_slope_inter(2.0, 10.0)  # a scaled source image: the mask must not inherit it
+    save_labels(probabilities_to_labels(probs), reference.affine, header,
+                tmp_path / "out" / "case.nii.gz")
+    saved = nib.load(tmp_path / "out" / "case.nii.gz")
+    assert saved.shape == shape_xyz
+    np.testing.assert_array_equal(saved.affine, reference.affine)
+    assert saved.get_data_dtype() == np.uint8
+    raw = np.asanyarray(saved.dataobj)
+    assert raw.dtype == np.uint8  # stored as integers, no scaling applied on read
+    assert saved.header.get_slope_inter() == (None, None)
+    np.testing.assert_array_equal(raw, label_xyz)
+    assert saved.header.get_xyzt_units() == ("mm", "sec")
+    assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "case.nii.gz"]
+
+
+def test_orientation_preserved_for_a_permuted_flipped_affine(tmp_path):
+    shape_xyz = (9, 11, 6)
+    # voxel axes permuted and flipped, anisotropic spacing (e.g. LPS-stored, sagittal slices)
+    affine = np.array([[0.0, -1.2, 0.0, 30.0],
+                       [0.0, 0.0, 2.5, -40.0],
+                       [-0.9, 0.0, 0.0, 12.0],
+                       [0.0, 0.0, 0.0, 1.0]])
+    data = np.zeros(shape_xyz)
+    marked = (7, 2, 4)
+    data[marked] = 100
+    reference = write_input(tmp_path / "case_t1.nii.gz", data, affine)
+    world = reference.affine @ np.array([*marked, 1.0])
+
+    # a label derived from the input as the pipeline sees it (network order)
+    image = to_network_order(np.asanyarray(reference.dataobj))
+    label = np.where(image == image.max(), 4, 0).astype(np.uint8)
+    save_labels(label, reference.affine, reference.header, tmp_path / "case.nii.gz")
+
+    saved = nib.load(tmp_path / "case.nii.gz")
+    assert saved.shape == shape_xyz
+    assert nib.aff2axcodes(saved.affine) == nib.aff2axcodes(reference.affine)
+    voxels = np.argwhere(np.asanyarray(saved.dataobj) == 4)
+    assert voxels.tolist() == [list(marked)]
+    np.testing.assert_allclose(saved.affine @ np.array([*voxels[0], 1.0]), world)
+    # qform and sform both describe the same grid (viewers pick either)
+    np.testing.assert_allclose(saved.header.get_qform(), reference.affine, atol=1e-5)
+    np.testing.assert_allclose(saved.header.get_sform(), reference.affine, atol=1e-5)
