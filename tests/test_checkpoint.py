@@ -1,0 +1,69 @@
+"""Checkpoints: weights_only round trip, RNG streams continue, atomic writes, clear errors."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
+
+
+def _tiny_training_state():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.99, nesterov=True)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()  # momentum buffers exist
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    return model, optimizer, scaler
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    model, optimizer, scaler = _tiny_training_state()
+    subset_rng = random.Random(7)
+    random.seed(1); np.random.seed(2); torch.manual_seed(3); subset_rng.random()
+    checkpoint = make_checkpoint(model, optimizer, scaler, 42, (0, 2), 40, subset_rng,
+                                 {"mode": "random", "input_size": "16,32,32"}, random_start=10)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), subset_rng.random())
+
+    path = tmp_path / "last.pth"
+    save_checkpoint(checkpoint, path)
+    loaded = load_checkpoint(path)  # weights_only=True inside
+    assert loaded["iteration"] == 42 and loaded["teachers"] == [0, 2]
+    assert loaded["elected_at"] == 40 and loaded["random_start"] == 10
+    assert loaded["config"] == {"mode": "random", "input_size": "16,32,32"}
+    assert loaded["scaler"]["scale"] == scaler.get_scale()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded["model"][key], value)
+    momentum = optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], momentum)
+
+    # every RNG continues where the checkpoint was taken
+    random.seed(99); np.random.seed(99); torch.manual_seed(99)
+    fresh = random.Random(0)
+    set_rng_state(loaded["rng"], fresh)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), fresh.random()) == expected
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left
+
+
+def test_failed_write_keeps_previous_file(tmp_path):
+    path = tmp_path / "last.pth"
+    save_checkpoint({"iteration": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_checkpoint({"iteration": 2, "bad": Unpicklable()}, path)
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_pickled_objects_and_missing_files_are_refused(tmp_path):
+    path = tmp_path / "published_style.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # the published code saved whole modules
+    with pytest.raises(RuntimeError, match="weights_only"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_checkpoint(tmp_path / "nope.pth")

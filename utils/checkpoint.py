@@ -1,0 +1,110 @@
+"""Training checkpoints: plain state_dicts and primitives, written atomically, read weights-only.
+
+A checkpoint is a dict (every value loadable by `torch.load(..., weights_only=True)`):
+
+    model       model.state_dict() (unwrapped from DDP)
+    optimizer   optimizer.state_dict()
+    scaler      GradScaler.state_dict() ({} when fp16 is off)
+    iteration   number of iterations completed = the next iteration to run
+    teachers    list of modality indices used for distillation from `iteration` on
+    elected_at  iteration of the election that chose `teachers` (None: from --teachers)
+    rng         RNG states (see `rng_state`), so a resumed run continues the same streams
+    config      the resolved training configuration (a JSON-able dict)
+    ...         entries the caller adds (train.py: random_start, the first iteration of the
+                random-missing stage, for --missing_schedule)
+
+Nothing pickles code: numpy's and Python's RNG states are converted to lists and tensors.
+"""
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.io import atomic_path
+
+
+def unwrap(model):
+    """The module whose state_dict is saved: strips DistributedDataParallel's `.module`."""
+    return model.module if hasattr(model, "module") else model
+
+
+def rng_state(subset_rng: random.Random):
+    """Every RNG the training loop touches, as weights_only-safe values."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": _python_state(random.getstate()),
+        "subset": _python_state(subset_rng.getstate()),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, subset_rng: random.Random):
+    """Inverse of `rng_state`."""
+    random.setstate(_python_tuple(state["python"]))
+    subset_rng.setstate(_python_tuple(state["subset"]))
+    np_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": np_state["bit_generator"],
+        "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+        "has_gauss": np_state["has_gauss"],
+        "gauss": np_state["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state(state):
+    version, internal, gauss_next = state
+    return {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+
+
+def _python_tuple(state):
+    return (state["version"], tuple(state["internal"]), state["gauss_next"])
+
+
+def make_checkpoint(model, optimizer, scaler, iteration, teachers, elected_at, subset_rng, config,
+                    **extra):
+    """The checkpoint dict described in the module docstring; `extra` adds primitive entries."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+        "iteration": int(iteration),
+        "teachers": [int(t) for t in teachers],
+        "elected_at": None if elected_at is None else int(elected_at),
+        "rng": rng_state(subset_rng),
+        "config": dict(config),
+        **extra,
+    }
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: a kill mid-write leaves the previous file intact."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint (or a bare state_dict) without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise RuntimeError(
+            f"cannot read checkpoint {path} with weights_only=True (a truncated file, or a "
+            f"checkpoint that pickles objects such as the published code's whole model): {error}"
+        ) from error
