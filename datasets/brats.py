@@ -1,0 +1,265 @@
+"""BraTS case discovery, NIfTI reading and validation.
+
+A case is one folder holding the four modalities (and, for training data, a label map):
+
+  BraTS 2018-2020  <case>_flair  _t1   _t1ce  _t2   _seg    (.nii or .nii.gz)
+  BraTS 2021       BraTS2021_00000_flair ... (same suffixes)
+  BraTS 2023       <case>-t2f    -t1n  -t1c   -t2w  -seg    (label 3 = ET, read as 4)
+
+Arrays leave this module in network order: a NIfTI volume (X, Y, Z) becomes (Z, X, Y) =
+(D, H, W), so an image is float32 (4, D, H, W) with channels in MODALITIES order.
+Every problem with a case raises CaseError naming the case and the file.
+"""
+import dataclasses
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from utils.modalities import MODALITIES
+
+EXTENSIONS = (".nii.gz", ".nii")
+# File-name suffix of each part, per naming scheme.
+SCHEMES = {
+    "brats2018": {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"},
+    "brats2023": {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"},
+}
+ALLOWED_LABELS = {"brats2018": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
+ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we use the 2018 value 4
+AFFINE_TOLERANCE = 1e-3
+# Errors nibabel, gzip and numpy raise on a missing, truncated or corrupt NIfTI.
+_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
+
+
+class DataError(ValueError):
+    """Bad input data: a datalist entry, a case folder or a file."""
+
+
+class CaseError(DataError):
+    """A case that cannot be used; the message names the case and the file."""
+
+    def __init__(self, case, path, problem):
+        self.case, self.path = case, Path(path) if path is not None else None
+        super().__init__(f"case {case}: {path}: {problem}")
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    files: dict  # part ("flair", "t1", "t1ce", "t2"[, "seg"]) -> Path
+    image: np.ndarray  # float32 (4, D, H, W), raw intensities, MODALITIES order
+    label: np.ndarray | None  # uint8 (D, H, W) in {0, 1, 2, 4}, or None without a seg file
+    affine: np.ndarray  # (4, 4) voxel -> world, of the FLAIR file
+    header: nib.Nifti1Header  # of the FLAIR file, for exporting predictions on the same grid
+    shape_xyz: tuple  # (X, Y, Z) as stored in the NIfTI files
+    spacing: tuple  # voxel size in mm, network order (D, H, W)
+
+
+def to_network_order(vol_xyz):
+    """NIfTI (..., X, Y, Z) is read as (X, Y, Z); network order is (Z, X, Y) = (D, H, W)."""
+    return vol_xyz.transpose(2, 0, 1)
+
+
+def to_nifti_order(vol_dhw):
+    """Inverse of to_network_order: (D, H, W) -> (X, Y, Z)."""
+    return vol_dhw.transpose(1, 2, 0)
+
+
+# ---------------------------------------------------------------------------------- datalists
+def _strip_relative_prefix(entry):
+    """'../data/BraTS-2018/X' -> ('data', 'BraTS-2018', 'X'): drop the anchor and ../ ./."""
+    parts = list(Path(entry).parts)
+    if Path(entry).anchor:
+        parts = parts[1:]
+    while parts and parts[0] in ("..", "."):
+        parts = parts[1:]
+    return parts
+
+
+def _candidates(entry, list_dir, data_root):
+    """Where a datalist entry may live, most specific first."""
+    if data_root is None:
+        path = Path(entry)
+        return [path] if path.is_absolute() else [list_dir / path, Path.cwd() / path]
+    parts = _strip_relative_prefix(entry)
+    # data_root/data/BraTS-2018/.../HGG/X, then .../HGG/X, then data_root/X.
+    return [Path(data_root).joinpath(*parts[i:]) for i in range(len(parts))]
+
+
+def read_datalist(list_path, data_root=None):
+    """Datalist file (one case folder per line) -> list of existing case folders (Path).
+
+    Without data_root, a relative entry resolves against the list file's folder, then the
+    current directory. With data_root, each entry is re-based under data_root: its leading
+    '../' and './' are dropped, then its leading components one at a time
+    (data_root/data/BraTS-2018/.../HGG/X, ..., data_root/HGG/X, data_root/X); the first
+    that exists wins. So the published lists work wherever the data lives.
+    """
+    list_path = Path(list_path)
+    try:
+        lines = list_path.read_text().splitlines()
+    except OSError as err:
+        raise DataError(f"cannot read datalist {list_path}: {err}") from err
+    folders = []
+    for number, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        tried = _candidates(entry, list_path.parent, data_root)
+        found = next((path for path in tried if path.is_dir()), None)
+        if found is None:
+            hint = "" if data_root is not None else " (pass a data root to re-base the entries)"
+            raise DataError(
+                f"{list_path}:{number}: case folder {entry!r} not found; tried "
+                + ", ".join(str(path) for path in tried) + hint
+            )
+        folders.append(found)
+    return folders
+
+
+# ----------------------------------------------------------------------------- case folders
+def _split_name(path):
+    """'X_flair.nii.gz' -> ('X_flair', '.nii.gz'), or None if not a NIfTI name."""
+    name = path.name
+    for ext in EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)], ext
+    return None
+
+
+def _scheme_of(files):
+    """The naming scheme of a {part: Path} mapping found by find_case_files."""
+    return next(
+        scheme for scheme, suffixes in SCHEMES.items()
+        if all(_split_name(path)[0].lower().endswith(suffixes[part]) for part, path in files.items())
+    )
+
+
+def find_case_files(case_dir):
+    """Case folder -> {"flair", "t1", "t1ce", "t2"[, "seg"]: Path}.
+
+    Recognises the BraTS 2018/2021 (_flair, _t1, _t1ce, _t2, _seg) and 2023 (-t2f, -t1n,
+    -t1c, -t2w, -seg) suffixes with .nii or .nii.gz. Raises CaseError naming the expected
+    file when a modality is missing, or the files when a part is ambiguous.
+    """
+    case_dir = Path(case_dir)
+    case = case_dir.name
+    if not case_dir.is_dir():
+        raise CaseError(case, case_dir, "case folder not found")
+    found = {scheme: {} for scheme in SCHEMES}
+    extensions = set()
+    for path in sorted(case_dir.iterdir()):
+        split = _split_name(path)
+        if path.name.startswith(".") or split is None:  # hidden files, e.g. macOS '._X.nii'
+            continue
+        stem = split[0].lower()
+        for scheme, suffixes in SCHEMES.items():
+            for part, suffix in suffixes.items():
+                if stem.endswith(suffix):
+                    found[scheme].setdefault(part, []).append(path)
+                    extensions.add(split[1])
+    # The scheme with more parts present wins; mixing schemes inside one case is an error.
+    scheme = max(SCHEMES, key=lambda s: len(found[s]))
+    other = [s for s in SCHEMES if s != scheme and found[s]]
+    if other:
+        stray = [p.name for paths in found[other[0]].values() for p in paths]
+        raise CaseError(case, case_dir, f"mixes naming schemes ({scheme} and {other[0]}: {stray})")
+    files = {}
+    for part, paths in found[scheme].items():
+        if len(paths) > 1:
+            raise CaseError(case, paths[0], f"several {part} files: {[p.name for p in paths]}")
+        files[part] = paths[0]
+    ext = sorted(extensions)[0] if extensions else ".nii.gz"
+    for part in MODALITIES:
+        if part not in files:
+            expected = case_dir / f"{case}{SCHEMES[scheme][part]}{ext}"
+            raise CaseError(case, expected, f"missing {part} file (found {sorted(files)})")
+    return {part: files[part] for part in (*MODALITIES, "seg") if part in files}
+
+
+# ------------------------------------------------------------------------------ reading
+def _read(case, path, reader):
+    """Run reader(nibabel image) on path, turning any read failure into a CaseError."""
+    try:
+        img = nib.load(path)
+        return img, reader(img)
+    except _READ_ERRORS as err:
+        raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: {err})") from err
+
+
+def _check_label(case, path, data, scheme):
+    """Label map as stored -> uint8 (X, Y, Z) in {0,1,2,4}; 2023's ET 3 becomes 4."""
+    allowed = ALLOWED_LABELS[scheme]
+    if data.dtype.kind == "f" and not (np.isfinite(data).all() and np.array_equal(data, np.round(data))):
+        raise CaseError(case, path, "label map has non-integer or non-finite values")
+    if data.min() < 0 or data.max() > max(allowed):
+        raise CaseError(case, path, f"labels outside {allowed}: min {data.min()}, max {data.max()}")
+    label = data.astype(np.uint8)
+    present = np.nonzero(np.bincount(label.reshape(-1)))[0]
+    unexpected = sorted(set(present.tolist()) - set(allowed))
+    if unexpected:
+        raise CaseError(case, path, f"unexpected label values {unexpected}; allowed {allowed}")
+    if scheme == "brats2023":
+        label[label == ET_2023] = 4
+    return label
+
+
+def load_case(case_dir, require_label=False):
+    """Read and validate one case folder -> Case (arrays in network order, see module doc).
+
+    Checks: all four modalities present and readable, 3-D, the same shape and the same
+    affine (within 1e-3) as the FLAIR, finite intensities; the label map (if present, or
+    required) has the same grid and only allowed values. Raises CaseError naming the file.
+    """
+    case_dir = Path(case_dir)
+    case = case_dir.name
+    files = find_case_files(case_dir)
+    scheme = _scheme_of(files)
+    if require_label and "seg" not in files:
+        expected = case_dir / f"{case}{SCHEMES[scheme]['seg']}{_split_name(files['flair'])[1]}"
+        raise CaseError(case, expected, "missing label (seg) file")
+
+    reference = None
+    channels = []
+    label = None
+    for part, path in files.items():
+        if part == "seg":
+            # Labels are read as stored (no scaling to float) to check the exact values.
+            img, data = _read(case, path, lambda im: np.asanyarray(im.dataobj))
+        else:
+            img, data = _read(case, path, lambda im: im.get_fdata(dtype=np.float32))
+        if data.ndim != 3:
+            raise CaseError(case, path, f"expected a 3-D volume, got shape {data.shape}")
+        if reference is None:
+            reference = img
+        elif data.shape != reference.shape:
+            raise CaseError(
+                case, path, f"shape {data.shape} differs from {files['flair'].name} {reference.shape}"
+            )
+        elif not np.allclose(img.affine, reference.affine, rtol=0, atol=AFFINE_TOLERANCE):
+            raise CaseError(
+                case, path,
+                f"affine differs from {files['flair'].name} by more than {AFFINE_TOLERANCE}:\n"
+                f"{img.affine}\nvs\n{reference.affine}",
+            )
+        if part == "seg":
+            label = to_network_order(_check_label(case, path, data, scheme))
+        else:
+            if not np.isfinite(data).all():
+                raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels")
+            channels.append(to_network_order(data))
+
+    header = reference.header
+    zooms = tuple(float(z) for z in header.get_zooms()[:3])
+    return Case(
+        name=case,
+        files=files,
+        image=np.ascontiguousarray(np.stack(channels)),
+        label=None if label is None else np.ascontiguousarray(label),
+        affine=np.asarray(reference.affine, dtype=np.float64),
+        header=header,
+        shape_xyz=tuple(int(s) for s in reference.shape),
+        spacing=(zooms[2], zooms[0], zooms[1]),  # (X, Y, Z) -> network order (D, H, W)
+    )

@@ -1,0 +1,142 @@
+"""The published per-modality intensity normalisation, as a literal reference and a fast twin.
+
+Published formula (SPEC.md, Data), for one modality volume `v`:
+  1. histogram of `v` with `int(v.max())` bins over [v.min(), v.max()];
+  2. `top` = index of the last bin holding at least 50 voxels, used directly as an intensity
+     (BraTS volumes start at 0, so bins are one unit wide);
+  3. clip `v` to at most `top`;
+  4. background = the corner voxel `v[0,0,0]`; all other voxels are z-scored with their own
+     mean and std; background voxels become 0.
+
+`normalize_published` is that formula with `np.histogram`. It is slow because the histogram
+has one bin per intensity unit and walks every voxel. `normalize` returns bit-identical
+output: it finds `top` by counting only the brightest voxels with numpy's own bin-index
+arithmetic (see `_bin_indices`), and builds the output with fewer passes.
+
+Both work in float32 (the dtype `datasets.brats.load_case` returns); other inputs are cast
+first. Inputs on which the published code would crash or produce NaN (non-finite values,
+max < 1 so zero bins, no bin with 50 voxels, constant foreground) raise NormalizationError.
+"""
+import numpy as np
+
+NAME = "published-histogram-zscore"
+VERSION = 1
+MIN_COUNT = 50  # published: a bin needs this many voxels to count as signal
+
+
+class NormalizationError(ValueError):
+    """The published normalisation is undefined on this volume."""
+
+
+def _num_bins(vmin, vmax):
+    """int(v.max()) as published, refusing the volumes np.histogram would reject or misread."""
+    if not (np.isfinite(vmin) and np.isfinite(vmax)):
+        raise NormalizationError(f"volume has non-finite values (min {vmin}, max {vmax})")
+    if int(vmax) < 1:
+        raise NormalizationError(
+            f"volume maximum {vmax} < 1: the published histogram would have int(max) = "
+            f"{int(vmax)} bins (an empty or all-background modality?)"
+        )
+    return int(vmax)
+
+
+def _check_foreground(fg):
+    if fg.size == 0:
+        raise NormalizationError("every voxel equals the corner (background) value after clipping")
+
+
+def normalize_published(v):
+    """Reference: the published formula, literally. v (D,H,W) -> float32 (D,H,W)."""
+    v = np.asarray(v, dtype=np.float32)
+    _num_bins(v.min(), v.max())
+    hist, _ = np.histogram(v, int(v.max()))
+    full = np.nonzero(hist >= MIN_COUNT)[0]
+    if full.size == 0:
+        raise NormalizationError(f"no histogram bin holds {MIN_COUNT} voxels")
+    top = int(full[-1])
+    v = np.minimum(v, np.float32(top))  # float32(top): keep float32 (NEP 50 would promote)
+    background = v[(0,) * v.ndim]
+    mask = v != background
+    fg = v[mask]
+    _check_foreground(fg)
+    mean, std = fg.mean(), fg.std()
+    if not std > 0:
+        raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
+    out = np.zeros_like(v)
+    out[mask] = (fg - mean) / std
+    return out
+
+
+def _bin_indices(x, edges):
+    """np.histogram's bin index of each value of x, computed exactly as numpy computes it.
+
+    Mirrors the uniform-bin path of numpy.lib._histograms_impl.histogram (numpy 1.24-2.x):
+    a scaled estimate, truncated, then corrected by one bin where rounding put a value on
+    the wrong side of an edge; the last bin includes its right edge. x must lie in
+    [edges[0], edges[-1]]. Each step is monotone in x, so the index is a non-decreasing
+    function of the value — `_top_bin` relies on that.
+    """
+    n = len(edges) - 1
+    first, last = edges[0], edges[-1]
+    x = x.astype(edges.dtype, copy=False)
+    indices = ((np.subtract(x, first) / np.subtract(last, first)) * n).astype(np.intp)
+    indices[indices == n] -= 1
+    indices[x < edges[indices]] -= 1
+    indices[(x >= edges[indices + 1]) & (indices != n - 1)] += 1
+    return indices
+
+
+def _top_bin(flat, edges, thresholds=(0.99, 0.9, 0.5)):
+    """Index of the last histogram bin holding >= MIN_COUNT voxels, counting from the top.
+
+    For a threshold t, voxels below t fall in bins <= bin(t) (monotone index), so the
+    counts of bins above bin(t) come exactly from the voxels >= t — a small set when t is
+    a high quantile (estimated on a strided sample). If no such bin is full, lower t; the
+    last resort counts every voxel.
+    """
+    sample = flat[:: max(1, flat.size // 100_000)]
+    ranks = [int(q * (sample.size - 1)) for q in thresholds]
+    sample = np.partition(sample, ranks)
+    for rank in ranks:
+        t = sample[rank]
+        floor = _bin_indices(np.array([t]), edges)[0]
+        bright = flat[flat >= t]
+        idx = _bin_indices(bright, edges)
+        counts = np.bincount(idx[idx > floor] - (floor + 1))
+        full = np.nonzero(counts >= MIN_COUNT)[0]
+        if full.size:
+            return int(floor + 1 + full[-1])
+    full = np.nonzero(np.bincount(_bin_indices(flat, edges)) >= MIN_COUNT)[0]
+    if full.size == 0:
+        raise NormalizationError(f"no histogram bin holds {MIN_COUNT} voxels")
+    return int(full[-1])
+
+
+def normalize(v):
+    """Fast, bit-identical `normalize_published`. v (D,H,W) -> float32 (D,H,W)."""
+    v = np.asarray(v, dtype=np.float32)
+    vmin, vmax = v.min(), v.max()
+    nbins = _num_bins(vmin, vmax)
+    # Same edges (and same 'too many bins' error) as np.histogram(v, nbins).
+    edges = np.histogram_bin_edges(v, nbins, range=(vmin, vmax))
+    top = _top_bin(v.reshape(-1), edges)
+    if top < vmax:  # else clipping changes nothing
+        v = np.minimum(v, np.float32(top))
+    background = v[(0,) * v.ndim]
+    mask = v != background
+    fg = v[mask]
+    _check_foreground(fg)
+    mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
+    if not std > 0:
+        raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
+    # Elementwise (x - mean) / std gives the reference's bits; zeroing the background
+    # afterwards is cheaper than a boolean scatter into a zero array.
+    out = np.subtract(v, mean)
+    out /= std
+    out[~mask] = 0
+    return out
+
+
+def normalize_image(image, fn=normalize):
+    """Normalise each modality of image (C,D,H,W) independently -> float32 (C,D,H,W)."""
+    return np.stack([fn(channel) for channel in image])

@@ -1,0 +1,125 @@
+"""Published intensity normalisation: hand-computed values and fast == reference, bit for bit."""
+import numpy as np
+import pytest
+
+from datasets.normalize import (
+    NormalizationError,
+    _bin_indices,
+    _top_bin,
+    normalize,
+    normalize_image,
+    normalize_published,
+)
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def brats_like(seed, shape=(40, 48, 36), outliers=True):
+    """int16 brain-like volume: zero background, tissue ~N(600, 150), a few bright outliers."""
+    rng = np.random.default_rng(seed)
+    vol = np.zeros(shape, np.int16)
+    core = rng.normal(600, 150, (shape[0] - 8, shape[1] - 8, shape[2] - 6))
+    vol[4:-4, 4:-4, 3:-3] = np.clip(core, 1, None).round().astype(np.int16)
+    if outliers:  # sparse bright voxels far above the tissue: top ends well below max
+        idx = tuple(rng.integers(4, s - 4, 30) for s in shape)
+        vol[idx] = rng.integers(3000, 30000, 30).astype(np.int16)
+    return vol
+
+
+def test_hand_computed_example():
+    v = np.zeros((10, 10, 10), np.float32)
+    flat = v.reshape(-1)
+    flat[1:301] = 5  # 300 voxels at 5, 100 at 10, 30 at 20 (< 50: not a full bin)
+    flat[301:401] = 10
+    flat[401:431] = 20
+    # int(20) = 20 one-unit bins over [0, 20]: the last bin holding >= 50 voxels is 10.
+    fg = np.array([5.0] * 300 + [10.0] * 130)  # 20 clipped to 10; background 0 excluded
+    expected = np.zeros(1000)
+    expected[1:431] = (fg - fg.mean()) / fg.std()
+    for fn in (normalize_published, normalize):
+        out = fn(v)
+        assert out.dtype == np.float32 and out.shape == v.shape
+        np.testing.assert_allclose(out.reshape(-1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_equals_published_brats_like_int16(seed):
+    v = brats_like(seed, outliers=seed % 2 == 0)
+    assert same_bits(normalize(v), normalize_published(v))
+
+
+SHAPE = (40, 48, 36)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: (r.gamma(20.0, 15.0, SHAPE) + 0.25).astype(np.float32),  # float, corner not 0
+        lambda r: r.normal(300, 120, SHAPE).astype(np.float32),  # negative minimum
+        lambda r: np.where(  # dense tissue at ~2000, a sparse float tail up to 70000
+            r.random(SHAPE) < 0.7, r.normal(2000, 20, SHAPE), r.random(SHAPE) * 7e4
+        ).astype(np.float32),
+        lambda r: np.where(r.random(SHAPE) < 0.5, 0, r.integers(1, 40, SHAPE)).astype(np.float32),
+    ],
+    ids=["float-gamma", "negative-min", "wide-sparse-tail", "few-levels"],
+)
+def test_fast_equals_published_float_volumes(make):
+    v = make(np.random.default_rng(7))
+    assert same_bits(normalize(v), normalize_published(v))
+
+
+def test_top_bin_every_path_matches_histogram():
+    rng = np.random.default_rng(3)
+    # Dense low values, sparse high ones: the quantile thresholds find no full bin above
+    # them, so the search falls back down to the full count.
+    v = np.concatenate([rng.integers(0, 20, 5000), rng.permutation(np.arange(20, 9000))]).astype(np.float32)
+    for vol in (v, brats_like(1).astype(np.float32).reshape(-1)):
+        n = int(vol.max())
+        hist, edges = np.histogram(vol, n)
+        assert _top_bin(vol, edges) == np.nonzero(hist >= 50)[0][-1]
+
+
+def test_bin_indices_reproduce_numpy_histogram():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        scale = rng.choice([1.0, 3.3, 1e3, 7e4])
+        x = (rng.random(3000) * scale + rng.choice([0.0, -50.0, 1e4, 0.5])).astype(np.float32)
+        if rng.random() < 0.5:
+            x = np.round(x)
+        n = int(x.max())
+        if n < 1 or n > 1000 * (x.max() - x.min()):  # numpy refuses bins narrower than a float step
+            continue
+        hist, edges = np.histogram(x, n)
+        np.testing.assert_array_equal(np.bincount(_bin_indices(x, edges), minlength=n), hist)
+
+
+@pytest.mark.parametrize(
+    "v",
+    [
+        np.zeros((8, 8, 8), np.float32),  # max 0: zero bins
+        np.full((8, 8, 8), 0.7, np.float32),  # max < 1
+        np.where(np.arange(512).reshape(8, 8, 8) == 100, np.nan, 5).astype(np.float32),
+        np.arange(40, dtype=np.float32).reshape(2, 4, 5),  # no bin holds 50 voxels
+        np.pad(np.full((6, 6, 6), 9, np.float32), 1),  # constant foreground: std 0
+        np.random.default_rng(0).uniform(0.05, 1.9, (8, 8, 8)).astype(np.float32),  # one bin:
+        # top = 0, everything is clipped to the corner value, no foreground is left
+    ],
+    ids=["zeros", "max-below-1", "nan", "no-full-bin", "constant-foreground", "max-below-2"],
+)
+def test_degenerate_volumes_raise_in_both(v):
+    for fn in (normalize_published, normalize):
+        with pytest.raises(NormalizationError):
+            fn(v)
+
+
+def test_normalize_image_per_modality():
+    image = np.stack([brats_like(s) for s in range(4)]).astype(np.float32)
+    image[2] *= 3  # modalities are normalised independently
+    out = normalize_image(image)
+    assert out.shape == image.shape and out.dtype == np.float32
+    for c in range(4):
+        assert same_bits(out[c], normalize_published(image[c]))
+        fg = out[c][image[c] != 0]
+        assert abs(fg.mean()) < 1e-4 and abs(fg.std() - 1) < 1e-3
