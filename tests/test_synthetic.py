@@ -1,0 +1,169 @@
+"""The synthetic BraTS-like generator: layout, file format, determinism and designed contrasts."""
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from datasets import synthetic
+from utils.modalities import MODALITIES
+from utils.regions import REGIONS, labels_to_regions
+
+SMALL = (48, 48, 32)
+FILES = (*MODALITIES, "seg")
+
+
+def _read_case(case_dir, fmt):
+    """{name: array} for the four modalities and seg, plus the FLAIR image (for its header)."""
+    name = case_dir.name
+    imgs = {k: nib.load(case_dir / f"{name}_{k}.{fmt}") for k in FILES}
+    return {k: np.asarray(img.dataobj) for k, img in imgs.items()}, imgs["flair"]
+
+
+@pytest.fixture(scope="module")
+def contrast_cases(tmp_path_factory):
+    """Four 96 x 96 x 64 cases, read back from disk."""
+    out = tmp_path_factory.mktemp("synth96")
+    dirs = synthetic.generate(out, 4, shape_xyz=(96, 96, 64), seed=3, fmt="nii")
+    return [_read_case(d, "nii")[0] for d in dirs]
+
+
+def test_cli_writes_brats_layout(tmp_path):
+    synthetic.main(["--out_dir", str(tmp_path), "--num_cases", "3", "--shape", "48,48,32",
+                    "--seed", "1"])
+    names = ["Synth_0000", "Synth_0001", "Synth_0002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["test.csv", "train.csv",
+                                                                         "val.csv"])
+    for name in names:
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(
+            f"{name}_{k}.nii.gz" for k in FILES)
+        arrays, flair = _read_case(tmp_path / name, "nii.gz")
+        expected_affine = np.array([[-1, 0, 0, 0], [0, -1, 0, 47], [0, 0, 1, 0], [0, 0, 0, 1]])
+        np.testing.assert_array_equal(flair.affine, expected_affine)
+        assert flair.header.get_zooms() == (1.0, 1.0, 1.0)
+        for k, a in arrays.items():
+            assert a.shape == SMALL
+            assert a.dtype == (np.uint8 if k == "seg" else np.int16)
+        seg = arrays["seg"]
+        assert set(np.unique(seg)) <= {0, 1, 2, 4}
+        assert {2, 4} <= set(np.unique(seg))  # every case has a tumour with an enhancing part
+        brain = arrays["t1"] > 0
+        assert 0.05 < brain.mean() < 0.4
+        for k in MODALITIES:  # same brain mask, non-negative, background exactly 0
+            assert arrays[k].min() == 0
+            np.testing.assert_array_equal(arrays[k] > 0, brain)
+        assert not seg[~brain].any()
+        assert not brain[0].any() and not brain[:, :, -1].any()  # a margin of background
+    lists = {s: (tmp_path / f"{s}.csv").read_text().splitlines() for s in ("train", "val", "test")}
+    assert lists == {"train": ["Synth_0000"], "val": ["Synth_0001"], "test": ["Synth_0002"]}
+
+
+def test_generate_nii_and_splits(tmp_path):
+    dirs = synthetic.generate(tmp_path, 5, shape_xyz=SMALL, seed=0, fmt="nii")
+    assert dirs == [tmp_path / f"Synth_{k:04d}" for k in range(5)]
+    assert (dirs[4] / "Synth_0004_t1ce.nii").is_file()
+    assert not list(tmp_path.rglob("*.gz")) and not list(tmp_path.rglob("*.tmp*"))
+    lists = [(tmp_path / f"{s}.csv").read_text().splitlines() for s in ("train", "val", "test")]
+    assert [len(x) for x in lists] == [3, 1, 1]
+    assert sorted(sum(lists, [])) == [d.name for d in dirs]  # each case exactly once
+
+
+@pytest.mark.parametrize("n, counts", [(1, (1, 0, 0)), (2, (1, 1, 0)), (3, (1, 1, 1)),
+                                       (5, (3, 1, 1)), (20, (12, 4, 4)), (7, (5, 1, 1))])
+def test_split_counts(n, counts):
+    assert synthetic.split_counts(n) == counts
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="fmt"):
+        synthetic.generate("unused", 1, fmt="mha")
+    with pytest.raises(ValueError, match="num_cases"):
+        synthetic.generate("unused", 0)
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a = synthetic.generate(tmp_path / "a", 2, shape_xyz=SMALL, seed=7)
+    b = synthetic.generate(tmp_path / "b", 2, shape_xyz=SMALL, seed=7)
+    c = synthetic.generate(tmp_path / "c", 1, shape_xyz=SMALL, seed=8)
+    one = synthetic.generate(tmp_path / "one", 1, shape_xyz=SMALL, seed=7)
+    for k in FILES:
+        files = [d[0] / f"Synth_0000_{k}.nii.gz" for d in (a, b, c, one)]
+        data = [f.read_bytes() for f in files]
+        assert data[0] == data[1] == data[3]  # case 0 does not depend on the number of cases
+        assert data[0] != data[2]
+        with gzip.open(files[0]) as g:  # and the gzip stream holds the plain NIfTI
+            assert g.read(348)[344:348] == b"n+1\0"
+        assert data[0][4:8] == b"\0\0\0\0"  # gzip mtime
+    assert (a[1] / "Synth_0001_t1.nii.gz").read_bytes() != (a[0] / "Synth_0000_t1.nii.gz").read_bytes()
+
+
+def _means(arrays):
+    brain = arrays["t1"] > 0
+    seg = arrays["seg"]
+    masks = {"normal": brain & (seg == 0), "ED": seg == 2, "ET": seg == 4, "NCR": seg == 1}
+    return {m: {r: arrays[m][mask].astype(np.float64).mean() if mask.any() else np.nan
+                for r, mask in masks.items()} for m in MODALITIES}
+
+
+def test_designed_contrasts(contrast_cases):
+    saw_necrosis = False
+    for arrays in contrast_cases:
+        mean = _means(arrays)
+        t1ce, flair, t2, t1 = mean["t1ce"], mean["flair"], mean["t2"], mean["t1"]
+        assert t1ce["ET"] > 1.2 * t1ce["ED"] and t1ce["ET"] > 1.2 * t1ce["normal"]
+        assert flair["ED"] > 1.3 * flair["normal"]
+        assert t2["ED"] > 1.3 * t2["normal"]
+        if not np.isnan(t1ce["NCR"]):
+            saw_necrosis = True
+            assert t2["NCR"] > 1.3 * t2["normal"]
+            assert t1ce["NCR"] < 0.7 * t1ce["ET"]
+        # Tumour vs normal brain, in units of the normal tissue's spread: weak on T1.
+        brain, tumour = (arrays["t1"] > 0) & (arrays["seg"] == 0), arrays["seg"] > 0
+        effect = {m: abs(arrays[m][tumour].mean() - arrays[m][brain].mean())
+                  / arrays[m][brain].std() for m in ("t1", "flair")}
+        assert effect["t1"] < 0.5 * effect["flair"]
+    assert saw_necrosis
+
+
+def _best_threshold_dice(x, y):
+    """Best Dice of (x > t) or (x < t) against the boolean y over every threshold t.
+
+    Sorting x descending, predicting the top k voxels gives Dice 2 TP_k / (k + |y|); only cuts
+    between distinct values are thresholds.
+    """
+    best = 0.0
+    for s in (x, -x):
+        order = np.argsort(-s, kind="stable")
+        sv = s[order]
+        tp = np.cumsum(y[order])
+        k = np.arange(1, len(s) + 1)
+        cut = np.r_[sv[1:] != sv[:-1], True]
+        best = max(best, float((2 * tp / (k + y.sum()))[cut].max()))
+    return best
+
+
+def test_best_dice_helper():
+    x = np.array([0.1, 0.5, 0.9, 0.7])
+    assert _best_threshold_dice(x, np.array([0, 0, 1, 1], bool)) == 1.0
+    assert _best_threshold_dice(x, np.array([1, 0, 0, 0], bool)) == 1.0  # x < t
+    # y = {0.9, 0.1}: best is the top 1 (2/3) or everything (2*2/6 = 2/3)... or bottom 1: 2/3.
+    assert _best_threshold_dice(x, np.array([1, 0, 1, 0], bool)) == pytest.approx(2 / 3)
+
+
+def test_best_single_modality(contrast_cases):
+    """A single threshold on the slightly smoothed image, chosen per case, finds ET and TC best
+    on T1ce and WT best on FLAIR, then T2: the ordering teacher election should find."""
+    dice = np.zeros((len(contrast_cases), len(REGIONS), len(MODALITIES)))
+    for c, arrays in enumerate(contrast_cases):
+        brain = arrays["t1"] > 0
+        regions = labels_to_regions(arrays["seg"])
+        for m, name in enumerate(MODALITIES):
+            x = gaussian_filter(arrays[name].astype(np.float32), 0.5)[brain]
+            for r in range(len(REGIONS)):
+                dice[c, r, m] = _best_threshold_dice(x, regions[r][brain])
+    mean = dict(zip(REGIONS, dice.mean(0)))
+    order = {r: [MODALITIES[i] for i in np.argsort(-mean[r])] for r in REGIONS}
+    assert order["ET"][0] == "t1ce" and order["TC"][0] == "t1ce"
+    assert order["WT"][:2] == ["flair", "t2"]
+    assert mean["ET"][2] > mean["ET"].max(initial=0, where=np.arange(4) != 2) + 0.3
