@@ -41,8 +41,11 @@ class CaseError(DataError):
     """A case that cannot be used; the message names the case and the file."""
 
     def __init__(self, case, path, problem):
-        self.case, self.path = case, Path(path) if path is not None else None
+        self.case, self.path, self.problem = case, path, problem
         super().__init__(f"case {case}: {path}: {problem}")
+
+    def __reduce__(self):  # re-raised from worker processes: rebuild from the three fields
+        return CaseError, (self.case, self.path, self.problem)
 
 
 @dataclasses.dataclass

@@ -33,7 +33,9 @@ def make_volumes(seed=0, shape=SHAPE):
     brain[3:-3, 3:-3, 2:-2] = True
     volumes = {}
     for i, mod in enumerate(MODALITIES):
-        vol = rng.integers(100 + 200 * i, 400 + 200 * i, shape).astype(np.int16)
+        # 30 grey levels over ~3000 brain voxels: every level holds the 50 voxels the
+        # published normalisation needs to see it as signal.
+        vol = rng.integers(100 + 200 * i, 130 + 200 * i, shape).astype(np.int16)
         volumes[mod] = np.where(brain, vol, 0).astype(np.int16)
     label = np.zeros(shape, np.uint8)
     label[8:14, 6:12, 5:10] = 2
