@@ -11,7 +11,7 @@ Published formula (SPEC.md, Data), for one modality volume `v`:
 `normalize_published` is that formula with `np.histogram`. It is slow because the histogram
 has one bin per intensity unit and walks every voxel. `normalize` returns bit-identical
 output: it finds `top` by counting only the brightest voxels with numpy's own bin-index
-arithmetic (see `_bin_indices`), and builds the output with fewer passes.
+arithmetic (see `_bin_indices`), and clips only the foreground voxels.
 
 Both work in float32 (the dtype `datasets.brats.load_case` returns); other inputs are cast
 first. Inputs on which the published code would crash or produce NaN (non-finite values,
@@ -119,21 +119,24 @@ def normalize(v):
     nbins = _num_bins(vmin, vmax)
     # Same edges (and same 'too many bins' error) as np.histogram(v, nbins).
     edges = np.histogram_bin_edges(v, nbins, range=(vmin, vmax))
-    top = _top_bin(v.reshape(-1), edges)
-    if top < vmax:  # else clipping changes nothing
-        v = np.minimum(v, np.float32(top))
-    background = v[(0,) * v.ndim]
-    mask = v != background
-    fg = v[mask]
+    top = np.float32(_top_bin(v.reshape(-1), edges))
+    corner = (0,) * v.ndim
+    if v[corner] < top:
+        # Clipping maps no voxel onto the background value nor away from it, so the mask
+        # can be taken before clipping and only the foreground needs clipping: the same
+        # values, in the same order, as the reference's v[mask] after clipping.
+        mask = v != v[corner]
+        fg = np.minimum(v[mask], top)
+    else:
+        v = np.minimum(v, top)
+        mask = v != v[corner]
+        fg = v[mask]
     _check_foreground(fg)
     mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
-    # Elementwise (x - mean) / std gives the reference's bits; zeroing the background
-    # afterwards is cheaper than a boolean scatter into a zero array.
-    out = np.subtract(v, mean)
-    out /= std
-    out[~mask] = 0
+    out = np.zeros(v.shape, np.float32)
+    out[mask] = (fg - mean) / std
     return out
 
 

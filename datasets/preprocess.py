@@ -72,7 +72,10 @@ def _read_meta(case_cache):
 
 def _is_fresh(case_cache, sources):
     """True when the cached case exists, is complete and matches the source fingerprint."""
-    meta = _read_meta(case_cache)
+    try:
+        meta = _read_meta(case_cache)
+    except CaseError:  # corrupt metadata: the cache is disposable, rebuild the case
+        return False
     if meta is None or {k: meta.get(k) for k in _settings()} != _settings():
         return False
     if meta.get("sources") != sources:

@@ -50,6 +50,14 @@ def test_fast_equals_published_brats_like_int16(seed):
     assert same_bits(normalize(v), normalize_published(v))
 
 
+@pytest.mark.parametrize("corner", [20000, 800, 600, 1])  # top is 800
+def test_fast_equals_published_any_corner(corner):
+    # A corner above `top` is clipped to it before it becomes the background value.
+    v = brats_like(5)
+    v[0, 0, 0] = corner
+    assert same_bits(normalize(v), normalize_published(v))
+
+
 SHAPE = (40, 48, 36)
 
 
