@@ -2,12 +2,13 @@
 
 Examples (from the repository root):
 
-    # the published command: masks of the full-modality model for the online validation set
-    python eval.py --data_list datalist/BraTS18/BraTS18_test.csv --data_dir ../data \
-        --restore_from snapshots/LCKD_stage2/final.pth --mode 0,1,2,3
+    # the published command: full-modality masks for the online validation set
+    # (--data_dir datalist/ holds the lists; their entries point at ../data/BraTS-2018/...)
+    python eval.py --input_size 80,160,160 --num_classes 3 --data_list BraTS18/BraTS18_test.csv \
+        --weight_std True --restore_from snapshots/LCKD_stage2/final.pth --mode 0,1,2,3
     # all 15 subsets in one pass (the encoder runs once per window for all of them), scored
     # against the labels of a validation list, with the paper's table printed at the end
-    python eval.py --data_list datalist/BraTS18/BraTS18_val.csv --data_root /data/BraTS2018 \
+    python eval.py --data_list BraTS18/BraTS18_val.csv --data_root /data/BraTS2018 \
         --restore_from snapshots/LCKD_stage2/final.pth --mode all --output_dir outputs/val
 
 The network is rebuilt from the configuration stored in the checkpoint (model size, weight
@@ -67,10 +68,11 @@ def fraction(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("data")
-    g.add_argument("--data_list", default="datalist/BraTS18/BraTS18_test.csv")
-    g.add_argument("--data_dir", default=None,
-                   help="data root that the list's entries are re-based on (published name)")
-    g.add_argument("--data_root", default=None, help="same as --data_dir; wins if both are given")
+    g.add_argument("--data_dir", default="datalist/",
+                   help="folder --data_list is looked up in when not found as given (published)")
+    g.add_argument("--data_list", default="BraTS18/BraTS18_test.csv")
+    g.add_argument("--data_root", default=None,
+                   help="re-base the list's case folders onto this folder (see datasets.brats)")
     g.add_argument("--output_dir", default="outputs")
     g = p.add_argument_group("model (default: from the checkpoint's config)")
     g.add_argument("--restore_from", required=True, help="checkpoint (.pth) written by train.py")
@@ -114,6 +116,14 @@ def resolve_model_config(args, saved):
     if len(window) != 3:
         raise ValueError(f"--input_size needs D,H,W, got {size!r}")
     return config, window
+
+
+def resolve_list(path, data_dir):
+    """The list as given if it exists, else data_dir/path (published: data_dir + data_list),
+    the same rule as train.py's."""
+    if Path(path).exists() or not data_dir:
+        return Path(path)
+    return Path(data_dir) / path
 
 
 def resolve_device(name):
@@ -187,7 +197,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     output_dir = Path(args.output_dir)
     model, config, window = load_model(args, device)
-    cases = read_datalist(args.data_list, args.data_root or args.data_dir)
+    cases = read_datalist(resolve_list(args.data_list, args.data_dir), args.data_root)
     write_text(output_dir / "eval_config.json", json.dumps(
         vars(args) | {"subsets": [subset_name(s) for s in subsets], "window": window,
                       "device": str(device), "model": config.to_dict()}, indent=2, default=str))

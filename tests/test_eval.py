@@ -108,7 +108,8 @@ def test_flags_override_the_checkpoint_and_unlabelled_cases_are_only_exported(se
     (unlabelled / f"{cases[0].name}_seg.nii.gz").unlink()
     (tmp_path / "list.csv").write_text(f"{cases[0].name}\n")
     out = tmp_path / "out"
-    result = evaluate.main(["--data_list", str(tmp_path / "list.csv"), "--data_dir",
+    # published list lookup: --data_dir + --data_list; entries re-based by --data_root
+    result = evaluate.main(["--data_dir", str(tmp_path), "--data_list", "list.csv", "--data_root",
                             str(tmp_path / "data"), "--restore_from", str(root / "final.pth"),
                             "--output_dir", str(out), "--mode", "flair,t1ce",
                             "--input_size", "16,32,32", "--weight_std", "True",

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Export masks for the test list with the published settings.
+#
+#   bash eval.sh GPU_ID [extra eval.py flags]      GPU_ID: a CUDA index (0, 1, ...) or "cpu"
+#
+# Examples:
+#   bash eval.sh 0                                  # full-modality masks -> outputs/LCKD_stage2/
+#   MODE=all bash eval.sh 0                         # all 15 subsets in one pass
+#   DATA_ROOT=/data/BraTS2018 CKPT=snapshots/mine/final.pth bash eval.sh 1 --mirror
+#   DATA_LIST=BraTS18/BraTS18_val.csv MODE=all OUT=outputs/val bash eval.sh 0   # scored table
+#
+# Variables (override from the environment):
+NAME=${NAME:-LCKD_stage2}                           # run.sh's stage-2 snapshot folder
+CKPT=${CKPT:-snapshots/${NAME}/final.pth}
+DATA_LIST=${DATA_LIST:-BraTS18/BraTS18_test.csv}    # looked up in datalist/ (published)
+DATA_ROOT=${DATA_ROOT:-}                            # empty: the list's ../data/... paths as written
+MODE=${MODE:-0,1,2,3}                               # a subset such as 0,2 or flair,t1ce; or all
+OUT=${OUT:-outputs/${NAME}}
+set -euo pipefail
+
+if [ $# -lt 1 ]; then
+    sed -n '2,4p' "$0" >&2
+    exit 2
+fi
+GPU=$1
+shift
+if [ "$GPU" = "cpu" ]; then
+    export CUDA_VISIBLE_DEVICES=""
+    DEVICE=cpu
+else
+    export CUDA_VISIBLE_DEVICES=$GPU
+    DEVICE=cuda
+fi
+
+cd "$(dirname "$0")"
+mkdir -p logs
+LOG=logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//,/-}.log
+echo "log: $LOG"
+# The patch size and model flags come from the checkpoint's config (published: 80,160,160,
+# weight_std True); extra flags such as --input_size 80,160,160 override them.
+python eval.py \
+    --num_classes=3 \
+    --data_dir=datalist/ \
+    --data_list="$DATA_LIST" \
+    ${DATA_ROOT:+--data_root="$DATA_ROOT"} \
+    --restore_from="$CKPT" \
+    --mode="$MODE" \
+    --output_dir="$OUT" \
+    --device="$DEVICE" \
+    "$@" 2>&1 | tee "$LOG"
