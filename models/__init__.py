@@ -1,0 +1,4 @@
+"""LCKD network: `from models import LCKD, LCKDConfig`."""
+from models.lckd import LCKD, LCKDConfig
+
+__all__ = ["LCKD", "LCKDConfig"]

@@ -1,0 +1,212 @@
+"""Tests for models/lckd.py on the small configuration (CPU, seconds)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import LCKD, LCKDConfig
+from models.lckd import InstanceNorm3d
+from utils.modalities import ALL_SUBSETS, FULL
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These inputs are tiny: one thread is about as fast, and on a busy shared CPU several
+    threads spend most of their time waiting for each other at every op's barrier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(**overrides):
+    """Small model with random norm affine parameters.
+
+    At initialisation every norm bias is 0, which makes the all-zero image's features exactly 0
+    and the image-level ASPP branch 0: random affine parameters keep those paths visible.
+    """
+    torch.manual_seed(0)
+    model = LCKD(LCKDConfig.small(**overrides))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.InstanceNorm3d, torch.nn.BatchNorm3d)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def image(n=1, size=(16, 64, 64), seed=1):
+    return torch.randn(n, 4, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def published_forward(model, x, subset):
+    """Independent re-statement of the published forward: zero the missing channels, encode
+    all four modalities of every sample together, fill the missing deep features with the mean
+    of the available ones, decode."""
+    n, m = x.shape[:2]
+    missing = [i for i in range(m) if i not in subset]
+    x = x.clone()
+    x[:, missing] = 0
+    deep, skips = model.encoder(x.reshape(n * m, 1, *x.shape[2:]))
+    deep = deep.reshape(n, m, *deep.shape[1:]).clone()
+    deep[:, missing] = deep[:, list(subset)].mean(dim=1, keepdim=True)
+    return model.decoder(deep.flatten(1, 2), [s.reshape(n, -1, *s.shape[2:]) for s in skips])
+
+
+def test_published_parameter_count():
+    count = sum(p.numel() for p in LCKD(LCKDConfig.published()).parameters())
+    assert count == 43_656_672
+    assert abs(count - 43.66e6) / 43.66e6 < 1e-3
+
+
+def test_output_shape_for_all_15_subsets():
+    model = make_model().eval()
+    x = image(2, (16, 32, 32))
+    with torch.no_grad():
+        for subset in ALL_SUBSETS:
+            logits, kd = model(x, subset)
+            assert logits.shape == (2, 3, 16, 32, 32)
+            assert kd.shape == () and kd.item() == 0.0
+        assert model.forward_subsets(x, ALL_SUBSETS).shape == (2, 15, 3, 16, 32, 32)
+
+
+@pytest.mark.parametrize("norm", ["IN", "BN"])
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_equals_published_procedure(norm, training):
+    model = make_model(norm=norm).train(training)
+    x = image(2)
+    for subset in [(0,), (1, 3), (0, 2, 3), FULL]:
+        with torch.no_grad():
+            ours, _ = model(x, subset)
+            reference = published_forward(model, x, subset)
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_modality_voxels_do_not_change_output():
+    model = make_model().eval()
+    x = image()
+    changed = x.clone()
+    changed[:, [1, 3]] = torch.rand_like(changed[:, [1, 3]]) * 100
+    with torch.no_grad():
+        assert torch.equal(model(x, (0, 2))[0], model(changed, (0, 2))[0])
+        assert not torch.equal(model(x, (0, 1, 2))[0], model(changed, (0, 1, 2))[0])
+
+
+def test_single_modality_fills_every_deep_feature_with_its_own():
+    model = make_model().eval()
+    x = image(2)
+    with torch.no_grad():
+        feats = model.encode(x, (2,), zero_image=True)
+        deep, skips = model.fuse(feats, (2,))
+        zero_deep, zero_skips = model.encoder(torch.zeros(1, 1, *x.shape[2:]))
+    for chunk in deep.chunk(4, dim=1):
+        assert torch.equal(chunk, feats.deep[2])
+    own, _ = model.encoder(x[:, 2:3])
+    torch.testing.assert_close(feats.deep[2], own, atol=1e-5, rtol=1e-5)
+    # Skips of the missing modalities are the zero image's, the available one's its own.
+    for scale, zero in zip(skips, zero_skips):
+        chunks = scale.chunk(4, dim=1)
+        for m in (0, 1, 3):
+            torch.testing.assert_close(chunks[m], zero.expand_as(chunks[m]), atol=1e-4, rtol=1e-4)
+        assert zero.abs().max() > 0  # non-trivial with random norm biases
+        assert not torch.allclose(chunks[2], zero.expand_as(chunks[2]))
+
+
+def test_distillation_value_and_gradient():
+    model = make_model().train()
+    x = image(2)
+    feats = model.encode(x, (0, 1, 3), zero_image=True)
+    f0, f1, f3 = feats.deep[0], feats.deep[1], feats.deep[3]
+    kd = model.distill(feats, (0, 1, 3), teachers=(1,))
+    expected = (f1 - f0).abs().mean() + (f1 - f3).abs().mean()
+    torch.testing.assert_close(kd, expected)
+    assert kd > 0
+    teacher_grad, student_grad = torch.autograd.grad(kd, [f1, f0], allow_unused=True)
+    assert teacher_grad is None or not teacher_grad.any()
+    assert student_grad is not None and student_grad.abs().sum() > 0
+    # Two available teachers: both directions count.
+    two = model.distill(feats, (0, 1, 3), teachers=(0, 1))
+    torch.testing.assert_close(two, expected + (f0 - f1).abs().mean() + (f0 - f3).abs().mean())
+
+
+def test_distillation_zero_without_available_teacher():
+    model = make_model().train()
+    x = image()
+    assert model(x, (1, 2), teachers=(0,))[1].item() == 0.0
+    assert model(x, (1, 2), teachers=())[1].item() == 0.0
+    assert model(x, (1,), teachers=(1,))[1].item() == 0.0  # alone, it has nobody to teach
+    assert model(x, (1, 2), teachers="t1")[1].item() > 0
+
+
+def test_train_batch_size_one_and_image_level_branch():
+    model = make_model().train()
+    x = image(1)
+    logits, kd = model(x, (0,), teachers=(0,))
+    (logits.mean() + kd).backward()
+    aspp = model.encoder.head[1]
+    conv, norm = aspp.image_branch[0], aspp.image_branch[1]
+    assert isinstance(norm, InstanceNorm3d)
+    # InstanceNorm of a 1x1x1 map is its bias: the branch is act(bias), its conv gets exactly 0.
+    assert conv.weight.grad is not None and not conv.weight.grad.any()
+    assert norm.bias.grad.abs().sum() > 0
+    features = torch.randn(3, 32, 1, 2, 2)
+    with torch.no_grad():
+        out = aspp.image_branch(features.mean(dim=(2, 3, 4), keepdim=True))
+    torch.testing.assert_close(out, F.leaky_relu(norm.bias, 0.01).view(1, -1, 1, 1, 1).expand(3, -1, 1, 1, 1))
+    # Every parameter takes part in the graph (DDP without find_unused_parameters).
+    assert all(p.grad is not None for p in model.parameters())
+    # Eval with any batch size, including maps whose deepest stage is 1x1x1.
+    model.eval()
+    with torch.no_grad():
+        assert model(image(3, (16, 32, 32)), (0, 1))[0].shape == (3, 3, 16, 32, 32)
+
+
+def test_forward_subsets_equals_per_subset_forward():
+    model = make_model().eval()
+    x = image(2)
+    with torch.no_grad():
+        together = model.forward_subsets(x, ALL_SUBSETS)
+        for i, subset in enumerate(ALL_SUBSETS):
+            assert (together[:, i] - model(x, subset)[0]).abs().max() <= 1e-4
+
+
+def test_bf16_autocast_on_cpu():
+    model = make_model().train()
+    x = image(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, kd = model(x, (0, 2), teachers=(0,))
+    assert logits.dtype == torch.bfloat16 and kd.dtype == torch.float32
+    (logits.float().mean() + kd).backward()
+    assert torch.isfinite(logits).all()
+    with torch.no_grad():
+        reference, _ = model(x, (0, 2))
+    assert (logits.float() - reference).abs().mean() < 0.1 * reference.abs().mean()
+
+
+def test_encoder_checkpointing_gives_the_same_gradients():
+    x = image(1, (16, 32, 32))
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(checkpoint_encoder=checkpointing).train()
+        logits, kd = model(x, (1, 2), teachers=(1,))
+        (logits.square().mean() + kd).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_config_and_input_validation():
+    assert LCKDConfig.from_name("full") == LCKDConfig()
+    small = LCKDConfig.from_name("small", norm="BN")
+    assert small.norm == "BN" and small.blocks == (1, 1, 1, 1)
+    assert LCKDConfig(**small.to_dict()) == small
+    assert LCKDConfig(**{**small.to_dict(), "widths": [8, 16, 32, 40]}) == small  # JSON lists
+    with pytest.raises(ValueError):
+        LCKDConfig(norm="GN")
+    with pytest.raises(ValueError):
+        LCKDConfig.from_name("medium")
+    model = make_model()
+    with pytest.raises(ValueError, match="multiple"):
+        model(torch.zeros(1, 4, 16, 40, 32))
+    with pytest.raises(ValueError, match="subset"):
+        model(torch.zeros(1, 4, 16, 32, 32), (4,))
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 4, 16, 32, 32), ())
