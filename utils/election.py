@@ -1,0 +1,141 @@
+"""Teacher election (SPEC.md, "Teacher election"): which single modality segments each region best.
+
+Every validation case is predicted with each modality alone (sliding window, logits averaged
+over windows, one encoder pass per window for the four singles); per case and region the soft
+Dice 2*sum(p*g) / (sum(p) + sum(g) + 1) on the probabilities is added to a running sum. Per
+region the modality with the largest sum wins (ties: the lower index, as published); the
+teacher set is the sorted union of the winners.
+
+`elect` evaluates this rank's shard of the cases and sums over ranks, so every rank gets the
+same result. The pure core (`winners`, `teacher_set`, `overlay`) is array-in, array-out.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import distributed
+from utils.inference import predict_subsets
+from utils.io import write_text
+from utils.losses import soft_dice
+from utils.modalities import MODALITIES, SINGLE_SUBSETS
+from utils.regions import REGIONS, labels_to_regions
+
+# Overlay colours (RGB) in drawing order: later regions paint over earlier ones, like export.
+REGION_COLOURS = (("WT", (0, 200, 0)), ("TC", (255, 220, 0)), ("ET", (255, 0, 0)))
+OVERLAY_ALPHA = 0.5
+
+
+def winners(dice_sums):
+    """dice_sums (S, R) -> list of R winning modality indices (argmax over S; first on ties)."""
+    dice_sums = np.asarray(dice_sums)
+    return [int(SINGLE_SUBSETS[s][0]) for s in dice_sums.argmax(axis=0)]
+
+
+def teacher_set(winning):
+    return sorted(set(winning))
+
+
+def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=None,
+          dist_info=distributed.Dist()):
+    """Run the election on `cases` (objects with .image (4,D,H,W), .label (D,H,W), .name).
+
+    Cases are split round-robin over ranks and the Dice sums all-reduced.
+    Returns dict: dice {modality: {region: summed Dice}}, winners {region: modality},
+    teachers [indices], num_cases, and `sample` (rank 0's first case: a (4, H, W) image slice,
+    the ground truth and every modality's predicted regions on it) for the TensorBoard overlay.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    sums = torch.zeros(len(SINGLE_SUBSETS), len(REGIONS), dtype=torch.float64, device=device)
+    sample = None
+    for case in cases[dist_info.rank::dist_info.world_size]:
+        if case.label is None:
+            raise ValueError(f"validation case {case.name} has no segmentation: the teacher "
+                             "election needs labelled validation cases")
+        image = np.array(case.image, dtype=np.float32)  # read the memmap once, writable
+        probs = predict_subsets(model, image, SINGLE_SUBSETS, window, overlap=overlap,
+                                batch_size=batch_size, device=device, amp=amp)  # (S, 3, D, H, W)
+        target = torch.from_numpy(labels_to_regions(np.asarray(case.label))).to(device)
+        sums += soft_dice(probs, target.expand_as(probs)).double()  # (S, 3)
+        if sample is None:
+            sample = _slice_sample(case.name, image, probs, target)
+    distributed.all_reduce_sum(sums, dist_info)
+    num_cases = len(cases)
+    sums = sums.cpu().numpy()
+    winning = winners(sums)
+    return {
+        "dice": {MODALITIES[s[0]]: {r: float(sums[i, j]) for j, r in enumerate(REGIONS)}
+                 for i, s in enumerate(SINGLE_SUBSETS)},
+        "winners": {r: MODALITIES[m] for r, m in zip(REGIONS, winning)},
+        "teachers": teacher_set(winning),
+        "num_cases": num_cases,
+        "sample": sample,
+    }
+
+
+def _slice_sample(name, image, probs, target):
+    """The axial slice (along D) with the most whole tumour, for the overlay."""
+    d = int(target[REGIONS.index("WT")].flatten(1).sum(1).argmax())
+    return {
+        "name": name,
+        "slice": d,
+        "image": image[:, d].copy(),  # (4, H, W)
+        "truth": target[:, d].cpu().numpy().astype(bool),  # (3, H, W)
+        "pred": (probs[:, :, d] > 0.5).cpu().numpy(),  # (S, 3, H, W)
+    }
+
+
+def overlay(image, regions):
+    """Grey image (H, W) + region masks (3, H, W) in ET, WT, TC order -> RGB uint8 (H, W, 3)."""
+    image = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(image, (0.5, 99.5))
+    grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for region, colour in REGION_COLOURS:
+        mask = np.asarray(regions[REGIONS.index(region)], dtype=bool)
+        rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)
+    return rgb.astype(np.uint8)
+
+
+def overlay_panel(sample):
+    """One row: ground truth on FLAIR, then each modality's prediction on that modality."""
+    panels = [overlay(sample["image"][0], sample["truth"])]
+    for i, subset in enumerate(SINGLE_SUBSETS):
+        panels.append(overlay(sample["image"][subset[0]], sample["pred"][i]))
+    return np.concatenate(panels, axis=1)
+
+
+def format_result(result, iteration):
+    """Printable table: one row per modality, Dice averaged over cases, winners marked '*'."""
+    n = max(result["num_cases"], 1)
+    lines = [f"teacher election at iteration {iteration} ({result['num_cases']} val cases, "
+             "mean soft Dice)", "modality  " + "".join(f"{r:>8}" for r in REGIONS)]
+    for name, per_region in result["dice"].items():
+        cells = "".join(
+            f"{per_region[r] / n:>7.4f}{'*' if result['winners'][r] == name else ' '}"
+            for r in REGIONS)
+        lines.append(f"{name:<10}{cells}")
+    lines.append("teachers: " + ", ".join(MODALITIES[t] for t in result["teachers"]))
+    return "\n".join(lines)
+
+
+def append_history(path, result, iteration):
+    """Add this election to the JSON list at `path` (atomically).
+
+    Entries at or after `iteration` are dropped first: a run resumed from an earlier
+    checkpoint repeats those elections, and the history follows the run that continues.
+    """
+    path = Path(path)
+    history = json.loads(path.read_text()) if path.exists() else []
+    history = [entry for entry in history if entry["iteration"] < iteration]
+    history.append({
+        "iteration": int(iteration),
+        "num_cases": result["num_cases"],
+        "dice": result["dice"],
+        "winners": result["winners"],
+        "teachers": [MODALITIES[t] for t in result["teachers"]],
+    })
+    write_text(path, json.dumps(history, indent=2) + "\n")
+    return history
