@@ -272,7 +272,7 @@ def main(argv=None):
             start = args.start_iters or checkpoint["iteration"]
             same_stage = checkpoint["config"].get("mode") == args.mode
             random_start = checkpoint.get("random_start", start) if same_stage else start
-            log(f"resumed {args.reload_path}: iteration {checkpoint['iteration']} "
+            log(f"reloaded {args.reload_path}: iteration {checkpoint['iteration']} "
                 f"(mode {checkpoint['config'].get('mode')}), continuing at {start} in mode {args.mode}")
     if not 0 <= start <= args.num_steps:
         raise ValueError(f"start iteration {start} outside [0, --num_steps {args.num_steps}]")
