@@ -305,11 +305,12 @@ def main(argv=None):
                                subset_rng, config, random_start=random_start)
 
     def run_election(iteration):
+        t_start = time.perf_counter()
         result = elect(unwrap(model), val_cases, args.patch_size, overlap=args.overlap,
                        batch_size=args.batch_size, amp=args.amp, device=device,
                        dist_info=dist_info)
         if main_rank:
-            log(format_result(result, iteration))
+            log(format_result(result, iteration) + f"  [{time.perf_counter() - t_start:.1f} s]")
             for name, per_region in result["dice"].items():
                 for region in REGIONS:
                     writer.add_scalar(f"val/dice/{name}/{region}",
@@ -387,8 +388,10 @@ def main(argv=None):
         save_checkpoint(checkpoint_now(args.num_steps), snapshot_dir / "final.pth")
     seconds = time.perf_counter() - t0
     if main_rank:
-        log(f"{stop - start} iterations in {seconds:.1f} s "
-            f"({(stop - start) / max(seconds, 1e-9):.2f} it/s); outputs in {snapshot_dir}")
+        memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                  if device.type == "cuda" else "")
+        log(f"{stop - start} iterations in {seconds:.1f} s (elections included; "
+            f"{(stop - start) / max(seconds, 1e-9):.2f} it/s){memory}; outputs in {snapshot_dir}")
         writer.close()
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)
