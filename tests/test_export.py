@@ -4,7 +4,7 @@ import torch
 
 from datasets.brats import to_network_order
 from utils.export import probabilities_to_labels, save_labels
-from utils.regions import labels_to_regions
+from utils.regions import labels_to_regions, regions_to_labels
 
 
 def write_input(path, data_xyz, affine):
@@ -33,6 +33,15 @@ def test_probabilities_to_labels_thresholds_and_overwrites():
     labels = probabilities_to_labels(torch.from_numpy(probs))
     assert labels.dtype == np.uint8
     assert labels[:, 0, 0].tolist() == [2, 1, 4, 4, 0, 1]
+
+
+def test_probabilities_to_labels_agrees_with_regions_to_labels():
+    probs = np.random.default_rng(1).random((3, 9, 10, 11), dtype=np.float32)
+    expected = regions_to_labels(probs > 0.5)
+    np.testing.assert_array_equal(probabilities_to_labels(probs), expected)
+    np.testing.assert_array_equal(probabilities_to_labels(torch.from_numpy(probs)), expected)
+    np.testing.assert_array_equal(probabilities_to_labels(probs, threshold=0.3),
+                                  regions_to_labels(probs > 0.3))
 
 
 def test_round_trip_regions_probabilities_export_reload(tmp_path):
