@@ -4,18 +4,19 @@
 #   bash eval.sh GPU_ID [extra eval.py flags]      GPU_ID: a CUDA index (0, 1, ...) or "cpu"
 #
 # Examples:
-#   bash eval.sh 0                                  # full-modality masks -> outputs/LCKD_stage2/
+#   bash eval.sh 0                                  # full-modality masks -> outputs/LCKD/
 #   MODE=all bash eval.sh 0                         # all 15 subsets in one pass
 #   DATA_ROOT=/data/BraTS2018 CKPT=snapshots/mine/final.pth bash eval.sh 1 --mirror
 #   DATA_LIST=BraTS18/BraTS18_val.csv MODE=all OUT=outputs/val bash eval.sh 0   # scored table
 #
 # Variables (override from the environment):
-NAME=${NAME:-LCKD_stage2}                           # run.sh's stage-2 snapshot folder
-CKPT=${CKPT:-snapshots/${NAME}/final.pth}
+NAME=${NAME:-LCKD}                                  # as in run.sh: snapshots/${NAME}_stage2/
+CKPT=${CKPT:-snapshots/${NAME}_stage2/final.pth}
 DATA_LIST=${DATA_LIST:-BraTS18/BraTS18_test.csv}    # looked up in datalist/ (published)
 DATA_ROOT=${DATA_ROOT:-}                            # empty: the list's ../data/... paths as written
 MODE=${MODE:-0,1,2,3}                               # a subset such as 0,2 or flair,t1ce; or all
 OUT=${OUT:-outputs/${NAME}}
+PYTHON=${PYTHON:-python}
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -38,7 +39,7 @@ LOG=logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//,/-}.log
 echo "log: $LOG"
 # The patch size and model flags come from the checkpoint's config (published: 80,160,160,
 # weight_std True); extra flags such as --input_size 80,160,160 override them.
-python eval.py \
+"$PYTHON" eval.py \
     --num_classes=3 \
     --data_dir=datalist/ \
     --data_list="$DATA_LIST" \
