@@ -278,8 +278,9 @@ def main(argv=None):
         raise ValueError(f"start iteration {start} outside [0, --num_steps {args.num_steps}]")
 
     if dist_info.enabled:
-        # The model's parameters all receive gradients in every iteration (missing modalities
-        # still run the encoder on zeros), so DDP needs no unused-parameter search.
+        # Every parameter takes part in every forward, whatever the modalities (missing skips
+        # come from the encoded all-zero image; the 1x1x1 InstanceNorm of the ASPP image branch
+        # passes an exact zero gradient), so DDP needs no unused-parameter search.
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
