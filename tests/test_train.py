@@ -218,3 +218,25 @@ def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
     path.write_text(json.dumps({"num_stepz": 7}))
     with pytest.raises(ValueError, match="num_stepz"):
         train.parse_args(["--config", str(path)])
+
+
+@pytest.mark.skipif(not os.environ.get("LCKD_SLOW_TESTS"),
+                    reason="~80 s on 2 idle cores; set LCKD_SLOW_TESTS=1")
+def test_election_finds_the_generators_designed_teachers(tmp_path):
+    """Synthetic data are built so that T1ce shows ET and TC best and FLAIR (then T2) shows WT.
+
+    Budget: small model, 8 training / 2 validation cases of 96x96x64, patch 32x64x64, batch 2,
+    --mode random, 400 iterations (elections at 0, 100, 200, 300).
+    """
+    generate(tmp_path / "data", 12, shape_xyz=(96, 96, 64), seed=0)
+    snapshot = tmp_path / "snapshot"
+    train.main(["--device", "cpu", "--model_size", "small", "--input_size", "32,64,64",
+                "--num_steps", "400", "--val_pred_every", "100", "--num_workers", "0",
+                "--train_list", str(tmp_path / "data" / "train.csv"),
+                "--val_list", str(tmp_path / "data" / "val.csv"),
+                "--cache_dir", str(tmp_path / "cache"), "--snapshot_dir", str(snapshot),
+                "--mode", "random"])
+    last = json.loads((snapshot / "teachers.json").read_text())[-1]
+    assert last["iteration"] == 300
+    assert last["winners"]["ET"] == "t1ce" and last["winners"]["TC"] == "t1ce"
+    assert last["winners"]["WT"] in ("flair", "t2")
