@@ -15,10 +15,13 @@ Training opens the arrays memory-mapped (load_cached) and reads patches, never v
 """
 import argparse
 import base64
+import contextlib
 import dataclasses
 import json
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import nibabel as nib
@@ -148,11 +151,61 @@ def default_workers():
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _run(jobs, num_workers, bar):
+    """Run _process over jobs (in this process, or over num_workers processes) -> number rebuilt.
+
+    The first error is raised as soon as its case finishes; cases not yet started are
+    cancelled. A worker that dies (killed for memory, or cannot start) raises
+    BrokenProcessPool instead of hanging, which multiprocessing.Pool would do.
+    """
+    rebuilt = 0
+    if num_workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            with _named_errors(job[0]):
+                rebuilt += _process(job)[1]
+            bar.update()
+        return rebuilt
+    # spawn, not fork: callers such as train.py have imported torch and may have started
+    # threads (torch, CUDA, tqdm's monitor) whose locks a forked child would inherit held.
+    # The cost: a child re-imports the main script, so a script piped to `python -`
+    # cannot start workers (BrokenProcessPool below; use num_workers=1 there).
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=context)
+    try:
+        futures = {pool.submit(_process, job): job for job in jobs}
+        for future in as_completed(futures):
+            with _named_errors(futures[future][0]):
+                rebuilt += future.result()[1]
+            bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error: wait only for the running cases
+    return rebuilt
+
+
+@contextlib.contextmanager
+def _named_errors(case_dir):
+    """Name the case on errors that do not name it already (CaseError does)."""
+    try:
+        yield
+    except BrokenProcessPool as err:  # no case to blame: the pool, not a case, failed
+        raise BrokenProcessPool(
+            "a preprocessing worker process died or could not start (out of memory? a script "
+            "piped to `python -`, which 'spawn' workers cannot re-import?); "
+            "num_workers=1 preprocesses in this process"
+        ) from err
+    except CaseError:
+        raise
+    except Exception as err:  # not a data error (e.g. the cache disk is full): keep its type
+        err.add_note(f"while preprocessing case {case_dir.name} ({case_dir})")
+        raise
+
+
 def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=False):
     """Cache every case of a datalist; returns the CachedCases in datalist order.
 
     Fresh cases are re-used; stale or missing ones are rebuilt, over num_workers processes
-    (1 = in this process). Returns once every case is valid.
+    (1 = in this process). Returns once every case is valid; the first case that fails
+    raises (CaseError naming the case and the file) and stops the others.
     """
     cache_dir = Path(cache_dir)
     folders = read_datalist(list_path, data_root)
@@ -163,20 +216,11 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
     jobs = [(folder, cache_dir / folder.name) for folder in folders]
     num_workers = default_workers() if num_workers is None else num_workers
     bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
-    rebuilt = 0
-    if num_workers <= 1 or len(jobs) <= 1:
-        results = map(_process, jobs)
-        for _, built in results:
-            rebuilt += built
-            bar.update()
-    else:
-        # spawn: safe even when the caller has started threads (torch, tqdm monitors).
-        with multiprocessing.get_context("spawn").Pool(min(num_workers, len(jobs))) as pool:
-            for _, built in pool.imap_unordered(_process, jobs):
-                rebuilt += built
-                bar.update()
-    bar.set_postfix(rebuilt=rebuilt, reused=len(jobs) - rebuilt)
-    bar.close()
+    try:
+        rebuilt = _run(jobs, num_workers, bar)
+        bar.set_postfix(rebuilt=rebuilt, reused=len(jobs) - rebuilt)
+    finally:
+        bar.close()
     return [load_cached(cache_dir, name) for name in names]
 
 

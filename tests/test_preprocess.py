@@ -1,6 +1,9 @@
 """Preprocessing cache: contents, memory mapping, re-use, invalidation, errors, CLI."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +102,45 @@ def test_errors_name_case_and_file(dataset):
         preprocess(lst, cache, num_workers=2)  # errors cross the process boundary too
     with pytest.raises(CaseError, match="not preprocessed"):
         load_cached(cache, "Brats18_A")
+
+
+def test_worker_errors_name_case_and_file(dataset):
+    data, lst, cache = dataset
+    # A constant modality, which the published normalisation cannot handle (every voxel
+    # equals the corner value after clipping), and a truncated file.
+    constant = part_path(data / "Brats18_A", "t1")
+    save(np.ones((24, 20, 16), np.int16), constant)
+    corrupt = part_path(data / "Brats18_C", "flair")
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    for case, path, problem in (("Brats18_A", constant, "every voxel equals the corner"),
+                                ("Brats18_C", corrupt, "unreadable NIfTI")):
+        lst.write_text(f"data/{case}\ndata/BraTS-GLI-00002-000\n")
+        with pytest.raises(CaseError, match=problem) as info:
+            preprocess(lst, cache, num_workers=2)
+        assert info.value.case == case and info.value.path == path
+
+
+def test_unexpected_error_names_the_case(dataset, monkeypatch):
+    _, lst, cache = dataset
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("datasets.preprocess._build", disk_full)
+    with pytest.raises(OSError) as info:
+        preprocess(lst, cache, num_workers=1)
+    assert "while preprocessing case Brats18_A" in "\n".join(info.value.__notes__)
+
+
+def test_workers_that_cannot_start_raise_instead_of_hanging(dataset):
+    # 'spawn' children re-import the main script; a script piped to `python -` has none, so
+    # every child dies at start. multiprocessing.Pool re-spawned them forever.
+    _, lst, cache = dataset
+    script = f"from datasets.preprocess import preprocess\npreprocess({str(lst)!r}, {str(cache)!r}, num_workers=2)\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = lst.parent / "stderr.txt"  # a file, not a pipe: a hung child's pipe would block the timeout
+    with open(log, "w") as stderr:
+        run = subprocess.run([sys.executable, "-"], input=script, text=True, stdout=stderr,
+                             stderr=stderr, cwd=lst.parent, env=env, timeout=60)
+    assert run.returncode != 0
+    assert "BrokenProcessPool" in log.read_text() and "num_workers=1" in log.read_text()
