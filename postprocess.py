@@ -1,11 +1,14 @@
 """Clean exported BraTS label masks before upload (the published post-processing rules).
 
-    python postprocess.py --input_dir outputs/eval --output_dir outputs/eval_post
+    python postprocess.py     # after `bash eval.sh 0`: outputs/LCKD -> outputs/LCKD_postprocessed
+    python postprocess.py --input_dir outputs/val --output_dir outputs/val_post
     python postprocess.py --input_dir preds/flair+t1ce --output_dir preds_post/flair+t1ce --et_threshold 300
 
 --input_dir is either a folder of <case>.nii.gz masks or eval.py's output folder with one
 sub-folder per modality subset; every mask found below it is written to the same relative
 path under --output_dir (which must not overlap --input_dir: the input is never modified).
+The defaults follow eval.sh run with its defaults (NAME=LCKD) from the repository root, which
+writes outputs/LCKD/<subset>/<case>.nii.gz; relative paths are taken from the current folder.
 
 Rules, applied in this order to each case (all thresholds are flags):
   1. Connected components of the whole tumour (label > 0, 26-connectivity in 3D) are removed
@@ -36,6 +39,9 @@ from utils.io import atomic_path
 from utils.regions import LABELS
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
+# eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
+DEFAULT_INPUT_DIR = Path("outputs/LCKD")
+DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")
 
 
 @dataclass(frozen=True)
@@ -148,10 +154,12 @@ def _overlap(a, b):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_dir", type=Path, required=True,
-                        help="folder of <case>.nii.gz masks, or eval output with one folder per subset")
-    parser.add_argument("--output_dir", type=Path, required=True,
-                        help="where cleaned masks go (same relative paths); must not overlap input_dir")
+    parser.add_argument("--input_dir", type=Path, default=DEFAULT_INPUT_DIR,
+                        help="folder of <case>.nii.gz masks, or eval output with one folder per "
+                             "subset (default %(default)s: eval.sh's output)")
+    parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR,
+                        help="where cleaned masks go (same relative paths); must not overlap "
+                             "input_dir (default %(default)s)")
     parser.add_argument("--min_component", type=int, default=Rules.min_component,
                         help="drop components smaller than this many voxels ... (default %(default)s)")
     parser.add_argument("--min_fraction", type=float, default=Rules.min_fraction,
@@ -169,7 +177,8 @@ def main(argv=None):
     args = parse_args(argv)
     input_dir, output_dir = args.input_dir.resolve(), args.output_dir.resolve()
     if not input_dir.is_dir():
-        sys.exit(f"--input_dir {args.input_dir} is not a folder")
+        sys.exit(f"--input_dir {args.input_dir} is not a folder (run from the repository root "
+                 f"after eval.sh, or pass --input_dir)")
     if _overlap(input_dir, output_dir):
         sys.exit(f"--output_dir {args.output_dir} must not be, contain or lie inside --input_dir "
                  f"{args.input_dir}: the input masks are never overwritten")

@@ -1,5 +1,6 @@
 """postprocess.py: the published rules on small label maps, and the script on a tmp folder."""
 import hashlib
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -144,3 +145,14 @@ def test_bad_labels_and_unreadable_files_name_the_file(tmp_path):
         postprocess.main(["--input_dir", str(tmp_path / "in2"), "--output_dir", str(tmp_path / "o2"),
                           "--num_workers", "0"])
     assert not (tmp_path / "o1" / "bad.nii.gz").exists()
+
+
+def test_defaults_follow_eval_sh(tmp_path, monkeypatch):
+    args = postprocess.parse_args([])
+    assert args.input_dir == Path("outputs/LCKD") and args.output_dir == Path("outputs/LCKD_postprocessed")
+    # Plain `python postprocess.py` from the repository root, after `bash eval.sh 0`.
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "outputs" / "LCKD" / "flair+t1+t1ce+t2" / "Brats18_A.nii.gz",
+           np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    postprocess.main(["--num_workers", "0"])
+    assert (tmp_path / "outputs" / "LCKD_postprocessed" / "flair+t1+t1ce+t2" / "Brats18_A.nii.gz").is_file()
