@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from datasets.brats import load_case, read_datalist
+from datasets.brats import load_case, read_datalist, resolve_list
 from datasets.normalize import normalize_image
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint
@@ -116,14 +116,6 @@ def resolve_model_config(args, saved):
     if len(window) != 3:
         raise ValueError(f"--input_size needs D,H,W, got {size!r}")
     return config, window
-
-
-def resolve_list(path, data_dir):
-    """The list as given if it exists, else data_dir/path (published: data_dir + data_list),
-    the same rule as train.py's."""
-    if Path(path).exists() or not data_dir:
-        return Path(path)
-    return Path(data_dir) / path
 
 
 def resolve_device(name):

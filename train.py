@@ -40,6 +40,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets.augment import augment_batch
+from datasets.brats import resolve_list
 from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset
 from models import LCKD, LCKDConfig
@@ -151,13 +152,6 @@ def parse_args(argv=None):
     if args.missing_schedule != "off" and not args.missing_schedule.startswith("ramp:"):
         raise ValueError(f"--missing_schedule must be 'off' or 'ramp:N', got {args.missing_schedule!r}")
     return args
-
-
-def resolve_list(path, data_dir):
-    """A list path as given, else relative to --data_dir (published: data_dir + list)."""
-    if Path(path).exists() or not data_dir:
-        return Path(path)
-    return Path(data_dir) / path
 
 
 def poly_lr(base_lr, iteration, num_steps, power):

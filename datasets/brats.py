@@ -91,6 +91,14 @@ def _candidates(entry, list_dir, data_root):
     return [Path(data_root).joinpath(*parts[i:]) for i in range(len(parts))]
 
 
+def resolve_list(path, data_dir):
+    """A datalist path as given if it exists, else data_dir/path (published: --data_dir +
+    --train_list/--data_list, e.g. datalist/ + BraTS18/BraTS18_test.csv). -> Path"""
+    if Path(path).exists() or not data_dir:
+        return Path(path)
+    return Path(data_dir) / path
+
+
 def read_datalist(list_path, data_root=None):
     """Datalist file (one case folder per line) -> list of existing case folders (Path).
 

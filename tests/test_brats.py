@@ -12,6 +12,7 @@ from datasets.brats import (
     find_case_files,
     load_case,
     read_datalist,
+    resolve_list,
     to_network_order,
     to_nifti_order,
 )
@@ -248,6 +249,19 @@ def test_data_root_missing_lists_tried_paths(tmp_path):
     message = str(info.value)
     assert str(tmp_path / "root" / "HGG" / "Brats18_X") in message
     assert str(tmp_path / "root" / "Brats18_X") in message
+
+
+def test_resolve_list_published_data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "datalist" / "BraTS18").mkdir(parents=True)
+    (tmp_path / "datalist" / "BraTS18" / "test.csv").write_text("")
+    (tmp_path / "mine.csv").write_text("")
+    # published: --data_dir datalist/ --data_list BraTS18/test.csv
+    assert resolve_list("BraTS18/test.csv", "datalist/") == Path("datalist/BraTS18/test.csv")
+    assert resolve_list("mine.csv", "datalist/") == Path("mine.csv")  # exists as given
+    assert resolve_list("datalist/BraTS18/test.csv", "datalist/") == Path("datalist/BraTS18/test.csv")
+    assert resolve_list("missing.csv", "") == Path("missing.csv")  # no data_dir: as given
+    assert resolve_list("missing.csv", "datalist/") == Path("datalist/missing.csv")
 
 
 def test_relative_entries_without_data_root(tmp_path, monkeypatch):
