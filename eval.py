@@ -38,6 +38,7 @@ from datasets.brats import load_case, read_datalist, resolve_list
 from datasets.normalize import normalize_image
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint
+from utils.cli import str2bool
 from utils.export import probabilities_to_labels, save_labels
 from utils.inference import AMP_DTYPES, predict_subsets
 from utils.io import atomic_path, write_text
@@ -48,16 +49,6 @@ PUBLISHED_INPUT_SIZE = "80,160,160"
 TABLE_REGIONS = ("ET", "TC", "WT")  # the paper's column order
 TABLE_MODALITIES = ("FLAIR", "T1", "T1ce", "T2")  # MODALITIES as the paper writes them
 PRESENT, ABSENT = "●", "○"
-
-
-def str2bool(text):
-    """The published `--weight_std True` style: True/False, 1/0, yes/no."""
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y"):
-        return True
-    if value in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def fraction(text):

@@ -46,23 +46,13 @@ from datasets.sampling import PatchDataset
 from models import LCKD, LCKDConfig
 from utils import distributed
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state, unwrap
+from utils.cli import str2bool
 from utils.election import append_history, elect, format_result, overlay_panel
 from utils.inference import AMP_DTYPES
 from utils.io import write_text
 from utils.losses import segmentation_loss
 from utils.modalities import FULL, MODALITIES, parse_mode, parse_teachers, sample_subset, subset_name
 from utils.regions import REGIONS
-
-
-def str2bool(text):
-    """Published boolean flags take strings: --random_mirror=True."""
-    if isinstance(text, bool):
-        return text
-    if text.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if text.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {text!r}")
 
 
 def get_parser():

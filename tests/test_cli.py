@@ -1,0 +1,31 @@
+"""utils/cli.py: the published boolean flag values, as train.py and eval.py parse them."""
+import argparse
+
+import pytest
+
+import eval as eval_script
+import train
+from utils.cli import str2bool
+
+
+@pytest.mark.parametrize("text", ["True", "true", "T", "yes", "Y", "1", " True ", True])
+def test_true(text):
+    assert str2bool(text) is True
+
+
+@pytest.mark.parametrize("text", ["False", "false", "f", "NO", "n", "0", "False\n", False])
+def test_false(text):
+    assert str2bool(text) is False
+
+
+@pytest.mark.parametrize("text", ["", "2", "maybe", "Truee"])
+def test_rejected(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a boolean"):
+        str2bool(text)
+
+
+def test_both_scripts_parse_published_flags_alike():
+    args = train.parse_args(["--random_mirror", "False", "--weight_std", "t"])
+    assert args.random_mirror is False and args.weight_std is True
+    args = eval_script.parse_args(["--restore_from", "x.pth", "--weight_std", "f"])
+    assert args.weight_std is False
