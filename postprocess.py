@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import sys
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from datasets.brats import READ_ERRORS
 from utils.io import atomic_path
 from utils.regions import LABELS
 
@@ -105,7 +105,7 @@ def read_mask(path):
     try:
         image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError) as error:
+    except READ_ERRORS as error:
         raise RuntimeError(f"{path}: cannot read the mask: {error}") from error
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D label mask, got shape {data.shape}")

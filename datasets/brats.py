@@ -30,7 +30,7 @@ ALLOWED_LABELS = {"brats2018": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
 ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we use the 2018 value 4
 AFFINE_TOLERANCE = 1e-3
 # Errors nibabel, gzip and numpy raise on a missing, truncated or corrupt NIfTI.
-_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
+READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 
 
 class DataError(ValueError):
@@ -196,7 +196,7 @@ def _read(case, path, reader):
     try:
         img = nib.load(path)
         return img, reader(img)
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: {err})") from err
 
 

@@ -156,3 +156,11 @@ def test_defaults_follow_eval_sh(tmp_path, monkeypatch):
            np.zeros((4, 4, 4), np.uint8), np.eye(4))
     postprocess.main(["--num_workers", "0"])
     assert (tmp_path / "outputs" / "LCKD_postprocessed" / "flair+t1+t1ce+t2" / "Brats18_A.nii.gz").is_file()
+
+
+def test_truncated_mask_names_the_file(tmp_path):
+    path = tmp_path / "in" / "cut.nii.gz"
+    _write(path, np.zeros((20, 20, 20), np.uint8), np.eye(4))
+    path.write_bytes(path.read_bytes()[:60])  # gzip stream cut inside the data
+    with pytest.raises(RuntimeError, match=r"cut\.nii\.gz: cannot read the mask"):
+        postprocess.read_mask(path)
