@@ -7,17 +7,41 @@
 #   bash run.sh GPU_ID [extra train.py flags]     GPU_ID: 0, 1, ... or cpu
 #   DATA_ROOT=/data/BraTS2018 bash run.sh 0       data outside ../data/BraTS-2018
 #   bash run.sh 0 --amp bf16                      extra flags go to both stages
+#   bash run.sh demo [extra train.py flags]       the whole pipeline on synthetic data (below)
 #
 # Re-running the same command after a crash or a kill continues where it stopped: a stage
 # whose final.pth exists is skipped, and a stage with a last.pth resumes from it exactly.
 # Logs: logs/<date>_train_<stage>.log (also printed). Settings below can be overridden from
 # the environment.
+#
+# The demo (GPU_ID = demo) needs no data and no GPU (it uses one if present): it generates the
+# synthetic BraTS-like dataset (20 cases of 96x96x64 voxels, a reduced size so that the whole
+# job fits in 15 minutes on 2 CPU cores) into data/synthetic/ if absent, trains the small model
+# through both stages (snapshots/demo_stage{1,2}/), exports masks for the test cases for all 15
+# subsets (outputs/demo/), post-processes them (outputs/demo_postprocessed/) and prints the
+# 15-subset table and the elected teachers. Ablation without distillation, same budget:
+#   NAME=demo_nokd bash run.sh demo --kd_weight 0
 set -euo pipefail
 cd "$(dirname "$0")"
 
 GPU=${1:?usage: bash run.sh GPU_ID|cpu [extra train.py flags]}
 shift
 
+if [ "$GPU" = demo ]; then
+    DEMO_DATA=${DEMO_DATA:-data/synthetic}
+    DEMO_CASES=${DEMO_CASES:-20}
+    DEMO_SHAPE=${DEMO_SHAPE:-96,96,64}
+    NAME=${NAME:-demo}
+    TRAIN_LIST=${TRAIN_LIST:-$DEMO_DATA/train.csv}
+    VAL_LIST=${VAL_LIST:-$DEMO_DATA/val.csv}
+    CACHE_DIR=${CACHE_DIR:-cache/synthetic}
+    MODEL_SIZE=${MODEL_SIZE:-small}
+    PATCH=${PATCH:-32,64,64}
+    STAGE1_STEPS=${STAGE1_STEPS:-600}
+    STAGE2_STEPS=${STAGE2_STEPS:-1800}
+    VAL_EVERY=${VAL_EVERY:-300}
+    NUM_WORKERS=${NUM_WORKERS:-1}
+fi
 NAME=${NAME:-LCKD}                                  # snapshots/${NAME}_stage{1,2}/
 DATA_ROOT=${DATA_ROOT:-}                            # '' = list entries as published (../data/...)
 TRAIN_LIST=${TRAIN_LIST:-datalist/BraTS18/BraTS18_train_all.csv}  # published: all 285 cases
@@ -31,9 +55,12 @@ STAGE2_STEPS=${STAGE2_STEPS:-115000}
 VAL_EVERY=${VAL_EVERY:-5000}
 NUM_WORKERS=${NUM_WORKERS:-4}
 PYTHON=${PYTHON:-python}
+LAUNCH=${LAUNCH:-$PYTHON}  # how train.py starts, e.g. LAUNCH="torchrun --nproc_per_node 4"
 
 if [ "$GPU" = cpu ]; then
     DEVICE=cpu
+elif [ "$GPU" = demo ]; then
+    DEVICE=auto
 else
     export CUDA_VISIBLE_DEVICES=$GPU
     DEVICE=cuda
@@ -64,11 +91,50 @@ stage() {
     local log
     log=logs/$(date "+%Y%m%d-%H%M%S")_train_$name.log
     echo "training $name (log: $log)"
-    "$PYTHON" train.py "${common[@]}" --snapshot_dir "$dir" "${flags[@]}" "${EXTRA[@]}" 2>&1 | tee "$log"
+    $LAUNCH train.py "${common[@]}" --snapshot_dir "$dir" "${flags[@]}" "${EXTRA[@]}" 2>&1 | tee "$log"
 }
 
 EXTRA=("$@")
+SECONDS=0
+if [ "$GPU" = demo ] && [ ! -f "$DEMO_DATA/test.csv" ]; then
+    "$PYTHON" -m datasets.synthetic --out_dir "$DEMO_DATA" --num_cases "$DEMO_CASES" --shape "$DEMO_SHAPE"
+fi
 stage "${NAME}_stage1" --mode 0,1,2,3 --num_steps "$STAGE1_STEPS"
 # Stage 2 takes the iteration to continue from out of the checkpoint (80000 after stage 1).
 stage "${NAME}_stage2" --mode random --num_steps "$STAGE2_STEPS" \
     --reload_path "snapshots/${NAME}_stage1/final.pth" --reload_from_checkpoint True
+
+if [ "$GPU" = demo ]; then
+    OUT=outputs/$NAME
+    "$PYTHON" eval.py --restore_from "snapshots/${NAME}_stage2/final.pth" --data_list "$DEMO_DATA/test.csv" \
+        --mode all --output_dir "$OUT" --device auto
+    # The published thresholds (2000 and 500 voxels) are for 240x240x155 volumes: scaled to
+    # the demo's 96x96x64 by the ratio of voxel counts (0.066).
+    "$PYTHON" postprocess.py --input_dir "$OUT" --output_dir "${OUT}_postprocessed" \
+        --min_component 132 --et_threshold 33
+    "$PYTHON" - "$NAME" "$OUT" "$DEMO_DATA" <<'PY'
+import json, sys
+from pathlib import Path
+
+import pandas as pd
+name, out, data = sys.argv[1:]
+history = json.loads(Path(f"snapshots/{name}_stage2/teachers.json").read_text())
+last = history[-1]
+print(f"\nelected teachers (iteration {last['iteration']}): " +
+      ", ".join(f"{region} -> {modality}" for region, modality in last["winners"].items()) +
+      f"; teacher set {last['teachers']}")
+print("\nDice (%) of every demo run so far (mean over the 15 subsets | all four modalities):")
+for summary in sorted(set(Path("outputs").glob("demo*/summary.csv")) | {Path(out, "summary.csv")}):
+    table = pd.read_csv(summary).set_index("subset")
+    row = lambda s: " ".join(f"{r} {table.loc[s, f'{r} Dice']:5.1f}" for r in ("ET", "TC", "WT"))
+    print(f"  {summary.parent.name:<16} {row('mean')} | {row('flair+t1+t1ce+t2')}")
+print(f"""
+outputs:
+  synthetic data      {data}/
+  checkpoints, logs   snapshots/{name}_stage1/, snapshots/{name}_stage2/ (TensorBoard: tensorboard --logdir snapshots), logs/
+  masks per subset    {out}/<subset>/<case>.nii.gz
+  table               {out}/summary.md, {out}/summary.csv, per case {out}/metrics.csv
+  post-processed      {out}_postprocessed/""")
+PY
+    echo "demo finished in $((SECONDS / 60)) min $((SECONDS % 60)) s"
+fi

@@ -220,8 +220,6 @@ def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
         train.parse_args(["--config", str(path)])
 
 
-@pytest.mark.skipif(not os.environ.get("LCKD_SLOW_TESTS"),
-                    reason="~80 s on 2 idle cores; set LCKD_SLOW_TESTS=1")
 def test_election_finds_the_generators_designed_teachers(tmp_path):
     """Synthetic data are built so that T1ce shows ET and TC best and FLAIR (then T2) shows WT.
 

@@ -1,0 +1,56 @@
+"""The main job end to end: `bash run.sh demo`, shortened (tiny volumes, a few iterations)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from utils.modalities import ALL_SUBSETS, subset_name
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL = (".git", ".venv", "data", "cache", "snapshots", "outputs", "logs", "runs", "__pycache__",
+         ".pytest_cache")
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    # A copy of the repository, so the demo's data/, snapshots/ and outputs/ land in tmp_path.
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*LOCAL))
+    env = dict(os.environ, PYTHON=sys.executable, DEMO_CASES="5", DEMO_SHAPE="64,64,32",
+               PATCH="16,32,32", STAGE1_STEPS="4", STAGE2_STEPS="8", VAL_EVERY="4",
+               NUM_WORKERS="0", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run(["bash", "run.sh", "demo"], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    # Both stages trained; stage 2 continued stage 1's iteration count.
+    for stage, iteration in (("demo_stage1", 4), ("demo_stage2", 8)):
+        config = json.loads((repo / "snapshots" / stage / "config.json").read_text())
+        assert config["model_size"] == "small"
+        assert (repo / "snapshots" / stage / "final.pth").is_file()
+    history = json.loads((repo / "snapshots/demo_stage2/teachers.json").read_text())
+    assert [h["iteration"] for h in history][-1] == 4
+    assert "elected teachers" in run.stdout
+
+    # Masks for the one test case in 15 subset folders, on the input grid, labels 0/1/2/4.
+    test_cases = (repo / "data/synthetic/test.csv").read_text().split()
+    assert len(test_cases) == 1
+    case = test_cases[0]
+    reference = nib.load(repo / f"data/synthetic/{case}/{case}_flair.nii.gz")
+    for subset in ALL_SUBSETS:
+        for folder in ("outputs/demo", "outputs/demo_postprocessed"):
+            mask = nib.load(repo / folder / subset_name(subset) / f"{case}.nii.gz")
+            assert mask.shape == reference.shape
+            np.testing.assert_allclose(mask.affine, reference.affine)
+            assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 4}
+
+    # The paper's table: 15 rows and the mean, printed at the end.
+    table = pd.read_csv(repo / "outputs/demo/summary.csv")
+    assert list(table["subset"]) == [subset_name(s) for s in ALL_SUBSETS] + ["mean"]
+    assert "| mean" in run.stdout
+    assert "demo finished" in run.stdout
