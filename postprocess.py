@@ -22,10 +22,10 @@ No rule reads the MRI images, so no image path is needed and a missing-modality 
 never leak information from a modality it did not have.
 """
 import argparse
-import multiprocessing
 import os
 import sys
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,8 +192,10 @@ def main(argv=None):
     if args.num_workers == 0:
         infos = [process_file(job) for job in tqdm(jobs, **progress)]
     else:
-        with multiprocessing.Pool(min(args.num_workers, len(jobs))) as pool:
-            infos = list(tqdm(pool.imap_unordered(process_file, jobs), **progress))
+        # An executor, not multiprocessing.Pool: a worker that dies (killed for memory)
+        # raises BrokenProcessPool here instead of hanging the run.
+        with ProcessPoolExecutor(min(args.num_workers, len(jobs))) as pool:
+            infos = list(tqdm(pool.map(process_file, jobs), **progress))
 
     removed = sum(i["components_removed"] for i in infos)
     relabelled = sum(i["et_relabelled"] for i in infos)

@@ -1,5 +1,8 @@
 """postprocess.py: the published rules on small label maps, and the script on a tmp folder."""
 import hashlib
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import nibabel as nib
@@ -164,3 +167,21 @@ def test_truncated_mask_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:60])  # gzip stream cut inside the data
     with pytest.raises(RuntimeError, match=r"cut\.nii\.gz: cannot read the mask"):
         postprocess.read_mask(path)
+
+
+def _die(job):
+    os._exit(1)  # a worker killed (e.g. by the out-of-memory killer) mid-case
+
+
+def test_dead_worker_raises_instead_of_hanging(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        _write(tmp_path / "in" / f"{name}.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    monkeypatch.setattr(postprocess, "process_file", _die)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("postprocess hung on a dead worker"))
+    signal.alarm(60)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir",
+                              str(tmp_path / "out"), "--num_workers", "2"])
+    finally:
+        signal.alarm(0)
