@@ -145,7 +145,7 @@ def _spatial(image, regions, cfg, draw, field_gen):
     r = math.radians(cfg.rotation_degrees)
     angles = [draw.uniform(-r, r) for _ in range(3)]
     scale_on = draw.happens(cfg.p_scale)
-    scale = draw.uniform(*cfg.scale_range)
+    scale = _draw_ranged_factor(draw, cfg.scale_range)  # below / above 1 equally often
     if not (elastic or rotate or scale_on):
         return None
 
@@ -199,7 +199,7 @@ def _gamma(channel, gamma, eps=1e-7):
 
 
 def _draw_ranged_factor(draw, low_high):
-    """batchgenerators' contrast/gamma factor: below 1 or above 1 with equal chance."""
+    """batchgenerators' scale/contrast/gamma factor: below 1 or above 1 with equal chance."""
     lo, hi = low_high
     if draw.happens(0.5) and lo < 1:
         return draw.uniform(lo, 1.0)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from datasets.augment import AugmentConfig, _gaussian_blur, _gaussian_matrix, augment_batch
+from datasets.augment import (
+    AugmentConfig, _Draw, _draw_ranged_factor, _gaussian_blur, _gaussian_matrix, augment_batch,
+)
 
 SPATIAL = ("p_elastic", "p_rotation", "p_scale", "p_mirror_axis")
 PROBABILITIES = tuple(f.name for f in fields(AugmentConfig) if f.name.startswith("p_"))
@@ -173,3 +175,20 @@ def test_fast_on_cpu():
     for seed in range(3):
         augment_batch(image, regions, seed, config)
     assert (time.perf_counter() - start) / 3 < 1.0
+
+
+def test_scale_factor_below_and_above_one_equally_often():
+    # batchgenerators' SpatialTransform draws U(0.85, 1) or U(1, 1.25) with equal chance, not
+    # U(0.85, 1.25) (which would shrink the sampling grid only 37.5 % of the time).
+    draw = _Draw(0)
+    factors = np.array([_draw_ranged_factor(draw, AugmentConfig().scale_range) for _ in range(4000)])
+    assert factors.min() >= 0.85 and factors.max() <= 1.25
+    assert abs((factors < 1).mean() - 0.5) < 0.03
+    # augment_batch uses that draw: a grid scaled by s < 1 magnifies a centred cube.
+    n = 400
+    image = torch.zeros(n, 1, 12, 12, 12)
+    image[:, :, 4:8, 4:8, 4:8] = 1
+    regions = (image > 0).float()
+    out, _ = augment_batch(image, regions, 0, AugmentConfig().only("p_scale"))
+    magnified = (out.sum(dim=(1, 2, 3, 4)) > image[0].sum()).float().mean().item()
+    assert abs(magnified - 0.5) < 0.075
