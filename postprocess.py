@@ -11,7 +11,7 @@ The defaults follow eval.sh run with its defaults (NAME=LCKD) from the repositor
 writes outputs/LCKD/<subset>/<case>.nii.gz; relative paths are taken from the current folder.
 
 Rules, applied in this order to each case (all thresholds are flags):
-  1. Connected components of the whole tumour (label > 0, 26-connectivity in 3D) are removed
+  1. Connected components of the whole tumour (label > 0, 6-connectivity in 3D, as published) are removed
      when smaller than min(--min_component, --min_fraction x the largest component), or when
      they lie entirely in the lowest --bottom_slices slices of the NIfTI's 3rd axis (z).
   2. If fewer than --et_threshold voxels of enhancing tumour (4) remain, ET is relabelled as
@@ -57,12 +57,13 @@ class Rules:
 def remove_components(label, rules=Rules(), slice_axis=2):
     """Drop small or bottom-only whole-tumour components. label (X, Y, Z) uint8 -> new array.
 
-    Components: label > 0, 26-connected (a full 3x3x3 neighbourhood). A component is dropped if
+    Components: label > 0, 6-connected (face neighbours), as published: skimage's
+    label(neighbors=4) means connectivity 1 in 3D. A component is dropped if
     its size < min(rules.min_component, rules.min_fraction * largest size), or if all its voxels
     have index < rules.bottom_slices along `slice_axis` (the NIfTI z axis, 2, by default).
     Returns (cleaned label, number of components removed).
     """
-    components, count = ndimage.label(label > 0, structure=np.ones((3,) * label.ndim, dtype=bool))
+    components, count = ndimage.label(label > 0, structure=ndimage.generate_binary_structure(label.ndim, 1))
     if count == 0:
         return label.copy(), 0
     sizes = np.bincount(components.ravel(), minlength=count + 1)

@@ -42,12 +42,13 @@ def test_min_component_caps_the_fraction_threshold():
     assert removed == 1 and (cleaned > 0).sum() == 1000 + 125
 
 
-def test_diagonal_neighbours_are_one_component():
+def test_components_are_face_connected_as_published():
     label = np.zeros(SHAPE, np.uint8)
     _cube(label, (1, 1, 30), 6, 2)
-    label[7, 7, 36] = 1  # touches the cube by a corner only: 26-connected, same component
+    label[7, 7, 36] = 1  # touches the cube by a corner only: its own (small) component
+    label[7, 3, 33] = 1  # shares a face with the cube: part of it
     cleaned, removed = remove_components(label, Rules(min_fraction=0.5, bottom_slices=0))
-    assert removed == 0 and cleaned[7, 7, 36] == 1
+    assert removed == 1 and cleaned[7, 7, 36] == 0 and cleaned[7, 3, 33] == 1
 
 
 def test_component_entirely_in_bottom_slices_removed():
