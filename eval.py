@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.brats import load_case, read_datalist, resolve_list
-from datasets.normalize import normalize_image
+from datasets.normalize import normalize_case
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint
 from utils.cli import str2bool
@@ -187,7 +187,7 @@ def main(argv=None):
 
     def read(case_dir):
         case = load_case(case_dir)
-        case.image = normalize_image(case.image)
+        case.image = normalize_case(case)
         return case
 
     rows = []

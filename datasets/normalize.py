@@ -19,6 +19,9 @@ max < 1 so zero bins, no bin with 50 voxels, constant foreground) raise Normaliz
 """
 import numpy as np
 
+from datasets.brats import CaseError
+from utils.modalities import MODALITIES
+
 NAME = "published-histogram-zscore"
 VERSION = 1
 MIN_COUNT = 50  # published: a bin needs this many voxels to count as signal
@@ -143,3 +146,14 @@ def normalize(v):
 def normalize_image(image, fn=normalize):
     """Normalise each modality of image (C,D,H,W) independently -> float32 (C,D,H,W)."""
     return np.stack([fn(channel) for channel in image])
+
+
+def normalize_case(case, fn=normalize):
+    """A loaded case's image (4,D,H,W) normalised per modality; a failure names the case and file."""
+    image = np.empty_like(case.image, dtype=np.float32)
+    for c, part in enumerate(MODALITIES):
+        try:
+            image[c] = fn(case.image[c])
+        except NormalizationError as err:
+            raise CaseError(case.name, case.files[part], f"cannot normalise: {err}") from err
+    return image

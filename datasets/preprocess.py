@@ -99,12 +99,7 @@ def _build(case_dir, case_cache, sources):
     a stale fingerprint and the case is rebuilt next time.
     """
     case = load_case(case_dir)
-    image = np.empty_like(case.image)
-    for c, part in enumerate(MODALITIES):
-        try:
-            image[c] = norm.normalize(case.image[c])
-        except norm.NormalizationError as err:
-            raise CaseError(case.name, case.files[part], f"cannot normalise: {err}") from err
+    image = norm.normalize_case(case)
     (case_cache / META).unlink(missing_ok=True)  # the case is invalid until its meta is back
     _save_npy(case_cache / IMAGE, image)
     if case.label is not None:

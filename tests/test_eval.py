@@ -144,3 +144,17 @@ def test_summary_table_by_hand():
     assert table["TC HD95"].tolist() == pytest.approx([2.0, 4.0, 3.0])
     assert table.loc[1, ["FLAIR", "T1", "T1ce", "T2"]].tolist() == ["○", "●", "○", "●"]
     assert table.loc[2, "subset"] == "mean" and table.loc[2, "FLAIR"] == ""
+
+
+def test_a_case_that_cannot_be_normalised_names_the_case_and_file(setup, tmp_path):
+    root, cases = setup
+    bad = tmp_path / "data" / cases[0].name
+    shutil.copytree(cases[0], bad)
+    t1 = bad / f"{cases[0].name}_t1.nii.gz"
+    image = nib.load(t1)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine, image.header), t1)
+    (tmp_path / "bad.csv").write_text(f"{cases[0].name}\n")
+    with pytest.raises(ValueError, match=f"{cases[0].name}.*_t1.nii.gz"):
+        evaluate.main(["--data_list", str(tmp_path / "bad.csv"), "--data_root", str(tmp_path / "data"),
+                       "--restore_from", str(root / "final.pth"), "--output_dir", str(tmp_path / "out"),
+                       "--device", "cpu"])
