@@ -324,6 +324,7 @@ def main(argv=None):
         lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        subset_state = subset_rng.getstate()  # a non-finite step is saved as not yet drawn
         subset = draw_subset(args.mode_parsed, subset_rng,
                              missing_probability(args.missing_schedule, iteration, random_start))
         image, regions = next(batches)
@@ -343,6 +344,7 @@ def main(argv=None):
                              parts["kd"].detach()])
         stats = distributed.all_reduce_sum(stats, dist_info).cpu() / dist_info.world_size
         if not torch.isfinite(stats).all():
+            subset_rng.setstate(subset_state)
             if main_rank:
                 save_checkpoint(checkpoint_now(iteration), snapshot_dir / "last.pth")
                 writer.close()

@@ -17,9 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from datasets.synthetic import generate
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, set_rng_state
 from utils.election import append_history, elect, overlay, winners
-from utils.modalities import FULL
+from utils.modalities import FULL, sample_subset, subset_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,10 +113,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(data, tmp_path, monkeyp
     real = train.segmentation_loss
     monkeypatch.setattr(train, "segmentation_loss", poisoned)
     snapshot = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 2"):
-        train.main(flags(data, snapshot, 6, 100, "--val_list", ""))
+    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 2") as error:
+        train.main(flags(data, snapshot, 6, 100, "--val_list", "", "--mode", "random"))
     saved = load_checkpoint(snapshot / "last.pth")
     assert saved["iteration"] == 2
+    # The saved subset stream has not drawn iteration 2 yet: resuming redraws the same subset.
+    replay = random.Random()
+    set_rng_state(saved["rng"], replay)
+    assert f"modalities {subset_name(sample_subset(replay))})" in str(error.value)
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
