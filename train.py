@@ -345,6 +345,7 @@ def main(argv=None):
         stats = distributed.all_reduce_sum(stats, dist_info).cpu() / dist_info.world_size
         if not torch.isfinite(stats).all():
             subset_rng.setstate(subset_state)
+            progress.close()
             if main_rank:
                 save_checkpoint(checkpoint_now(iteration), snapshot_dir / "last.pth")
                 writer.close()
