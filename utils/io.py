@@ -1,8 +1,35 @@
 """Atomic file writing: a reader never sees a half-written file, a crash never destroys the old one."""
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+# mkstemp creates files 0600; the finished file gets the mode any other tool would give it
+# (0644 under umask 022). The umask can only be read by setting it, so read it once here.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def temp_prefix(path):
+    """Temporary files of writes to `path` start with this (see remove_stale_temps)."""
+    return f".{Path(path).name}."
+
+
+def remove_stale_temps(path):
+    """Delete temporary files that killed writers of `path` left beside it.
+
+    Call only while no other process may be writing `path` (under the folder's lock).
+    Returns the number removed.
+    """
+    path = Path(path)
+    removed = 0
+    for tmp in path.parent.glob(f"{temp_prefix(path)}*.tmp{''.join(path.suffixes)}"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -15,15 +42,38 @@ def atomic_path(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _is_disk_full(error):
+            previous = "the previous file is intact" if path.exists() else "nothing was written"
+            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; "
+                                f"{previous}; free some space and run again") from error
         raise
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space (the message names the file)."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def _is_disk_full(error):
+    """ENOSPC/EDQUOT anywhere in the chain (torch.save wraps it in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def write_text(path, text):

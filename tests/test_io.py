@@ -1,0 +1,93 @@
+"""utils.io (atomic writes: permissions, stale temporaries, disk full) and utils.lock."""
+import errno
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from utils.io import DiskFullError, atomic_path, remove_stale_temps
+from utils.lock import LockError, exclusive_lock
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    # a fresh interpreter: utils.io reads the umask once, at import
+    code = ("import os, sys; os.umask(int(sys.argv[2], 8)); from pathlib import Path\n"
+            "import numpy as np, torch; from utils.io import atomic_path, write_text\n"
+            "d = Path(sys.argv[1]); write_text(d / 'a.txt', 'x')\n"
+            "with atomic_path(d / 'b.npy') as t: np.save(t, np.zeros(3))\n"
+            "with atomic_path(d / 'c.pth') as t: torch.save({'a': 1}, t)\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), oct(umask)[2:]], check=True)
+    for name in ("a.txt", "b.npy", "c.pth"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_remove_stale_temps_only_removes_temporaries_of_that_file(tmp_path):
+    target = tmp_path / "last.pth"
+    target.write_bytes(b"good")
+    stale = [tmp_path / ".last.pth.abc123.tmp.pth", tmp_path / ".last.pth.zz.tmp.pth"]
+    others = [tmp_path / ".final.pth.abc.tmp.pth", tmp_path / "last.pth.bak", tmp_path / ".last.pth.x.tmp.npy"]
+    for path in stale + others:
+        path.write_bytes(b"partial")
+    assert remove_stale_temps(target) == 2
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in others) and target.read_bytes() == b"good"
+
+
+def test_disk_full_names_the_file_and_keeps_the_previous_one(tmp_path):
+    target = tmp_path / "last.pth"
+    target.write_bytes(b"previous")
+    with pytest.raises(DiskFullError, match=r"no space left on device while writing .*last\.pth; "
+                                            r"the previous file is intact"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_disk_full_inside_torch_save_is_recognised(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0") \
+            from OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match="nothing was written"):
+        with atomic_path(tmp_path / "x.pth") as tmp:
+            torch.save({}, tmp)
+
+
+def test_other_errors_pass_through_unchanged(tmp_path):
+    with pytest.raises(KeyError):
+        with atomic_path(tmp_path / "x.txt"):
+            raise KeyError("bug")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    code = ("import sys, time; from utils.lock import exclusive_lock\n"
+            "with exclusive_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockError, match=rf"snapshot folder .* is in use by pid {holder.pid} on host"):
+            with exclusive_lock(tmp_path, "snapshot folder"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without cleaning up: its lock file remains but is stale and is taken over
+    assert (tmp_path / ".lock").exists()
+    with exclusive_lock(tmp_path, "snapshot folder") as path:
+        assert f"pid {os.getpid()} " in path.read_text()
+
+
+def test_lock_is_released_after_the_block(tmp_path):
+    with exclusive_lock(tmp_path):
+        pass
+    with exclusive_lock(tmp_path):
+        pass
