@@ -11,9 +11,8 @@ Examples (from the repository root):
     # data elsewhere: re-base the list entries ('../data/BraTS-2018/HGG/<case>')
     python train.py --data_root /data/MICCAI_BraTS_2018_Data_Training ...
 
-    # resume a killed run exactly where its last checkpoint left it
-    python train.py <same flags> --reload_path snapshots/LCKD_stage1/last.pth \
-        --reload_from_checkpoint True
+    # after a crash, a kill, SIGTERM or Ctrl-C: the same command again resumes exactly where
+    # the folder's last.pth left it; --overwrite True instead deletes the run and starts over
 
     # CPU smoke run on synthetic data with the small network
     python -m datasets.synthetic --out_dir data/synthetic --num_cases 12
@@ -25,11 +24,18 @@ Examples (from the repository root):
     torchrun --nproc_per_node 4 train.py ...
 
 Outputs in --snapshot_dir: config.json (resolved configuration), last.pth (every
---val_pred_every iterations), final.pth, teachers.json (election history) and TensorBoard events.
+--val_pred_every iterations, every --save_every_min minutes, on SIGTERM/SIGINT and after a
+non-finite loss), final.pth, teachers.json (election history) and TensorBoard events; .lock
+while a run uses the folder. Exit status: 0 done (or already finished), 1 error, 2 bad flags,
+130/143 stopped by SIGINT/SIGTERM after saving last.pth.
 """
 import argparse
+import contextlib
+import copy
 import json
+import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,16 +46,18 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets.augment import augment_batch
-from datasets.brats import resolve_list
+from datasets.brats import DataError, read_datalist, resolve_list
 from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset
 from models import LCKD, LCKDConfig
 from utils import distributed
-from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state, unwrap
-from utils.cli import str2bool
+from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, non_finite,
+                              save_checkpoint, set_rng_state, unwrap)
+from utils.cli import UsageError, run_cli, str2bool
 from utils.election import append_history, elect, format_result, overlay_panel
 from utils.inference import AMP_DTYPES
-from utils.io import write_text
+from utils.io import DiskFullError, remove_stale_temps, write_text
+from utils.lock import LockError, exclusive_lock
 from utils.losses import segmentation_loss
 from utils.modalities import FULL, MODALITIES, parse_mode, parse_teachers, sample_subset, subset_name
 from utils.regions import REGIONS
@@ -107,14 +115,26 @@ def get_parser():
                    help="autocast dtype; fp16 adds a gradient scaler")
     g.add_argument("--random_seed", type=int, default=1234)
     g = p.add_argument_group("run")
-    g.add_argument("--snapshot_dir", default="snapshots/LCKD/")
+    g.add_argument("--snapshot_dir", default="snapshots/LCKD/", help="one run per folder: a "
+                   "folder holding a run resumes from its last.pth (see --overwrite)")
+    g.add_argument("--overwrite", type=str2bool, default=False, help="delete the run already "
+                   "in --snapshot_dir (checkpoints, config.json, teachers.json, TensorBoard "
+                   "events) and start over")
     g.add_argument("--val_pred_every", type=int, default=5000,
                    help="teacher election and last.pth every this many iterations")
+    g.add_argument("--save_every_min", type=float, default=30.0,
+                   help="also write last.pth when this many minutes passed since the last one (0 = off)")
     g.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap in the election")
-    g.add_argument("--reload_path", default="")
-    g.add_argument("--reload_from_checkpoint", type=str2bool, default=False)
+    g.add_argument("--reload_path", default="", help="checkpoint to start from (e.g. stage 1's "
+                   "final.pth); the snapshot folder's own last.pth takes precedence")
+    g.add_argument("--reload_from_checkpoint", type=str2bool, default=False,
+                   help="accepted for the published commands; --reload_path alone loads the checkpoint")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--log_every", type=int, default=10, help="TensorBoard scalars every N iterations")
+    g.add_argument("--log_every", type=int, default=10, help="loss check (NaN/inf), progress and "
+                   "TensorBoard scalars every N iterations: the loop's only host synchronisation")
+    g.add_argument("--dist_timeout_min", type=float, default=30.0, help="DDP: a rank that does "
+                   "not answer within this many minutes stops the run with an error (also bounds "
+                   "the wait for rank 0's first preprocessing)")
     g.add_argument("--stop_at", type=int, default=0, help="testing: stop before this iteration "
                    "without writing final.pth, as if the run were killed")
     return p
@@ -132,16 +152,76 @@ def parse_args(argv=None):
         flags = {a.dest for a in parser._actions}
         unknown = set(defaults) - flags - set(DERIVED)
         if unknown:
-            raise ValueError(f"{known.config}: unknown settings {sorted(unknown)}")
+            raise UsageError(f"{known.config}: unknown settings {sorted(unknown)}")
         parser.set_defaults(**{k: v for k, v in defaults.items() if k in flags and k != "config"})
     args = parser.parse_args(argv)
-    args.patch_size = tuple(int(s) for s in args.input_size.split(","))
-    args.mode_parsed = parse_mode(args.mode)
-    if args.mode_parsed == "all":
-        raise ValueError("--mode all is for evaluation; train with 'random' or a subset")
-    if args.missing_schedule != "off" and not args.missing_schedule.startswith("ramp:"):
-        raise ValueError(f"--missing_schedule must be 'off' or 'ramp:N', got {args.missing_schedule!r}")
+    validate_args(args)
     return args
+
+
+def validate_args(args):
+    """Refuse impossible flag values up front (one line each), before anything is written.
+    Sets args.patch_size and args.mode_parsed."""
+    def need(ok, message):
+        if not ok:
+            raise UsageError(message)
+
+    try:
+        args.patch_size = tuple(int(s) for s in args.input_size.split(","))
+    except ValueError:
+        args.patch_size = ()
+    need(len(args.patch_size) == 3 and min(args.patch_size) > 0 and args.patch_size[0] % 16 == 0
+         and args.patch_size[1] % 32 == 0 and args.patch_size[2] % 32 == 0,
+         f"--input_size must be D,H,W with D a multiple of 16 and H, W multiples of 32 (the "
+         f"encoder halves D 4 times and H, W 5 times), got {args.input_size!r}")
+    try:
+        args.mode_parsed = parse_mode(args.mode)
+        parse_teachers(args.teachers)
+    except ValueError as error:
+        raise UsageError(f"--mode/--teachers: {error}") from None
+    need(args.mode_parsed != "all", "--mode all is for evaluation; train with 'random' or a subset")
+    ramp = args.missing_schedule.removeprefix("ramp:")
+    need(args.missing_schedule == "off" or (ramp.isdigit() and int(ramp) >= 1),
+         f"--missing_schedule must be 'off' or 'ramp:N' with N >= 1, got {args.missing_schedule!r}")
+    need(args.num_classes == 3, f"--num_classes must be 3 (the regions ET, WT, TC), got {args.num_classes}")
+    need(math.isfinite(args.learning_rate) and args.learning_rate > 0,
+         f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    need(math.isfinite(args.power) and args.power >= 0, f"--power must be finite and >= 0, got {args.power}")
+    need(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
+    for name in ("weight_decay", "kd_weight"):
+        value = getattr(args, name)
+        need(math.isfinite(value) and value >= 0, f"--{name} must be finite and >= 0, got {value}")
+    need(0 <= args.overlap < 1, f"--overlap must be in [0, 1), got {args.overlap}")
+    need(args.start_iters >= 0, f"--start_iters must be >= 0, got {args.start_iters}")
+    need(args.num_steps > args.start_iters, f"--num_steps {args.num_steps} leaves nothing to "
+         f"train (it must be greater than --start_iters {args.start_iters})")
+    need(args.stop_at == 0 or args.start_iters < args.stop_at <= args.num_steps,
+         f"--stop_at must be 0 (off) or in ({args.start_iters}, --num_steps {args.num_steps}], "
+         f"got {args.stop_at}")
+    for name in ("val_pred_every", "log_every", "batch_size"):
+        need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    need(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
+    need(math.isfinite(args.save_every_min) and args.save_every_min >= 0,
+         f"--save_every_min must be >= 0 (0 = off), got {args.save_every_min}")
+    need(math.isfinite(args.dist_timeout_min) and args.dist_timeout_min > 0,
+         f"--dist_timeout_min must be > 0, got {args.dist_timeout_min}")
+    need(not args.reload_path or Path(args.reload_path).is_file(),
+         f"--reload_path {args.reload_path} does not exist")
+
+
+def read_lists(args):
+    """The training and validation case folders; an empty list is a mistake, named here."""
+    lists = []
+    for flag, path in (("--train_list", args.train_list), ("--val_list", args.val_list)):
+        if not path:
+            lists.append(None)
+            continue
+        path = resolve_list(path, args.data_dir)
+        if not read_datalist(path, args.data_root or None):
+            raise UsageError(f"{flag} {path} lists no cases" +
+                             (" (--val_list '' turns the election off)" if flag == "--val_list" else ""))
+        lists.append(path)
+    return lists
 
 
 def poly_lr(base_lr, iteration, num_steps, power):
@@ -188,12 +268,102 @@ class IterationSampler(torch.utils.data.Sampler):
         return (self.stop - self.start) * self.batch_size
 
 
+# What a run writes into its snapshot folder (with TensorBoard's events.out.tfevents.*).
+RUN_FILES = ("config.json", "teachers.json", "last.pth", "final.pth")
+
+
+def claim_snapshot_dir(args, folder, log):
+    """Where this run starts, decided on rank 0 under the folder's lock, before anything is
+    written: ("finished", final.pth), ("resume", checkpoint) or ("start", None).
+
+    A folder that holds a run is never restarted silently: it resumes from its own last.pth
+    (later than any --reload_path, such as stage 1's final.pth in a re-run of stage 2), or it
+    is finished (final.pth), or it is refused; --overwrite True deletes the run's files first.
+    Temporary files of writes killed mid-way are deleted (no other writer holds the lock).
+    """
+    stale = sum(remove_stale_temps(folder / name) for name in RUN_FILES)
+    if stale:
+        log(f"deleted {stale} temporary file(s) left in {folder} by interrupted writes")
+    existing = [folder / n for n in RUN_FILES if (folder / n).exists()]
+    existing += sorted(folder.glob("events.out.tfevents.*"))
+    last, reload = folder / "last.pth", Path(args.reload_path) if args.reload_path else None
+    if args.overwrite:
+        if reload is not None and reload.resolve() in [p.resolve() for p in existing]:
+            raise UsageError(f"--reload_path {reload} is one of the files --overwrite deletes")
+        for path in existing:
+            path.unlink()
+        if existing:
+            log(f"--overwrite: deleted the previous run in {folder} ({len(existing)} files)")
+    elif (folder / "final.pth").exists():
+        return "finished", folder / "final.pth"
+    elif last.exists():
+        if reload is not None and reload.resolve() != last.resolve():
+            log(f"resuming from {last}, this folder's own checkpoint (it continues "
+                f"--reload_path {reload})")
+        return "resume", last
+    elif existing:
+        raise UsageError(f"{folder} holds a run without a last.pth to resume from "
+                         f"({', '.join(p.name for p in existing[:3])}); --overwrite True deletes "
+                         f"it and starts over, or choose another --snapshot_dir")
+    return ("resume", reload) if reload is not None else ("start", None)
+
+
+class StopSignals:
+    """SIGTERM (what schedulers send before preemption) and SIGINT (Ctrl-C) during the loop
+    only ask the run to stop: it finishes the iteration, saves last.pth and exits 128 + signal.
+    A second Ctrl-C quits at once, without saving. A repeated SIGTERM is ignored: torchrun and
+    schedulers forward the same request to every process (Ctrl-C under torchrun also arrives
+    as SIGINT from the terminal, then SIGTERM from torchrun)."""
+
+    def __init__(self, log):
+        self.log, self.signum = log, None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self.log(f"{signal.Signals(signum).name}: stopping after this iteration and saving "
+                     f"last.pth (Ctrl-C again quits at once, without saving)")
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which decides when to stop
+    (a terminal's Ctrl-C and a scheduler's SIGTERM reach the workers too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    dist_info, device = distributed.init(args.device)
+    lists = read_lists(args)
+    dist_info, device = distributed.init(args.device, args.dist_timeout_min)
+    try:
+        # One run per snapshot folder: rank 0 holds the lock until the run ends (released by
+        # the kernel if the process dies).
+        with (exclusive_lock(args.snapshot_dir, "snapshot folder") if dist_info.is_main
+              else contextlib.nullcontext()):
+            return train(args, lists, dist_info, device)
+    finally:
+        distributed.cleanup(dist_info)
+
+
+def train(args, lists, dist_info, device):
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *a, **k: None)
     snapshot_dir = Path(args.snapshot_dir)
+    decision, source = distributed.broadcast_object(
+        claim_snapshot_dir(args, snapshot_dir, log) if main_rank else None, dist_info)
+    if decision == "finished":
+        log(f"{source} exists: this run is finished, nothing to do (--overwrite True starts it over)")
+        return None
 
     torch.manual_seed(args.random_seed)  # same initial weights on every rank (DDP also broadcasts)
     random.seed(args.random_seed)
@@ -204,8 +374,7 @@ def main(argv=None):
         torch.use_deterministic_algorithms(True)  # exact resume on CPU
 
     # ---- data: preprocess once (rank 0), then every rank opens the memory-mapped cache
-    train_list = resolve_list(args.train_list, args.data_dir)
-    val_list = resolve_list(args.val_list, args.data_dir) if args.val_list else None
+    train_list, val_list = lists
     cache_dir = Path(args.cache_dir or Path("cache") / train_list.parent.name)
     data_root = args.data_root or None
     for rank_turn in (True, False):  # rank 0 writes the cache, the others then re-use it
@@ -214,7 +383,7 @@ def main(argv=None):
             train_cases = preprocess(train_list, cache_dir, data_root, workers, progress=main_rank)
             val_cases = (preprocess(val_list, cache_dir, data_root, workers, progress=main_rank)
                          if val_list else [])
-        distributed.barrier(dist_info)
+        distributed.barrier(dist_info, "after preprocessing")
     world_batches = args.num_steps * dist_info.world_size * args.batch_size
     dataset = PatchDataset(train_cases, args.patch_size, random_scale=args.random_scale,
                            random_mirror=args.random_mirror, seed=args.random_seed,
@@ -230,7 +399,8 @@ def main(argv=None):
                                 nesterov=True, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     autocast_dtype = AMP_DTYPES[args.amp]
-    config = {k: v for k, v in vars(args).items() if k not in ("patch_size", "mode_parsed")}
+    config = {k: v for k, v in vars(args).items()  # overwrite: a fed-back config must not delete
+              if k not in ("patch_size", "mode_parsed", "overwrite")}
     config.update(model_config=model_config.to_dict(), world_size=dist_info.world_size,
                   patch_size=list(args.patch_size), cache_dir_resolved=str(cache_dir))
 
@@ -239,13 +409,17 @@ def main(argv=None):
     teachers, elected_at = parse_teachers(args.teachers), None
     subset_rng = random.Random(derived_seed(args.random_seed, start))
     random_start = start
-    if args.reload_from_checkpoint:
-        checkpoint = load_checkpoint(args.reload_path)
-        if "model" not in checkpoint:  # a bare state_dict: weights only
-            model.load_state_dict(checkpoint)
-            log(f"loaded weights from {args.reload_path}")
+    if source is not None:
+        checkpoint = load_checkpoint(source)
+        weights = checkpoint.get("model", checkpoint)  # a bare state_dict: weights only
+        bad = non_finite(weights)
+        if bad:
+            raise FloatingPointError(f"{source} holds non-finite weights ({len(bad)}/{len(weights)} "
+                                     f"tensors, first {bad[0]}): start from another checkpoint")
+        model.load_state_dict(weights)
+        if "model" not in checkpoint:
+            log(f"loaded weights from {source}")
         else:
-            model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             for group in optimizer.param_groups:  # this run's flags, not the checkpoint's
                 group.update(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True)
@@ -256,10 +430,14 @@ def main(argv=None):
             start = args.start_iters or checkpoint["iteration"]
             same_stage = checkpoint["config"].get("mode") == args.mode
             random_start = checkpoint.get("random_start", start) if same_stage else start
-            log(f"reloaded {args.reload_path}: iteration {checkpoint['iteration']} "
+            log(f"reloaded {source}: iteration {checkpoint['iteration']} "
                 f"(mode {checkpoint['config'].get('mode')}), continuing at {start} in mode {args.mode}")
-    if not 0 <= start <= args.num_steps:
-        raise ValueError(f"start iteration {start} outside [0, --num_steps {args.num_steps}]")
+    if start >= args.num_steps:
+        raise UsageError(f"nothing to train: the run would start at iteration {start} ({source}) "
+                         f"and --num_steps is {args.num_steps}")
+    if args.stop_at and args.stop_at <= start:
+        raise UsageError(f"--stop_at {args.stop_at} is not after iteration {start}, where this "
+                         f"run resumes ({source})")
 
     if dist_info.enabled:
         # Every parameter takes part in every forward, whatever the modalities (missing skips
@@ -268,26 +446,39 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    stop = min(args.num_steps, args.stop_at) if args.stop_at else args.num_steps
+    stop = args.stop_at or args.num_steps
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size,
         sampler=IterationSampler(start, stop, args.batch_size, dist_info.rank, dist_info.world_size),
         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if args.num_workers else None)
+        prefetch_factor=4 if args.num_workers else None, worker_init_fn=ignore_stop_signals)
 
     writer = None
     if main_rank:
-        snapshot_dir.mkdir(parents=True, exist_ok=True)
         write_text(snapshot_dir / "config.json", json.dumps(config, indent=2) + "\n")
-        writer = SummaryWriter(str(snapshot_dir))
+        # A resumed run hides the events the interrupted one logged from `start` on.
+        writer = SummaryWriter(str(snapshot_dir), purge_step=start if source is not None else None)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"LCKD ({args.model_size}, {n_params / 1e6:.2f} M parameters) on {device} x "
             f"{dist_info.world_size}; {len(train_cases)} training / {len(val_cases)} validation "
             f"cases; iterations {start} -> {args.num_steps}; mode {args.mode}")
 
-    def checkpoint_now(iteration):
-        return make_checkpoint(model, optimizer, scaler, iteration, teachers, elected_at,
-                               subset_rng, config, random_start=random_start)
+    def snapshot(iteration):
+        """Rank 0's copy of the whole training state on the device (a later step cannot
+        change it): what a non-finite loss, a signal or a scheduled save writes."""
+        if not main_rank:
+            return None
+        return copy.deepcopy(make_checkpoint(model, optimizer, scaler, iteration, teachers,
+                                             elected_at, subset_rng, config,
+                                             random_start=random_start))
+
+    last_saved = time.monotonic()
+
+    def save_last(state):
+        nonlocal last_saved
+        if main_rank:
+            save_checkpoint(state, snapshot_dir / "last.pth")
+            last_saved = time.monotonic()
 
     def run_election(iteration):
         t_start = time.perf_counter()
@@ -309,71 +500,113 @@ def main(argv=None):
             append_history(snapshot_dir / "teachers.json", result, iteration)
         return tuple(result["teachers"])
 
-    # ---- the loop
+    # ---- the loop. The host reads the device only at check points (every --log_every
+    # iterations, before every checkpoint and at the end): there the loss parts of the
+    # iterations since the last check are averaged over ranks and checked, with the weights,
+    # for NaN/inf, and a signal or the clock may stop or save the run (every rank agrees: the
+    # flags travel in the same all-reduce). `good` is the state that passed the last check.
     model.train()
     losses = []
+    good = snapshot(start)  # checked finite when loaded, or freshly initialised
+    window, window_subsets, window_start = [], [], start
     progress = tqdm(total=args.num_steps, initial=start, disable=not main_rank, dynamic_ncols=True)
     batches = iter(loader)
     t0 = time.perf_counter()
-    for iteration in range(start, stop):
-        if val_cases and iteration % args.val_pred_every == 0 and elected_at != iteration:
-            teachers, elected_at = run_election(iteration), iteration
-        if iteration % args.val_pred_every == 0 and iteration != start and main_rank:
-            save_checkpoint(checkpoint_now(iteration), snapshot_dir / "last.pth")
+    with StopSignals(log) as stop_signals:
+        for iteration in range(start, stop):
+            if val_cases and iteration % args.val_pred_every == 0 and elected_at != iteration:
+                teachers, elected_at = run_election(iteration), iteration
+                good = snapshot(iteration)  # same weights, checked at the end of the last iteration
+            if iteration % args.val_pred_every == 0 and iteration != start:
+                save_last(good)
 
-        lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        subset_state = subset_rng.getstate()  # a non-finite step is saved as not yet drawn
-        subset = draw_subset(args.mode_parsed, subset_rng,
-                             missing_probability(args.missing_schedule, iteration, random_start))
-        image, regions = next(batches)
-        image = image.to(device, non_blocking=True)
-        regions = regions.to(device, non_blocking=True)
-        if args.augment:
-            image, regions = augment_batch(
-                image, regions, seed=derived_seed(args.random_seed, iteration, dist_info.rank))
+            lr = poly_lr(args.learning_rate, iteration, args.num_steps, args.power)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            subset = draw_subset(args.mode_parsed, subset_rng,
+                                 missing_probability(args.missing_schedule, iteration, random_start))
+            image, regions = next(batches)
+            image = image.to(device, non_blocking=True)
+            regions = regions.to(device, non_blocking=True)
+            if args.augment:
+                image, regions = augment_batch(
+                    image, regions, seed=derived_seed(args.random_seed, iteration, dist_info.rank))
 
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, kd = model(image, subset=subset, teachers=teachers)
-        loss, parts = segmentation_loss(logits, regions, kd, args.kd_weight)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits, kd = model(image, subset=subset, teachers=teachers)
+            loss, parts = segmentation_loss(logits, regions, kd, args.kd_weight)
+            window.append(torch.stack([loss, parts["dice"], parts["bce"], parts["kd"]]).detach().float())
+            window_subsets.append(subset)
 
-        # One sync per iteration: the loss parts averaged over ranks, for the log and the
-        # finiteness check every rank must agree on (a rank that skipped backward would hang DDP).
-        stats = torch.stack([loss.detach(), parts["dice"].detach(), parts["bce"].detach(),
-                             parts["kd"].detach()])
-        stats = distributed.all_reduce_sum(stats, dist_info).cpu() / dist_info.world_size
-        if not torch.isfinite(stats).all():
-            subset_rng.setstate(subset_state)
-            progress.close()
-            if main_rank:
-                save_checkpoint(checkpoint_now(iteration), snapshot_dir / "last.pth")
-                writer.close()
-            distributed.cleanup(dist_info)
-            raise FloatingPointError(
-                f"non-finite loss at iteration {iteration} (total, dice, bce, kd = "
-                f"{stats.tolist()}, modalities {subset_name(subset)}); the state before this "
-                f"iteration is saved in {snapshot_dir / 'last.pth'}")
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-        total, dice, bce, kd_value = stats.tolist()
-        losses.append(total)
-        if main_rank:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             progress.update(1)
-            progress.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", mods=subset_name(subset))
-            if iteration % args.log_every == 0:
-                for name, value in (("total", total), ("dice", dice), ("bce", bce), ("kd", kd_value)):
+
+            done = iteration + 1
+            if (done % args.log_every and done % args.val_pred_every and done != stop
+                    and not (stop_signals.signum and not dist_info.enabled)):
+                continue
+            # ---- check point: the loop's host synchronisation (and, with DDP, one all-reduce)
+            weights = unwrap(model).state_dict().values()
+            weights_bad = ~torch.stack([w.isfinite().all() for w in weights if w.is_floating_point()]).all()
+            save_due = (main_rank and args.save_every_min > 0
+                        and time.monotonic() - last_saved >= 60 * args.save_every_min)
+            flags = torch.tensor([stop_signals.signum is not None, save_due], dtype=torch.float32,
+                                 device=device)
+            sync = torch.cat([torch.stack(window).flatten(), weights_bad.float()[None], flags])
+            sync = distributed.all_reduce_sum(sync, dist_info).cpu()
+            window_parts = sync[:-3].view(-1, 4) / dist_info.world_size  # (iterations, 4)
+            weights_bad, stop_requested, save_due = (sync[-3:] > 0).tolist()
+            finite = torch.isfinite(window_parts).all(1)
+            if not finite.all() or weights_bad:
+                progress.close()
+                if not finite.all():
+                    row = int((~finite).nonzero()[0])
+                    what = (f"non-finite loss at iteration {window_start + row} (total, dice, bce, "
+                            f"kd = {window_parts[row].tolist()}, modalities "
+                            f"{subset_name(window_subsets[row])})")
+                else:
+                    what = (f"non-finite weights after iteration {iteration} (the loss was finite "
+                            f"from iteration {window_start} on)")
+                save_last(good)
+                if main_rank:
+                    writer.close()
+                distributed.barrier(dist_info, "after saving the last good state")
+                raise FloatingPointError(
+                    f"{what}; {snapshot_dir / 'last.pth'} holds the state before iteration "
+                    f"{window_start}, the last one checked to be finite")
+            good = snapshot(done)
+            losses += window_parts[:, 0].tolist()
+            window, window_subsets, window_start = [], [], done
+            if main_rank:
+                mean = dict(zip(("total", "dice", "bce", "kd"), window_parts.mean(0).tolist()))
+                progress.set_postfix(loss=f"{mean['total']:.4f}", lr=f"{lr:.2e}",
+                                     mods=subset_name(subset))
+                for name, value in mean.items():  # the mean since the last check point
                     writer.add_scalar(f"loss/{name}", value, iteration)
                 writer.add_scalar("lr", lr, iteration)
-    progress.close()
-    distributed.check_replicas_equal(model, dist_info)
+            if done == stop:  # finished: nothing to stop or save early
+                break
+            if stop_requested:
+                progress.close()
+                save_last(good)
+                if main_rank:
+                    writer.close()
+                distributed.barrier(dist_info, "after saving the interrupted run")
+                signum = stop_signals.signum or signal.SIGTERM  # another rank's signal
+                log(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: "
+                    f"{snapshot_dir / 'last.pth'} holds the state; run the same command again to resume")
+                raise SystemExit(128 + signum)
+            if save_due and done % args.val_pred_every:  # (at a multiple, the next iteration saves)
+                save_last(good)
+        progress.close()
+        distributed.check_replicas_equal(model, dist_info)
+        if stop == args.num_steps:
+            if main_rank:
+                save_checkpoint(good, snapshot_dir / "final.pth")
 
-    if stop == args.num_steps and main_rank:
-        save_checkpoint(checkpoint_now(args.num_steps), snapshot_dir / "final.pth")
     seconds = time.perf_counter() - t0
     if main_rank:
         memory = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
@@ -381,14 +614,11 @@ def main(argv=None):
         log(f"{stop - start} iterations in {seconds:.1f} s (elections included; "
             f"{(stop - start) / max(seconds, 1e-9):.2f} it/s){memory}; outputs in {snapshot_dir}")
         writer.close()
-    distributed.barrier(dist_info)
-    distributed.cleanup(dist_info)
+    distributed.barrier(dist_info, "at the end of the run")
     return {"losses": losses, "teachers": teachers, "iteration": stop, "seconds": seconds}
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FloatingPointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    # User mistakes and outside conditions print one line; anything else is a bug (traceback).
+    run_cli(main, user_errors=(DataError, LockError, DiskFullError, FloatingPointError,
+                               CheckpointError, distributed.RankTimeoutError))

@@ -90,8 +90,23 @@ def make_checkpoint(model, optimizer, scaler, iteration, teachers, elected_at, s
     }
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read."""
+
+
+def non_finite(state_dict):
+    """Names of the floating tensors holding a NaN or an infinity (one host sync per tensor)."""
+    return [name for name, value in state_dict.items()
+            if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 def save_checkpoint(checkpoint, path):
-    """Write atomically: a kill mid-write leaves the previous file intact."""
+    """Write atomically: a kill mid-write leaves the previous file intact. Weights with a NaN or
+    an infinity are refused: such a file would replace a usable one with a useless one."""
+    bad = non_finite(checkpoint["model"])
+    if bad:
+        raise FloatingPointError(f"refusing to write {path}: {len(bad)}/{len(checkpoint['model'])} "
+                                 f"weight tensors are non-finite (first: {bad[0]})")
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 
@@ -104,7 +119,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise RuntimeError(
+        raise CheckpointError(
             f"cannot read checkpoint {path} with weights_only=True (a truncated file, or a "
             f"checkpoint that pickles objects such as the published code's whole model): {error}"
         ) from error

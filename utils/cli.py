@@ -1,5 +1,6 @@
-"""Command-line value types shared by train.py and eval.py."""
+"""Command-line helpers shared by train.py and eval.py: value types and error reporting."""
 import argparse
+import sys
 
 
 def str2bool(text):
@@ -16,3 +17,25 @@ def str2bool(text):
     if value in ("false", "f", "no", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (True or False), got {text!r}")
+
+
+class UsageError(ValueError):
+    """A bad flag value or combination, found before anything is written (exit status 2, as
+    argparse's own errors)."""
+
+
+def run_cli(main, user_errors=()):
+    """Run a script's main(): a user mistake or an outside condition (UsageError, or one of
+    `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
+    exits 130; anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except user_errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

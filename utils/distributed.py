@@ -1,8 +1,11 @@
 """Process-group setup for `torchrun` (DDP); a plain `python train.py` is a world of one.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; one process drives one device. NCCL on GPUs,
-gloo on CPUs.
+gloo on CPUs. Every collective gives up after a timeout (a stopped rank would otherwise hold the
+others forever); the barriers are gloo's monitored barrier, whose error names the ranks that did
+not arrive.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -15,6 +18,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    timeout: datetime.timedelta = datetime.timedelta(minutes=30)
+    monitor: object = None  # a gloo group for monitored barriers (NCCL has none)
 
     @property
     def is_main(self):
@@ -40,21 +45,47 @@ def resolve_device(name, local_rank=0):
     raise ValueError(f"unknown --device {name!r}: use auto, cpu or cuda")
 
 
-def init(device_name="auto"):
+def init(device_name="auto", timeout_min=30.0):
     """Join the torchrun process group if launched by torchrun. Returns (Dist, device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(), resolve_device(device_name)
-    info = Dist(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]))
-    device = resolve_device(device_name, info.local_rank)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = resolve_device(device_name, local_rank)
+    timeout = datetime.timedelta(minutes=timeout_min)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return info, device
+    dist.init_process_group(backend, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    # A separate group: a timed-out gloo group is unusable afterwards.
+    monitor = dist.new_group(backend="gloo", timeout=timeout)
+    return Dist(int(os.environ["RANK"]), world_size, local_rank, timeout, monitor), device
 
 
-def barrier(info: Dist):
-    if info.enabled:
-        dist.barrier()
+class RankTimeoutError(RuntimeError):
+    """Some rank did not reach a barrier within the timeout (stopped, hung or dead)."""
+
+
+def barrier(info: Dist, where):
+    """Wait for every rank; after info.timeout raise RankTimeoutError (on rank 0 it names the
+    ranks that did not arrive, the others refer to rank 0)."""
+    if not info.enabled:
+        return
+    try:
+        dist.monitored_barrier(group=info.monitor, timeout=info.timeout, wait_all_ranks=True)
+    except RuntimeError as error:
+        minutes = info.timeout.total_seconds() / 60
+        raise RankTimeoutError(f"rank {info.rank}: not every rank reached the barrier {where} "
+                               f"within --dist_timeout_min {minutes:g}: "
+                               f"{str(error).splitlines()[0]}") from error
+
+
+def broadcast_object(obj, info: Dist):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(tensor, info: Dist):
