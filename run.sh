@@ -9,8 +9,9 @@
 #   bash run.sh 0 --amp bf16                      extra flags go to both stages
 #   bash run.sh demo [extra train.py flags]       the whole pipeline on synthetic data (below)
 #
-# Re-running the same command after a crash or a kill continues where it stopped: a stage
-# whose final.pth exists is skipped, and a stage with a last.pth resumes from it exactly.
+# Re-running the same command after a crash, a kill, SIGTERM or Ctrl-C continues where it
+# stopped: a stage whose final.pth exists is skipped, and train.py resumes a stage from its
+# own last.pth exactly.
 # Logs: logs/<date>_train_<stage>.log (also printed). Settings below can be overridden from
 # the environment.
 #
@@ -57,6 +58,12 @@ NUM_WORKERS=${NUM_WORKERS:-4}
 PYTHON=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PYTHON}  # how train.py starts, e.g. LAUNCH="torchrun --nproc_per_node 4"
 
+# Stage 2 continues stage 1's iteration count: it must end later, or it would train nothing.
+if [ "$STAGE2_STEPS" -le "$STAGE1_STEPS" ]; then
+    echo "error: STAGE2_STEPS ($STAGE2_STEPS) must be greater than STAGE1_STEPS ($STAGE1_STEPS)" >&2
+    exit 2
+fi
+
 if [ "$GPU" = cpu ]; then
     DEVICE=cpu
 elif [ "$GPU" = demo ]; then
@@ -73,7 +80,9 @@ common=(--device "$DEVICE" --model_size "$MODEL_SIZE" --input_size "$PATCH"
         --random_scale True --weight_std True --kd_weight 0.1)
 if [ -n "$DATA_ROOT" ]; then common+=(--data_root "$DATA_ROOT"); fi
 
-# stage NAME [train.py flags]: run one stage unless finished; resume it from its last.pth.
+# stage NAME [train.py flags]: run one stage unless finished (train.py resumes it from its
+# own last.pth). tee ignores SIGINT/SIGTERM so that train.py's last words after Ctrl-C or a
+# scheduler's SIGTERM (saving last.pth) still reach the log; train.py's exit status is kept.
 stage() {
     local name=$1
     shift
@@ -82,16 +91,12 @@ stage() {
         echo "$dir/final.pth exists: $name is done, skipping"
         return
     fi
-    local flags=("$@")
-    if [ -f "$dir/last.pth" ]; then
-        echo "resuming $name from $dir/last.pth"
-        flags+=(--reload_path "$dir/last.pth" --reload_from_checkpoint True)
-    fi
     mkdir -p logs
     local log
     log=logs/$(date "+%Y%m%d-%H%M%S")_train_$name.log
     echo "training $name (log: $log)"
-    $LAUNCH train.py "${common[@]}" --snapshot_dir "$dir" "${flags[@]}" "${EXTRA[@]}" 2>&1 | tee "$log"
+    $LAUNCH train.py "${common[@]}" --snapshot_dir "$dir" "$@" "${EXTRA[@]}" 2>&1 |
+        (trap '' INT TERM; exec tee "$log")
 }
 
 EXTRA=("$@")
@@ -100,9 +105,10 @@ if [ "$GPU" = demo ] && [ ! -f "$DEMO_DATA/test.csv" ]; then
     "$PYTHON" -m datasets.synthetic --out_dir "$DEMO_DATA" --num_cases "$DEMO_CASES" --shape "$DEMO_SHAPE"
 fi
 stage "${NAME}_stage1" --mode 0,1,2,3 --num_steps "$STAGE1_STEPS"
-# Stage 2 takes the iteration to continue from out of the checkpoint (80000 after stage 1).
+# Stage 2 takes the iteration to continue from out of stage 1's final.pth (80000); re-run, it
+# resumes from its own last.pth instead.
 stage "${NAME}_stage2" --mode random --num_steps "$STAGE2_STEPS" \
-    --reload_path "snapshots/${NAME}_stage1/final.pth" --reload_from_checkpoint True
+    --reload_path "snapshots/${NAME}_stage1/final.pth"
 
 if [ "$GPU" = demo ]; then
     OUT=outputs/$NAME

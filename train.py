@@ -596,8 +596,10 @@ def train(args, lists, dist_info, device):
                     writer.close()
                 distributed.barrier(dist_info, "after saving the interrupted run")
                 signum = stop_signals.signum or signal.SIGTERM  # another rank's signal
-                log(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: "
-                    f"{snapshot_dir / 'last.pth'} holds the state; run the same command again to resume")
+                if main_rank:
+                    print(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: "
+                          f"{snapshot_dir / 'last.pth'} holds the state; run the same command "
+                          f"again to resume", file=sys.stderr)
                 raise SystemExit(128 + signum)
             if save_due and done % args.val_pred_every:  # (at a multiple, the next iteration saves)
                 save_last(good)
@@ -618,7 +620,9 @@ def train(args, lists, dist_info, device):
     return {"losses": losses, "teachers": teachers, "iteration": stop, "seconds": seconds}
 
 
+# User mistakes and outside conditions: one line `error: ...`, exit status 1 (UsageError: 2).
+USER_ERRORS = (DataError, LockError, DiskFullError, FloatingPointError, CheckpointError,
+               distributed.RankTimeoutError)
+
 if __name__ == "__main__":
-    # User mistakes and outside conditions print one line; anything else is a bug (traceback).
-    run_cli(main, user_errors=(DataError, LockError, DiskFullError, FloatingPointError,
-                               CheckpointError, distributed.RankTimeoutError))
+    run_cli(main, USER_ERRORS)

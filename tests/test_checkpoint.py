@@ -60,6 +60,20 @@ def test_failed_write_keeps_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
 
+def test_non_finite_weights_are_never_written(tmp_path):
+    model, optimizer, scaler = _tiny_training_state()
+    path = tmp_path / "last.pth"
+    save_checkpoint(make_checkpoint(model, optimizer, scaler, 1, (0,), None, random.Random(0), {}), path)
+    with torch.no_grad():
+        model[1].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"refusing to write .*last.pth: 1/4 weight "
+                                                 r"tensors are non-finite \(first: 1.bias\)"):
+        save_checkpoint(make_checkpoint(model, optimizer, scaler, 2, (0,), None,
+                                        random.Random(0), {}), path)
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
 def test_pickled_objects_and_missing_files_are_refused(tmp_path):
     path = tmp_path / "published_style.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)  # the published code saved whole modules

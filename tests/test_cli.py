@@ -1,11 +1,12 @@
-"""utils/cli.py: the published boolean flag values, as train.py and eval.py parse them."""
+"""utils/cli.py: the published boolean flag values, as train.py and eval.py parse them, and
+one-line errors."""
 import argparse
 
 import pytest
 
 import eval as eval_script
 import train
-from utils.cli import str2bool
+from utils.cli import UsageError, run_cli, str2bool
 
 
 @pytest.mark.parametrize("text", ["True", "true", "T", "yes", "Y", "1", " True ", True])
@@ -29,3 +30,25 @@ def test_both_scripts_parse_published_flags_alike():
     assert args.random_mirror is False and args.weight_std is True
     args = eval_script.parse_args(["--restore_from", "x.pth", "--weight_std", "f"])
     assert args.weight_std is False
+
+
+def _raises(error):
+    def main():
+        raise error
+    return main
+
+
+@pytest.mark.parametrize("error, status", [(UsageError("--num_steps 0 leaves nothing"), 2),
+                                           (FloatingPointError("non-finite loss"), 1),
+                                           (KeyboardInterrupt(), 130)])
+def test_user_errors_print_one_line(capsys, error, status):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(_raises(error), user_errors=(FloatingPointError,))
+    assert exit_.value.code == status
+    expected = f"error: {error}" if status != 130 else "interrupted"
+    assert capsys.readouterr().err.splitlines() == [expected]
+
+
+def test_bugs_keep_their_traceback():
+    with pytest.raises(KeyError):
+        run_cli(_raises(KeyError("bug")), user_errors=(FloatingPointError,))

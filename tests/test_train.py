@@ -3,11 +3,16 @@
 Data: 5 synthetic cases of 64x64x32 voxels (3 train, 1 val), patch 16x32x32, batch 2; the
 election uses overlap 0 (8 windows per case) to keep it cheap.
 """
+import errno
 import json
 import os
 import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +21,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from datasets.preprocess import preprocess
 from datasets.synthetic import generate
-from utils.checkpoint import load_checkpoint, set_rng_state
+from utils.checkpoint import load_checkpoint, non_finite, set_rng_state
+from utils.cli import UsageError
 from utils.election import append_history, elect, overlay, winners
+from utils.io import DiskFullError
+from utils.lock import LockError
 from utils.modalities import FULL, sample_subset, subset_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,8 +126,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(data, tmp_path, monkeyp
     real = train.segmentation_loss
     monkeypatch.setattr(train, "segmentation_loss", poisoned)
     snapshot = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 2") as error:
-        train.main(flags(data, snapshot, 6, 100, "--val_list", "", "--mode", "random"))
+    # Checked every 2 iterations: the check after iteration 3 still names iteration 2.
+    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 2 .*holds the "
+                                                 "state before iteration 2") as error:
+        train.main(flags(data, snapshot, 6, 100, "--val_list", "", "--mode", "random",
+                         "--log_every", "2"))
     saved = load_checkpoint(snapshot / "last.pth")
     assert saved["iteration"] == 2
     # The saved subset stream has not drawn iteration 2 yet: resuming redraws the same subset.
@@ -144,6 +156,246 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
     assert run.stdout.count("teacher election at iteration 0") == 1  # rank 0 prints alone
     assert [h["iteration"] for h in json.loads((snapshot / "teachers.json").read_text())] == [0, 2]
     assert load_checkpoint(snapshot / "final.pth")["iteration"] == 3
+
+
+# ---- interruptions and re-runs (README, "Interruptions and re-runs")
+
+
+def test_rerun_resumes_and_never_restarts_a_run(data, tmp_path, capsys):
+    snapshot = tmp_path / "run"
+    command = flags(data, snapshot, 30, 5, "--log_every", "10")
+    train.main([*command, "--stop_at", "22"])
+    assert load_checkpoint(snapshot / "last.pth")["iteration"] == 20
+    history = [h["iteration"] for h in json.loads((snapshot / "teachers.json").read_text())]
+    assert history == [0, 5, 10, 15, 20]
+
+    # --reload_path alone means resume; stopping before the resumed iteration is refused
+    with pytest.raises(UsageError, match="--stop_at 7 is not after iteration 20"):
+        train.main([*command, "--reload_path", str(snapshot / "last.pth"), "--stop_at", "7"])
+    assert load_checkpoint(snapshot / "last.pth")["iteration"] == 20
+
+    # temporaries of writes killed mid-way are deleted under the lock
+    stale = [snapshot / ".last.pth.k1ll3d.tmp.pth", snapshot / ".final.pth.x.tmp.pth"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    # the same command again continues at 20: teachers.json keeps its history
+    out = train.main([*command, "--stop_at", "27"])
+    assert len(out["losses"]) == 7 and not any(p.exists() for p in stale)
+    assert "deleted 2 temporary file(s)" in capsys.readouterr().out
+    assert load_checkpoint(snapshot / "last.pth")["iteration"] == 25
+    history = [h["iteration"] for h in json.loads((snapshot / "teachers.json").read_text())]
+    assert history == [0, 5, 10, 15, 20, 25]
+    assert train.main(command)["iteration"] == 30
+    final = (snapshot / "final.pth").read_bytes()
+
+    # a finished run is not repeated; --overwrite deletes it and starts over
+    assert train.main(command) is None
+    assert "this run is finished" in capsys.readouterr().out
+    assert (snapshot / "final.pth").read_bytes() == final
+    train.main(flags(data, snapshot, 3, 5, "--overwrite", "True"))
+    assert not (snapshot / "last.pth").exists()
+    assert load_checkpoint(snapshot / "final.pth")["iteration"] == 3
+    assert [h["iteration"] for h in json.loads((snapshot / "teachers.json").read_text())] == [0]
+    assert len(list(snapshot.glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_run_without_checkpoint_is_refused_not_restarted(data, tmp_path):
+    snapshot = tmp_path / "run"
+    train.main(flags(data, snapshot, 10, 5, "--stop_at", "3"))  # killed before its first last.pth
+    before = sorted(p.name for p in snapshot.iterdir())
+    with pytest.raises(UsageError, match="holds a run without a last.pth .*--overwrite True"):
+        train.main(flags(data, snapshot, 10, 5))
+    assert sorted(p.name for p in snapshot.iterdir()) == before
+
+
+def test_huge_learning_rate_after_resume_saves_the_last_good_state(data, tmp_path):
+    snapshot = tmp_path / "run"
+    train.main(flags(data, snapshot, 10, 5, "--stop_at", "6", "--val_list", ""))
+    good = load_checkpoint(snapshot / "last.pth")
+    assert good["iteration"] == 5
+    named = []
+    for log_every in ("10", "1"):  # checked once at the end of the run / every iteration
+        with pytest.raises(FloatingPointError, match=r"non-finite loss at iteration (\d+)") as error:
+            train.main(flags(data, snapshot, 10, 5, "--val_list", "", "--learning_rate", "1e38",
+                             "--log_every", log_every))
+        named.append(re.search(r"non-finite loss at iteration (\d+)", str(error.value))[1])
+        saved = load_checkpoint(snapshot / "last.pth")
+        assert not non_finite(saved["model"])
+        if log_every == "10":  # nothing was checked since the resume: the resumed state
+            assert f"holds the state before iteration 5," in str(error.value)
+            assert saved["iteration"] == 5
+            assert_same_tensors(saved["model"], good["model"])
+            assert_same_tensors(saved["optimizer"]["state"], good["optimizer"]["state"])
+    assert named[0] == named[1]  # the deferred check names the same first iteration
+
+
+def test_a_locked_snapshot_folder_is_refused(data, tmp_path):
+    snapshot = tmp_path / "run"
+    code = ("import sys, time; from utils.lock import exclusive_lock\n"
+            "with exclusive_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(snapshot)], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockError, match=f"snapshot folder .* is in use by pid {holder.pid}"):
+            train.main(flags(data, snapshot, 4, 2))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in snapshot.iterdir()] == [".lock"]
+
+
+def test_sigterm_saves_and_the_rerun_ends_bit_identical(data, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses below: the thread count changes the sums
+    try:
+        train.main(flags(data, tmp_path / "straight", 40, 20, "--mode", "random"))
+    finally:
+        torch.set_num_threads(threads)
+
+    snapshot = tmp_path / "interrupted"
+    command = [sys.executable, str(REPO / "train.py"),
+               *flags(data, snapshot, 40, 20, "--mode", "random", "--num_workers", "1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while not (snapshot / "teachers.json").exists() and run.poll() is None:
+        time.sleep(0.02)  # the election at iteration 0 is done: training is under way
+    os.killpg(run.pid, signal.SIGTERM)  # the whole process group, DataLoader worker included
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr[-3000:]
+    assert re.search(r"stopped by SIGTERM after iteration \d+: .*last.pth holds the state; run "
+                     r"the same command again to resume", stderr)
+    assert 1 <= load_checkpoint(snapshot / "last.pth")["iteration"] < 40
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "straight" / "final.pth")
+    b = load_checkpoint(snapshot / "final.pth")
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert a["teachers"] == b["teachers"] and a["iteration"] == b["iteration"] == 40
+
+
+def test_stop_signals_ask_once_and_a_second_ctrl_c_quits():
+    previous = signal.getsignal(signal.SIGINT)
+    with train.StopSignals(log=lambda message: None) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # forwarded again (torchrun, schedulers): ignored
+        assert stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the next Ctrl-C kills
+    assert signal.getsignal(signal.SIGINT) == previous
+
+
+def test_time_based_checkpoint(data, tmp_path):
+    snapshot = tmp_path / "run"
+    train.main(flags(data, snapshot, 10, 100, "--val_list", "", "--log_every", "2",
+                     "--save_every_min", "1e-9", "--stop_at", "5"))
+    assert load_checkpoint(snapshot / "last.pth")["iteration"] == 4  # the last check point
+
+
+def test_disk_full_while_checkpointing(data, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match="no space left on device while writing .*last.pth"):
+        train.main(flags(data, tmp_path / "run", 4, 2, "--val_list", ""))
+
+
+EMPTY = "empty.csv"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--val_pred_every", "0"], "--val_pred_every must be >= 1"),
+    (["--log_every", "0"], "--log_every must be >= 1"),
+    (["--missing_schedule", "ramp:0"], "'off' or 'ramp:N' with N >= 1"),
+    (["--num_classes", "4"], "--num_classes must be 3"),
+    (["--power", "-1"], "--power must be finite and >= 0"),
+    (["--momentum", "1"], r"--momentum must be in \[0, 1\)"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+    (["--learning_rate", "0"], "--learning_rate must be a finite number > 0"),
+    (["--num_steps", "0"], "--num_steps 0 leaves nothing to train"),
+    (["--stop_at", "7"], r"--stop_at must be 0 \(off\) or in \(0, --num_steps 6\]"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0"),
+    (["--input_size", "16,32"], "--input_size must be D,H,W"),
+    (["--input_size", "8,32,32"], "D a multiple of 16"),
+    (["--input_size", "16,48,32"], "H, W multiples of 32"),
+    (["--save_every_min", "-1"], "--save_every_min must be >= 0"),
+    (["--dist_timeout_min", "0"], "--dist_timeout_min must be > 0"),
+    (["--overlap", "1"], r"--overlap must be in \[0, 1\)"),
+    (["--mode", "all"], "--mode all is for evaluation"),
+    (["--reload_path", "nope.pth"], "--reload_path nope.pth does not exist"),
+    (["--train_list", EMPTY], "--train_list .*empty.csv lists no cases"),
+    (["--val_list", EMPTY], "--val_list .*empty.csv lists no cases"),
+])
+def test_bad_flags_are_refused_before_anything_is_written(data, tmp_path, bad, message):
+    (tmp_path / EMPTY).write_text("# no cases\n")
+    bad = [str(tmp_path / EMPTY) if b == EMPTY else b for b in bad]
+    snapshot = tmp_path / "run"
+    with pytest.raises(UsageError, match=message):
+        train.main(flags(data, snapshot, 6, 3, *bad))
+    assert not snapshot.exists()
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_flags(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), "--num_steps", "0",
+                          "--snapshot_dir", str(tmp_path / "run")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == ["error: --num_steps 0 leaves nothing to train (it must be "
+                                       "greater than --start_iters 0)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_sh_refuses_a_second_stage_that_does_not_go_further(tmp_path):
+    shutil.copy(REPO / "run.sh", tmp_path)  # run.sh works in its own folder
+    env = dict(os.environ, PYTHON="false", STAGE1_STEPS="4", STAGE2_STEPS="4")
+    run = subprocess.run(["bash", "run.sh", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0
+    assert "STAGE2_STEPS (4) must be greater than STAGE1_STEPS (4)" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.sh"]
+
+
+def test_a_stopped_rank_is_named_after_the_timeout(data, tmp_path):
+    """torchrun, 2 CPU processes: rank 1 stops (SIGSTOP) before the final barrier; rank 0 gives
+    up after --dist_timeout_min and names it."""
+    wrapper = tmp_path / "stop_rank1.py"
+    wrapper.write_text(
+        "import os, signal\nimport train\nfrom utils import distributed\nfrom utils.cli import run_cli\n"
+        "barrier = distributed.barrier\n"
+        "def stop_rank1(info, where):\n"
+        "    if info.rank == 1 and where == 'at the end of the run':\n"
+        "        print(f'rank 1 pid {os.getpid()} stops', flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "    barrier(info, where)\n"
+        "distributed.barrier = stop_rank1\n"
+        "run_cli(train.main, train.USER_ERRORS)\n")
+    preprocess(data / "data" / "train.csv", data / "cache")  # rank 1 waits for it at the first barrier
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(30500 + os.getpid() % 1000), str(wrapper),
+           *flags(data, tmp_path / "ddp", 2, 2, "--val_list", "", "--dist_timeout_min", "0.1")]
+    run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    stopped, lines = None, []
+    try:
+        for line in run.stdout:
+            lines.append(line)
+            stopped = stopped or re.search(r"rank 1 pid (\d+) stops", line)
+            if "error: rank 0" in line:
+                break
+    finally:
+        if stopped:  # torchrun's SIGTERM waits while it is stopped; do not wait 30 s for SIGKILL
+            os.kill(int(stopped[1]), signal.SIGKILL)
+        run.kill()
+        run.wait()
+    output = "".join(lines)
+    assert stopped, output[-3000:]
+    assert re.search(r"error: rank 0: not every rank reached the barrier at the end of the run "
+                     r"within --dist_timeout_min 0.1: .*Ranks? 1 failed to pass", output), output[-3000:]
 
 
 # ---- the pieces

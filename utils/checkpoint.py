@@ -103,7 +103,7 @@ def non_finite(state_dict):
 def save_checkpoint(checkpoint, path):
     """Write atomically: a kill mid-write leaves the previous file intact. Weights with a NaN or
     an infinity are refused: such a file would replace a usable one with a useless one."""
-    bad = non_finite(checkpoint["model"])
+    bad = non_finite(checkpoint.get("model", {}))
     if bad:
         raise FloatingPointError(f"refusing to write {path}: {len(bad)}/{len(checkpoint['model'])} "
                                  f"weight tensors are non-finite (first: {bad[0]})")
