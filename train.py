@@ -480,6 +480,18 @@ def train(args, lists, dist_info, device):
             save_checkpoint(state, snapshot_dir / "last.pth")
             last_saved = time.monotonic()
 
+    def leave(where):
+        """Before stopping early: rank 0 writes the last good state; every rank waits for it."""
+        progress.close()
+        save_last(good)
+        if main_rank:
+            writer.close()
+        distributed.barrier(dist_info, where)
+
+    def saved_at(iteration):
+        return (f"{snapshot_dir / 'last.pth'} holds the state before iteration {iteration}, "
+                f"the last one checked to be finite")
+
     def run_election(iteration):
         t_start = time.perf_counter()
         result = elect(unwrap(model), val_cases, args.patch_size, overlap=args.overlap,
@@ -549,34 +561,28 @@ def train(args, lists, dist_info, device):
                     and not (stop_signals.signum and not dist_info.enabled)):
                 continue
             # ---- check point: the loop's host synchronisation (and, with DDP, one all-reduce)
-            weights = unwrap(model).state_dict().values()
-            weights_bad = ~torch.stack([w.isfinite().all() for w in weights if w.is_floating_point()]).all()
+            weights_ok = torch.stack([w.isfinite().all() for w in unwrap(model).state_dict().values()
+                                      if w.is_floating_point()]).all()
             save_due = (main_rank and args.save_every_min > 0
                         and time.monotonic() - last_saved >= 60 * args.save_every_min)
             flags = torch.tensor([stop_signals.signum is not None, save_due], dtype=torch.float32,
                                  device=device)
-            sync = torch.cat([torch.stack(window).flatten(), weights_bad.float()[None], flags])
+            sync = torch.cat([torch.stack(window).flatten(), (~weights_ok).float()[None], flags])
             sync = distributed.all_reduce_sum(sync, dist_info).cpu()
             window_parts = sync[:-3].view(-1, 4) / dist_info.world_size  # (iterations, 4)
             weights_bad, stop_requested, save_due = (sync[-3:] > 0).tolist()
             finite = torch.isfinite(window_parts).all(1)
-            if not finite.all() or weights_bad:
-                progress.close()
-                if not finite.all():
-                    row = int((~finite).nonzero()[0])
-                    what = (f"non-finite loss at iteration {window_start + row} (total, dice, bce, "
-                            f"kd = {window_parts[row].tolist()}, modalities "
-                            f"{subset_name(window_subsets[row])})")
-                else:
-                    what = (f"non-finite weights after iteration {iteration} (the loss was finite "
-                            f"from iteration {window_start} on)")
-                save_last(good)
-                if main_rank:
-                    writer.close()
-                distributed.barrier(dist_info, "after saving the last good state")
+            if not finite.all():
+                row = int((~finite).nonzero()[0])
+                leave("after saving the last good state")
                 raise FloatingPointError(
-                    f"{what}; {snapshot_dir / 'last.pth'} holds the state before iteration "
-                    f"{window_start}, the last one checked to be finite")
+                    f"non-finite loss at iteration {window_start + row} (total, dice, bce, kd = "
+                    f"{window_parts[row].tolist()}, modalities {subset_name(window_subsets[row])}); "
+                    f"{saved_at(window_start)}")
+            if weights_bad:
+                leave("after saving the last good state")
+                raise FloatingPointError(f"non-finite weights after iteration {iteration} (the "
+                                         f"loss was finite); {saved_at(window_start)}")
             good = snapshot(done)
             losses += window_parts[:, 0].tolist()
             window, window_subsets, window_start = [], [], done
@@ -590,11 +596,7 @@ def train(args, lists, dist_info, device):
             if done == stop:  # finished: nothing to stop or save early
                 break
             if stop_requested:
-                progress.close()
-                save_last(good)
-                if main_rank:
-                    writer.close()
-                distributed.barrier(dist_info, "after saving the interrupted run")
+                leave("after saving the interrupted run")
                 signum = stop_signals.signum or signal.SIGTERM  # another rank's signal
                 if main_rank:
                     print(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: "
