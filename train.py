@@ -6,7 +6,7 @@ Examples (from the repository root):
     # published two-stage recipe on GPU 0 (what run.sh does)
     python train.py --snapshot_dir snapshots/LCKD_stage1/ --mode 0,1,2,3 --num_steps 80000
     python train.py --snapshot_dir snapshots/LCKD_stage2/ --mode random --num_steps 115000 \
-        --reload_path snapshots/LCKD_stage1/final.pth --reload_from_checkpoint True
+        --reload_path snapshots/LCKD_stage1/final.pth
 
     # data elsewhere: re-base the list entries ('../data/BraTS-2018/HGG/<case>')
     python train.py --data_root /data/MICCAI_BraTS_2018_Data_Training ...
