@@ -456,8 +456,9 @@ def train(args, lists, dist_info, device):
     writer = None
     if main_rank:
         write_text(snapshot_dir / "config.json", json.dumps(config, indent=2) + "\n")
-        # A resumed run hides the events the interrupted one logged from `start` on.
-        writer = SummaryWriter(str(snapshot_dir), purge_step=start if source is not None else None)
+        # A resumed run hides what the interrupted one logged after `start` (it logs it again;
+        # the election at `start` happened before the checkpoint, so it stays).
+        writer = SummaryWriter(str(snapshot_dir), purge_step=start + 1 if source is not None else None)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"LCKD ({args.model_size}, {n_params / 1e6:.2f} M parameters) on {device} x "
             f"{dist_info.world_size}; {len(train_cases)} training / {len(val_cases)} validation "

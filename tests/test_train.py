@@ -185,6 +185,9 @@ def test_rerun_resumes_and_never_restarts_a_run(data, tmp_path, capsys):
     assert load_checkpoint(snapshot / "last.pth")["iteration"] == 9
     history = [h["iteration"] for h in json.loads((snapshot / "teachers.json").read_text())]
     assert history == [0, 3, 6, 9]
+    # TensorBoard: the interrupted run's logs after iteration 6 are hidden, not mixed in
+    assert sorted(scalars(snapshot, "val/dice/t1ce/ET")) == [0, 3, 6, 9]
+    assert sorted(scalars(snapshot, "loss/total")) == [2, 5, 8, 9, 10]  # 7 came from the first run
     assert train.main(command)["iteration"] == 12
     final = (snapshot / "final.pth").read_bytes()
 
