@@ -525,7 +525,7 @@ def train(args, lists, dist_info, device):
     progress = tqdm(total=args.num_steps, initial=start, disable=not main_rank, dynamic_ncols=True)
     batches = iter(loader)
     t0 = time.perf_counter()
-    with StopSignals(log) as stop_signals:
+    with StopSignals(log) as stop_signals, progress:  # the bar is closed before any message
         for iteration in range(start, stop):
             if val_cases and iteration % args.val_pred_every == 0 and elected_at != iteration:
                 teachers, elected_at = run_election(iteration), iteration

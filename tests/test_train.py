@@ -3,7 +3,6 @@
 Data: 5 synthetic cases of 64x64x32 voxels (3 train, 1 val), patch 16x32x32, batch 2; the
 election uses overlap 0 (8 windows per case) to keep it cheap.
 """
-import errno
 import json
 import os
 import random
@@ -26,7 +25,6 @@ from datasets.synthetic import generate
 from utils.checkpoint import load_checkpoint, non_finite, set_rng_state
 from utils.cli import UsageError
 from utils.election import append_history, elect, overlay, winners
-from utils.io import DiskFullError
 from utils.lock import LockError
 from utils.modalities import FULL, sample_subset, subset_name
 
@@ -319,12 +317,22 @@ def test_time_based_checkpoint(data, tmp_path):
     assert load_checkpoint(snapshot / "last.pth")["iteration"] == 4  # the last check point
 
 
-def test_disk_full_while_checkpointing(data, tmp_path, monkeypatch):
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(DiskFullError, match="no space left on device while writing .*last.pth"):
-        train.main(flags(data, tmp_path / "run", 4, 2, "--val_list", ""))
+def test_disk_full_while_checkpointing_is_one_line(data, tmp_path):
+    # train.py as a script, with every torch.save failing as on a full disk
+    code = ("import errno, runpy, sys, torch\n"
+            "def full(*args, **kwargs):\n"
+            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "torch.save = full\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", code, str(REPO / "train.py"),
+                          *flags(data, tmp_path / "run", 4, 2, "--val_list", "")],
+                         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert re.fullmatch(r"error: no space left on device while writing \S+last.pth; nothing was "
+                        r"written; free some space and run again", run.stderr.splitlines()[-1])
+    assert "Traceback" not in run.stderr
 
 
 EMPTY = "empty.csv"
