@@ -11,6 +11,8 @@ from datasets.synthetic import generate
 from models import LCKD, LCKDConfig
 from utils.inference import predict_subsets
 from utils.modalities import ALL_SUBSETS, subset_name
+from utils.segment import load_model
+from utils.user_errors import UsageError
 
 # Small enough for the CPU (the 15-subset pass decodes 15 times), large enough for the
 # published normalisation (its histogram needs 50 voxels per top bin).
@@ -91,9 +93,8 @@ def test_mode_all_writes_15_subsets_and_table_equal_to_single_runs(setup, tmp_pa
 
 def test_joint_probabilities_equal_single_subset_runs(setup):
     root, _ = setup
-    model, _, window = evaluate.load_model(
-        evaluate.parse_args(["--restore_from", str(root / "final.pth"), "--input_size", "16,32,32"]),
-        torch.device("cpu"))
+    args = evaluate.parse_args(["--restore_from", "unused", "--input_size", "16,32,32"])
+    model, _, window = load_model(root / "final.pth", args, torch.device("cpu"))
     image = torch.randn(4, 16, 32, 32)
     joint = predict_subsets(model, image, ALL_SUBSETS, window)
     for i in (0, 14):
@@ -126,7 +127,7 @@ def test_model_flags_and_bad_modes_are_checked(setup, tmp_path):
     root, _ = setup
     with pytest.raises(ValueError, match="training mode"):
         run(root, tmp_path, "--mode", "random")
-    with pytest.raises(RuntimeError, match="does not fit"):
+    with pytest.raises(UsageError, match="does not fit"):
         run(root, tmp_path, "--activation_cfg", "ReLU", "--norm_cfg", "BN")
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--restore_from", "x", "--weight_std", "maybe"])

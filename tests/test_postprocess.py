@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import postprocess
+from datasets.brats import DataError
 from postprocess import Rules, postprocess_label, relabel_small_et, remove_components
+from utils.user_errors import UsageError
 
 SHAPE = (20, 20, 40)  # (X, Y, Z) NIfTI order; z = slice axis
 
@@ -80,7 +82,8 @@ def test_published_defaults_on_a_full_case():
     _cube(label, (15, 15, 35), 7, 4)  # 343 ET voxels < 500 -> NCR
     _cube(label, (45, 45, 40), 5, 2)  # 125 < min(2000, 800) -> removed
     cleaned, info = postprocess_label(label)
-    assert info == {"components_removed": 1, "et_relabelled": True}
+    assert info == {"components_removed": 1, "necrosis_relabelled": 0, "et_relabelled": True,
+                    "warnings": []}
     assert (cleaned == 1).sum() == 343 and (cleaned == 2).sum() == 8000 - 343
 
 
@@ -132,7 +135,7 @@ def test_script_flat_folder_in_process(tmp_path):
 def test_script_refuses_overlapping_output(tmp_path):
     _write(tmp_path / "in" / "case.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
     for target in (tmp_path / "in", tmp_path / "in" / "post", tmp_path):
-        with pytest.raises(SystemExit, match="must not"):
+        with pytest.raises(UsageError, match="must not"):
             postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(target)])
 
 
@@ -140,12 +143,12 @@ def test_bad_labels_and_unreadable_files_name_the_file(tmp_path):
     bad = np.zeros((4, 4, 4), np.uint8)
     bad[0, 0, 0] = 3
     _write(tmp_path / "in" / "bad.nii.gz", bad, np.eye(4))
-    with pytest.raises(ValueError, match=r"bad\.nii\.gz.*\[3\]"):
+    with pytest.raises(DataError, match=r"bad\.nii\.gz.*\[3\]"):
         postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "o1"),
                           "--num_workers", "0"])
     (tmp_path / "in2").mkdir()
     (tmp_path / "in2" / "broken.nii.gz").write_bytes(b"not a nifti")
-    with pytest.raises(RuntimeError, match=r"broken\.nii\.gz"):
+    with pytest.raises(DataError, match=r"broken\.nii\.gz"):
         postprocess.main(["--input_dir", str(tmp_path / "in2"), "--output_dir", str(tmp_path / "o2"),
                           "--num_workers", "0"])
     assert not (tmp_path / "o1" / "bad.nii.gz").exists()
@@ -166,7 +169,7 @@ def test_truncated_mask_names_the_file(tmp_path):
     path = tmp_path / "in" / "cut.nii.gz"
     _write(path, np.zeros((20, 20, 20), np.uint8), np.eye(4))
     path.write_bytes(path.read_bytes()[:60])  # gzip stream cut inside the data
-    with pytest.raises(RuntimeError, match=r"cut\.nii\.gz: cannot read the mask"):
+    with pytest.raises(DataError, match=r"cut\.nii\.gz: cannot read the mask"):
         postprocess.read_mask(path)
 
 
