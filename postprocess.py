@@ -112,61 +112,57 @@ def remove_components(label, rules=Rules(), slice_axis=2):
     return cleaned, int(drop.sum())
 
 
-def kmeans_1d(values, weights, k=3, iterations=10, attempts=3, eps=1.0, seed=0):
-    """Weighted k-means of scalars, like the released script's cv2.kmeans call but seeded.
+def three_means(values, weights):
+    """1-D k-means with k = 3, solved exactly: the split of sorted scalars into 3 runs of
+    consecutive values with the least weighted squared error around their means (k-means'
+    clusters of scalars are such runs). The released script approximates it with cv2.kmeans
+    (3 random starts of at most 10 Lloyd steps), whose answer depends on the draw.
 
-    `attempts` starts, each from k centres drawn uniformly in [min, max] (OpenCV's
-    KMEANS_RANDOM_CENTERS), refined by at most `iterations` Lloyd steps, stopping once no centre
-    moves more than eps (OpenCV's criteria (EPS + MAX_ITER, 10, 1.0)); an empty cluster keeps its
-    centre. The start with the smallest weighted squared error wins.
-    values, weights (n,) -> (centres (k,), assignment (n,): each value's cluster).
+    values (n,) sorted, distinct, n >= 3; weights (n,) > 0 -> (i, j): the runs are
+    values[:i], values[i:j], values[j:]. Costs O(n^2): n is the number of distinct T1ce
+    intensities of one component's edema, a few thousand at most for BraTS's integer images.
     """
-    values = np.asarray(values, dtype=np.float64)
-    weights = np.asarray(weights, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    nearest = lambda centres: np.abs(values[:, None] - centres[None, :]).argmin(axis=1)
-    best = None
-    for _ in range(attempts):
-        centres = rng.uniform(values.min(), values.max(), k)
-        for _ in range(iterations):
-            assignment = nearest(centres)
-            mass = np.bincount(assignment, weights, minlength=k)
-            total = np.bincount(assignment, weights * values, minlength=k)
-            moved = np.where(mass > 0, total / np.where(mass > 0, mass, 1), centres)
-            shift = np.abs(moved - centres).max()
-            centres = moved
-            if shift <= eps:
-                break
-        assignment = nearest(centres)
-        error = float((weights * (values - centres[assignment]) ** 2).sum())
-        if best is None or error < best[0]:
-            best = (error, centres, assignment)
+    if len(values) < 3:
+        raise ValueError(f"3 clusters need 3 distinct values, got {values}")
+    # Prefix sums give any run's weighted squared error in O(1): sum w v^2 - (sum w v)^2 / sum w.
+    w, wv, wvv = (np.concatenate([[0.0], np.cumsum(x)])
+                  for x in (weights, weights * values, weights * values * values))
+    sse = lambda a, b: wvv[b] - wvv[a] - (wv[b] - wv[a]) ** 2 / (w[b] - w[a])
+    n = len(values)
+    best = (np.inf, 0, 0)
+    for i in range(1, n - 1):
+        j = np.arange(i + 1, n)
+        error = sse(0, i) + sse(i, j) + sse(j, n)
+        k = int(error.argmin())
+        if error[k] < best[0]:
+            best = (error[k], i, int(j[k]))
     return best[1], best[2]
 
 
-def _middle_edema(t1ce_edema, outside, seed):
+def _middle_edema(t1ce_edema, outside):
     """Which edema voxels fall in the middle of 3 T1ce clusters -> bool (n,), or None when
     there are fewer than 3 distinct intensities to cluster.
 
     The released script clusters the whole volume with every voxel outside the edema set to 0;
     the same clustering, done on the distinct values weighted by their counts (0 weighing
-    `outside` voxels more), costs the edema's size instead of the volume's.
+    `outside` voxels more), costs the edema's size instead of the volume's. Its brightest
+    cluster is discarded and the next one, the middle, kept.
     """
     values, inverse = np.unique(np.append(t1ce_edema.astype(np.float64), 0.0), return_inverse=True)
     if len(values) < 3:
         return None
     weights = np.bincount(inverse, np.append(np.ones(len(t1ce_edema)), outside))
-    centres, assignment = kmeans_1d(values, weights, seed=seed)
-    middle = np.argsort(centres)[-2]  # the brightest cluster is discarded, the next one kept
-    return assignment[inverse[:-1]] == middle
+    i, j = three_means(values, weights)
+    return (inverse[:-1] >= i) & (inverse[:-1] < j)
 
 
-def relabel_edema_as_necrosis(label, cleaned, t1ce, rules=Rules(), slice_axis=2, seed=0):
-    """The released script's K-means rule (step 2 of the module doc), deterministic.
+def relabel_edema_as_necrosis(label, cleaned, t1ce, rules=Rules(), slice_axis=2):
+    """The released script's K-means rule (step 2 of the module doc), made deterministic.
 
     label: the mask before remove_components; cleaned: after it; t1ce: the case's raw T1ce on
-    the same grid. The released loop visits the components of `label` in order (scipy's
-    labelling order); for each component kept by rule 1 it fires when all of these hold:
+    the same grid. The released loop visits the components of `label` in raster-scan order
+    (skimage's and scipy's labelling order); for each component kept by rule 1 it fires when
+    all of these hold:
       * the case's ET voxels / tumour voxels (of `label`, before rule 1) < kmeans_case_et_ratio;
       * the component's ET share, as the script computes it from label values (4 per ET voxel,
         2 per edema voxel, 1 per NCR voxel), 4 nET / (nNCR + 2 nED + 4 nET), < kmeans_component_et_share;
@@ -175,10 +171,11 @@ def relabel_edema_as_necrosis(label, cleaned, t1ce, rules=Rules(), slice_axis=2,
         relabelling of earlier components counted, as in the script's running label) < kmeans_max_ncr.
     It then clusters the T1ce of the component's edema (and 0 for every other voxel, as the
     script does) into 3 groups and relabels the middle group's edema voxels as NCR (1).
-    Unlike the released script it is seeded, relabels only the component's edema (the script
-    relabels every voxel of that cluster, and the whole volume when the component has no
-    edema, all centres then being 0), and leaves a component without edema, or with fewer
-    than 3 distinct intensities, unchanged. Returns (new cleaned, voxels relabelled).
+    Unlike the released script the clustering is solved exactly (three_means), so the result
+    depends on no random draw, and a component without edema, or with fewer than 3 distinct
+    intensities to cluster, is left unchanged (the script then relabels every voxel of its
+    middle cluster: the whole volume when there is no edema, all centres being 0).
+    Returns (new cleaned, voxels relabelled).
     """
     tumour = np.count_nonzero(label)
     if tumour == 0 or np.count_nonzero(label == 4) / tumour >= rules.kmeans_case_et_ratio:
@@ -200,7 +197,7 @@ def relabel_edema_as_necrosis(label, cleaned, t1ce, rules=Rules(), slice_axis=2,
         edema = part & (label[box] == 2)
         if not edema.any():
             continue
-        middle = _middle_edema(t1ce[box][edema], label.size - np.count_nonzero(edema), seed)
+        middle = _middle_edema(t1ce[box][edema], label.size - np.count_nonzero(edema))
         if middle is None:
             continue
         window = out[box]  # a view: writing it writes `out`
