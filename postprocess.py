@@ -87,7 +87,7 @@ def _components(label, rules, slice_axis):
     label(neighbors=4) means connectivity 1 in 3D. A component is dropped if its size <
     min(rules.min_component, rules.min_fraction * largest size), or if all its voxels have
     index < rules.bottom_slices along `slice_axis` (skipped when not bottom_rule_applies).
-    Returns (components (int array like label), count, drop (bool, count + 1; drop[0] False)).
+    Returns (components: int array like label, 0 outside; drop: bool per component index).
     """
     components, count = ndimage.label(label > 0, structure=ndimage.generate_binary_structure(label.ndim, 1))
     sizes = np.bincount(components.ravel(), minlength=count + 1)
@@ -100,13 +100,13 @@ def _components(label, rules, slice_axis):
         reaches_up[np.unique(upper)] = True
         drop |= ~reaches_up
     drop[0] = False  # background stays background
-    return components, count, drop
+    return components, drop
 
 
 def remove_components(label, rules=Rules(), slice_axis=2):
     """Drop small or bottom-only whole-tumour components (see _components).
     label (X, Y, Z) uint8 -> (cleaned copy, number of components removed)."""
-    components, _, drop = _components(label, rules, slice_axis)
+    components, drop = _components(label, rules, slice_axis)
     cleaned = label.copy()
     cleaned[drop[components]] = 0
     return cleaned, int(drop.sum())
@@ -180,7 +180,7 @@ def relabel_edema_as_necrosis(label, cleaned, t1ce, rules=Rules(), slice_axis=2)
     tumour = np.count_nonzero(label)
     if tumour == 0 or np.count_nonzero(label == 4) / tumour >= rules.kmeans_case_et_ratio:
         return cleaned, 0
-    components, _, drop = _components(label, rules, slice_axis)
+    components, drop = _components(label, rules, slice_axis)
     ncr = np.count_nonzero(label == 1)
     out = cleaned.copy()
     relabelled = 0

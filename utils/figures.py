@@ -14,6 +14,7 @@ import threading
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 from utils.election import REGION_COLOURS, overlay
 from utils.io import atomic_path
@@ -113,7 +114,7 @@ def case_figure(path, title, images, columns, rows):
             mosaic[top:top + panel_h, left:left + panel_w] = _panel(image, label, scale)
     with _DRAWING:
         fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
-        fig.figimage(mosaic, xo=ROW_TITLES, yo=0, origin="upper")
+        canvas = FigureCanvasAgg(fig)
         fig.text(4 / width, 1 - 4 / height, title, ha="left", va="top", fontsize=9)
         for k, (region, colour) in enumerate(reversed(REGION_COLOURS)):  # legend, top right
             fig.text(1 - (4 + 28 * k) / width, 1 - 4 / height, region, ha="right", va="top",
@@ -124,7 +125,13 @@ def case_figure(path, title, images, columns, rows):
         for r, (row_title, _) in enumerate(rows):
             fig.text(4 / width, 1 - (HEADER + r * (panel_h + GAP) + panel_h / 2) / height,
                      row_title, ha="left", va="center", fontsize=8)
-        _save(fig, path)
+        canvas.draw()
+        picture = np.array(canvas.buffer_rgba())[..., :3]
+    # The panels are pasted, not drawn: matplotlib would resample them (seconds per case).
+    picture[HEADER:, ROW_TITLES:] = mosaic
+    with atomic_path(path) as tmp:
+        # Pillow comes with matplotlib; the fastest zlib level: the images are large, mostly flat
+        Image.fromarray(picture).save(tmp, format="PNG", compress_level=1)
     return width, height
 
 
