@@ -281,8 +281,11 @@ def report(args, mode, available, rows):
     output_dir = args.output_dir
     subsets = (sorted(set(available.values()), key=ALL_SUBSETS.index) if mode == AVAILABLE
                else mode)
-    folders = f"{AVAILABLE}/" if mode == AVAILABLE else f"{len(subsets)} subset folder(s)"
-    print(f"masks of {len(available)} cases written to {output_dir} ({folders})")
+    if mode == AVAILABLE:
+        print(f"masks of {len(available)} cases, each with the modalities it has, written to "
+              f"{output_dir / AVAILABLE}")
+    else:
+        print(f"masks of {len(available)} cases x {len(subsets)} subset(s) written to {output_dir}")
     if args.figures:
         print(f"figures: {output_dir / FIGURE_FOLDER}/<case>.png")
     if not rows:
