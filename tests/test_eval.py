@@ -1,4 +1,7 @@
+import os
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 import torch
 
 import eval as evaluate
+from test_demo import LOCAL, REPO
 from test_figures import assert_regions_drawn, read_png
 from utils import figures
 from utils.inference import predict_subsets
@@ -340,3 +344,20 @@ def test_figures_show_each_subset_over_each_modality(segmentation_setup, tmp_pat
     chart = read_png(out / "dice.png", (600, 450))
     assert len(np.unique(chart.reshape(-1, 3), axis=0)) > 10
     assert table["subset"].tolist() == ["flair+t2", "mean"]
+
+
+def test_eval_sh_re_exports_into_its_folder(segmentation_setup, tmp_path):
+    # eval.sh is the user's re-export command: it passes --overwrite, so a second run into the
+    # same OUT replaces the first instead of being refused.
+    root, cases = segmentation_setup
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*LOCAL))
+    incomplete = copy_cases(cases, tmp_path / "cases", drop=("t2",))
+    env = dict(os.environ, PYTHON=sys.executable, CKPT=str(root / "final.pth"),
+               INPUT=str(incomplete), MODE="available", OUT=str(tmp_path / "out"))
+    for _ in range(2):
+        done = subprocess.run(["bash", "eval.sh", "cpu"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(masks(tmp_path / "out" / "available")) == [f"{c.name}.nii.gz" for c in cases]
+    assert "flair+t1+t1ce" in done.stdout
