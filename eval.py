@@ -219,7 +219,7 @@ def main(argv=None):
                              "eval.py's files are removed) or choose another folder")
         clear_previous_run(output_dir, found)
         rows = run(args, mode, folders, available, model, config, window, device)
-    return report(args, mode, available, rows)
+        return report(args, mode, available, rows)
 
 
 def collect(scored, drawn):
@@ -236,7 +236,8 @@ def run(args, mode, folders, available, model, config, window, device):
         vars(args) | {"subsets": mode if mode == AVAILABLE else [subset_name(s) for s in mode],
                       "cases": len(folders), "window": window, "device": str(device),
                       "model": config.to_dict()}, indent=2, default=str))
-    cases = pd.DataFrame({"case": [f.name for f in folders], "folder": [str(f.resolve()) for f in folders],
+    cases = pd.DataFrame({"case": [f.name for f in folders],
+                          "folder": [str(f.resolve()) for f in folders],
                           "available": [subset_name(available[f]) for f in folders]})
     with atomic_path(output_dir / "cases.csv") as tmp:
         cases.to_csv(tmp, index=False)

@@ -288,10 +288,12 @@ def open_files(case, files):
             raise CaseError(case, path, f"shape {img.shape} differs from "
                                         f"{reference[0].name} {reference[1].shape}")
         elif not np.allclose(img.affine, reference[1].affine, rtol=0, atol=AFFINE_TOLERANCE):
-            raise CaseError(
+            difference = np.abs(img.affine - reference[1].affine).max()
+            raise CaseError(  # one line: the affines as nested lists
                 case, path,
-                f"affine differs from {reference[0].name} by more than {AFFINE_TOLERANCE}:\n"
-                f"{img.affine}\nvs\n{reference[1].affine}",
+                f"affine differs from {reference[0].name} by up to {difference:.3g} (more than "
+                f"{AFFINE_TOLERANCE}): {img.affine.round(4).tolist()} vs "
+                f"{reference[1].affine.round(4).tolist()}",
             )
         images[part] = img
     return images
