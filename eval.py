@@ -1,4 +1,4 @@
-"""Export segmentation masks (and, when the list has labels, score them) for modality subsets.
+"""Export segmentation masks (and, when the cases have labels, score them) for modality subsets.
 
 Examples (from the repository root):
 
@@ -10,134 +10,166 @@ Examples (from the repository root):
     # against the labels of a validation list, with the paper's table printed at the end
     python eval.py --data_list BraTS18/BraTS18_val.csv --data_root /data/BraTS2018 \
         --restore_from snapshots/LCKD_stage2/final.pth --mode all --output_dir outputs/val
+    # incomplete cases (say FLAIR and T1ce only): each case with exactly the modalities it has
+    python eval.py --input /data/new_patients --restore_from snapshots/LCKD_stage2/final.pth \
+        --mode available --output_dir outputs/new --figures
 
 The network is rebuilt from the configuration stored in the checkpoint (model size, weight
 standardisation, norm, activation, patch size); flags given on the command line override it.
+Cases come from a datalist (--data_list) or a folder (--input: a folder of case folders, or one
+case folder). Every case is checked (files present for the subsets asked, headers readable,
+one grid) before anything is written.
 
-Writes, under --output_dir:
+Writes, under --output_dir (refused if it holds a previous evaluation, unless --overwrite):
     <subset>/<case>.nii.gz   one uint8 mask per case and subset (e.g. flair+t1ce/Brats18_X.nii.gz),
-                             on the input images' grid, labels 0/1/2/4
+                             on the input images' grid, labels 0/1/2/4; with --mode available
+                             available/<case>.nii.gz, each case with the modalities it has
     eval_config.json         the resolved settings
+    cases.csv                case, its folder, the modalities it has (available)
 and when the cases have labels:
     metrics.csv              case, subset, region, dice, hd95, sensitivity, specificity
     summary.csv, summary.md  the paper's table: one row per subset, Dice (%) and HD95 (mm) of
                              ET/TC/WT, and the mean over the subsets
+and with --figures:
+    figures/<case>.png       a slice through the tumour of each modality, one row per subset
+    dice.png                 the summary table as a chart (labelled cases only)
 """
 import argparse
 import json
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from datasets.brats import load_case, read_datalist, resolve_list
+from datasets.brats import (
+    available_subset, case_files, find_cases, load_case, open_files, read_datalist,
+    refuse_duplicates, require_modalities, resolve_list,
+)
 from datasets.normalize import normalize_case
-from models import LCKD, LCKDConfig
-from utils.checkpoint import load_checkpoint
-from utils.cli import str2bool
-from utils.export import probabilities_to_labels, save_labels
-from utils.inference import AMP_DTYPES, predict_subsets
-from utils.io import atomic_path, write_text
+from utils import figures
+from utils.export import save_labels
+from utils.io import atomic_path, remove_stale_temps, write_text
+from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
 from utils.modalities import ALL_SUBSETS, parse_mode, subset_name
+from utils.segment import (
+    add_inference_args, add_model_args, load_model, positive_int, resolve_device, segment,
+)
+from utils.user_errors import UsageError, run_main
 
-PUBLISHED_INPUT_SIZE = "80,160,160"
+PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
+AVAILABLE = "available"  # --mode available, and its mask folder
 TABLE_REGIONS = ("ET", "TC", "WT")  # the paper's column order
 TABLE_MODALITIES = ("FLAIR", "T1", "T1ce", "T2")  # MODALITIES as the paper writes them
 PRESENT, ABSENT = "●", "○"
-
-
-def fraction(text):
-    """'1/3' or '0.333' -> float."""
-    return float(Fraction(text))
+# Everything eval.py writes into --output_dir: what --overwrite removes, and nothing else.
+RUN_FILES = ("eval_config.json", "cases.csv", "metrics.csv", "summary.csv", "summary.md", "dice.png")
+MASK_FOLDERS = tuple(subset_name(s) for s in ALL_SUBSETS) + (AVAILABLE,)
+FIGURE_FOLDER = "figures"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("data")
+    g.add_argument("--input", type=Path, default=None,
+                   help="a folder of case folders, or one case folder (instead of a datalist)")
     g.add_argument("--data_dir", default="datalist/",
                    help="folder --data_list is looked up in when not found as given (published)")
-    g.add_argument("--data_list", default="BraTS18/BraTS18_test.csv")
+    g.add_argument("--data_list", default=None, help=f"datalist (default {PUBLISHED_DATA_LIST})")
     g.add_argument("--data_root", default=None,
                    help="re-base the list's case folders onto this folder (see datasets.brats)")
-    g.add_argument("--output_dir", default="outputs")
-    g = p.add_argument_group("model (default: from the checkpoint's config)")
+    g.add_argument("--output_dir", type=Path, default=Path("outputs"))
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a previous evaluation in --output_dir (only eval.py's files)")
     g.add_argument("--restore_from", required=True, help="checkpoint (.pth) written by train.py")
-    g.add_argument("--input_size", default=None,
-                   help=f"sliding-window size D,H,W (default: the training patch, else {PUBLISHED_INPUT_SIZE})")
-    g.add_argument("--num_classes", type=int, default=3)
-    g.add_argument("--weight_std", type=str2bool, default=None)
-    g.add_argument("--norm_cfg", choices=("IN", "BN"), default=None)
-    g.add_argument("--activation_cfg", choices=("LeakyReLU", "ReLU"), default=None)
-    g.add_argument("--model_size", choices=("full", "small"), default=None)
-    g = p.add_argument_group("inference")
+    add_model_args(p)
+    g = add_inference_args(p)
     g.add_argument("--mode", default="0,1,2,3",
-                   help="one subset ('0,2' or 'flair,t1ce') or 'all' for the 15 subsets")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--overlap", type=fraction, default=1 / 3)
-    g.add_argument("--gaussian", action="store_true", help="Gaussian window weighting (nnU-Net)")
-    g.add_argument("--mirror", action="store_true", help="average over the 8 axis flips (8x slower)")
-    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
-    g.add_argument("--batch_size", type=int, default=2, help="windows per forward pass")
+                   help="one subset ('0,2' or 'flair,t1ce'), 'all' for the 15 subsets, or "
+                        "'available': each case with the modalities it has")
     g.add_argument("--hd95", choices=HD95_METHODS, default=DEFAULT_HD95_METHOD,
                    help="'max' of the two directed 95th percentiles (MONAI/DeepMind) or 'pooled' (MedPy)")
-    g.add_argument("--workers", type=int, default=4,
+    g.add_argument("--workers", type=positive_int, default=4,
                    help="threads writing masks and computing metrics while the next case runs")
+    g.add_argument("--figures", action="store_true",
+                   help="write figures/<case>.png (and dice.png for labelled cases)")
     return p.parse_args(argv)
 
 
-def resolve_model_config(args, saved):
-    """Checkpoint config + explicit flags -> (LCKDConfig, window (d, h, w))."""
-    pick = lambda flag, key, default: flag if flag is not None else saved.get(key, default)
-    config = LCKDConfig.from_name(
-        pick(args.model_size, "model_size", "full"),
-        weight_std=pick(args.weight_std, "weight_std", True),
-        norm=pick(args.norm_cfg, "norm_cfg", "IN"),
-        activation=pick(args.activation_cfg, "activation_cfg", "LeakyReLU"),
-    )
-    if args.num_classes != config.num_classes:
-        raise ValueError(f"--num_classes {args.num_classes}: the network predicts "
-                         f"{config.num_classes} regions (ET, WT, TC)")
-    size = pick(args.input_size, "input_size", PUBLISHED_INPUT_SIZE)
-    window = tuple(int(v) for v in (size.split(",") if isinstance(size, str) else size))
-    if len(window) != 3:
-        raise ValueError(f"--input_size needs D,H,W, got {size!r}")
-    return config, window
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model(args, device):
-    checkpoint = load_checkpoint(args.restore_from)
-    # A bare state_dict (no "model" key) carries no config: the flags / published defaults apply.
-    state, saved = ((checkpoint["model"], checkpoint.get("config", {})) if "model" in checkpoint
-                    else (checkpoint, {}))
-    config, window = resolve_model_config(args, saved)
-    model = LCKD(config)
+def parse_eval_mode(text):
+    """--mode -> 'available' or a list of subsets."""
+    if str(text).strip().lower() == AVAILABLE:
+        return AVAILABLE
     try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise RuntimeError(f"checkpoint {args.restore_from} does not fit the network {config}: "
-                           f"{error}") from error
-    return model.to(device).eval(), config, window
+        mode = parse_mode(text)
+    except ValueError as error:
+        raise UsageError(f"--mode: {error}") from None
+    if mode == "random":
+        raise UsageError("--mode random is a training mode: give a subset (e.g. 0,2), 'all' "
+                         "or 'available'")
+    return list(ALL_SUBSETS) if mode == "all" else [mode]
 
 
-def export_and_score(case, subset, label, output_dir, hd95_method):
-    """Write one subset's mask (D, H, W) of one case; return its metric rows ([] without a label)."""
-    name = subset_name(subset)
-    save_labels(label, case.affine, case.header, Path(output_dir) / name / f"{case.name}.nii.gz")
+def case_folders(args):
+    """The case folders to evaluate, from --input or the datalist; duplicates refused."""
+    if args.input is not None:
+        if args.data_list is not None:
+            raise UsageError("give --input or --data_list, not both")
+        folders, source = find_cases(args.input), args.input
+    else:
+        source = resolve_list(args.data_list or PUBLISHED_DATA_LIST, args.data_dir)
+        folders = read_datalist(source, args.data_root)
+    refuse_duplicates(folders, source)  # two masks would go to the same file
+    return folders
+
+
+def check_cases(folders, mode):
+    """Check every case's files before any work -> {case folder: available subset}.
+
+    Headers only: a missing file a subset needs, an unreadable file, or files of different
+    shapes or affines stop the run here, naming the case and the file.
+    """
+    available = {}
+    for folder in folders:
+        files = case_files(folder, allow_missing=True)
+        if mode != AVAILABLE:
+            require_modalities(folder, files, sorted(set().union(*mode)))
+        open_files(folder.name, files)
+        available[folder] = available_subset(files)
+    return available
+
+
+def previous_run(output_dir):
+    """The files an earlier eval.py left in output_dir (see RUN_FILES), incl. temporaries."""
+    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    for folder, pattern in [(m, "*.nii.gz") for m in MASK_FOLDERS] + [(FIGURE_FOLDER, "*.png")]:
+        if (output_dir / folder).is_dir():
+            found += sorted((output_dir / folder).glob(pattern))  # pathlib's * matches .temps
+    return found
+
+
+def clear_previous_run(output_dir, found):
+    """Delete `found` (previous_run), stale temporaries, and the folders left empty."""
+    for path in found:
+        path.unlink()
+    for name in RUN_FILES:
+        remove_stale_temps(output_dir / name)
+    for folder in MASK_FOLDERS + (FIGURE_FOLDER,):
+        path = output_dir / folder
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def export_and_score(case, folder, subset, label, output_dir, hd95_method):
+    """Write one mask (D, H, W) of one case, predicted from `subset`, into `folder`; return
+    its metric rows ([] without a label)."""
+    save_labels(label, case.affine, case.header, output_dir / folder / f"{case.name}.nii.gz")
     if case.label is None:
         return []
     scores = region_metrics(label, case.label, case.spacing, hd95_method=hd95_method)
-    return [{"case": case.name, "subset": name, "region": region, **values}
+    return [{"case": case.name, "subset": subset_name(subset), "region": region, **values}
             for region, values in scores.items()]
 
 
@@ -173,50 +205,94 @@ def markdown(table):
 
 def main(argv=None):
     args = parse_args(argv)
-    mode = parse_mode(args.mode)
-    if mode == "random":
-        raise ValueError("--mode random is a training mode: give a subset (e.g. 0,2) or 'all'")
-    subsets = list(ALL_SUBSETS) if mode == "all" else [mode]
+    mode = parse_eval_mode(args.mode)
     device = resolve_device(args.device)
-    output_dir = Path(args.output_dir)
-    model, config, window = load_model(args, device)
-    cases = read_datalist(resolve_list(args.data_list, args.data_dir), args.data_root)
+    folders = case_folders(args)
+    available = check_cases(folders, mode)
+    model, config, window = load_model(args.restore_from, args, device)
+    output_dir = args.output_dir
+    with exclusive_lock(output_dir, "output folder"):
+        found = previous_run(output_dir)
+        if found and not args.overwrite:
+            raise UsageError(f"--output_dir {output_dir} holds a previous evaluation ({len(found)} "
+                             f"files, e.g. {found[0].name}); pass --overwrite to replace it (only "
+                             "eval.py's files are removed) or choose another folder")
+        clear_previous_run(output_dir, found)
+        rows = run(args, mode, folders, available, model, config, window, device)
+        return report(args, mode, available, rows)
+
+
+def collect(scored, drawn):
+    """Wait for one case's writers (raising their errors) -> its metric rows."""
+    for future in drawn:
+        future.result()
+    return [row for future in scored for row in future.result()]
+
+
+def run(args, mode, folders, available, model, config, window, device):
+    """Predict, write and score every case -> metric rows."""
+    output_dir = args.output_dir
     write_text(output_dir / "eval_config.json", json.dumps(
-        vars(args) | {"subsets": [subset_name(s) for s in subsets], "window": window,
-                      "device": str(device), "model": config.to_dict()}, indent=2, default=str))
+        vars(args) | {"subsets": mode if mode == AVAILABLE else [subset_name(s) for s in mode],
+                      "cases": len(folders), "window": window, "device": str(device),
+                      "model": config.to_dict()}, indent=2, default=str))
+    cases = pd.DataFrame({"case": [f.name for f in folders],
+                          "folder": [str(f.resolve()) for f in folders],
+                          "available": [subset_name(available[f]) for f in folders]})
+    with atomic_path(output_dir / "cases.csv") as tmp:
+        cases.to_csv(tmp, index=False)
 
     def read(case_dir):
-        case = load_case(case_dir)
+        case = load_case(case_dir, allow_missing=True)
         case.image = normalize_case(case)
         return case
 
     rows = []
-    # Reading the next case, and writing / scoring the previous ones, overlap with the
-    # network's work on the current case; at most two cases wait for the writers.
+    # Reading the next case, and writing / scoring / drawing the previous ones, overlap with
+    # the network's work on the current case; at most two cases wait for the writers.
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(args.workers) as writers:
         waiting = deque()
-        next_case = reader.submit(read, cases[0]) if cases else None
-        for i in tqdm(range(len(cases)), desc="cases", unit="case"):
+        next_case = reader.submit(read, folders[0]) if folders else None
+        for i in tqdm(range(len(folders)), desc="cases", unit="case"):
             case = next_case.result()
-            if i + 1 < len(cases):
-                next_case = reader.submit(read, cases[i + 1])
-            probs = predict_subsets(model, case.image, subsets, window, overlap=args.overlap,
-                                    gaussian=args.gaussian, batch_size=args.batch_size,
-                                    mirror=args.mirror, device=device, amp=args.amp)
-            labels = [probabilities_to_labels(p) for p in probs]
-            del probs
+            if i + 1 < len(folders):
+                next_case = reader.submit(read, folders[i + 1])
+            subsets = [case.available] if mode == AVAILABLE else mode
+            if mode == AVAILABLE:
+                tqdm.write(f"{case.name}: {subset_name(case.available)}")
+            labels = segment(model, case.image, subsets, window, args, device)
+            drawn = ([writers.submit(figures.case_figure, output_dir / FIGURE_FOLDER /
+                                     f"{case.name}.png", *figures.case_slices(case, subsets, labels))]
+                     if args.figures else [])
             case.image = None  # the writers need the label and the grid, not the image
-            waiting.append([writers.submit(export_and_score, case, s, label, output_dir, args.hd95)
-                            for s, label in zip(subsets, labels)])
+            folders_out = [AVAILABLE] if mode == AVAILABLE else [subset_name(s) for s in subsets]
+            scored = [writers.submit(export_and_score, case, folder, subset, label, output_dir,
+                                     args.hd95)
+                      for folder, subset, label in zip(folders_out, subsets, labels)]
+            waiting.append((scored, drawn))
             if len(waiting) > 2:
-                rows += [row for future in waiting.popleft() for row in future.result()]
+                rows += collect(*waiting.popleft())
         while waiting:
-            rows += [row for future in waiting.popleft() for row in future.result()]
+            rows += collect(*waiting.popleft())
+    return rows
 
-    print(f"masks of {len(cases)} cases x {len(subsets)} subset(s) written to {output_dir}")
+
+def report(args, mode, available, rows):
+    """Write and print the table (labelled cases) and the Dice chart; return the table."""
+    output_dir = args.output_dir
+    subsets = (sorted(set(available.values()), key=ALL_SUBSETS.index) if mode == AVAILABLE
+               else mode)
+    if mode == AVAILABLE:
+        print(f"masks of {len(available)} cases, each with the modalities it has, written to "
+              f"{output_dir / AVAILABLE}")
+    else:
+        print(f"masks of {len(available)} cases x {len(subsets)} subset(s) written to {output_dir}")
+    if args.figures:
+        print(f"figures: {output_dir / FIGURE_FOLDER}/<case>.png")
     if not rows:
         return None
     metrics = pd.DataFrame(rows)
+    subsets = [s for s in subsets if subset_name(s) in set(metrics["subset"])]
     table = summary_table(metrics, subsets)
     for name, df in (("metrics.csv", metrics), ("summary.csv", table)):
         with atomic_path(output_dir / name) as tmp:
@@ -225,8 +301,12 @@ def main(argv=None):
     write_text(output_dir / "summary.md", text)
     print(f"\n{metrics['case'].nunique()} labelled cases, Dice (%) and HD95 (mm, {args.hd95}):\n")
     print(text)
+    if args.figures:
+        figures.dice_chart(output_dir / "dice.png", table,
+                           f"Dice per subset, {metrics['case'].nunique()} cases ({output_dir.name})")
+        print(f"Dice chart: {output_dir / 'dice.png'}")
     return table
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

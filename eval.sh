@@ -8,13 +8,15 @@
 #   MODE=all bash eval.sh 0                         # all 15 subsets in one pass
 #   DATA_ROOT=/data/BraTS2018 CKPT=snapshots/mine/final.pth bash eval.sh 1 --mirror
 #   DATA_LIST=BraTS18/BraTS18_val.csv MODE=all OUT=outputs/val bash eval.sh 0   # scored table
+#   INPUT=/data/new_cases MODE=available bash eval.sh 0 --figures   # incomplete cases, pictures
 #
 # Variables (override from the environment):
 NAME=${NAME:-LCKD}                                  # as in run.sh: snapshots/${NAME}_stage2/
 CKPT=${CKPT:-snapshots/${NAME}_stage2/final.pth}
 DATA_LIST=${DATA_LIST:-BraTS18/BraTS18_test.csv}    # looked up in datalist/ (published)
 DATA_ROOT=${DATA_ROOT:-}                            # empty: the list's ../data/... paths as written
-MODE=${MODE:-0,1,2,3}                               # a subset such as 0,2 or flair,t1ce; or all
+INPUT=${INPUT:-}                                    # a folder of case folders, instead of DATA_LIST
+MODE=${MODE:-0,1,2,3}                               # a subset such as 0,2 or flair,t1ce; all; available
 OUT=${OUT:-outputs/${NAME}}
 PYTHON=${PYTHON:-python}
 set -euo pipefail
@@ -37,15 +39,19 @@ cd "$(dirname "$0")"
 mkdir -p logs
 LOG=logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//,/-}.log
 echo "log: $LOG"
+if [ -n "$INPUT" ]; then cases=(--input="$INPUT"); else cases=(--data_list="$DATA_LIST"); fi
 # The patch size and model flags come from the checkpoint's config (published: 80,160,160,
 # weight_std True); extra flags such as --input_size 80,160,160 override them.
+# --overwrite: this script is the re-export command, so it replaces the previous evaluation in
+# $OUT (eval.py's files only; eval.py alone refuses an output folder holding one).
 "$PYTHON" eval.py \
     --num_classes=3 \
     --data_dir=datalist/ \
-    --data_list="$DATA_LIST" \
+    "${cases[@]}" \
     ${DATA_ROOT:+--data_root="$DATA_ROOT"} \
     --restore_from="$CKPT" \
     --mode="$MODE" \
     --output_dir="$OUT" \
+    --overwrite \
     --device="$DEVICE" \
     "$@" 2>&1 | tee "$LOG"

@@ -3,6 +3,7 @@
     python postprocess.py     # after `bash eval.sh 0`: outputs/LCKD -> outputs/LCKD_postprocessed
     python postprocess.py --input_dir outputs/val --output_dir outputs/val_post
     python postprocess.py --input_dir preds/flair+t1ce --output_dir preds_post/flair+t1ce --et_threshold 300
+    python postprocess.py --kmeans_necrosis      # + the released script's K-means rule (reads T1ce)
 
 --input_dir is either a folder of <case>.nii.gz masks or eval.py's output folder with one
 sub-folder per modality subset; every mask found below it is written to the same relative
@@ -13,35 +14,50 @@ writes outputs/LCKD/<subset>/<case>.nii.gz; relative paths are taken from the cu
 Rules, applied in this order to each case (all thresholds are flags):
   1. Connected components of the whole tumour (label > 0, 6-connectivity in 3D, as published) are removed
      when smaller than min(--min_component, --min_fraction x the largest component), or when
-     they lie entirely in the lowest --bottom_slices slices of the NIfTI's 3rd axis (z).
-  2. If fewer than --et_threshold voxels of enhancing tumour (4) remain, ET is relabelled as
+     they lie entirely in the lowest --bottom_slices slices of the NIfTI's 3rd axis (z). On a
+     volume of at most --bottom_slices slices that part is skipped, with a warning: it would
+     remove every component.
+  2. Opt-in (--kmeans_necrosis), the released script's extra rule, for each kept component of a
+     case whose ET is a small part of the tumour: the component's edema is split by the T1ce
+     intensity into dark, middle and bright groups (K-means, 3 clusters) and the middle group
+     becomes necrosis (1). See `relabel_edema_as_necrosis` for the trigger. It reads each case's
+     raw T1ce, so it runs only on masks predicted with T1ce among the modalities.
+  3. If fewer than --et_threshold voxels of enhancing tumour (4) remain, ET is relabelled as
      necrosis (1): a false ET on a case without ET scores Dice 0, an empty one scores 1.
 Orientation assumption: "lowest" = smallest z index, which is inferior for BraTS masks (their
 affines point +z superior, axis code 'S'); a mask whose z axis points inferior gets a warning.
-No rule reads the MRI images, so no image path is needed and a missing-modality subset can
-never leak information from a modality it did not have.
+A mask whose tumour the rules remove entirely gets a warning naming it.
+Rules 1 and 3 read no MRI image, so no image path is needed and a missing-modality subset never
+leaks information from a modality it did not have; rule 2 finds each case's T1ce through
+--images or eval.py's cases.csv, and skips masks of subsets without T1ce.
 """
 import argparse
 import os
 import sys
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets.brats import READ_ERRORS
+from datasets.brats import (
+    READ_ERRORS, CaseError, DataError, case_files, read_files, require_modalities, to_nifti_order,
+)
 from utils.io import atomic_path
+from utils.modalities import MODALITIES, parse_subset
 from utils.regions import LABELS
+from utils.user_errors import UsageError, run_main
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
 DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")
+T1CE = MODALITIES.index("t1ce")
+CASES_RECORD = "cases.csv"  # eval.py's record of each case's folder
 
 
 @dataclass(frozen=True)
@@ -52,32 +68,143 @@ class Rules:
     min_fraction: float = 0.1  # of the largest component
     bottom_slices: int = 25  # along the slice axis, from index 0
     et_threshold: int = 500  # ET voxels in the whole case
+    # The K-means rule's trigger (released script; see relabel_edema_as_necrosis).
+    kmeans_case_et_ratio: float = 0.12  # ET voxels / tumour voxels of the case, below
+    kmeans_component_et_share: float = 0.05  # 4 nET / (nNCR + 2 nED + 4 nET), below
+    kmeans_et_value_sum: int = 450  # 4 nET of the component, below (113 ET voxels or more stop it)
+    kmeans_max_ncr: int = 10000  # NCR voxels of the case, below
 
 
-def remove_components(label, rules=Rules(), slice_axis=2):
-    """Drop small or bottom-only whole-tumour components. label (X, Y, Z) uint8 -> new array.
+def bottom_rule_applies(shape, rules=Rules(), slice_axis=2):
+    """False on a volume too thin for the bottom-slice rule: every component would lie in it."""
+    return shape[slice_axis] > rules.bottom_slices
+
+
+def _components(label, rules, slice_axis):
+    """Whole-tumour components of `label` and which of them rule 1 drops.
 
     Components: label > 0, 6-connected (face neighbours), as published: skimage's
-    label(neighbors=4) means connectivity 1 in 3D. A component is dropped if
-    its size < min(rules.min_component, rules.min_fraction * largest size), or if all its voxels
-    have index < rules.bottom_slices along `slice_axis` (the NIfTI z axis, 2, by default).
-    Returns (cleaned label, number of components removed).
+    label(neighbors=4) means connectivity 1 in 3D. A component is dropped if its size <
+    min(rules.min_component, rules.min_fraction * largest size), or if all its voxels have
+    index < rules.bottom_slices along `slice_axis` (skipped when not bottom_rule_applies).
+    Returns (components: int array like label, 0 outside; drop: bool per component index).
     """
     components, count = ndimage.label(label > 0, structure=ndimage.generate_binary_structure(label.ndim, 1))
-    if count == 0:
-        return label.copy(), 0
     sizes = np.bincount(components.ravel(), minlength=count + 1)
     sizes[0] = 0
     drop = sizes < min(rules.min_component, rules.min_fraction * sizes.max())
-    # A component reaching any slice at or above bottom_slices is not bottom-only.
-    upper = np.take(components, np.arange(rules.bottom_slices, label.shape[slice_axis]), axis=slice_axis)
-    reaches_up = np.zeros(count + 1, dtype=bool)
-    reaches_up[np.unique(upper)] = True
-    drop |= ~reaches_up
+    if bottom_rule_applies(label.shape, rules, slice_axis):
+        # A component reaching any slice at or above bottom_slices is not bottom-only.
+        upper = np.take(components, np.arange(rules.bottom_slices, label.shape[slice_axis]), axis=slice_axis)
+        reaches_up = np.zeros(count + 1, dtype=bool)
+        reaches_up[np.unique(upper)] = True
+        drop |= ~reaches_up
     drop[0] = False  # background stays background
+    return components, drop
+
+
+def remove_components(label, rules=Rules(), slice_axis=2):
+    """Drop small or bottom-only whole-tumour components (see _components).
+    label (X, Y, Z) uint8 -> (cleaned copy, number of components removed)."""
+    components, drop = _components(label, rules, slice_axis)
     cleaned = label.copy()
     cleaned[drop[components]] = 0
     return cleaned, int(drop.sum())
+
+
+def three_means(values, weights):
+    """1-D k-means with k = 3, solved exactly: the split of sorted scalars into 3 runs of
+    consecutive values with the least weighted squared error around their means (k-means'
+    clusters of scalars are such runs). The released script approximates it with cv2.kmeans
+    (3 random starts of at most 10 Lloyd steps), whose answer depends on the draw.
+
+    values (n,) sorted, distinct, n >= 3; weights (n,) > 0 -> (i, j): the runs are
+    values[:i], values[i:j], values[j:]. Costs O(n^2): n is the number of distinct T1ce
+    intensities of one component's edema, a few thousand at most for BraTS's integer images.
+    """
+    if len(values) < 3:
+        raise ValueError(f"3 clusters need 3 distinct values, got {values}")
+    # Prefix sums give any run's weighted squared error in O(1): sum w v^2 - (sum w v)^2 / sum w.
+    w, wv, wvv = (np.concatenate([[0.0], np.cumsum(x)])
+                  for x in (weights, weights * values, weights * values * values))
+    sse = lambda a, b: wvv[b] - wvv[a] - (wv[b] - wv[a]) ** 2 / (w[b] - w[a])
+    n = len(values)
+    best = (np.inf, 0, 0)
+    for i in range(1, n - 1):
+        j = np.arange(i + 1, n)
+        error = sse(0, i) + sse(i, j) + sse(j, n)
+        k = int(error.argmin())
+        if error[k] < best[0]:
+            best = (error[k], i, int(j[k]))
+    return best[1], best[2]
+
+
+def _middle_edema(t1ce_edema, outside):
+    """Which edema voxels fall in the middle of 3 T1ce clusters -> bool (n,), or None when
+    there are fewer than 3 distinct intensities to cluster.
+
+    The released script clusters the whole volume with every voxel outside the edema set to 0;
+    the same clustering, done on the distinct values weighted by their counts (0 weighing
+    `outside` voxels more), costs the edema's size instead of the volume's. Its brightest
+    cluster is discarded and the next one, the middle, kept.
+    """
+    values, inverse = np.unique(np.append(t1ce_edema.astype(np.float64), 0.0), return_inverse=True)
+    if len(values) < 3:
+        return None
+    weights = np.bincount(inverse, np.append(np.ones(len(t1ce_edema)), outside))
+    i, j = three_means(values, weights)
+    return (inverse[:-1] >= i) & (inverse[:-1] < j)
+
+
+def relabel_edema_as_necrosis(label, cleaned, t1ce, rules=Rules(), slice_axis=2):
+    """The released script's K-means rule (step 2 of the module doc), made deterministic.
+
+    label: the mask before remove_components; cleaned: after it; t1ce: the case's raw T1ce on
+    the same grid. The released loop visits the components of `label` in raster-scan order
+    (skimage's and scipy's labelling order); for each component kept by rule 1 it fires when
+    all of these hold:
+      * the case's ET voxels / tumour voxels (of `label`, before rule 1) < kmeans_case_et_ratio;
+      * the component's ET share, as the script computes it from label values (4 per ET voxel,
+        2 per edema voxel, 1 per NCR voxel), 4 nET / (nNCR + 2 nED + 4 nET), < kmeans_component_et_share;
+      * 4 nET < kmeans_et_value_sum (so fewer than 113 ET voxels with the published 450);
+      * the NCR voxels of the case so far (rule 1's removals of earlier components and the
+        relabelling of earlier components counted, as in the script's running label) < kmeans_max_ncr.
+    It then clusters the T1ce of the component's edema (and 0 for every other voxel, as the
+    script does) into 3 groups and relabels the middle group's edema voxels as NCR (1).
+    Unlike the released script the clustering is solved exactly (three_means), so the result
+    depends on no random draw, and a component without edema, or with fewer than 3 distinct
+    intensities to cluster, is left unchanged (the script then relabels every voxel of its
+    middle cluster: the whole volume when there is no edema, all centres being 0).
+    Returns (new cleaned, voxels relabelled).
+    """
+    tumour = np.count_nonzero(label)
+    if tumour == 0 or np.count_nonzero(label == 4) / tumour >= rules.kmeans_case_et_ratio:
+        return cleaned, 0
+    components, drop = _components(label, rules, slice_axis)
+    ncr = np.count_nonzero(label == 1)
+    out = cleaned.copy()
+    relabelled = 0
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        part = components[box] == index
+        counts = np.bincount(label[box][part], minlength=5)
+        if drop[index]:
+            ncr -= counts[1]
+            continue
+        value_sum = counts[1] + 2 * counts[2] + 4 * counts[4]
+        if not (4 * counts[4] / value_sum < rules.kmeans_component_et_share
+                and 4 * counts[4] < rules.kmeans_et_value_sum and ncr < rules.kmeans_max_ncr):
+            continue
+        edema = part & (label[box] == 2)
+        if not edema.any():
+            continue
+        middle = _middle_edema(t1ce[box][edema], label.size - np.count_nonzero(edema))
+        if middle is None:
+            continue
+        window = out[box]  # a view: writing it writes `out`
+        window[tuple(axis[middle] for axis in np.nonzero(edema))] = 1
+        relabelled += int(middle.sum())
+        ncr += int(middle.sum())
+    return out, relabelled
 
 
 def relabel_small_et(label, rules=Rules()):
@@ -94,11 +221,30 @@ def relabel_small_et(label, rules=Rules()):
     return cleaned, True
 
 
-def postprocess_label(label, rules=Rules(), slice_axis=2):
-    """Both rules in the published order. label (X, Y, Z) uint8 in {0,1,2,4} -> (label, info)."""
+def postprocess_label(label, rules=Rules(), slice_axis=2, t1ce=None, name="mask"):
+    """The rules in the published order. label uint8 in {0,1,2,4} (slice_axis: the one whose
+    index 0 is the lowest slice; 2 for NIfTI order (X, Y, Z)); t1ce: the raw T1ce on the same
+    grid to apply the K-means rule, None to skip it; name: for the warnings.
+
+    Returns (label, info): info counts what each rule did and lists warnings (a skipped
+    bottom-slice rule, all tumour removed).
+    """
+    warnings = []
+    if rules.bottom_slices and not bottom_rule_applies(label.shape, rules, slice_axis):
+        warnings.append(f"{name}: {label.shape[slice_axis]} slices, not more than the "
+                        f"{rules.bottom_slices} bottom slices: the bottom-slice rule is skipped "
+                        "(it would remove every component)")
     cleaned, removed = remove_components(label, rules, slice_axis)
+    necrosis = 0
+    if t1ce is not None:
+        cleaned, necrosis = relabel_edema_as_necrosis(label, cleaned, t1ce, rules, slice_axis)
     cleaned, et_relabelled = relabel_small_et(cleaned, rules)
-    return cleaned, {"components_removed": removed, "et_relabelled": et_relabelled}
+    if label.any() and not cleaned.any():
+        warnings.append(f"{name}: all {np.count_nonzero(label)} tumour voxels removed "
+                        f"({removed} component(s) too small or in the lowest "
+                        f"{rules.bottom_slices} slices)")
+    return cleaned, {"components_removed": removed, "necrosis_relabelled": necrosis,
+                     "et_relabelled": et_relabelled, "warnings": warnings}
 
 
 def read_mask(path):
@@ -107,12 +253,12 @@ def read_mask(path):
         image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
     except READ_ERRORS as error:
-        raise RuntimeError(f"{path}: cannot read the mask: {error}") from error
+        raise DataError(f"{path}: cannot read the mask: {error}") from error
     if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3-D label mask, got shape {data.shape}")
+        raise DataError(f"{path}: expected a 3-D label mask, got shape {data.shape}")
     values = np.unique(data)
     if not np.isin(values, LABELS).all():
-        raise ValueError(
+        raise DataError(
             f"{path}: labels {sorted(set(values.tolist()) - set(LABELS))} outside {{0, 1, 2, 4}}"
         )
     return data.astype(np.uint8), image
@@ -127,14 +273,31 @@ def write_mask(label, image, path):
         nib.save(out, str(tmp))
 
 
+def orientation_warning(affine, name):
+    """A warning (str) when the z axis of `affine` does not point superior, else None."""
+    if nib.aff2axcodes(affine)[2] == "S":
+        return None
+    return (f"{name}: z axis is not inferior->superior; the bottom-slice rule removes "
+            "components at the smallest z index regardless")
+
+
+def read_t1ce(case, path, shape):
+    """The raw T1ce of a case in NIfTI order, checked to lie on the mask's grid (`shape`)."""
+    image = to_nifti_order(read_files(case, {"t1ce": path}).image[T1CE])
+    if image.shape != tuple(shape):
+        raise CaseError(case, path, f"shape {image.shape} differs from the mask's {tuple(shape)}")
+    return image
+
+
 def process_file(job):
-    """(input path, output path, Rules) -> info dict; the worker of the pool."""
-    source, target, rules = job
+    """(input path, output path, Rules, T1ce path or None, name) -> info dict; the worker."""
+    source, target, rules, t1ce_path, name = job
     label, image = read_mask(source)
-    if nib.aff2axcodes(image.affine)[2] != "S":
-        warnings.warn(f"{source}: z axis is not inferior->superior; the bottom-slice rule "
-                      "removes components at the smallest z index regardless")
-    cleaned, info = postprocess_label(label, rules)
+    t1ce = None if t1ce_path is None else read_t1ce(mask_case(source), t1ce_path, label.shape)
+    cleaned, info = postprocess_label(label, rules, t1ce=t1ce, name=name)
+    warning = orientation_warning(image.affine, name)
+    if warning:
+        info["warnings"].insert(0, warning)
     write_mask(cleaned, image, target)
     return {"file": str(source), **info}
 
@@ -147,6 +310,49 @@ def find_masks(input_dir):
         if p.is_file() and p.name.endswith(MASK_SUFFIXES)
         and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
     )
+
+
+def mask_case(path):
+    """'X.nii.gz' -> 'X'."""
+    return next(path.name[: -len(s)] for s in MASK_SUFFIXES if path.name.endswith(s))
+
+
+def t1ce_files(sources, input_dir, images):
+    """For the K-means rule: each mask's T1ce file, or None when its subset lacks T1ce.
+
+    A mask's subset is its folder's name when that names modalities (eval.py's 'flair+t1ce'
+    folders, or --input_dir preds/flair+t1ce); otherwise (eval.py's 'available' folder, a
+    folder of one's own) the modalities present in the case folder. Case folders are
+    --images/<case>, else those eval.py recorded in --input_dir/cases.csv.
+    """
+    if images is not None:
+        folder_of = {}
+    elif (input_dir / CASES_RECORD).is_file():
+        record = pd.read_csv(input_dir / CASES_RECORD)
+        folder_of = dict(zip(record["case"], record["folder"]))
+    else:
+        raise UsageError(f"--kmeans_necrosis reads each case's T1ce: pass --images (the folder of "
+                         f"the case folders), or post-process an eval.py output folder (its "
+                         f"{CASES_RECORD} says where the cases are)")
+    paths = []
+    for source in sources:
+        case = mask_case(source)
+        if images is not None:
+            folder = Path(images) / case
+        elif case in folder_of:
+            folder = Path(folder_of[case])
+        else:
+            raise CaseError(case, input_dir / CASES_RECORD, "case not listed: pass --images")
+        try:
+            subset = parse_subset(source.parent.name)
+        except ValueError:  # not a subset folder: the modalities the case has
+            subset = None
+        files = case_files(folder, allow_missing=True)
+        if subset is not None and T1CE in subset:
+            require_modalities(folder, files, (T1CE,))
+        uses_t1ce = T1CE in subset if subset is not None else "t1ce" in files
+        paths.append(files["t1ce"] if uses_t1ce else None)
+    return paths
 
 
 def _overlap(a, b):
@@ -169,6 +375,19 @@ def parse_args(argv=None):
                         help="drop components entirely within this many lowest z slices (default %(default)s)")
     parser.add_argument("--et_threshold", type=int, default=Rules.et_threshold,
                         help="relabel ET as NCR when the case has fewer ET voxels (default %(default)s)")
+    g = parser.add_argument_group("the released script's K-means rule (off by default)")
+    g.add_argument("--kmeans_necrosis", action="store_true",
+                   help="relabel the middle T1ce intensity group of a component's edema as necrosis")
+    g.add_argument("--images", type=Path, default=None,
+                   help="folder of the case folders (<images>/<case>/), for their T1ce "
+                        "(default: the folders eval.py recorded in input_dir/cases.csv)")
+    for name, help_text in (("case_et_ratio", "case's ET / tumour voxels below"),
+                            ("component_et_share", "component's 4nET/(nNCR+2nED+4nET) below"),
+                            ("et_value_sum", "component's 4nET below"),
+                            ("max_ncr", "case's NCR voxels below")):
+        default = getattr(Rules, f"kmeans_{name}")
+        g.add_argument(f"--kmeans_{name}", type=type(default), default=default,
+                       help=f"fires when the {help_text} this (default %(default)s)")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="parallel processes; 0 = run in this process (default %(default)s)")
     return parser.parse_args(argv)
@@ -178,16 +397,21 @@ def main(argv=None):
     args = parse_args(argv)
     input_dir, output_dir = args.input_dir.resolve(), args.output_dir.resolve()
     if not input_dir.is_dir():
-        sys.exit(f"--input_dir {args.input_dir} is not a folder (run from the repository root "
-                 f"after eval.sh, or pass --input_dir)")
+        raise UsageError(f"--input_dir {args.input_dir} is not a folder (run from the repository "
+                         f"root after eval.sh, or pass --input_dir)")
     if _overlap(input_dir, output_dir):
-        sys.exit(f"--output_dir {args.output_dir} must not be, contain or lie inside --input_dir "
-                 f"{args.input_dir}: the input masks are never overwritten")
+        raise UsageError(f"--output_dir {args.output_dir} must not be, contain or lie inside "
+                         f"--input_dir {args.input_dir}: the input masks are never overwritten")
     sources = find_masks(input_dir)
     if not sources:
-        sys.exit(f"no {' or '.join(MASK_SUFFIXES)} masks found under {args.input_dir}")
-    rules = Rules(args.min_component, args.min_fraction, args.bottom_slices, args.et_threshold)
-    jobs = [(s, output_dir / s.relative_to(input_dir), rules) for s in sources]
+        raise UsageError(f"no {' or '.join(MASK_SUFFIXES)} masks found under {args.input_dir}")
+    rules = Rules(args.min_component, args.min_fraction, args.bottom_slices, args.et_threshold,
+                  args.kmeans_case_et_ratio, args.kmeans_component_et_share,
+                  args.kmeans_et_value_sum, args.kmeans_max_ncr)
+    t1ce = (t1ce_files(sources, input_dir, args.images) if args.kmeans_necrosis
+            else [None] * len(sources))
+    jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))
+            for s, t in zip(sources, t1ce)]
 
     progress = dict(total=len(jobs), desc="postprocess", unit="case")
     if args.num_workers == 0:
@@ -198,12 +422,18 @@ def main(argv=None):
         with ProcessPoolExecutor(min(args.num_workers, len(jobs))) as pool:
             infos = list(tqdm(pool.map(process_file, jobs), **progress))
 
+    for info in infos:
+        for warning in info["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     removed = sum(i["components_removed"] for i in infos)
     relabelled = sum(i["et_relabelled"] for i in infos)
+    kmeans = (f", edema relabelled as NCR by K-means in "
+              f"{sum(i['necrosis_relabelled'] > 0 for i in infos)} masks "
+              f"({sum(t is None for t in t1ce)} without T1ce skipped)" if args.kmeans_necrosis else "")
     print(f"{len(infos)} masks -> {args.output_dir}: {removed} components removed, "
-          f"ET relabelled as NCR in {relabelled} cases")
+          f"ET relabelled as NCR in {relabelled} cases{kmeans}")
     return infos
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,8 +19,10 @@
 # synthetic BraTS-like dataset (20 cases of 96x96x64 voxels, a reduced size so that the whole
 # job fits in 15 minutes on 2 CPU cores) into data/synthetic/ if absent, trains the small model
 # through both stages (snapshots/demo_stage{1,2}/), exports masks for the test cases for all 15
-# subsets (outputs/demo/), post-processes them (outputs/demo_postprocessed/) and prints the
-# 15-subset table and the elected teachers. Ablation without distillation, same budget:
+# subsets with a figure per case and a Dice chart (outputs/demo/), post-processes them
+# (outputs/demo_postprocessed/), segments one test case from its FLAIR and T1ce alone with
+# predict.py (outputs/demo_predict/) and prints the 15-subset table, the elected teachers and
+# where everything went. Ablation without distillation, same budget:
 #   NAME=demo_nokd bash run.sh demo --kd_weight 0
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -112,18 +114,25 @@ stage "${NAME}_stage2" --mode random --num_steps "$STAGE2_STEPS" \
 
 if [ "$GPU" = demo ]; then
     OUT=outputs/$NAME
+    # --overwrite: re-running the demo replaces the previous export (eval.py refuses otherwise).
     "$PYTHON" eval.py --restore_from "snapshots/${NAME}_stage2/final.pth" --data_list "$DEMO_DATA/test.csv" \
-        --mode all --output_dir "$OUT" --device auto
+        --mode all --output_dir "$OUT" --device auto --overwrite --figures
     # The published thresholds (2000 and 500 voxels) are for 240x240x155 volumes: scaled to
     # the demo's 96x96x64 by the ratio of voxel counts (0.066).
     "$PYTHON" postprocess.py --input_dir "$OUT" --output_dir "${OUT}_postprocessed" \
         --min_component 132 --et_threshold 33
-    "$PYTHON" - "$NAME" "$OUT" "$DEMO_DATA" <<'PY'
+    # One case as someone holding only its FLAIR and T1ce scans would segment it.
+    CASE=$(head -n 1 "$DEMO_DATA/test.csv")
+    PREDICTED=outputs/${NAME}_predict/$CASE.nii.gz
+    "$PYTHON" predict.py --flair "$DEMO_DATA/$CASE/${CASE}_flair.nii.gz" \
+        --t1ce "$DEMO_DATA/$CASE/${CASE}_t1ce.nii.gz" --checkpoint "snapshots/${NAME}_stage2/final.pth" \
+        -o "$PREDICTED" --figure --device auto
+    "$PYTHON" - "$NAME" "$OUT" "$DEMO_DATA" "$PREDICTED" <<'PY'
 import json, sys
 from pathlib import Path
 
 import pandas as pd
-name, out, data = sys.argv[1:]
+name, out, data, predicted = sys.argv[1:]
 history = json.loads(Path(f"snapshots/{name}_stage2/teachers.json").read_text())
 last = history[-1]
 print(f"\nelected teachers (iteration {last['iteration']}): " +
@@ -140,7 +149,9 @@ outputs:
   checkpoints, logs   snapshots/{name}_stage1/, snapshots/{name}_stage2/ (TensorBoard: tensorboard --logdir snapshots), logs/
   masks per subset    {out}/<subset>/<case>.nii.gz
   table               {out}/summary.md, {out}/summary.csv, per case {out}/metrics.csv
-  post-processed      {out}_postprocessed/""")
+  figures             {out}/figures/<case>.png (a slice per modality, a row per subset), Dice chart {out}/dice.png
+  post-processed      {out}_postprocessed/
+  one case, FLAIR + T1ce only (predict.py)   {predicted}, figure {predicted[:-len('.nii.gz')]}.png""")
 PY
     echo "demo finished in $((SECONDS / 60)) min $((SECONDS % 60)) s"
 fi

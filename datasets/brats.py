@@ -8,6 +8,8 @@ A case is one folder holding the four modalities (and, for training data, a labe
 
 Arrays leave this module in network order: a NIfTI volume (X, Y, Z) becomes (Z, X, Y) =
 (D, H, W), so an image is float32 (4, D, H, W) with channels in MODALITIES order.
+Training needs all four modalities; inference (`allow_missing=True`) accepts any non-empty
+subset of them, the missing ones' channels being zeros (`Case.available` says which are real).
 Every problem with a case raises CaseError naming the case and the file.
 """
 import dataclasses
@@ -18,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from utils.modalities import MODALITIES
+from utils.modalities import FULL, MODALITIES, subset_name
 
 EXTENSIONS = (".nii.gz", ".nii")
 # File-name suffix of each part, per naming scheme.
@@ -29,6 +31,10 @@ SCHEMES = {
 ALLOWED_LABELS = {"brats2018": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
 ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we use the 2018 value 4
 AFFINE_TOLERANCE = 1e-3
+# What a BraTS-trained model assumes of its input (see brats_like_warnings).
+SPACING_RANGE_MM = (0.8, 1.25)  # BraTS is resampled to 1 mm isotropic
+MIN_BACKGROUND_FRACTION = 0.2  # skull-stripped BraTS volumes are about 80 % exact zeros
+MIN_BRAIN_DICE = 0.9  # co-registered, skull-stripped modalities share their non-zero voxels
 # Errors nibabel, gzip and numpy raise on a missing, truncated or corrupt NIfTI.
 READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 
@@ -51,13 +57,14 @@ class CaseError(DataError):
 @dataclasses.dataclass
 class Case:
     name: str
-    files: dict  # part ("flair", "t1", "t1ce", "t2"[, "seg"]) -> Path
-    image: np.ndarray  # float32 (4, D, H, W), raw intensities, MODALITIES order
+    files: dict  # part ("flair", "t1", "t1ce", "t2", "seg"; only those present) -> Path
+    image: np.ndarray  # float32 (4, D, H, W), raw intensities, MODALITIES order; zeros if missing
     label: np.ndarray | None  # uint8 (D, H, W) in {0, 1, 2, 4}, or None without a seg file
-    affine: np.ndarray  # (4, 4) voxel -> world, of the FLAIR file
-    header: nib.Nifti1Header  # of the FLAIR file, for exporting predictions on the same grid
+    affine: np.ndarray  # (4, 4) voxel -> world, of the first modality present (FLAIR if any)
+    header: nib.Nifti1Header  # of that file, for exporting predictions on the same grid
     shape_xyz: tuple  # (X, Y, Z) as stored in the NIfTI files
     spacing: tuple  # voxel size in mm, network order (D, H, W)
+    available: tuple = FULL  # indices of the modalities read from files (a subset)
 
 
 def to_network_order(vol_xyz):
@@ -130,6 +137,32 @@ def read_datalist(list_path, data_root=None):
     return folders
 
 
+def find_cases(folder):
+    """A folder of case folders, or one case folder -> list of case folders (Path, sorted).
+
+    `folder` is one case when it directly holds NIfTI files; otherwise every sub-folder not
+    starting with '.' is a case (an empty one then fails to load, naming itself).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    if any(p.is_file() and _split_name(p) for p in entries):
+        return [folder]
+    cases = [p for p in entries if p.is_dir()]
+    if not cases:
+        raise DataError(f"{folder}: holds neither NIfTI files nor case folders")
+    return cases
+
+
+def refuse_duplicates(folders, source):
+    """Raise CaseError when two folders share a case name: their outputs would clash."""
+    names = [Path(f).name for f in folders]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CaseError(duplicates[0], source, "case name listed more than once")
+
+
 # ----------------------------------------------------------------------------- case folders
 def _split_name(path):
     """'X_flair.nii.gz' -> ('X_flair', '.nii.gz'), or None if not a NIfTI name."""
@@ -143,24 +176,33 @@ def _split_name(path):
 def _scheme_of(files):
     """The naming scheme of a {part: Path} mapping found by find_case_files."""
     return next(
-        scheme for scheme, suffixes in SCHEMES.items()
-        if all(_split_name(path)[0].lower().endswith(suffixes[part]) for part, path in files.items())
+        (scheme for scheme, suffixes in SCHEMES.items()
+         if all(_split_name(path)[0].lower().endswith(suffixes[part]) for part, path in files.items())),
+        "brats2018",  # no file to tell: name expectations after the 2018 scheme
     )
 
 
-def find_case_files(case_dir):
-    """Case folder -> {"flair", "t1", "t1ce", "t2"[, "seg"]: Path}.
+def expected_file(case_dir, files, part):
+    """The path `part` would have in this case folder, in the scheme and extension of the
+    files found (for messages about a missing file)."""
+    case_dir = Path(case_dir)
+    ext = min((_split_name(p)[1] for p in files.values()), default=".nii.gz")
+    return case_dir / f"{case_dir.name}{SCHEMES[_scheme_of(files)][part]}{ext}"
+
+
+def find_case_files(case_dir, allow_missing=False):
+    """Case folder -> {"flair", "t1", "t1ce", "t2", "seg": Path}, the parts present.
 
     Recognises the BraTS 2018/2021 (_flair, _t1, _t1ce, _t2, _seg) and 2023 (-t2f, -t1n,
     -t1c, -t2w, -seg) suffixes with .nii or .nii.gz. Raises CaseError naming the expected
-    file when a modality is missing, or the files when a part is ambiguous.
+    file when a modality is missing (with allow_missing: when none is present), or the files
+    when a part is ambiguous.
     """
     case_dir = Path(case_dir)
     case = case_dir.name
     if not case_dir.is_dir():
         raise CaseError(case, case_dir, "case folder not found")
     found = {scheme: {} for scheme in SCHEMES}
-    extensions = set()
     for path in sorted(case_dir.iterdir()):
         split = _split_name(path)
         if path.name.startswith(".") or split is None:  # hidden files, e.g. macOS '._X.nii'
@@ -170,7 +212,6 @@ def find_case_files(case_dir):
             for part, suffix in suffixes.items():
                 if stem.endswith(suffix):
                     found[scheme].setdefault(part, []).append(path)
-                    extensions.add(split[1])
     # The scheme with more parts present wins; mixing schemes inside one case is an error.
     scheme = max(SCHEMES, key=lambda s: len(found[s]))
     other = [s for s in SCHEMES if s != scheme and found[s]]
@@ -182,20 +223,34 @@ def find_case_files(case_dir):
         if len(paths) > 1:
             raise CaseError(case, paths[0], f"several {part} files: {[p.name for p in paths]}")
         files[part] = paths[0]
-    ext = sorted(extensions)[0] if extensions else ".nii.gz"
-    for part in MODALITIES:
-        if part not in files:
-            expected = case_dir / f"{case}{SCHEMES[scheme][part]}{ext}"
-            raise CaseError(case, expected, f"missing {part} file (found {sorted(files)})")
+    missing = [part for part in MODALITIES if part not in files]
+    if len(missing) == len(MODALITIES):
+        names = ", ".join(expected_file(case_dir, files, part).name for part in MODALITIES)
+        raise CaseError(case, case_dir, f"no modality file (expected at least one of {names})")
+    if missing and not allow_missing:
+        raise CaseError(case, expected_file(case_dir, files, missing[0]),
+                        f"missing {missing[0]} file (found {sorted(files)})")
     return {part: files[part] for part in (*MODALITIES, "seg") if part in files}
 
 
+def available_subset(files):
+    """{part: Path} -> sorted tuple of the indices of the modalities present."""
+    return tuple(i for i, part in enumerate(MODALITIES) if part in files)
+
+
+def require_modalities(case_dir, files, subset):
+    """Raise CaseError naming the first file of `subset` (modality indices) that is missing."""
+    for i in subset:
+        if MODALITIES[i] not in files:
+            raise CaseError(Path(case_dir).name, expected_file(case_dir, files, MODALITIES[i]),
+                            f"missing {MODALITIES[i]} file, needed by subset {subset_name(subset)}")
+
+
 # ------------------------------------------------------------------------------ reading
-def _read(case, path, reader):
-    """Run reader(nibabel image) on path, turning any read failure into a CaseError."""
+def _guarded(case, path, read):
+    """Run read(), turning any NIfTI read failure into a CaseError naming the file."""
     try:
-        img = nib.load(path)
-        return img, reader(img)
+        return read()
     except READ_ERRORS as err:
         raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: {err})") from err
 
@@ -217,60 +272,127 @@ def _check_label(case, path, data, scheme):
     return label
 
 
-def load_case(case_dir, require_label=False):
-    """Read and validate one case folder -> Case (arrays in network order, see module doc).
-
-    Checks: all four modalities present and readable, 3-D, the same shape and the same
-    affine (within 1e-3) as the FLAIR, finite intensities; the label map (if present, or
-    required) has the same grid and only allowed values. Raises CaseError naming the file.
-    """
-    case_dir = Path(case_dir)
-    case = case_dir.name
-    files = find_case_files(case_dir)
-    scheme = _scheme_of(files)
-    if require_label and "seg" not in files:
-        expected = case_dir / f"{case}{SCHEMES[scheme]['seg']}{_split_name(files['flair'])[1]}"
-        raise CaseError(case, expected, "missing label (seg) file")
-
+def open_files(case, files):
+    """{part: Path} -> {part: nibabel image}, checked from the headers alone (no voxel is
+    read, so a whole list can be checked before any work): every file readable and 3-D, with
+    the shape and affine (within 1e-3) of the first one. Raises CaseError naming the file."""
+    images = {}
     reference = None
-    channels = []
+    for part, path in files.items():
+        img = _guarded(case, path, lambda: nib.load(path))
+        if len(img.shape) != 3:
+            raise CaseError(case, path, f"expected a 3-D volume, got shape {img.shape}")
+        if reference is None:
+            reference = path, img
+        elif img.shape != reference[1].shape:
+            raise CaseError(case, path, f"shape {img.shape} differs from "
+                                        f"{reference[0].name} {reference[1].shape}")
+        elif not np.allclose(img.affine, reference[1].affine, rtol=0, atol=AFFINE_TOLERANCE):
+            difference = np.abs(img.affine - reference[1].affine).max()
+            raise CaseError(  # one line: the affines as nested lists
+                case, path,
+                f"affine differs from {reference[0].name} by up to {difference:.3g} (more than "
+                f"{AFFINE_TOLERANCE}): {img.affine.round(4).tolist()} vs "
+                f"{reference[1].affine.round(4).tolist()}",
+            )
+        images[part] = img
+    return images
+
+
+def case_files(case_dir, require_label=False, allow_missing=False):
+    """find_case_files, and with require_label a CaseError naming the missing seg file."""
+    case_dir = Path(case_dir)
+    files = find_case_files(case_dir, allow_missing)
+    if require_label and "seg" not in files:
+        raise CaseError(case_dir.name, expected_file(case_dir, files, "seg"), "missing label (seg) file")
+    return files
+
+
+def read_files(case, files):
+    """Read and validate explicit files -> Case. case: the name for messages; files: {part:
+    Path} with at least one modality ("flair", "t1", "t1ce", "t2") and optionally "seg".
+
+    Checks: every file readable, 3-D, the same shape and the same affine (within 1e-3) as
+    the first modality, finite intensities; the label map only allowed values. Modalities
+    not given are zero channels, absent from Case.available. Raises CaseError naming the file.
+    """
+    files = {part: Path(files[part]) for part in (*MODALITIES, "seg") if part in files}
+    available = available_subset(files)
+    if not available:
+        raise CaseError(case, next(iter(files.values()), Path(case)), "no modality file given")
+    images = open_files(case, files)
+    reference = images[MODALITIES[available[0]]]
+    x, y, z = reference.shape
+    image = np.zeros((len(MODALITIES), z, x, y), dtype=np.float32)  # network order
     label = None
     for part, path in files.items():
+        img = images[part]
         if part == "seg":
             # Labels are read as stored (no scaling to float) to check the exact values.
-            img, data = _read(case, path, lambda im: np.asanyarray(im.dataobj))
-        else:
-            img, data = _read(case, path, lambda im: im.get_fdata(dtype=np.float32))
-        if data.ndim != 3:
-            raise CaseError(case, path, f"expected a 3-D volume, got shape {data.shape}")
-        if reference is None:
-            reference = img
-        elif data.shape != reference.shape:
-            raise CaseError(
-                case, path, f"shape {data.shape} differs from {files['flair'].name} {reference.shape}"
-            )
-        elif not np.allclose(img.affine, reference.affine, rtol=0, atol=AFFINE_TOLERANCE):
-            raise CaseError(
-                case, path,
-                f"affine differs from {files['flair'].name} by more than {AFFINE_TOLERANCE}:\n"
-                f"{img.affine}\nvs\n{reference.affine}",
-            )
-        if part == "seg":
-            label = to_network_order(_check_label(case, path, data, scheme))
-        else:
-            if not np.isfinite(data).all():
-                raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels")
-            channels.append(to_network_order(data))
+            data = _guarded(case, path, lambda: np.asanyarray(img.dataobj))
+            label = to_network_order(_check_label(case, path, data, _scheme_of(files)))
+            continue
+        data = _guarded(case, path, lambda: img.get_fdata(dtype=np.float32))
+        if not np.isfinite(data).all():
+            raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels")
+        image[MODALITIES.index(part)] = to_network_order(data)
 
     header = reference.header
     zooms = tuple(float(z) for z in header.get_zooms()[:3])
     return Case(
         name=case,
         files=files,
-        image=np.ascontiguousarray(np.stack(channels)),
+        image=image,
         label=None if label is None else np.ascontiguousarray(label),
         affine=np.asarray(reference.affine, dtype=np.float64),
         header=header,
         shape_xyz=tuple(int(s) for s in reference.shape),
         spacing=(zooms[2], zooms[0], zooms[1]),  # (X, Y, Z) -> network order (D, H, W)
+        available=available,
     )
+
+
+def load_case(case_dir, require_label=False, allow_missing=False):
+    """Read and validate one case folder -> Case (arrays in network order, see module doc).
+
+    All four modalities are required unless allow_missing (inference on incomplete cases:
+    any non-empty subset, see read_files); the label map (if present, or required) must lie on
+    the same grid. Raises CaseError naming the case and the file.
+    """
+    return read_files(Path(case_dir).name, case_files(case_dir, require_label, allow_missing))
+
+
+def brats_like_warnings(case):
+    """What a BraTS-trained model assumes that this case does not look like -> list of str.
+
+    BraTS volumes are co-registered on one grid (load_case already refuses different shapes
+    or affines), about 1 mm isotropic, and skull-stripped with a background of exactly 0, the
+    same brain voxels being non-zero in every modality. A model given anything else returns
+    masks that look plausible and are wrong, so these deserve a warning, not silence.
+    """
+    warnings = []
+    z, x, y = case.spacing
+    lo, hi = SPACING_RANGE_MM
+    if not all(lo <= s <= hi for s in case.spacing):
+        warnings.append(f"case {case.name}: voxel size {x:g} x {y:g} x {z:g} mm; a BraTS-trained "
+                        "model expects about 1 mm isotropic volumes (resample them first)")
+    reference = None
+    for i in case.available:
+        path = case.files[MODALITIES[i]]
+        brain = case.image[i] != 0
+        background = 1 - np.count_nonzero(brain) / brain.size
+        if background < MIN_BACKGROUND_FRACTION:
+            warnings.append(f"case {case.name}: {path.name}: only {background:.0%} of the voxels "
+                            "are 0; not skull-stripped? BraTS volumes are skull-stripped with a "
+                            "background of exactly 0 (about 80 % of the voxels)")
+            continue
+        if reference is None:
+            reference = path, brain
+            continue
+        dice = 2 * np.count_nonzero(brain & reference[1]) / (
+            np.count_nonzero(brain) + np.count_nonzero(reference[1]))
+        if dice < MIN_BRAIN_DICE:
+            warnings.append(f"case {case.name}: {path.name}: its non-zero voxels (the brain) "
+                            f"overlap those of {reference[0].name} with a Dice of only {dice:.2f}; "
+                            "not co-registered, or skull-stripped differently?")
+    return warnings

@@ -149,11 +149,16 @@ def normalize_image(image, fn=normalize):
 
 
 def normalize_case(case, fn=normalize):
-    """A loaded case's image (4,D,H,W) normalised per modality; a failure names the case and file."""
-    image = np.empty_like(case.image, dtype=np.float32)
-    for c, part in enumerate(MODALITIES):
+    """A loaded case's image (4,D,H,W) normalised per modality; a failure names the case and file.
+
+    Only the modalities read from files (case.available) are normalised: a missing one's
+    channel stays zero, which is how the network is told it is missing (the published
+    formula is undefined on an all-zero volume).
+    """
+    image = np.zeros_like(case.image, dtype=np.float32)
+    for c in case.available:
         try:
             image[c] = fn(case.image[c])
         except NormalizationError as err:
-            raise CaseError(case.name, case.files[part], f"cannot normalise: {err}") from err
+            raise CaseError(case.name, case.files[MODALITIES[c]], f"cannot normalise: {err}") from err
     return image

@@ -9,9 +9,15 @@ import pytest
 from datasets.brats import (
     CaseError,
     DataError,
+    brats_like_warnings,
+    case_files,
     find_case_files,
+    find_cases,
     load_case,
+    open_files,
     read_datalist,
+    read_files,
+    refuse_duplicates,
     resolve_list,
     to_network_order,
     to_nifti_order,
@@ -284,3 +290,101 @@ def test_published_val_list_rebased(tmp_path):
     folders = read_datalist(lst, tmp_path)
     assert len(folders) == len(entries) == 57
     assert all(f.parent.parent == tmp_path and f.parent.name in ("HGG", "LGG") for f in folders)
+
+
+# ---------------------------------------------------------------- incomplete cases (inference)
+@pytest.mark.parametrize("scheme, ext, present", [
+    ("2018", ".nii.gz", ("flair", "t1ce")),
+    ("2018", ".nii", ("t2",)),
+    ("2023", ".nii.gz", ("t1", "t1ce", "t2")),
+])
+def test_inference_reads_any_subset_of_the_modalities(tmp_path, scheme, ext, present):
+    name = "BraTS-GLI-00002-000" if scheme == "2023" else "Brats18_X"
+    folder, volumes = write_case(tmp_path, name, scheme, ext)
+    missing = [m for m in MODALITIES if m not in present]
+    for modality in missing:
+        part_path(folder, modality, scheme, ext).unlink()
+
+    with pytest.raises(CaseError) as info:  # training: all four, the first missing one named
+        load_case(folder)
+    assert str(info.value).startswith(f"case {name}: {part_path(folder, missing[0], scheme, ext)}: "
+                                      f"missing {missing[0]} file")
+
+    case = load_case(folder, allow_missing=True)
+    assert case.available == tuple(MODALITIES.index(m) for m in present)
+    assert list(case.files) == [*present, "seg"]
+    for i, modality in enumerate(MODALITIES):
+        expected = volumes[modality].transpose(2, 0, 1) if modality in present else 0
+        np.testing.assert_array_equal(case.image[i], expected)
+    np.testing.assert_array_equal(case.label, make_volumes()["seg"].transpose(2, 0, 1))
+
+
+def test_a_case_without_any_modality_names_the_files_expected(tmp_path):
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    for modality in MODALITIES:
+        part_path(folder, modality).unlink()
+    with pytest.raises(CaseError) as info:
+        load_case(folder, allow_missing=True)
+    assert str(info.value) == (f"case Brats18_X: {folder}: no modality file (expected at least one of "
+                               "Brats18_X_flair.nii.gz, Brats18_X_t1.nii.gz, Brats18_X_t1ce.nii.gz, "
+                               "Brats18_X_t2.nii.gz)")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaseError, match="case empty: .*empty: no modality file"):
+        load_case(tmp_path / "empty", allow_missing=True)
+
+
+def test_present_modalities_must_share_the_grid(tmp_path):
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    part_path(folder, "flair").unlink()
+    bad = _break_shape(folder)  # t2, compared with the first modality present: t1
+    with pytest.raises(CaseError, match=f"{bad}: shape .24, 20, 15. differs from Brats18_X_t1.nii.gz"):
+        load_case(folder, allow_missing=True)
+
+
+def test_headers_are_checked_without_reading_the_voxels(tmp_path):
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    _break_truncated(folder)  # a valid header over half the voxels
+    files = case_files(folder)
+    assert set(open_files("Brats18_X", files)) == set(files)  # the header check passes
+    with pytest.raises(CaseError, match="unreadable NIfTI"):
+        read_files("Brats18_X", files)  # reading the voxels does not
+    _break_shape(folder)
+    with pytest.raises(CaseError, match="Brats18_X_t2.nii.gz: shape"):
+        open_files("Brats18_X", files)
+
+
+def test_find_cases_and_duplicates(tmp_path):
+    for name in ("B", "A"):
+        write_case(tmp_path / "root", name)
+    (tmp_path / "root" / ".hidden").mkdir()
+    assert find_cases(tmp_path / "root") == [tmp_path / "root" / "A", tmp_path / "root" / "B"]
+    assert find_cases(tmp_path / "root" / "A") == [tmp_path / "root" / "A"]  # one case
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match="holds neither NIfTI files nor case folders"):
+        find_cases(tmp_path / "nothing")
+    with pytest.raises(CaseError, match="case A: list.csv: case name listed more than once"):
+        refuse_duplicates([Path("HGG/A"), Path("B"), Path("LGG/A")], "list.csv")
+
+
+def test_brats_like_warnings(tmp_path):
+    folder, volumes = write_case(tmp_path, "Brats18_X")
+    # ZOOMS (1, 1.5, 2) mm: not the 1 mm BraTS is resampled to
+    assert brats_like_warnings(load_case(folder)) == [
+        "case Brats18_X: voxel size 1 x 1.5 x 2 mm; a BraTS-trained model expects about 1 mm "
+        "isotropic volumes (resample them first)"]
+    case = load_case(folder)
+    case.spacing = (1.0, 1.0, 1.0)  # as if 1 mm: nothing else to say
+    assert brats_like_warnings(case) == []
+    # not skull-stripped: no background voxel is 0
+    save(volumes["t1"] + np.int16(1), part_path(folder, "t1"))
+    # not co-registered: the brain (non-zero voxels) moved 6 voxels along x, of 18
+    save(np.roll(volumes["t2"], 6, axis=0), part_path(folder, "t2"))
+    case = load_case(folder)
+    case.spacing = (1.0, 1.0, 1.0)
+    dice = 2 * (12 * 14 * 12) / (2 * 18 * 14 * 12)  # overlapping boxes, by hand: 0.67
+    assert brats_like_warnings(case) == [
+        "case Brats18_X: Brats18_X_t1.nii.gz: only 0% of the voxels are 0; not skull-stripped? "
+        "BraTS volumes are skull-stripped with a background of exactly 0 (about 80 % of the voxels)",
+        f"case Brats18_X: Brats18_X_t2.nii.gz: its non-zero voxels (the brain) overlap those of "
+        f"Brats18_X_flair.nii.gz with a Dice of only {dice:.2f}; not co-registered, or "
+        "skull-stripped differently?"]

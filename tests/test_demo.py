@@ -10,6 +10,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from test_figures import read_png
+from utils.figures import case_layout
 from utils.modalities import ALL_SUBSETS, subset_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,3 +56,20 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert list(table["subset"]) == [subset_name(s) for s in ALL_SUBSETS] + ["mean"]
     assert "| mean" in run.stdout
     assert "demo finished" in run.stdout
+
+    # Pictures: one per test case (ground truth + 15 subset rows, 4 modality columns), the
+    # Dice chart; and the one case segmented from its FLAIR and T1ce alone, with its figure.
+    assert read_png(repo / f"outputs/demo/figures/{case}.png", case_layout((64, 64), 16, 4)[:2]).any()
+    read_png(repo / "outputs/demo/dice.png", (1025, 450))
+    predicted = nib.load(repo / f"outputs/demo_predict/{case}.nii.gz")
+    np.testing.assert_allclose(predicted.affine, reference.affine)
+    read_png(repo / f"outputs/demo_predict/{case}.png", case_layout((64, 64), 1, 2)[:2])
+    for line in (f"figures             outputs/demo/figures/<case>.png",
+                 f"outputs/demo_predict/{case}.nii.gz, figure outputs/demo_predict/{case}.png"):
+        assert line in run.stdout
+
+    # Run again: training is skipped, the export replaces the previous one.
+    again = subprocess.run(["bash", "run.sh", "demo"], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "demo_stage2/final.pth exists" in again.stdout and "demo finished" in again.stdout

@@ -1,4 +1,7 @@
+import os
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -7,31 +10,14 @@ import pytest
 import torch
 
 import eval as evaluate
-from datasets.synthetic import generate
-from models import LCKD, LCKDConfig
+from test_demo import LOCAL, REPO
+from test_figures import assert_regions_drawn, read_png
+from utils import figures
 from utils.inference import predict_subsets
+from utils.lock import exclusive_lock
 from utils.modalities import ALL_SUBSETS, subset_name
-
-# Small enough for the CPU (the 15-subset pass decodes 15 times), large enough for the
-# published normalisation (its histogram needs 50 voxels per top bin).
-SHAPE_XYZ = (64, 64, 32)  # network order (32, 64, 64): one window of the saved input_size
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Two synthetic cases, a list of them, and a random small model saved as train.py does."""
-    root = tmp_path_factory.mktemp("eval")
-    cases = generate(root / "data", 2, shape_xyz=SHAPE_XYZ, seed=3)
-    (root / "cases.csv").write_text("".join(f"{c.name}\n" for c in cases))
-    (root / "one.csv").write_text(f"{cases[1].name}\n")
-    torch.manual_seed(0)
-    model = LCKD(LCKDConfig.small())
-    checkpoint = {"model": model.state_dict(),
-                  "config": {"model_size": "small", "input_size": [32, 64, 64],
-                             "weight_std": True, "norm_cfg": "IN",
-                             "activation_cfg": "LeakyReLU"}}
-    torch.save(checkpoint, root / "final.pth")
-    return root, cases
+from utils.segment import load_model
+from utils.user_errors import UsageError, run_main
 
 
 def run(root, out, *flags, data_list="cases.csv"):
@@ -40,8 +26,8 @@ def run(root, out, *flags, data_list="cases.csv"):
                           "--device", "cpu", *flags])
 
 
-def test_mode_all_writes_15_subsets_and_table_equal_to_single_runs(setup, tmp_path):
-    root, cases = setup
+def test_mode_all_writes_15_subsets_and_table_equal_to_single_runs(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
     table = run(root, tmp_path / "all", "--mode", "all")
 
     folders = sorted(p.name for p in (tmp_path / "all").iterdir() if p.is_dir())
@@ -89,11 +75,10 @@ def test_mode_all_writes_15_subsets_and_table_equal_to_single_runs(setup, tmp_pa
             assert np.count_nonzero(single != joint) <= 1e-4 * single.size
 
 
-def test_joint_probabilities_equal_single_subset_runs(setup):
-    root, _ = setup
-    model, _, window = evaluate.load_model(
-        evaluate.parse_args(["--restore_from", str(root / "final.pth"), "--input_size", "16,32,32"]),
-        torch.device("cpu"))
+def test_joint_probabilities_equal_single_subset_runs(segmentation_setup):
+    root, _ = segmentation_setup
+    args = evaluate.parse_args(["--restore_from", "unused", "--input_size", "16,32,32"])
+    model, _, window = load_model(root / "final.pth", args, torch.device("cpu"))
     image = torch.randn(4, 16, 32, 32)
     joint = predict_subsets(model, image, ALL_SUBSETS, window)
     for i in (0, 14):
@@ -101,8 +86,8 @@ def test_joint_probabilities_equal_single_subset_runs(setup):
         torch.testing.assert_close(joint[i], single, rtol=0, atol=1e-5)
 
 
-def test_flags_override_the_checkpoint_and_unlabelled_cases_are_only_exported(setup, tmp_path):
-    root, cases = setup
+def test_flags_override_the_checkpoint_and_unlabelled_cases_are_only_exported(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
     unlabelled = tmp_path / "data" / cases[0].name
     shutil.copytree(cases[0], unlabelled)
     (unlabelled / f"{cases[0].name}_seg.nii.gz").unlink()
@@ -122,11 +107,11 @@ def test_flags_override_the_checkpoint_and_unlabelled_cases_are_only_exported(se
     assert '"overlap": 0.5' in config
 
 
-def test_model_flags_and_bad_modes_are_checked(setup, tmp_path):
-    root, _ = setup
+def test_model_flags_and_bad_modes_are_checked(segmentation_setup, tmp_path):
+    root, _ = segmentation_setup
     with pytest.raises(ValueError, match="training mode"):
         run(root, tmp_path, "--mode", "random")
-    with pytest.raises(RuntimeError, match="does not fit"):
+    with pytest.raises(UsageError, match="does not fit"):
         run(root, tmp_path, "--activation_cfg", "ReLU", "--norm_cfg", "BN")
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--restore_from", "x", "--weight_std", "maybe"])
@@ -146,8 +131,8 @@ def test_summary_table_by_hand():
     assert table.loc[2, "subset"] == "mean" and table.loc[2, "FLAIR"] == ""
 
 
-def test_a_case_that_cannot_be_normalised_names_the_case_and_file(setup, tmp_path):
-    root, cases = setup
+def test_a_case_that_cannot_be_normalised_names_the_case_and_file(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
     bad = tmp_path / "data" / cases[0].name
     shutil.copytree(cases[0], bad)
     t1 = bad / f"{cases[0].name}_t1.nii.gz"
@@ -158,3 +143,221 @@ def test_a_case_that_cannot_be_normalised_names_the_case_and_file(setup, tmp_pat
         evaluate.main(["--data_list", str(tmp_path / "bad.csv"), "--data_root", str(tmp_path / "data"),
                        "--restore_from", str(root / "final.pth"), "--output_dir", str(tmp_path / "out"),
                        "--device", "cpu"])
+
+
+# ----------------------------------------------------------------- incomplete cases, --input
+def copy_cases(cases, folder, drop=()):
+    """Copies of the case folders in `folder`, without the modality files named in `drop`."""
+    for case in cases:
+        shutil.copytree(case, folder / case.name)
+        for modality in drop:
+            (folder / case.name / f"{case.name}_{modality}.nii.gz").unlink()
+    return folder
+
+
+def masks(folder):
+    return {p.name: np.asanyarray(nib.load(p).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+def cli(argv):
+    """eval.py as the shell runs it: a user error exits with its one-line message."""
+    with pytest.raises(SystemExit) as info:
+        run_main(evaluate.main, argv)
+    return str(info.value.code)
+
+
+def test_available_mode_equals_the_fixed_subset_on_complete_cases(segmentation_setup, tmp_path, capsys):
+    root, cases = segmentation_setup
+    incomplete = copy_cases(cases, tmp_path / "incomplete", drop=("t1", "t2"))
+    common = ["--restore_from", str(root / "final.pth"), "--device", "cpu"]
+    evaluate.main(["--input", str(incomplete), "--mode", "available",
+                   "--output_dir", str(tmp_path / "available"), *common])
+    printed = capsys.readouterr().out
+    evaluate.main(["--input", str(root / "data"), "--mode", "flair,t1ce",
+                   "--output_dir", str(tmp_path / "fixed"), *common])
+
+    available = masks(tmp_path / "available" / "available")
+    fixed = masks(tmp_path / "fixed" / "flair+t1ce")
+    assert sorted(available) == sorted(fixed) == [f"{c.name}.nii.gz" for c in cases]
+    for name in fixed:  # the same network input: zero channels are what "missing" means
+        np.testing.assert_array_equal(available[name], fixed[name])
+    assert [p.name for p in (tmp_path / "available").iterdir() if p.is_dir()] == ["available"]
+
+    metrics = pd.read_csv(tmp_path / "available" / "metrics.csv")
+    assert set(metrics["subset"]) == {"flair+t1ce"} and len(metrics) == 2 * 3
+    record = pd.read_csv(tmp_path / "available" / "cases.csv")
+    assert record["available"].tolist() == ["flair+t1ce"] * 2
+    assert record["case"].tolist() == [c.name for c in cases]
+    for case in cases:
+        assert f"{case.name}: flair+t1ce" in printed
+    summary = pd.read_csv(tmp_path / "available" / "summary.csv")
+    assert summary["subset"].tolist() == ["flair+t1ce", "mean"]
+
+
+def test_available_mode_groups_the_table_by_each_cases_subset(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    folder = tmp_path / "mixed"
+    copy_cases(cases[:1], folder, drop=("t1ce",))
+    copy_cases(cases[1:], folder, drop=("flair", "t1", "t2"))
+    table = evaluate.main(["--input", str(folder), "--mode", "available", "--restore_from",
+                           str(root / "final.pth"), "--device", "cpu",
+                           "--output_dir", str(tmp_path / "out")])
+    assert table["subset"].tolist() == ["t1ce", "flair+t1+t2", "mean"]
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert dict(zip(metrics["case"], metrics["subset"])) == {cases[0].name: "flair+t1+t2",
+                                                             cases[1].name: "t1ce"}
+    # --input may also be one case folder
+    evaluate.main(["--input", str(folder / cases[1].name), "--mode", "t1ce", "--restore_from",
+                   str(root / "final.pth"), "--device", "cpu", "--output_dir", str(tmp_path / "one")])
+    assert sorted(masks(tmp_path / "one" / "t1ce")) == [f"{cases[1].name}.nii.gz"]
+
+
+def _other_shape(case, modality):
+    path = case / f"{case.name}_{modality}.nii.gz"
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(np.ones((64, 64, 31), np.int16), image.affine), path)
+    return path
+
+
+@pytest.mark.parametrize("mode, breaks, expected", [
+    ("all", lambda case: (case / f"{case.name}_t2.nii.gz").unlink(), "_t2.nii.gz: missing t2 file"),
+    ("flair,t1", lambda case: (case / f"{case.name}_t1.nii.gz").unlink(), "_t1.nii.gz: missing t1"),
+    ("available", lambda case: [p.unlink() for p in case.glob("*_[ft]*.nii.gz")],
+     "no modality file"),
+    ("available", lambda case: _other_shape(case, "t1ce"), "_t1ce.nii.gz: shape (64, 64, 31) differs"),
+])
+def test_a_bad_case_stops_the_run_before_anything_is_written(segmentation_setup, tmp_path, mode,
+                                                            breaks, expected):
+    root, cases = segmentation_setup
+    folder = copy_cases(cases, tmp_path / "data")
+    breaks(folder / cases[1].name)  # the second case: a run that wrote as it went would have
+    out = tmp_path / "out"          # exported the first one
+    message = cli(["--input", str(folder), "--mode", mode, "--restore_from",
+                   str(root / "final.pth"), "--device", "cpu", "--output_dir", str(out)])
+    assert message.startswith(f"error: case {cases[1].name}: ") and expected in message
+    assert "\n" not in message.split("\n")[0] and not out.exists()
+
+
+def test_duplicate_cases_are_refused(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    (tmp_path / "dup.csv").write_text(f"{cases[0].name}\n{cases[1].name}\n{cases[0].name}\n")
+    message = cli(["--data_list", str(tmp_path / "dup.csv"), "--data_root", str(root / "data"),
+                   "--restore_from", str(root / "final.pth"), "--output_dir", str(tmp_path / "out")])
+    assert message == f"error: case {cases[0].name}: {tmp_path / 'dup.csv'}: case name listed more than once"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch_size", "0"], "--batch_size: must be at least 1"),
+    (["--workers", "0"], "--workers: must be at least 1"),
+    (["--overlap", "1"], "--overlap: must be in [0, 1)"),
+    (["--input_size", "30,64,64"], "D must be a multiple of 16"),
+    (["--input_size", "32,64"], "expected D,H,W"),
+])
+def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--restore_from", "missing.pth", *flags])
+    assert info.value.code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda"),
+    (["--mode", "random"], "training mode"),
+    (["--mode", "flair,dwi"], "--mode: unknown modality 'dwi'"),
+    (["--input", "x", "--data_list", "y.csv"], "--input or --data_list, not both"),
+])
+def test_bad_flag_combinations_are_refused_before_any_work(flags, expected, tmp_path):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    # Neither the checkpoint nor the data exist: the flags must be refused first.
+    message = cli(["--restore_from", str(tmp_path / "missing.pth"), "--output_dir",
+                   str(tmp_path / "out"), *flags])
+    assert message.startswith("error: ") and expected in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_checkpoint_is_a_one_line_error(segmentation_setup, tmp_path):
+    root, _ = segmentation_setup
+    message = cli(["--data_list", str(root / "one.csv"), "--data_root", str(root / "data"),
+                   "--restore_from", str(tmp_path / "nope.pth"), "--device", "cpu"])
+    assert message == f"error: checkpoint {tmp_path / 'nope.pth'} does not exist"
+
+
+# -------------------------------------------------------------------------- the output folder
+def test_an_earlier_evaluation_is_refused_then_replaced_with_overwrite(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    out = tmp_path / "out"
+    run(root, out, "--mode", "flair,t1ce")  # both labelled cases: metrics, summary
+    (out / "notes.txt").write_text("mine")
+    (out / "flair+t1ce" / "Other_case.nii.gz").write_bytes(b"a stale mask of another list")
+    (out / "flair+t1ce" / ".Other_case.nii.gz.x1.tmp.nii.gz").write_bytes(b"a killed write")
+    (out / ".summary.md.x2.tmp.md").write_text("a killed write")
+    before = (out / "eval_config.json").read_text()
+
+    message = cli(["--data_list", str(root / "one.csv"), "--data_root", str(root / "data"),
+                   "--restore_from", str(root / "final.pth"), "--output_dir", str(out),
+                   "--device", "cpu", "--mode", "t1"])
+    assert message.startswith(f"error: --output_dir {out} holds a previous evaluation")
+    assert "--overwrite" in message and (out / "eval_config.json").read_text() == before
+
+    # the new run: one case, another subset, no labels -> nothing of the old run may remain
+    unlabelled = copy_cases(cases[1:], tmp_path / "unlabelled", drop=("seg",))
+    evaluate.main(["--input", str(unlabelled), "--restore_from", str(root / "final.pth"),
+                   "--output_dir", str(out), "--device", "cpu", "--mode", "t1", "--overwrite"])
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert left == [".lock", "cases.csv", "eval_config.json", "notes.txt", "t1",
+                    f"t1/{cases[1].name}.nii.gz"]
+    assert (out / "notes.txt").read_text() == "mine"  # not eval.py's: kept
+
+
+def test_the_output_folder_is_locked_while_a_run_uses_it(segmentation_setup, tmp_path):
+    root, _ = segmentation_setup
+    out = tmp_path / "out"
+    with exclusive_lock(out, "output folder"):
+        # flock is per open file: a second open in this process conflicts like another process
+        message = cli(["--data_list", str(root / "one.csv"), "--data_root", str(root / "data"),
+                       "--restore_from", str(root / "final.pth"), "--output_dir", str(out),
+                       "--device", "cpu"])
+    assert message.startswith(f"error: output folder {out} is in use by pid ")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+# ----------------------------------------------------------------------------------- figures
+def test_figures_show_each_subset_over_each_modality(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    out = tmp_path / "out"
+    incomplete = copy_cases(cases[:1], tmp_path / "data", drop=("t1",))
+    table = evaluate.main(["--input", str(incomplete), "--restore_from", str(root / "final.pth"),
+                           "--output_dir", str(out), "--device", "cpu", "--mode", "flair,t2",
+                           "--figures"])
+    case = cases[0].name
+    png = out / "figures" / f"{case}.png"
+    label = np.asanyarray(nib.load(cases[0] / f"{case}_seg.nii.gz").dataobj)  # (X, Y, Z)
+    prediction = np.asanyarray(nib.load(out / "flair+t2" / f"{case}.nii.gz").dataobj)
+    z = int(np.count_nonzero(label, axis=(0, 1)).argmax())  # the slice with the most tumour
+    # rows: ground truth, flair+t2; columns: the three modalities the case has
+    rgb = read_png(png, figures.case_layout((64, 64), 2, 3)[:2])
+    for row, expected in enumerate((label[:, :, z], prediction[:, :, z])):
+        for column in range(3):
+            assert_regions_drawn(rgb, figures.panel_box((64, 64), row, column), expected)
+    chart = read_png(out / "dice.png", (600, 450))
+    assert len(np.unique(chart.reshape(-1, 3), axis=0)) > 10
+    assert table["subset"].tolist() == ["flair+t2", "mean"]
+
+
+def test_eval_sh_re_exports_into_its_folder(segmentation_setup, tmp_path):
+    # eval.sh is the user's re-export command: it passes --overwrite, so a second run into the
+    # same OUT replaces the first instead of being refused.
+    root, cases = segmentation_setup
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*LOCAL))
+    incomplete = copy_cases(cases, tmp_path / "cases", drop=("t2",))
+    env = dict(os.environ, PYTHON=sys.executable, CKPT=str(root / "final.pth"),
+               INPUT=str(incomplete), MODE="available", OUT=str(tmp_path / "out"))
+    for _ in range(2):
+        done = subprocess.run(["bash", "eval.sh", "cpu"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(masks(tmp_path / "out" / "available")) == [f"{c.name}.nii.gz" for c in cases]
+    assert "flair+t1+t1ce" in done.stdout

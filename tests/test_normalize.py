@@ -1,12 +1,17 @@
 """Published intensity normalisation: hand-computed values and fast == reference, bit for bit."""
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from datasets.brats import CaseError
 from datasets.normalize import (
     NormalizationError,
     _bin_indices,
     _top_bin,
     normalize,
+    normalize_case,
     normalize_image,
     normalize_published,
 )
@@ -131,3 +136,18 @@ def test_normalize_image_per_modality():
         assert same_bits(out[c], normalize_published(image[c]))
         fg = out[c][image[c] != 0]
         assert abs(fg.mean()) < 1e-4 and abs(fg.std() - 1) < 1e-3
+
+
+def test_normalize_case_leaves_missing_modalities_zero():
+    # An all-zero channel would fail the published formula (0 bins); a missing modality's
+    # channel is not normalised and stays zero, which is how the network reads "missing".
+    image = np.stack([brats_like(0), np.zeros((40, 48, 36), np.int16), brats_like(2),
+                      np.zeros((40, 48, 36), np.int16)]).astype(np.float32)
+    case = SimpleNamespace(name="X", image=image, available=(0, 2),
+                           files={"flair": Path("X_flair.nii.gz"), "t1ce": Path("X_t1ce.nii.gz")})
+    out = normalize_case(case)
+    assert same_bits(out[0], normalize(image[0])) and same_bits(out[2], normalize(image[2]))
+    assert not out[1].any() and not out[3].any()
+    case.available, case.files["t1"] = (0, 1, 2), Path("X_t1.nii.gz")  # an all-zero T1 file
+    with pytest.raises(CaseError, match="case X: X_t1.nii.gz: cannot normalise: volume maximum 0.0 < 1"):
+        normalize_case(case)

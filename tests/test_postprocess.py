@@ -1,8 +1,10 @@
 """postprocess.py: the published rules on small label maps, and the script on a tmp folder."""
 import hashlib
+import itertools
 import os
 import signal
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 
 import postprocess
+from datasets.brats import CaseError, DataError
 from postprocess import Rules, postprocess_label, relabel_small_et, remove_components
+from utils.user_errors import UsageError
 
 SHAPE = (20, 20, 40)  # (X, Y, Z) NIfTI order; z = slice axis
 
@@ -80,7 +84,8 @@ def test_published_defaults_on_a_full_case():
     _cube(label, (15, 15, 35), 7, 4)  # 343 ET voxels < 500 -> NCR
     _cube(label, (45, 45, 40), 5, 2)  # 125 < min(2000, 800) -> removed
     cleaned, info = postprocess_label(label)
-    assert info == {"components_removed": 1, "et_relabelled": True}
+    assert info == {"components_removed": 1, "necrosis_relabelled": 0, "et_relabelled": True,
+                    "warnings": []}
     assert (cleaned == 1).sum() == 343 and (cleaned == 2).sum() == 8000 - 343
 
 
@@ -132,7 +137,7 @@ def test_script_flat_folder_in_process(tmp_path):
 def test_script_refuses_overlapping_output(tmp_path):
     _write(tmp_path / "in" / "case.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
     for target in (tmp_path / "in", tmp_path / "in" / "post", tmp_path):
-        with pytest.raises(SystemExit, match="must not"):
+        with pytest.raises(UsageError, match="must not"):
             postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(target)])
 
 
@@ -140,12 +145,12 @@ def test_bad_labels_and_unreadable_files_name_the_file(tmp_path):
     bad = np.zeros((4, 4, 4), np.uint8)
     bad[0, 0, 0] = 3
     _write(tmp_path / "in" / "bad.nii.gz", bad, np.eye(4))
-    with pytest.raises(ValueError, match=r"bad\.nii\.gz.*\[3\]"):
+    with pytest.raises(DataError, match=r"bad\.nii\.gz.*\[3\]"):
         postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "o1"),
                           "--num_workers", "0"])
     (tmp_path / "in2").mkdir()
     (tmp_path / "in2" / "broken.nii.gz").write_bytes(b"not a nifti")
-    with pytest.raises(RuntimeError, match=r"broken\.nii\.gz"):
+    with pytest.raises(DataError, match=r"broken\.nii\.gz"):
         postprocess.main(["--input_dir", str(tmp_path / "in2"), "--output_dir", str(tmp_path / "o2"),
                           "--num_workers", "0"])
     assert not (tmp_path / "o1" / "bad.nii.gz").exists()
@@ -166,7 +171,7 @@ def test_truncated_mask_names_the_file(tmp_path):
     path = tmp_path / "in" / "cut.nii.gz"
     _write(path, np.zeros((20, 20, 20), np.uint8), np.eye(4))
     path.write_bytes(path.read_bytes()[:60])  # gzip stream cut inside the data
-    with pytest.raises(RuntimeError, match=r"cut\.nii\.gz: cannot read the mask"):
+    with pytest.raises(DataError, match=r"cut\.nii\.gz: cannot read the mask"):
         postprocess.read_mask(path)
 
 
@@ -186,3 +191,193 @@ def test_dead_worker_raises_instead_of_hanging(tmp_path, monkeypatch):
                               str(tmp_path / "out"), "--num_workers", "2"])
     finally:
         signal.alarm(0)
+
+
+# ------------------------------------------------------------- thin volumes, all tumour removed
+def test_a_volume_too_thin_for_the_bottom_rule_keeps_its_tumour_with_a_warning():
+    label = np.zeros((20, 20, 25), np.uint8)  # 25 slices: all of them are "the lowest 25"
+    _cube(label, (5, 5, 10), 5, 2)
+    cleaned, info = postprocess_label(label, Rules(min_component=1), name="case.nii.gz")
+    np.testing.assert_array_equal(cleaned, label)
+    assert info["components_removed"] == 0
+    assert info["warnings"] == ["case.nii.gz: 25 slices, not more than the 25 bottom slices: the "
+                                "bottom-slice rule is skipped (it would remove every component)"]
+    label = np.zeros((20, 20, 26), np.uint8)  # one slice more: the rule applies again
+    _cube(label, (5, 5, 10), 5, 2)
+    cleaned, info = postprocess_label(label, Rules(min_component=1))
+    assert not cleaned.any() and info["components_removed"] == 1
+
+
+def test_removing_all_tumour_is_never_silent(tmp_path, capsys):
+    label = np.zeros((30, 30, 30), np.uint8)
+    _cube(label, (5, 5, 2), 4, 2)  # entirely in the lowest 25 slices
+    cleaned, info = postprocess_label(label, name="case.nii.gz")
+    assert not cleaned.any()
+    assert info["warnings"] == ["case.nii.gz: all 64 tumour voxels removed (1 component(s) too "
+                                "small or in the lowest 25 slices)"]
+    _write(tmp_path / "in" / "flair" / "Brats18_A.nii.gz", label, np.eye(4))
+    postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                      "--num_workers", "0"])
+    assert "warning: flair/Brats18_A.nii.gz: all 64 tumour voxels removed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the K-means rule
+NO_DROPS = Rules(min_component=1, bottom_slices=0, et_threshold=0)  # only the K-means rule acts
+
+
+def kmeans_case(et=2, ncr=0):
+    """One 6x6x6 tumour component: `ncr` NCR and `et` ET voxels in its first row, the rest
+    edema, whose T1ce is 50 (20 voxels), 300 (100 voxels) or 700 (the rest); T1ce is 0
+    elsewhere. -> (label, t1ce, edema values)"""
+    label = np.zeros(SHAPE, np.uint8)
+    _cube(label, (2, 2, 30), 6, 2)
+    row = label[2, 2, 30:36]  # a view: 6 voxels
+    row[:ncr] = 1
+    row[ncr:ncr + et] = 4
+    t1ce = np.zeros(SHAPE, np.float32)
+    edema = label == 2
+    values = np.full(edema.sum(), 700.0)
+    values[:20], values[20:120] = 50, 300
+    t1ce[edema] = values
+    return label, t1ce
+
+
+def optimal_partition(values, weights, k=3):
+    """Brute force over every assignment of the values to k non-empty clusters: the one with
+    the least weighted squared error (k-means' global optimum) -> k sets, by increasing values."""
+    best = None
+    for assignment in itertools.product(range(k), repeat=len(values)):
+        assignment = np.array(assignment)
+        if len(set(assignment.tolist())) < k:
+            continue
+        error = sum(np.sum(weights[g] * (values[g] - np.average(values[g], weights=weights[g])) ** 2)
+                    for g in (assignment == c for c in range(k)))
+        if best is None or error < best[0]:
+            best = (error, sorted((set(values[assignment == c].tolist()) for c in range(k)), key=min))
+    return best[1]
+
+
+def test_kmeans_relabels_the_middle_group_of_the_zero_filled_volume():
+    label, t1ce = kmeans_case()
+    # The released script clusters the whole volume, every voxel but the component's edema
+    # set to 0 (15 786 zeros). By hand: with so many zeros the darkest edema (50) joins them,
+    # 300 and 700 get their own clusters, and the middle one (300) becomes necrosis.
+    values = np.array([0.0, 50, 300, 700])
+    weights = np.array([label.size - 214, 20, 100, 94])
+    groups = optimal_partition(values, weights)
+    assert groups == [{0.0, 50.0}, {300.0}, {700.0}]
+    cleaned, info = postprocess_label(label, NO_DROPS, t1ce=t1ce)
+    expected = label.copy()
+    expected[(label == 2) & (t1ce == 300)] = 1
+    np.testing.assert_array_equal(cleaned, expected)
+    assert info["necrosis_relabelled"] == 100
+
+
+def test_three_means_is_the_optimum():
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        values = np.unique(rng.integers(0, 2000, rng.integers(3, 8))).astype(float)
+        if len(values) < 3:
+            continue
+        weights = rng.integers(1, 50, len(values)).astype(float)
+        if trial % 2:
+            weights[0] = 1e5  # like the released script's zero-filled volume
+        i, j = postprocess.three_means(values, weights)
+        groups = [set(values[:i].tolist()), set(values[i:j].tolist()), set(values[j:].tolist())]
+        assert groups == optimal_partition(values, weights)
+
+
+@pytest.mark.parametrize("case, rules, fires", [
+    (dict(), NO_DROPS, True),
+    # the component's ET share as published, 4 nET / (nNCR + 2 nED + 4 nET), below 0.05:
+    (dict(et=5), NO_DROPS, True),  # 20 / (2 * 211 + 20) = 0.045
+    (dict(et=6), NO_DROPS, False),  # 24 / (2 * 210 + 24) = 0.054
+    # the case's ET / tumour voxels below kmeans_case_et_ratio (2 / 216 here)
+    (dict(), replace(NO_DROPS, kmeans_case_et_ratio=2 / 216), False),
+    (dict(), replace(NO_DROPS, kmeans_case_et_ratio=2 / 216 + 1e-9), True),
+    # 4 nET below kmeans_et_value_sum (8 here)
+    (dict(), replace(NO_DROPS, kmeans_et_value_sum=8), False),
+    (dict(), replace(NO_DROPS, kmeans_et_value_sum=9), True),
+    # NCR voxels of the case below kmeans_max_ncr (3 here)
+    (dict(ncr=3), replace(NO_DROPS, kmeans_max_ncr=3), False),
+    (dict(ncr=3), replace(NO_DROPS, kmeans_max_ncr=4), True),
+])
+def test_kmeans_trigger(case, rules, fires):
+    label, t1ce = kmeans_case(**case)
+    cleaned, info = postprocess_label(label, rules, t1ce=t1ce)
+    assert (info["necrosis_relabelled"] > 0) == fires
+    without, _ = postprocess_label(label, rules)
+    assert np.array_equal(cleaned, without) != fires
+
+
+def test_published_defaults_of_the_kmeans_trigger():
+    rules = Rules()
+    assert (rules.kmeans_case_et_ratio, rules.kmeans_component_et_share, rules.kmeans_et_value_sum,
+            rules.kmeans_max_ncr) == (0.12, 0.05, 450, 10000)
+
+
+def test_kmeans_counts_necrosis_as_the_released_loop_does():
+    # An earlier component (lower x: labelled first), dropped for its size, holds 8 NCR voxels:
+    # the released loop deletes it before visiting the tumour, so the case's NCR count is 0
+    # there, below kmeans_max_ncr = 5, and the rule fires.
+    label, t1ce = kmeans_case()
+    _cube(label, (0, 14, 10), 2, 1)
+    rules = replace(Rules(min_component=10, bottom_slices=0), kmeans_max_ncr=5)
+    cleaned, info = postprocess_label(label, rules, t1ce=t1ce)
+    assert info["components_removed"] == 1 and info["necrosis_relabelled"] == 100
+
+
+def test_kmeans_leaves_a_component_without_edema_and_flat_edema_alone():
+    # The released script relabels the whole volume as necrosis here (all centres 0).
+    label = np.zeros(SHAPE, np.uint8)
+    _cube(label, (2, 2, 30), 6, 1)
+    label[2, 2, 30:32] = 4  # 8 / (214 + 8) = 0.036 < 0.05: the trigger holds
+    t1ce = np.where(label > 0, 400.0, 0.0)
+    cleaned, info = postprocess_label(label, NO_DROPS, t1ce=t1ce)
+    np.testing.assert_array_equal(cleaned, label)
+    assert info["necrosis_relabelled"] == 0 and info["warnings"] == []
+    label, t1ce = kmeans_case()
+    t1ce[t1ce > 0] = 300  # edema of one intensity: fewer than 3 groups to find
+    cleaned, info = postprocess_label(label, NO_DROPS, t1ce=t1ce)
+    np.testing.assert_array_equal(cleaned, label)
+
+
+def _images(folder, case, label, t1ce, with_t1ce=True):
+    for modality in ("flair", "t1ce") if with_t1ce else ("flair",):
+        volume = t1ce if modality == "t1ce" else (label > 0) * 500.0
+        _write(folder / case / f"{case}_{modality}.nii.gz", volume.astype(np.int16), np.eye(4))
+
+
+def test_script_kmeans_reads_t1ce_only_for_subsets_that_had_it(tmp_path, capsys):
+    label, t1ce = kmeans_case()
+    images, masks = tmp_path / "data", tmp_path / "eval"
+    _images(images, "A", label, t1ce)
+    _images(images, "B", label, t1ce, with_t1ce=False)
+    for path in ("flair/A", "flair+t1ce/A", "available/A", "available/B"):
+        _write(masks / f"{path}.nii.gz", label, np.eye(4))
+    flags = ["--input_dir", str(masks), "--num_workers", "0", "--kmeans_necrosis",
+             "--min_component", "1", "--bottom_slices", "0", "--et_threshold", "0"]
+    postprocess.main([*flags, "--output_dir", str(tmp_path / "out"), "--images", str(images)])
+    out = {p: np.asanyarray(nib.load(tmp_path / "out" / f"{p}.nii.gz").dataobj)
+           for p in ("flair/A", "flair+t1ce/A", "available/A", "available/B")}
+    kmeans, _ = postprocess_label(label, NO_DROPS, t1ce=t1ce)
+    plain, _ = postprocess_label(label, NO_DROPS)
+    assert not np.array_equal(kmeans, plain)
+    for path, expected in {"flair/A": plain, "flair+t1ce/A": kmeans, "available/A": kmeans,
+                           "available/B": plain}.items():
+        np.testing.assert_array_equal(out[path], expected, err_msg=path)
+    assert "K-means in 2 masks (2 without T1ce skipped)" in capsys.readouterr().out
+
+    # eval.py's cases.csv says where the cases are; a subset with T1ce needs the file
+    (masks / "cases.csv").write_text(f"case,folder,available\nA,{images / 'A'},flair+t1ce\n"
+                                     f"B,{images / 'B'},flair\n")
+    _write(masks / "flair+t1ce" / "B.nii.gz", label, np.eye(4))
+    with pytest.raises(CaseError, match=f"case B: {images / 'B' / 'B_t1ce.nii.gz'}: missing t1ce"):
+        postprocess.main([*flags, "--output_dir", str(tmp_path / "out2")])
+    (masks / "flair+t1ce" / "B.nii.gz").unlink()
+    postprocess.main([*flags, "--output_dir", str(tmp_path / "out3")])
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(tmp_path / "out3" / "flair+t1ce" / "A.nii.gz").dataobj), kmeans)
+    (masks / "cases.csv").unlink()
+    with pytest.raises(UsageError, match="pass --images"):
+        postprocess.main([*flags, "--output_dir", str(tmp_path / "out4")])

@@ -1,0 +1,112 @@
+"""Segment one case from explicit files: any non-empty subset of FLAIR, T1, T1ce and T2.
+
+    python predict.py --flair P01_flair.nii.gz --t1ce P01_t1ce.nii.gz \
+        --checkpoint snapshots/LCKD_stage2/final.pth -o P01_mask.nii.gz
+    python predict.py --t2 P01_t2.nii.gz --checkpoint ... -o P01_mask.nii.gz --postprocess --figure
+
+The network sees exactly the modalities given (the others are missing, as in training's
+random-missing stage). The mask is written on the grid and with the header of the inputs,
+uint8 labels 0/1/2/4, as eval.py writes them. The inputs must share one grid (an error
+otherwise); a warning is printed when they do not look like what a BraTS-trained model was
+trained on: about 1 mm isotropic, skull-stripped with a background of exactly 0, co-registered
+(the same brain voxels non-zero in every modality).
+
+--postprocess applies the published rules (postprocess.py, published thresholds, for
+240x240x155 volumes), --kmeans_necrosis with it adds the released K-means rule when T1ce is
+given. --figure writes a PNG of a slice through the tumour (default: the mask's name, .png).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from datasets.brats import EXTENSIONS, brats_like_warnings, read_files
+from datasets.normalize import normalize_case
+from postprocess import Rules, orientation_warning, postprocess_label
+from utils import figures
+from utils.export import save_labels
+from utils.modalities import MODALITIES, subset_name
+from utils.segment import add_inference_args, add_model_args, load_model, resolve_device, segment
+from utils.user_errors import UsageError, run_main
+
+T1CE = MODALITIES.index("t1ce")
+NETWORK_SLICE_AXIS = 0  # network order (D, H, W): D is the NIfTI z axis
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("the case: at least one modality (NIfTI, .nii or .nii.gz)")
+    for modality in MODALITIES:
+        g.add_argument(f"--{modality}", type=Path, default=None)
+    p.add_argument("--checkpoint", required=True, help="checkpoint (.pth) written by train.py")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the mask to write (.nii.gz)")
+    p.add_argument("--postprocess", action="store_true", help="apply the published rules")
+    p.add_argument("--kmeans_necrosis", action="store_true",
+                   help="with --postprocess: the released K-means rule (needs --t1ce)")
+    p.add_argument("--figure", nargs="?", const="", default=None, metavar="PNG",
+                   help="write a figure (default path: the mask's, with .png)")
+    add_model_args(p)
+    add_inference_args(p)
+    return p.parse_args(argv)
+
+
+def mask_stem(path):
+    """'P01_mask.nii.gz' -> 'P01_mask', or None when not a NIfTI name."""
+    return next((path.name[: -len(e)] for e in EXTENSIONS if path.name.lower().endswith(e)), None)
+
+
+def check_args(args):
+    """-> {modality: Path}; UsageError for anything wrong with the flags, before any work."""
+    files = {m: getattr(args, m) for m in MODALITIES if getattr(args, m) is not None}
+    if not files:
+        raise UsageError("give at least one modality: --flair, --t1, --t1ce, --t2")
+    for modality, path in files.items():
+        if mask_stem(path) is None:
+            raise UsageError(f"--{modality} {path}: expected a NIfTI file (.nii or .nii.gz)")
+    if mask_stem(args.output) is None:
+        raise UsageError(f"-o {args.output}: the mask is written as NIfTI, name it .nii.gz or .nii")
+    if any(args.output.resolve() == path.resolve() for path in files.values()):
+        raise UsageError(f"-o {args.output} is one of the inputs")
+    if args.kmeans_necrosis and not args.postprocess:
+        raise UsageError("--kmeans_necrosis is a post-processing rule: add --postprocess")
+    return files
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    files = check_args(args)
+    device = resolve_device(args.device)
+    name = mask_stem(args.output)
+    case = read_files(name, files)
+    for warning in brats_like_warnings(case):
+        print(f"warning: {warning}", file=sys.stderr)
+    model, _, window = load_model(args.checkpoint, args, device)
+
+    # The K-means rule reads the raw T1ce, as published; the network the normalised image.
+    t1ce = case.image[T1CE].copy() if args.kmeans_necrosis and T1CE in case.available else None
+    case.image = normalize_case(case)
+    label = segment(model, case.image, [case.available], window, args, device)[0]
+    if args.postprocess:
+        label, info = postprocess_label(label, Rules(), NETWORK_SLICE_AXIS, t1ce=t1ce, name=name)
+        for warning in filter(None, [orientation_warning(case.affine, name), *info["warnings"]]):
+            print(f"warning: {warning}", file=sys.stderr)
+        kmeans = ""
+        if args.kmeans_necrosis:
+            kmeans = (f"; K-means rule: {info['necrosis_relabelled']} edema voxels -> NCR"
+                      if t1ce is not None else "; K-means rule skipped: no T1ce")
+        print(f"post-processing: {info['components_removed']} components removed, ET "
+              f"{'relabelled as NCR' if info['et_relabelled'] else 'kept'}{kmeans}")
+    save_labels(label, case.affine, case.header, args.output)
+    counts = np.bincount(label.ravel(), minlength=5)
+    print(f"mask from {subset_name(case.available)} written to {args.output}: "
+          f"{counts[1]} NCR, {counts[2]} ED, {counts[4]} ET voxels")
+    if args.figure is not None:
+        path = Path(args.figure) if args.figure else args.output.with_name(f"{name}.png")
+        figures.case_figure(path, *figures.case_slices(case, [case.available], [label]))
+        print(f"figure written to {path}")
+    return label
+
+
+if __name__ == "__main__":
+    run_main(main)

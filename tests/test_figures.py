@@ -1,0 +1,76 @@
+"""utils/figures.py: case figures checked pixel by pixel, the Dice chart, the slice choice."""
+import numpy as np
+import pandas as pd
+from matplotlib.image import imread
+
+from utils import figures
+
+# (R - B, G - B) of a panel pixel for each label, from utils.election.overlay's blending with
+# alpha 0.5 in the order WT green (0, 200, 0), TC yellow (255, 220, 0), ET red (255, 0, 0)
+# over a grey pixel: background stays grey (0, 0); edema (WT) (0, 100); necrosis (WT, TC)
+# (127.5, 160); enhancing tumour (WT, TC, ET) (191.25, 80).
+SIGNATURES = {0: (0, 0), 2: (0, 100), 1: (127.5, 160), 4: (191.25, 80)}
+
+
+def read_png(path, size):
+    """A PNG of `size` (width, height) -> RGB int array (height, width, 3)."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rgba = imread(path)
+    assert (rgba.shape[1], rgba.shape[0]) == tuple(size)
+    return np.round(rgba[..., :3] * 255).astype(int)
+
+
+def assert_regions_drawn(rgb, box, label):
+    """Every pixel of the panel at `box` has the colour of its voxel's label.
+
+    label: the slice (H, W) as stored, e.g. a NIfTI mask's [:, :, z]; the panel shows it
+    transposed and enlarged by a whole factor.
+    """
+    top, left, bottom, right = box
+    panel = rgb[top:bottom, left:right]
+    scale = panel.shape[1] // label.shape[0]
+    assert panel.shape[:2] == (label.shape[1] * scale, label.shape[0] * scale)
+    expected = label.T.repeat(scale, 0).repeat(scale, 1)
+    signature = np.stack([panel[..., 0] - panel[..., 2], panel[..., 1] - panel[..., 2]], -1)
+    for value, (red, green) in SIGNATURES.items():
+        where = expected == value
+        assert np.abs(signature[where] - (red, green)).max(initial=0) <= 2, value
+    assert len(np.unique(expected)) > 1  # something was drawn
+
+
+def test_case_figure_draws_each_row_over_each_column(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 24, 40)).astype(np.float32)  # (C, H, W)
+    images[:, :3] = 0  # background
+    truth = np.zeros((24, 40), np.uint8)
+    truth[5:15, 10:30] = 2
+    truth[8:12, 15:25] = 1
+    truth[9:11, 18:20] = 4
+    prediction = np.zeros_like(truth)
+    prediction[2:6, 30:38] = 4
+    prediction[10:20, 5:12] = 2
+    size = figures.case_figure(tmp_path / "case.png", "case X, axial slice 7", images,
+                               ["flair", "t1ce", "t2"], [("ground truth", truth), ("t1ce", prediction)])
+    assert size == figures.case_layout((24, 40), 2, 3)[:2]
+    rgb = read_png(tmp_path / "case.png", size)
+    for row, label in enumerate((truth, prediction)):
+        for column in range(3):
+            assert_regions_drawn(rgb, figures.panel_box((24, 40), row, column), label)
+    assert (rgb[:figures.HEADER, :] < 128).any()  # the titles are written
+
+
+def test_tumour_slice():
+    label = np.zeros((6, 4, 4), np.uint8)
+    assert figures.tumour_slice(label) == 3  # no tumour: the middle slice
+    label[1, :2, :2] = 2
+    label[4, :3, :3] = 1
+    assert figures.tumour_slice(label) == 4
+
+
+def test_dice_chart(tmp_path):
+    table = pd.DataFrame({"subset": ["flair", "t1ce", "mean"], "ET Dice": [10.0, 80.0, 45.0],
+                          "TC Dice": [20.0, 70.0, 45.0], "WT Dice": [90.0, 50.0, 70.0]})
+    figures.dice_chart(tmp_path / "dice.png", table, "test")
+    rgb = read_png(tmp_path / "dice.png", (600, 450))
+    colours = {tuple(c) for c in rgb.reshape(-1, 3)}
+    assert {(255, 0, 0), (255, 220, 0), (0, 200, 0)} <= colours  # one bar colour per region

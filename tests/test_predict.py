@@ -1,0 +1,101 @@
+"""predict.py: one case from explicit files, the same mask as eval.py, checks and warnings."""
+import nibabel as nib
+import numpy as np
+import pytest
+
+import eval as evaluate
+import predict
+from postprocess import Rules, postprocess_label
+from test_eval import copy_cases
+from test_figures import read_png
+from utils import figures
+from utils.user_errors import run_main
+
+
+def files_of(case, *modalities):
+    return [arg for m in modalities for arg in (f"--{m}", str(case / f"{case.name}_{m}.nii.gz"))]
+
+
+def mask(path):
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def cli(argv):
+    with pytest.raises(SystemExit) as info:
+        run_main(predict.main, argv)
+    return str(info.value.code)
+
+
+def test_predict_equals_eval_on_the_incomplete_case(segmentation_setup, tmp_path, capsys):
+    root, cases = segmentation_setup
+    case = cases[0]
+    incomplete = copy_cases([case], tmp_path / "data", drop=("t1", "t2"))
+    evaluate.main(["--input", str(incomplete / case.name), "--mode", "available", "--restore_from",
+                   str(root / "final.pth"), "--device", "cpu", "--output_dir", str(tmp_path / "eval")])
+    out = tmp_path / "pred" / "mask.nii.gz"
+    predict.main([*files_of(case, "flair", "t1ce"), "--checkpoint", str(root / "final.pth"),
+                  "-o", str(out), "--device", "cpu", "--figure"])
+    printed = capsys.readouterr()
+    np.testing.assert_array_equal(mask(out), mask(tmp_path / "eval" / "available" / f"{case.name}.nii.gz"))
+    reference = nib.load(case / f"{case.name}_flair.nii.gz")
+    written = nib.load(out)
+    assert written.shape == reference.shape and written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(written.affine, reference.affine)
+    assert f"mask from flair+t1ce written to {out}" in printed.out
+    assert "warning" not in printed.err  # synthetic cases look like BraTS
+
+    # one row (no labels), a column per modality given
+    read_png(tmp_path / "pred" / "mask.png", figures.case_layout((64, 64), 1, 2)[:2])
+
+
+def test_postprocess_is_the_published_rules_on_the_mask(segmentation_setup, tmp_path, capsys):
+    root, cases = segmentation_setup
+    case = cases[1]
+    common = [*files_of(case, "flair", "t1ce"), "--checkpoint", str(root / "final.pth"), "--device", "cpu"]
+    predict.main([*common, "-o", str(tmp_path / "raw.nii.gz")])
+    predict.main([*common, "-o", str(tmp_path / "post.nii.gz"), "--postprocess", "--kmeans_necrosis"])
+    raw = mask(tmp_path / "raw.nii.gz")
+    t1ce = nib.load(case / f"{case.name}_t1ce.nii.gz").get_fdata(dtype=np.float32)
+    # computed in NIfTI order (z = axis 2) by postprocess.py's function, independently of
+    # predict.py's network order
+    expected, _ = postprocess_label(raw, Rules(), slice_axis=2, t1ce=t1ce)
+    np.testing.assert_array_equal(mask(tmp_path / "post.nii.gz"), expected)
+    assert "post-processing:" in capsys.readouterr().out
+
+    predict.main([*files_of(case, "flair"), "--checkpoint", str(root / "final.pth"), "--device",
+                  "cpu", "-o", str(tmp_path / "flair.nii.gz"), "--postprocess", "--kmeans_necrosis"])
+    assert "K-means rule skipped: no T1ce" in capsys.readouterr().out
+
+
+def test_input_that_does_not_look_like_brats_is_warned_about(segmentation_setup, tmp_path, capsys):
+    root, cases = segmentation_setup
+    case = cases[0]
+    flair = nib.load(case / f"{case.name}_flair.nii.gz")
+    unstripped = tmp_path / "flair_head.nii.gz"  # background no longer 0: not skull-stripped
+    nib.save(nib.Nifti1Image(np.asanyarray(flair.dataobj) + np.int16(30), flair.affine, flair.header),
+             unstripped)
+    predict.main(["--flair", str(unstripped), *files_of(case, "t2"), "--checkpoint",
+                  str(root / "final.pth"), "--device", "cpu", "-o", str(tmp_path / "m.nii.gz")])
+    err = capsys.readouterr().err
+    assert "warning: case m: flair_head.nii.gz: only 0% of the voxels are 0; not skull-stripped?" in err
+    assert (tmp_path / "m.nii.gz").is_file()
+
+
+def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    case = cases[0]
+    out = tmp_path / "out" / "m.nii.gz"
+    ckpt = ["--checkpoint", str(root / "final.pth"), "--device", "cpu"]
+    assert cli([*ckpt, "-o", str(out)]) == "error: give at least one modality: --flair, --t1, --t1ce, --t2"
+    assert "name it .nii.gz" in cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "m.png")])
+    assert "add --postprocess" in cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--kmeans_necrosis"])
+    same = str(case / f"{case.name}_t2.nii.gz")
+    assert cli([*files_of(case, "t2"), *ckpt, "-o", same]) == f"error: -o {same} is one of the inputs"
+
+    thin = tmp_path / "t1ce_thin.nii.gz"
+    t1ce = nib.load(case / f"{case.name}_t1ce.nii.gz")
+    nib.save(nib.Nifti1Image(np.asanyarray(t1ce.dataobj)[:, :, :31], t1ce.affine), thin)
+    message = cli([*files_of(case, "flair"), "--t1ce", str(thin), *ckpt, "-o", str(out)])
+    assert message == (f"error: case m: {thin}: shape (64, 64, 31) differs from "
+                       f"{case.name}_flair.nii.gz (64, 64, 32)")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,160 @@
+"""Pictures of segmentations: one PNG per case and a chart of an evaluation's Dice.
+
+A case figure has one column per modality present (an axial slice through the tumour) and one
+row per modality subset evaluated (its predicted regions drawn over every column), with the
+ground truth as the first row when the case is labelled. Region colours are the TensorBoard
+overlay's (utils.election): WT green, TC yellow, ET red, half transparent.
+
+matplotlib's object API with the Agg renderer (no pyplot, no display) works on headless
+machines and in eval.py's writer threads; matplotlib is not thread-safe (its font cache is
+shared), so figures are drawn one at a time.
+"""
+import threading
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from utils.election import REGION_COLOURS, overlay
+from utils.io import atomic_path
+from utils.modalities import MODALITIES, subset_name
+from utils.regions import labels_to_regions
+
+DPI = 100
+PANEL = 192  # px: a slice is enlarged by a whole factor to about this size (nearest neighbour)
+GAP = 2  # px between panels
+ROW_TITLES = 130  # px left of the panels, for the row titles
+HEADER = 44  # px above the panels: the figure title, then the column titles
+_DRAWING = threading.Lock()
+
+
+def tumour_slice(label):
+    """Label map (D, H, W) -> index along D of the axial slice with the most tumour voxels
+    (the middle slice when there is none)."""
+    area = np.count_nonzero(np.asarray(label).reshape(len(label), -1), axis=1)
+    return int(area.argmax()) if area.any() else len(label) // 2
+
+
+def panel_scale(shape_hw):
+    return max(1, round(PANEL / max(shape_hw)))
+
+
+def case_layout(shape_hw, num_rows, num_columns):
+    """-> (width, height, panel width, panel height) in pixels of a case figure."""
+    scale = panel_scale(shape_hw)
+    panel_w, panel_h = shape_hw[0] * scale, shape_hw[1] * scale  # panels show (H, W) transposed
+    width = ROW_TITLES + num_columns * panel_w + (num_columns - 1) * GAP
+    height = HEADER + num_rows * panel_h + (num_rows - 1) * GAP
+    return width, height, panel_w, panel_h
+
+
+def panel_box(shape_hw, row, column):
+    """(top, left, bottom, right) pixel box of a panel in the written PNG (for tests/tools)."""
+    _, _, panel_w, panel_h = case_layout(shape_hw, row + 1, column + 1)
+    top = HEADER + row * (panel_h + GAP)
+    left = ROW_TITLES + column * (panel_w + GAP)
+    return top, left, top + panel_h, left + panel_w
+
+
+def _brain_grey(image):
+    """Normalised slice -> [0, 1]: the background (exactly 0) black, the brain stretched
+    between its 0.5 and 99.5 percentiles (z-scores put the background mid-grey otherwise)."""
+    brain = image != 0
+    if not brain.any():
+        return np.zeros(image.shape, np.float32)
+    lo, hi = np.percentile(image[brain], (0.5, 99.5))
+    grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 0.95 + 0.05
+    return np.where(brain, grey, 0).astype(np.float32)
+
+
+def _panel(image, label, scale):
+    """(H, W) slice + (H, W) label -> RGB (W*scale, H*scale, 3). Transposed so that rows
+    follow the second NIfTI axis: for BraTS's affine diag(-1, -1, 1), the radiological view
+    (anterior up, the patient's left on the right)."""
+    rgb = overlay(_brain_grey(image), labels_to_regions(label)).transpose(1, 0, 2)
+    return rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def _save(fig, path):
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+
+
+def case_slices(case, subsets, labels):
+    """What a case figure shows -> (title, images, columns, rows), case_figure's arguments.
+
+    case: datasets.brats.Case with its normalised image; labels: one (D, H, W) label map per
+    subset. The slice is the one with the most tumour in the ground truth, else in the last
+    subset's prediction (the most modalities, in ALL_SUBSETS order).
+    """
+    d = tumour_slice(case.label if case.label is not None else labels[-1])
+    rows = [("ground truth", case.label[d])] if case.label is not None else []
+    rows += [(subset_name(s), label[d]) for s, label in zip(subsets, labels)]
+    columns = [MODALITIES[i] for i in case.available]
+    return f"{case.name}, axial slice {d}", case.image[list(case.available), d], columns, rows
+
+
+def case_figure(path, title, images, columns, rows):
+    """Write a case figure as PNG at `path`.
+
+    images: (C, H, W) axial slices of the modalities named in `columns` (C names);
+    rows: [(row title, (H, W) label slice with values 0/1/2/4)], drawn over every column.
+    Returns the PNG's (width, height) in pixels.
+    """
+    images = np.asarray(images)
+    shape_hw = images.shape[1:]
+    scale = panel_scale(shape_hw)
+    width, height, panel_w, panel_h = case_layout(shape_hw, len(rows), len(columns))
+    mosaic = np.full((height - HEADER, width - ROW_TITLES, 3), 255, dtype=np.uint8)
+    for r, (_, label) in enumerate(rows):
+        for c, image in enumerate(images):
+            top, left = r * (panel_h + GAP), c * (panel_w + GAP)
+            mosaic[top:top + panel_h, left:left + panel_w] = _panel(image, label, scale)
+    with _DRAWING:
+        fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
+        canvas = FigureCanvasAgg(fig)
+        fig.text(4 / width, 1 - 4 / height, title, ha="left", va="top", fontsize=9)
+        for k, (region, colour) in enumerate(reversed(REGION_COLOURS)):  # legend, top right
+            fig.text(1 - (4 + 28 * k) / width, 1 - 4 / height, region, ha="right", va="top",
+                     fontsize=9, fontweight="bold", color=np.array(colour) / 255)
+        for c, name in enumerate(columns):
+            fig.text((ROW_TITLES + c * (panel_w + GAP) + panel_w / 2) / width,
+                     1 - (HEADER - 4) / height, name, ha="center", va="bottom", fontsize=9)
+        for r, (row_title, _) in enumerate(rows):
+            fig.text(4 / width, 1 - (HEADER + r * (panel_h + GAP) + panel_h / 2) / height,
+                     row_title, ha="left", va="center", fontsize=8)
+        canvas.draw()
+        picture = np.array(canvas.buffer_rgba())[..., :3]
+    # The panels are pasted, not drawn: matplotlib would resample them (seconds per case).
+    picture[HEADER:, ROW_TITLES:] = mosaic
+    with atomic_path(path) as tmp:
+        # Pillow comes with matplotlib; the fastest zlib level: the images are large, mostly flat
+        Image.fromarray(picture).save(tmp, format="PNG", compress_level=1)
+    return width, height
+
+
+def dice_chart(path, table, title):
+    """Write the summary table (eval.summary_table: one row per subset and a 'mean' row) as
+    a bar chart: Dice (%) of ET, TC and WT per subset, dashed lines at the means."""
+    rows = table[table["subset"] != "mean"]
+    regions = [column.split()[0] for column in table.columns if column.endswith(" Dice")]
+    x = np.arange(len(rows))
+    colours = {region: np.array(colour) / 255 for region, colour in REGION_COLOURS}
+    bar = 0.8 / len(regions)
+    with _DRAWING:
+        fig = Figure(figsize=(max(6.0, 0.55 * len(rows) + 2), 4.5), dpi=DPI)
+        ax = fig.add_subplot()
+        for k, region in enumerate(regions):
+            dice = rows[f"{region} Dice"].to_numpy(dtype=float)
+            ax.bar(x + (k - (len(regions) - 1) / 2) * bar, dice, bar, label=region, color=colours[region],
+                   edgecolor="black", linewidth=0.3)
+            ax.axhline(dice.mean(), color=colours[region], linestyle="--", linewidth=1)
+        ax.set_xticks(x, rows["subset"], rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("Dice (%)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(ncols=3, fontsize=8, loc="upper left")
+        fig.tight_layout()
+        _save(fig, path)

@@ -1,0 +1,147 @@
+"""Segmenting cases with a trained checkpoint: what eval.py and predict.py share.
+
+* the network, rebuilt from the configuration train.py stores in the checkpoint, explicit
+  flags overriding it (`add_model_args`, `load_model`);
+* the inference flags, checked when parsed or by `check_inference_args`, before any work;
+* a normalised case's label maps for one or several modality subsets (`segment`).
+"""
+import argparse
+from fractions import Fraction
+
+import torch
+
+from models import LCKD, LCKDConfig
+from utils.checkpoint import load_checkpoint
+from utils.cli import str2bool
+from utils.export import probabilities_to_labels
+from utils.inference import AMP_DTYPES, predict_subsets
+from utils.user_errors import UsageError
+
+PUBLISHED_INPUT_SIZE = "80,160,160"
+WINDOW_MULTIPLES = (16, 32, 32)  # the network halves D 4 times and H, W 5 times
+
+
+# ------------------------------------------------------------------------- flag value types
+def overlap_fraction(text):
+    """'1/3' or '0.333' -> float in [0, 1)."""
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 1/3 or 0.5, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def window_size(text):
+    """'80,160,160' -> (80, 160, 160); D a multiple of 16, H and W of 32."""
+    try:
+        window = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        window = ()
+    if len(window) != 3 or min(window) < 1:
+        raise argparse.ArgumentTypeError(f"expected D,H,W such as {PUBLISHED_INPUT_SIZE}, got {text!r}")
+    if any(w % m for w, m in zip(window, WINDOW_MULTIPLES)):
+        raise argparse.ArgumentTypeError(
+            f"{text}: D must be a multiple of 16 and H, W of 32 (the network's strides)")
+    return window
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model (default: from the checkpoint's config)")
+    g.add_argument("--input_size", type=window_size, default=None,
+                   help=f"sliding-window size D,H,W (default: the training patch, else {PUBLISHED_INPUT_SIZE})")
+    g.add_argument("--num_classes", type=int, default=3)
+    g.add_argument("--weight_std", type=str2bool, default=None)
+    g.add_argument("--norm_cfg", choices=("IN", "BN"), default=None)
+    g.add_argument("--activation_cfg", choices=("LeakyReLU", "ReLU"), default=None)
+    g.add_argument("--model_size", choices=("full", "small"), default=None)
+
+
+def add_inference_args(parser):
+    g = parser.add_argument_group("inference")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--overlap", type=overlap_fraction, default=1 / 3)
+    g.add_argument("--gaussian", action="store_true", help="Gaussian window weighting (nnU-Net)")
+    g.add_argument("--mirror", action="store_true", help="average over the 8 axis flips (8x slower)")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
+    g.add_argument("--batch_size", type=positive_int, default=2, help="windows per forward pass")
+    return g
+
+
+# ------------------------------------------------------------------------------ device, model
+def resolve_device(name):
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> torch.device; UsageError when it is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available here (no GPU, no driver, "
+                             "or a CPU-only PyTorch); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_model_config(args, saved):
+    """Checkpoint config + explicit flags -> (LCKDConfig, window (d, h, w))."""
+    pick = lambda flag, key, default: flag if flag is not None else saved.get(key, default)
+    config = LCKDConfig.from_name(
+        pick(args.model_size, "model_size", "full"),
+        weight_std=pick(args.weight_std, "weight_std", True),
+        norm=pick(args.norm_cfg, "norm_cfg", "IN"),
+        activation=pick(args.activation_cfg, "activation_cfg", "LeakyReLU"),
+    )
+    if args.num_classes != config.num_classes:
+        raise UsageError(f"--num_classes {args.num_classes}: the network predicts "
+                         f"{config.num_classes} regions (ET, WT, TC)")
+    size = pick(args.input_size, "input_size", PUBLISHED_INPUT_SIZE)
+    window = window_size(size if isinstance(size, str) else ",".join(map(str, size)))
+    return config, window
+
+
+def load_model(path, args, device):
+    """Checkpoint written by train.py (or a bare state_dict) -> (model in eval mode, config, window)."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except (FileNotFoundError, RuntimeError) as error:  # load_checkpoint's messages name the file
+        raise UsageError(str(error)) from error
+    # A bare state_dict (no "model" key) carries no config: the flags / published defaults apply.
+    state, saved = ((checkpoint["model"], checkpoint.get("config", {})) if "model" in checkpoint
+                    else (checkpoint, {}))
+    config, window = resolve_model_config(args, saved)
+    model = LCKD(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UsageError(f"checkpoint {path} does not fit the network {config} (model flags "
+                         f"given that the checkpoint contradicts?): {error}") from error
+    return model.to(device).eval(), config, window
+
+
+# ---------------------------------------------------------------------------------- predicting
+def segment(model, image, subsets, window, args, device):
+    """Normalised image (4, D, H, W) -> one uint8 label map (D, H, W) per subset.
+
+    args: the flags of add_inference_args (overlap, gaussian, mirror, amp, batch_size).
+    """
+    probs = predict_subsets(model, image, subsets, window, overlap=args.overlap,
+                            gaussian=args.gaussian, batch_size=args.batch_size,
+                            mirror=args.mirror, device=device, amp=args.amp)
+    return [probabilities_to_labels(p) for p in probs]
