@@ -57,7 +57,7 @@ from utils.modalities import ALL_SUBSETS, parse_mode, subset_name
 from utils.segment import (
     add_inference_args, add_model_args, load_model, positive_int, resolve_device, segment,
 )
-from utils.user_errors import UsageError, run_main
+from utils.cli import UsageError, run_cli
 
 PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
 AVAILABLE = "available"  # --mode available, and its mask folder
@@ -309,4 +309,4 @@ def report(args, mode, available, rows):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

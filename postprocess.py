@@ -50,7 +50,7 @@ from datasets.brats import (
 from utils.io import atomic_path
 from utils.modalities import MODALITIES, parse_subset
 from utils.regions import LABELS
-from utils.user_errors import UsageError, run_main
+from utils.cli import UsageError, run_cli
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
@@ -436,4 +436,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

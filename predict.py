@@ -28,7 +28,7 @@ from utils import figures
 from utils.export import save_labels
 from utils.modalities import MODALITIES, subset_name
 from utils.segment import add_inference_args, add_model_args, load_model, resolve_device, segment
-from utils.user_errors import UsageError, run_main
+from utils.cli import UsageError, run_cli
 
 T1CE = MODALITIES.index("t1ce")
 NETWORK_SLICE_AXIS = 0  # network order (D, H, W): D is the NIfTI z axis
@@ -109,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

@@ -46,18 +46,18 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets.augment import augment_batch
-from datasets.brats import DataError, read_datalist, resolve_list
+from datasets.brats import read_datalist, resolve_list
 from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset
 from models import LCKD, LCKDConfig
 from utils import distributed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, non_finite,
                               save_checkpoint, set_rng_state, unwrap)
-from utils.cli import UsageError, run_cli, str2bool
+from utils.cli import USER_ERRORS, UsageError, run_cli, str2bool
 from utils.election import append_history, elect, format_result, overlay_panel
 from utils.inference import AMP_DTYPES
-from utils.io import DiskFullError, remove_stale_temps, write_text
-from utils.lock import LockError, exclusive_lock
+from utils.io import remove_stale_temps, write_text
+from utils.lock import exclusive_lock
 from utils.losses import segmentation_loss
 from utils.modalities import FULL, MODALITIES, parse_mode, parse_teachers, sample_subset, subset_name
 from utils.regions import REGIONS
@@ -624,8 +624,7 @@ def train(args, lists, dist_info, device):
 
 
 # User mistakes and outside conditions: one line `error: ...`, exit status 1 (UsageError: 2).
-USER_ERRORS = (DataError, LockError, DiskFullError, FloatingPointError, CheckpointError,
-               distributed.RankTimeoutError)
+TRAIN_ERRORS = (*USER_ERRORS, FloatingPointError, CheckpointError, distributed.RankTimeoutError)
 
 if __name__ == "__main__":
-    run_cli(main, USER_ERRORS)
+    run_cli(main, TRAIN_ERRORS)

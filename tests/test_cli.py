@@ -33,7 +33,7 @@ def test_both_scripts_parse_published_flags_alike():
 
 
 def _raises(error):
-    def main():
+    def main(argv):
         raise error
     return main
 

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -17,7 +19,7 @@ from utils.inference import predict_subsets
 from utils.lock import exclusive_lock
 from utils.modalities import ALL_SUBSETS, subset_name
 from utils.segment import load_model
-from utils.user_errors import UsageError, run_main
+from utils.cli import UsageError, run_cli
 
 
 def run(root, out, *flags, data_list="cases.csv"):
@@ -161,9 +163,10 @@ def masks(folder):
 
 def cli(argv):
     """eval.py as the shell runs it: a user error exits with its one-line message."""
-    with pytest.raises(SystemExit) as info:
-        run_main(evaluate.main, argv)
-    return str(info.value.code)
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(stderr):
+        run_cli(evaluate.main, argv=argv)
+    return stderr.getvalue().strip()
 
 
 def test_available_mode_equals_the_fixed_subset_on_complete_cases(segmentation_setup, tmp_path, capsys):

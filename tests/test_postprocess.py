@@ -14,7 +14,7 @@ import pytest
 import postprocess
 from datasets.brats import CaseError, DataError
 from postprocess import Rules, postprocess_label, relabel_small_et, remove_components
-from utils.user_errors import UsageError
+from utils.cli import UsageError
 
 SHAPE = (20, 20, 40)  # (X, Y, Z) NIfTI order; z = slice axis
 

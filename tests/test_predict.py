@@ -1,4 +1,7 @@
 """predict.py: one case from explicit files, the same mask as eval.py, checks and warnings."""
+import contextlib
+import io
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ from postprocess import Rules, postprocess_label
 from test_eval import copy_cases
 from test_figures import read_png
 from utils import figures
-from utils.user_errors import run_main
+from utils.cli import run_cli
 
 
 def files_of(case, *modalities):
@@ -21,9 +24,10 @@ def mask(path):
 
 
 def cli(argv):
-    with pytest.raises(SystemExit) as info:
-        run_main(predict.main, argv)
-    return str(info.value.code)
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(stderr):
+        run_cli(predict.main, argv=argv)
+    return stderr.getvalue().strip()
 
 
 def test_predict_equals_eval_on_the_incomplete_case(segmentation_setup, tmp_path, capsys):

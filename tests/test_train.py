@@ -404,7 +404,7 @@ def test_a_stopped_rank_is_named_after_the_timeout(data, tmp_path):
         "        os.kill(os.getpid(), signal.SIGSTOP)\n"
         "    barrier(info, where)\n"
         "distributed.barrier = stop_rank1\n"
-        "run_cli(train.main, train.USER_ERRORS)\n")
+        "run_cli(train.main, train.TRAIN_ERRORS)\n")
     preprocess(data / "data" / "train.csv", data / "cache")  # rank 1 waits for it at the first barrier
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

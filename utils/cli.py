@@ -2,6 +2,10 @@
 import argparse
 import sys
 
+from datasets.brats import DataError
+from utils.io import DiskFullError
+from utils.lock import LockError
+
 
 def str2bool(text):
     """Published boolean flags take a value: `--weight_std True`, `--random_mirror=False`.
@@ -24,12 +28,16 @@ class UsageError(ValueError):
     argparse's own errors)."""
 
 
-def run_cli(main, user_errors=()):
-    """Run a script's main(): a user mistake or an outside condition (UsageError, or one of
+# Mistakes in the data or outside conditions every script reports in one line.
+USER_ERRORS = (DataError, LockError, DiskFullError)
+
+
+def run_cli(main, user_errors=USER_ERRORS, argv=None):
+    """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
     exits 130; anything else is a bug and keeps its traceback."""
     try:
-        main()
+        return main(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -15,7 +15,7 @@ from utils.checkpoint import load_checkpoint
 from utils.cli import str2bool
 from utils.export import probabilities_to_labels
 from utils.inference import AMP_DTYPES, predict_subsets
-from utils.user_errors import UsageError
+from utils.cli import UsageError
 
 PUBLISHED_INPUT_SIZE = "80,160,160"
 WINDOW_MULTIPLES = (16, 32, 32)  # the network halves D 4 times and H, W 5 times
