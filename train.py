@@ -42,7 +42,7 @@ from tqdm import tqdm
 from datasets.augment import augment_batch
 from datasets.brats import resolve_list
 from datasets.preprocess import preprocess
-from datasets.sampling import PatchDataset
+from datasets.sampling import PatchDataset, loader_options
 from models import LCKD, LCKDConfig
 from utils import distributed
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state, unwrap
@@ -71,7 +71,9 @@ def get_parser():
                    "(default: cache/<name of the train list's folder>)")
     g.add_argument("--input_size", default="80,160,160", help="patch D,H,W")
     g.add_argument("--batch_size", type=int, default=2, help="per process")
-    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers per process "
+                   "(-1: sized from the machine, see datasets.sampling.loader_options); also "
+                   "the preprocessing processes (-1: datasets.preprocess.default_workers)")
     g.add_argument("--random_mirror", type=str2bool, default=True)
     g.add_argument("--random_scale", type=str2bool, default=True)
     g.add_argument("--augment", type=str2bool, default=True,
@@ -210,7 +212,7 @@ def main(argv=None):
     data_root = args.data_root or None
     for rank_turn in (True, False):  # rank 0 writes the cache, the others then re-use it
         if main_rank == rank_turn:
-            workers = max(1, args.num_workers)
+            workers = None if args.num_workers < 0 else max(1, args.num_workers)
             train_cases = preprocess(train_list, cache_dir, data_root, workers, progress=main_rank)
             val_cases = (preprocess(val_list, cache_dir, data_root, workers, progress=main_rank)
                          if val_list else [])
@@ -272,8 +274,7 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size,
         sampler=IterationSampler(start, stop, args.batch_size, dist_info.rank, dist_info.world_size),
-        num_workers=args.num_workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if args.num_workers else None)
+        **loader_options(args.num_workers, device))
 
     writer = None
     if main_rank:
@@ -327,9 +328,7 @@ def main(argv=None):
         subset_state = subset_rng.getstate()  # a non-finite step is saved as not yet drawn
         subset = draw_subset(args.mode_parsed, subset_rng,
                              missing_probability(args.missing_schedule, iteration, random_start))
-        image, regions = next(batches)
-        image = image.to(device, non_blocking=True)
-        regions = regions.to(device, non_blocking=True)
+        image, regions = dataset.to_device(next(batches), device)  # normalise, resize, flip
         if args.augment:
             image, regions = augment_batch(
                 image, regions, seed=derived_seed(args.random_seed, iteration, dist_info.rank))

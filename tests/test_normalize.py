@@ -1,11 +1,14 @@
 """Published intensity normalisation: hand-computed values and fast == reference, bit for bit."""
 import numpy as np
 import pytest
+import torch
 
 from datasets.normalize import (
     NormalizationError,
     _bin_indices,
     _top_bin,
+    apply_normalization,
+    normalization_params,
     normalize,
     normalize_image,
     normalize_published,
@@ -42,6 +45,17 @@ def test_hand_computed_example():
         out = fn(v)
         assert out.dtype == np.float32 and out.shape == v.shape
         np.testing.assert_allclose(out.reshape(-1), expected, rtol=1e-5, atol=1e-6)
+    fg32 = fg.astype(np.float32)  # in the reference's order: v[mask] after clipping
+    assert normalization_params(v).tolist() == [10, 0, fg32.mean(), fg32.std()]
+
+
+def test_params_of_a_corner_above_top():
+    v = brats_like(2)
+    v[0, 0, 0] = 20000  # clipped to top, then the background value
+    top, background, mean, std = normalization_params(v)
+    assert background == top < 20000
+    fg = v[v < top].astype(np.float32)  # every voxel clipping leaves below top
+    assert (mean, std) == (fg.mean(), fg.std())
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -131,3 +145,21 @@ def test_normalize_image_per_modality():
         assert same_bits(out[c], normalize_published(image[c]))
         fg = out[c][image[c] != 0]
         assert abs(fg.mean()) < 1e-4 and abs(fg.std() - 1) < 1e-3
+
+
+@pytest.mark.parametrize("corner", [0, 20000])
+def test_apply_to_int16_crops_equals_the_whole_volume(corner):
+    """The cache stores int16 source values and PARAMS; any crop normalised in torch must be
+    bit for bit the same crop of the normalised whole volume."""
+    volumes = np.stack([brats_like(s) for s in (1, 2)])  # (2, D, H, W) int16
+    volumes[:, 0, 0, 0] = corner
+    params = np.stack([normalization_params(v) for v in volumes])
+    whole = normalize_image(volumes, normalize_published)
+    for crop in [np.s_[:, 5:30, 0:48, 7:9], np.s_[:, 0:1, 0:1, 0:1], np.s_[:, 20:40, 40:48, 30:36]]:
+        x = torch.from_numpy(volumes[crop]).float()
+        out = apply_normalization(x, torch.from_numpy(params)).numpy()  # (2, ...) with (2, 4)
+        assert same_bits(out, whole[crop])
+    batch = torch.from_numpy(np.stack([volumes, volumes[::-1]])).float()  # (B, C, D, H, W)
+    params_batch = torch.from_numpy(np.stack([params, params[::-1]]))  # (B, C, 4)
+    out = apply_normalization(batch, params_batch).numpy()
+    assert same_bits(out[0], whole) and same_bits(out[1], np.ascontiguousarray(whole[::-1]))

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -181,11 +182,7 @@ def test_elect_picks_the_modality_that_sees_each_region():
     regions = [np.isin(label, v) for v in ((4,), (1, 2, 4), (1, 4))]  # ET, WT, TC
     image = np.stack([regions[1], regions[0], regions[0], regions[2]]).astype(np.float32)
 
-    class Case:
-        name, label_ = "c0", label
-
-    case = Case()
-    case.image, case.label = image, label
+    case = SimpleNamespace(name="c0", normalized=lambda: image, full_label=lambda: label)
     result = elect(Oracle(), [case, case], window=(8, 16, 16), overlap=0)
     assert result["winners"] == {"ET": "t1ce", "WT": "flair", "TC": "t2"}
     assert result["teachers"] == [0, 2, 3] and result["num_cases"] == 2
