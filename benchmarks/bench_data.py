@@ -52,7 +52,7 @@ def published_resize(image, shape):
     out = image
     if (factors > 1).any():
         out = ndimage.gaussian_filter(out, np.maximum(0, (factors - 1) / 2), mode="constant", cval=0)
-    out = ndimage.zoom(out, 1 / factors, order=1, mode="constant", cval=0, grid_mode=True)
+    out = ndimage.zoom(out, 1 / factors, order=1, mode="grid-constant", cval=0, grid_mode=True)
     return np.clip(out, min(image.min(), 0), max(image.max(), 0))
 
 

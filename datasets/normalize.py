@@ -10,12 +10,13 @@ Published formula (SPEC.md, Data), for one modality volume `v`:
 
 `normalize_published` is that formula with `np.histogram`. It is slow because the histogram
 has one bin per intensity unit and walks every voxel. `normalize` returns bit-identical
-output in two steps that the training cache uses separately:
-  `normalization_params` finds `top` by counting only the brightest voxels with numpy's own
-  bin-index arithmetic (see `_bin_indices`), and returns PARAMS (top, background, mean, std);
-  `apply_normalization` applies them in torch, to a whole volume or to any crop of it, on
-  any device: the cache stores source intensities and PARAMS, and the training device
-  normalises each patch with the same float32 operations as the reference.
+output: it finds `top` by counting only the brightest voxels with numpy's own bin-index
+arithmetic (see `_bin_indices`), and clips and z-scores only the foreground voxels.
+
+The cache stores source intensities and each volume's `normalization_params` (PARAMS: top,
+background, mean, std); `apply_normalization` is the torch twin of normalize's last step,
+for a whole volume or any crop of it on any device (the training GPU normalises each
+patch), with the same float32 operations in the same order.
 
 All work in float32 (the dtype `datasets.brats.load_case` returns); other inputs are cast
 first. Inputs on which the published code would crash or produce NaN (non-finite values,
@@ -121,14 +122,9 @@ def _top_bin(flat, edges, thresholds=(0.99, 0.9, 0.5)):
     return int(full[-1])
 
 
-def normalization_params(v):
-    """The published normalisation's parameters of one volume v (D,H,W).
-
-    Returns float32 (4,) = PARAMS: the clip value `top`, the background value (the corner
-    voxel after clipping), and the mean and std of the other voxels after clipping, each
-    computed exactly as `normalize_published` computes it.
-    """
-    v = np.asarray(v, dtype=np.float32)
+def _parameters_and_foreground(v):
+    """(PARAMS float32 (4,), foreground mask, foreground values after clipping) of a float32
+    volume, each computed exactly as `normalize_published` computes it."""
     vmin, vmax = v.min(), v.max()
     nbins = _num_bins(vmin, vmax)
     # Same edges (and same 'too many bins' error) as np.histogram(v, nbins).
@@ -140,15 +136,33 @@ def normalization_params(v):
         # can be taken before clipping and only the foreground needs clipping: the same
         # values, in the same order, as the reference's v[mask] after clipping.
         background = corner
-        fg = np.minimum(v[v != corner], top)
+        mask = v != corner
+        fg = np.minimum(v[mask], top)
     else:  # the corner is clipped to `top`: the foreground is what clipping leaves alone
         background = top
-        fg = v[v < top]
+        mask = v < top
+        fg = v[mask]
     _check_foreground(fg)
     mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
-    return np.array([top, background, mean, std], np.float32)
+    return np.array([top, background, mean, std], np.float32), mask, fg
+
+
+def normalization_params(v):
+    """The published normalisation's parameters of one volume v (D,H,W) -> float32 (4,) PARAMS:
+    the clip value `top`, the background value (the corner voxel after clipping), and the
+    mean and std of the other voxels after clipping."""
+    return _parameters_and_foreground(np.asarray(v, dtype=np.float32))[0]
+
+
+def normalize(v):
+    """Fast, bit-identical `normalize_published`. v (D,H,W) -> float32 (D,H,W)."""
+    v = np.asarray(v, dtype=np.float32)
+    (_, _, mean, std), mask, fg = _parameters_and_foreground(v)
+    out = np.zeros(v.shape, np.float32)
+    out[mask] = (fg - mean) / std  # only the foreground is computed and written
+    return out
 
 
 def foreground(x, params):
@@ -167,21 +181,17 @@ def apply_normalization(x, params):
     """Normalise x with its channels' PARAMS, in torch, on any device.
 
     x: float32 tensor (..., D, H, W) of source intensities; params: float32 tensor (..., 4),
-    as for `foreground`. Bit-identical to `normalize` (so to `normalize_published`): the same float32
-    operations (clip, compare, subtract, divide) in the same order. The divisor is a tensor
-    on x's device on purpose: CUDA divides by a CPU scalar as a multiplication by its
+    as for `foreground`. Bit-identical to `normalize` (so to `normalize_published`) on the
+    same voxels: the same float32 operations (clip, compare, subtract, divide) in the same
+    order. The divisor is a tensor on x's
+    device on purpose: CUDA divides by a CPU scalar as a multiplication by its
     reciprocal, which can differ in the last bit.
     """
+    # foreground() returns a new tensor: the in-place steps leave the input alone and save
+    # three volume-sized temporaries (3x faster on a CPU).
     x, mask = foreground(x, params)
     mean, std = (params[..., k, None, None, None] for k in (2, 3))
-    return torch.where(mask, (x - mean) / std, 0.0)
-
-
-def normalize(v):
-    """Fast, bit-identical `normalize_published`. v (D,H,W) -> float32 (D,H,W)."""
-    v = np.asarray(v, dtype=np.float32)
-    params = normalization_params(v)
-    return apply_normalization(torch.from_numpy(v), torch.from_numpy(params)).numpy()
+    return x.sub_(mean).div_(std).masked_fill_(mask.logical_not_(), 0.0)
 
 
 def normalize_image(image, fn=normalize):

@@ -19,6 +19,12 @@ def same_bits(a, b):
     return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+def applied(v):
+    """The torch twin on the whole volume, with the volume's parameters."""
+    v = np.asarray(v, np.float32)
+    return apply_normalization(torch.from_numpy(v), torch.from_numpy(normalization_params(v))).numpy()
+
+
 def brats_like(seed, shape=(40, 48, 36), outliers=True):
     """int16 brain-like volume: zero background, tissue ~N(600, 150), a few bright outliers."""
     rng = np.random.default_rng(seed)
@@ -61,7 +67,8 @@ def test_params_of_a_corner_above_top():
 @pytest.mark.parametrize("seed", range(4))
 def test_fast_equals_published_brats_like_int16(seed):
     v = brats_like(seed, outliers=seed % 2 == 0)
-    assert same_bits(normalize(v), normalize_published(v))
+    reference = normalize_published(v)
+    assert same_bits(normalize(v), reference) and same_bits(applied(v), reference)
 
 
 @pytest.mark.parametrize("corner", [20000, 800, 600, 1])  # top is 800
@@ -69,7 +76,8 @@ def test_fast_equals_published_any_corner(corner):
     # A corner above `top` is clipped to it before it becomes the background value.
     v = brats_like(5)
     v[0, 0, 0] = corner
-    assert same_bits(normalize(v), normalize_published(v))
+    reference = normalize_published(v)
+    assert same_bits(normalize(v), reference) and same_bits(applied(v), reference)
 
 
 SHAPE = (40, 48, 36)
@@ -89,7 +97,8 @@ SHAPE = (40, 48, 36)
 )
 def test_fast_equals_published_float_volumes(make):
     v = make(np.random.default_rng(7))
-    assert same_bits(normalize(v), normalize_published(v))
+    reference = normalize_published(v)
+    assert same_bits(normalize(v), reference) and same_bits(applied(v), reference)
 
 
 def test_top_bin_every_path_matches_histogram():
