@@ -17,12 +17,12 @@ background as the published normalisation defines it; outside it every normalise
 and every label 0, so nothing is lost. Normalising happens where the data are used
 (datasets.normalize.apply_normalization, on the training device for patches), bit-identical
 to normalising the whole source volume; CachedCase.normalized() returns the full normalised
-image that format 1 stored as float32 (143 MB per 240x240x155 case, against ~23 MB for
-everything now).
+image that format 1 stored as float32 (152 MB per synthetic 240x240x155 case with the label,
+against 23-29 MB for everything now).
 
-Trust: a case is re-used only when its meta.json is valid and of this format, its arrays have
-the recorded sizes, dtypes and shapes, its labels are in {0, 1, 2, 4} (checked on every open:
-a bincount of the boxed uint8 map, ~3 ms) and its sources are unchanged. Sources are compared
+Trust: a case is opened only when its meta.json is valid and of this format, its arrays have
+the recorded sizes, dtypes and shapes and its labels are in {0, 1, 2, 4} (a bincount of the
+boxed uint8 map, ~3 ms); preprocess re-uses it only when, besides, its sources are unchanged. Sources are compared
 by stat (size, mtime, ctime) and, when that differs, by SHA-256 of the content: an in-place edit
 that keeps the size and mtime still changes the ctime, so it is caught without re-reading
 unchanged files. Anything else is rebuilt with a message. Each case is built under a lock
@@ -82,7 +82,7 @@ class CachedCase:
     meta: dict
 
     @classmethod
-    def from_arrays(cls, name, image, label, params, meta=None):
+    def from_arrays(cls, name, image, label, params):
         """Compact a case held in memory (what the cache stores; nothing is written).
 
         image float32 (4, D, H, W) source intensities, label uint8 (D, H, W) or None,
@@ -107,7 +107,7 @@ class CachedCase:
             label=None if label is None else np.ascontiguousarray(label[box]),
             locations=None if label is None else foreground_locations(label),
             offset=tuple(s.start for s in box), shape=tuple(shape),
-            params=params, meta=meta or {})
+            params=params, meta={})
 
     @property
     def box(self):
