@@ -56,7 +56,7 @@ BATCH=${BATCH:-2}
 STAGE1_STEPS=${STAGE1_STEPS:-80000}
 STAGE2_STEPS=${STAGE2_STEPS:-115000}
 VAL_EVERY=${VAL_EVERY:-5000}
-NUM_WORKERS=${NUM_WORKERS:-4}
+NUM_WORKERS=${NUM_WORKERS:--1}                      # -1: DataLoader workers sized from the machine
 PYTHON=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PYTHON}  # how train.py starts, e.g. LAUNCH="torchrun --nproc_per_node 4"
 

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from datasets.augment import augment_batch
 from datasets.brats import read_datalist, resolve_list
 from datasets.preprocess import preprocess
-from datasets.sampling import PatchDataset
+from datasets.sampling import PatchDataset, loader_options
 from models import LCKD, LCKDConfig
 from utils import distributed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, non_finite,
@@ -79,7 +79,9 @@ def get_parser():
                    "(default: cache/<name of the train list's folder>)")
     g.add_argument("--input_size", default="80,160,160", help="patch D,H,W")
     g.add_argument("--batch_size", type=int, default=2, help="per process")
-    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers per process "
+                   "(-1: sized from the machine, see datasets.sampling.loader_options); also "
+                   "the preprocessing processes (-1: datasets.preprocess.default_workers)")
     g.add_argument("--random_mirror", type=str2bool, default=True)
     g.add_argument("--random_scale", type=str2bool, default=True)
     g.add_argument("--augment", type=str2bool, default=True,
@@ -200,7 +202,8 @@ def validate_args(args):
          f"got {args.stop_at}")
     for name in ("val_pred_every", "log_every", "batch_size"):
         need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
-    need(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
+    need(args.num_workers >= -1, f"--num_workers must be >= 0, or -1 (sized from the machine), "
+         f"got {args.num_workers}")
     need(math.isfinite(args.save_every_min) and args.save_every_min >= 0,
          f"--save_every_min must be >= 0 (0 = off), got {args.save_every_min}")
     need(math.isfinite(args.dist_timeout_min) and args.dist_timeout_min > 0,
@@ -379,7 +382,7 @@ def train(args, lists, dist_info, device):
     data_root = args.data_root or None
     for rank_turn in (True, False):  # rank 0 writes the cache, the others then re-use it
         if main_rank == rank_turn:
-            workers = max(1, args.num_workers)
+            workers = None if args.num_workers < 0 else max(1, args.num_workers)
             train_cases = preprocess(train_list, cache_dir, data_root, workers, progress=main_rank)
             val_cases = (preprocess(val_list, cache_dir, data_root, workers, progress=main_rank)
                          if val_list else [])
@@ -450,8 +453,7 @@ def train(args, lists, dist_info, device):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size,
         sampler=IterationSampler(start, stop, args.batch_size, dist_info.rank, dist_info.world_size),
-        num_workers=args.num_workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if args.num_workers else None, worker_init_fn=ignore_stop_signals)
+        **loader_options(args.num_workers, device), worker_init_fn=ignore_stop_signals)
 
     writer = None
     if main_rank:
@@ -538,9 +540,7 @@ def train(args, lists, dist_info, device):
                 group["lr"] = lr
             subset = draw_subset(args.mode_parsed, subset_rng,
                                  missing_probability(args.missing_schedule, iteration, random_start))
-            image, regions = next(batches)
-            image = image.to(device, non_blocking=True)
-            regions = regions.to(device, non_blocking=True)
+            image, regions = dataset.to_device(next(batches), device)  # normalise, resize, flip
             if args.augment:
                 image, regions = augment_batch(
                     image, regions, seed=derived_seed(args.random_seed, iteration, dist_info.rank))

@@ -11,13 +11,19 @@ Published formula (SPEC.md, Data), for one modality volume `v`:
 `normalize_published` is that formula with `np.histogram`. It is slow because the histogram
 has one bin per intensity unit and walks every voxel. `normalize` returns bit-identical
 output: it finds `top` by counting only the brightest voxels with numpy's own bin-index
-arithmetic (see `_bin_indices`), and clips only the foreground voxels.
+arithmetic (see `_bin_indices`), and clips and z-scores only the foreground voxels.
 
-Both work in float32 (the dtype `datasets.brats.load_case` returns); other inputs are cast
+The cache stores source intensities and each volume's `normalization_params` (PARAMS: top,
+background, mean, std); `apply_normalization` is the torch twin of normalize's last step,
+for a whole volume or any crop of it on any device (the training GPU normalises each
+patch), with the same float32 operations in the same order.
+
+All work in float32 (the dtype `datasets.brats.load_case` returns); other inputs are cast
 first. Inputs on which the published code would crash or produce NaN (non-finite values,
 max < 1 so zero bins, no bin with 50 voxels, constant foreground) raise NormalizationError.
 """
 import numpy as np
+import torch
 
 from datasets.brats import CaseError
 from utils.modalities import MODALITIES
@@ -25,6 +31,7 @@ from utils.modalities import MODALITIES
 NAME = "published-histogram-zscore"
 VERSION = 1
 MIN_COUNT = 50  # published: a bin needs this many voxels to count as signal
+PARAMS = ("top", "background", "mean", "std")  # per volume, see normalization_params
 
 
 class NormalizationError(ValueError):
@@ -115,37 +122,91 @@ def _top_bin(flat, edges, thresholds=(0.99, 0.9, 0.5)):
     return int(full[-1])
 
 
-def normalize(v):
-    """Fast, bit-identical `normalize_published`. v (D,H,W) -> float32 (D,H,W)."""
-    v = np.asarray(v, dtype=np.float32)
+def _parameters_and_foreground(v):
+    """(PARAMS float32 (4,), foreground mask, foreground values after clipping) of a float32
+    volume, each computed exactly as `normalize_published` computes it."""
     vmin, vmax = v.min(), v.max()
     nbins = _num_bins(vmin, vmax)
     # Same edges (and same 'too many bins' error) as np.histogram(v, nbins).
     edges = np.histogram_bin_edges(v, nbins, range=(vmin, vmax))
     top = np.float32(_top_bin(v.reshape(-1), edges))
-    corner = (0,) * v.ndim
-    if v[corner] < top:
+    corner = v[(0,) * v.ndim]
+    if corner < top:
         # Clipping maps no voxel onto the background value nor away from it, so the mask
         # can be taken before clipping and only the foreground needs clipping: the same
         # values, in the same order, as the reference's v[mask] after clipping.
-        mask = v != v[corner]
+        background = corner
+        mask = v != corner
         fg = np.minimum(v[mask], top)
-    else:
-        v = np.minimum(v, top)
-        mask = v != v[corner]
+    else:  # the corner is clipped to `top`: the foreground is what clipping leaves alone
+        background = top
+        mask = v < top
         fg = v[mask]
     _check_foreground(fg)
     mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
+    return np.array([top, background, mean, std], np.float32), mask, fg
+
+
+def normalization_params(v):
+    """The published normalisation's parameters of one volume v (D,H,W) -> float32 (4,) PARAMS:
+    the clip value `top`, the background value (the corner voxel after clipping), and the
+    mean and std of the other voxels after clipping."""
+    return _parameters_and_foreground(np.asarray(v, dtype=np.float32))[0]
+
+
+def normalize(v):
+    """Fast, bit-identical `normalize_published`. v (D,H,W) -> float32 (D,H,W)."""
+    v = np.asarray(v, dtype=np.float32)
+    (_, _, mean, std), mask, fg = _parameters_and_foreground(v)
     out = np.zeros(v.shape, np.float32)
-    out[mask] = (fg - mean) / std
+    out[mask] = (fg - mean) / std  # only the foreground is computed and written
     return out
+
+
+def foreground(x, params):
+    """The voxels the normalisation z-scores: x clipped at `top` differs from the background.
+
+    x: float32 tensor (..., D, H, W); params: float32 tensor (..., 4) of PARAMS on x's device,
+    one row per volume (e.g. x (B, C, D, H, W) and params (B, C, 4)).
+    Returns (clipped x, bool mask), both shaped like x.
+    """
+    top, background = (params[..., k, None, None, None] for k in range(2))
+    x = torch.minimum(x, top)
+    return x, x != background
+
+
+def apply_normalization(x, params):
+    """Normalise x with its channels' PARAMS, in torch, on any device.
+
+    x: float32 tensor (..., D, H, W) of source intensities; params: float32 tensor (..., 4),
+    as for `foreground`. Bit-identical to `normalize` (so to `normalize_published`) on the
+    same voxels: the same float32 operations (clip, compare, subtract, divide) in the same
+    order. The divisor is a tensor on x's
+    device on purpose: CUDA divides by a CPU scalar as a multiplication by its
+    reciprocal, which can differ in the last bit.
+    """
+    # foreground() returns a new tensor: the in-place steps leave the input alone and save
+    # three volume-sized temporaries (3x faster on a CPU).
+    x, mask = foreground(x, params)
+    mean, std = (params[..., k, None, None, None] for k in (2, 3))
+    return x.sub_(mean).div_(std).masked_fill_(mask.logical_not_(), 0.0)
 
 
 def normalize_image(image, fn=normalize):
     """Normalise each modality of image (C,D,H,W) independently -> float32 (C,D,H,W)."""
     return np.stack([fn(channel) for channel in image])
+
+
+def _per_modality(case, fn):
+    """Yield (c, fn(modality c)) over the modalities a loaded case has (case.available); a
+    failure names the case and file."""
+    for c in case.available:
+        try:
+            yield c, fn(case.image[c])
+        except NormalizationError as err:
+            raise CaseError(case.name, case.files[MODALITIES[c]], f"cannot normalise: {err}") from err
 
 
 def normalize_case(case, fn=normalize):
@@ -156,9 +217,12 @@ def normalize_case(case, fn=normalize):
     formula is undefined on an all-zero volume).
     """
     image = np.zeros_like(case.image, dtype=np.float32)
-    for c in case.available:
-        try:
-            image[c] = fn(case.image[c])
-        except NormalizationError as err:
-            raise CaseError(case.name, case.files[MODALITIES[c]], f"cannot normalise: {err}") from err
+    for c, channel in _per_modality(case, fn):
+        image[c] = channel
     return image
+
+
+def case_params(case):
+    """A loaded case's PARAMS per modality -> float32 (4, 4); a failure names the case and file.
+    For the cache, whose cases have all four modalities (load_case's default)."""
+    return np.stack([params for _, params in _per_modality(case, normalization_params)])

@@ -1,25 +1,35 @@
-"""Training patches: the published BraTS patch sampler, seeded and reading only the crop.
+"""Training patches: the published BraTS patch sampler, split between CPU workers and the device.
 
-`PatchSampler` cuts one patch from a case (the image is usually a read-only np.memmap of the
-preprocessed cache; only the crop region is read). `PatchDataset` turns a list of cases into a
-torch Dataset whose item i is a pure function of (seed, i), so a resumed run that continues the
-index reproduces the same patches.
+A DataLoader worker only cuts crops: `PatchDataset[i]` draws the crop (`PatchSampler`) and
+copies its source intensities and labels out of the memory-mapped cache (datasets.preprocess;
+only the crop is read). `PatchDataset.to_device` then normalises, resizes and flips the batch on
+the training device. Item i, and so the finished patch, is a pure function of (seed, i): a
+resumed run that continues the index reproduces the same patches.
 
-Published sampler, per patch (all draws from the caller's rng, in this order):
+Published sampler, per patch (all draws from the item's rng, in this order):
   1. crop size = patch × U(0.9, 1.1) with p = 0.5 (else the patch size), when random_scale;
   2. with p = 0.5 the crop is centred on a random voxel of one of {ET, WT, TC, none} chosen
      uniformly ("none", or an empty region, falls back to the random crop) and shifted to lie
      inside the volume; otherwise a uniform random crop keeping 15 voxels from the H borders
      and 10 from the W borders (margins shrink when the volume is too small for them);
-  3. a crop larger than the volume is zero-padded (image 0, label 0 = background);
+  3. a crop larger than the volume is zero-padded (normalised image 0, label 0 = background);
   4. the crop is resized back to the patch: trilinear for the image, nearest for the labels;
   5. flips, when random_mirror: none with p = 0.3, else one of the 7 non-empty combinations
      of the three axes (p = 0.1 each).
+The worker draws 1, 2 and 5 and reads the crop; the device pads (3) by normalisation — the
+worker fills what lies outside the cached box or the volume with each modality's background
+value, which normalises to exactly 0 — then resizes (4) and flips (5). On a CPU this gives
+bit for bit the patch the whole-volume path gives: normalise, crop, resize, flip.
 """
+import math
+import os
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datasets.normalize import apply_normalization
 from utils.regions import REGIONS, labels_to_regions
 
 CROP_MARGINS = (0, 15, 10)  # voxels kept from the (D, H, W) borders by the random crop
@@ -27,6 +37,10 @@ SCALE_RANGE = (0.9, 1.1)
 P_SCALE = 0.5
 P_FOREGROUND = 0.5
 P_NO_FLIP = 0.3
+# Label value -> its (ET, WT, TC) membership, from the one definition in utils.regions.
+REGION_TABLE = np.ascontiguousarray(labels_to_regions(np.arange(256, dtype=np.uint8)).T, np.uint8)
+AUTO_WORKERS_MAX = 4  # auto sizing: one worker cuts crops far faster than a GPU step uses them
+IN_FLIGHT_BATCHES = 8  # auto sizing: batches prepared ahead, over all workers
 
 
 def foreground_locations(label, max_per_region=10000, rng=None):
@@ -67,19 +81,20 @@ def _centred_start(dim, size, centre):
     return int(np.clip(centre - size // 2, lo, hi))
 
 
-def _read_crop(volume, starts, sizes):
-    """volume[..., s:s+n, ...] over the last 3 axes, zero outside the volume.
+def read_crop(volume, offset, starts, out):
+    """Copy into `out` the part of a crop that lies in a stored box; returns out.
 
-    Slices the (mem-mapped) array to the in-volume part first, so only the crop is read.
+    volume (..., d, h, w): the stored box (e.g. a memmap), whose first voxel is `offset` of the
+    full volume; out (..., n_d, n_h, n_w): the crop whose first voxel is `starts` (full-volume
+    coordinates, may be negative). Only the overlap is read; out keeps its values elsewhere.
     """
-    spatial = volume.shape[-3:]
     src, dst = [], []
-    for start, size, dim in zip(starts, sizes, spatial):
-        lo, hi = max(start, 0), min(start + size, dim)
-        src.append(slice(lo, hi))
+    for start, size, first, length in zip(starts, out.shape[-3:], offset, volume.shape[-3:]):
+        lo, hi = max(start, first), min(start + size, first + length)
+        if lo >= hi:
+            return out
+        src.append(slice(lo - first, hi - first))
         dst.append(slice(lo - start, hi - start))
-    lead = volume.shape[:-3]
-    out = np.zeros(lead + tuple(sizes), dtype=volume.dtype)
     out[(Ellipsis, *dst)] = volume[(Ellipsis, *src)]
     return out
 
@@ -90,13 +105,17 @@ def _nearest_indices(n_in, n_out):
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
 
 
-class PatchSampler:
-    """Published patch sampler: sampler(image, label, rng[, locations]) -> (image, regions).
+class Crop(NamedTuple):
+    starts: tuple  # (d, h, w) of the crop's first voxel in the volume (negative: padded)
+    sizes: tuple  # (d, h, w) before resizing to the patch
+    flips: tuple  # (d, h, w) bools: flip that axis of the resized patch
 
-    image: float32 (4, D, H, W) array or np.memmap; label: uint8 (D, H, W) {0, 1, 2, 4};
-    rng: np.random.Generator; locations: `foreground_locations(label)` precomputed per case
-    (computed on the fly from the whole label when omitted and a foreground crop is drawn).
-    Returns image patch float32 (4, d, h, w) and regions uint8 (3, d, h, w) (ET, WT, TC).
+
+class PatchSampler:
+    """The published crop draws (module docstring): sampler(shape, rng, locations) -> Crop.
+
+    shape: (D, H, W) of the volume; rng: np.random.Generator; locations: the case's
+    `foreground_locations` (ET, WT, TC coordinate arrays, possibly empty).
     """
 
     def __init__(self, patch_size, random_scale=True, random_mirror=True):
@@ -106,14 +125,15 @@ class PatchSampler:
         self.random_scale = random_scale
         self.random_mirror = random_mirror
 
-    def __call__(self, image, label, rng, locations=None):
-        if label is None:
-            raise ValueError("PatchSampler needs a label map; this case has none (test case?)")
-        if image.ndim != 4 or label.shape != image.shape[1:]:
-            raise ValueError(f"image (C, D, H, W) {image.shape} and label (D, H, W) "
-                             f"{label.shape} do not match")
-        dims = image.shape[1:]
+    @property
+    def max_size(self):
+        """The largest crop this sampler draws, per axis."""
+        if not self.random_scale:
+            return self.patch_size
+        # int(p * scale) <= int(p * 1.1) for any scale <= 1.1: float products are monotone
+        return tuple(max(p, int(p * SCALE_RANGE[1])) for p in self.patch_size)
 
+    def __call__(self, shape, rng, locations):
         scale = 1.0
         if self.random_scale and rng.random() < P_SCALE:
             scale = rng.uniform(*SCALE_RANGE)
@@ -122,44 +142,37 @@ class PatchSampler:
         centre = None
         if rng.random() < P_FOREGROUND:
             choice = int(rng.integers(len(REGIONS) + 1))  # the extra choice is "none"
-            if choice < len(REGIONS):
-                if locations is None:
-                    locations = foreground_locations(label)
+            if choice < len(REGIONS) and len(locations[choice]):
                 candidates = locations[choice]
-                if len(candidates):
-                    centre = candidates[rng.integers(len(candidates))]
+                centre = candidates[rng.integers(len(candidates))]
         if centre is None:
-            starts = [_random_start(d, s, m, rng) for d, s, m in zip(dims, sizes, CROP_MARGINS)]
+            starts = [_random_start(d, s, m, rng) for d, s, m in zip(shape, sizes, CROP_MARGINS)]
         else:
-            starts = [_centred_start(d, s, int(c)) for d, s, c in zip(dims, sizes, centre)]
+            starts = [_centred_start(d, s, int(c)) for d, s, c in zip(shape, sizes, centre)]
 
-        patch = _read_crop(image, starts, sizes).astype(np.float32, copy=False)
-        crop_label = _read_crop(label, starts, sizes)
-        if tuple(sizes) != self.patch_size:
-            patch = F.interpolate(torch.from_numpy(patch)[None], size=self.patch_size,
-                                  mode="trilinear", align_corners=False)[0].numpy()
-            crop_label = crop_label[np.ix_(*[_nearest_indices(s, p) for s, p in
-                                             zip(sizes, self.patch_size)])]
-        regions = labels_to_regions(crop_label).astype(np.uint8)
-
+        flips = (False,) * 3
         if self.random_mirror and rng.random() >= P_NO_FLIP:
             combo = int(rng.integers(1, 8))  # bit k set = flip spatial axis k
-            axes = [k + 1 for k in range(3) if combo >> k & 1]
-            patch, regions = np.flip(patch, axes), np.flip(regions, axes)
-        return np.ascontiguousarray(patch), np.ascontiguousarray(regions)
+            flips = tuple(bool(combo >> k & 1) for k in range(3))
+        return Crop(tuple(starts), tuple(sizes), flips)
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Torch Dataset of training patches; item i is a pure function of (seed, i).
+    """Torch Dataset of training crops; item i is a pure function of (seed, i).
 
-    cases: objects with .image (4, D, H, W) and .label (D, H, W) (e.g. datasets.preprocess
-    CachedCase memmaps) and preferably .name. Item i takes case perm_e[i % n] where perm_e is
-    the permutation of the n cases seeded by (seed, e), e = i // n (each case once per
-    "epoch" of n items), and crops it with np.random.default_rng((seed, i)). Foreground
-    locations are computed lazily, once per case (per worker process).
+    cases: datasets.preprocess.CachedCase objects (labelled). Item i takes case perm_e[i % n]
+    where perm_e is the permutation of the n cases seeded by (seed, e), e = i // n (each case
+    once per "epoch" of n items), and draws its crop with np.random.default_rng((seed, i)).
     length: number of items (default: one pass over the cases); indices beyond one pass
     continue the stream, so a resumed run asks for items from where it stopped.
-    Returns (image float32 tensor (4, d, h, w), regions uint8 tensor (3, d, h, w)).
+
+    An item is a dict of CPU tensors of fixed shapes (so the default collate batches them);
+    `to_device` turns a batch into patches. M = the sampler's max_size:
+      image  (4, *M) source intensities (int16, or float32 if a case stores float32): the crop
+             in [:, :n_d, :n_h, :n_w], each modality's background value where the crop leaves
+             the cached box; the rest 0 and unused
+      label  uint8 (*M): the crop's labels in [:n_d, :n_h, :n_w], 0 elsewhere
+      size   int64 (3,) crop size (n_d, n_h, n_w);  flip bool (3,);  params float32 (4, 4)
     """
 
     def __init__(self, cases, patch_size, random_scale=True, random_mirror=True, seed=0,
@@ -169,12 +182,12 @@ class PatchDataset(torch.utils.data.Dataset):
             raise ValueError("PatchDataset needs at least one case")
         for case in self.cases:
             if case.label is None:
-                raise ValueError(f"case {getattr(case, 'name', case)} has no label map; "
-                                 "training needs labelled cases")
+                raise ValueError(f"case {case.name} has no label map; training needs labelled cases")
         self.sampler = PatchSampler(patch_size, random_scale, random_mirror)
+        self.patch_size = self.sampler.patch_size
+        self.dtype = np.result_type(*(case.raw.dtype for case in self.cases))
         self.seed = int(seed)
         self.length = len(self.cases) if length is None else int(length)
-        self._locations = {}
 
     def __len__(self):
         return self.length
@@ -184,13 +197,68 @@ class PatchDataset(torch.utils.data.Dataset):
         permutation = np.random.default_rng((self.seed, i // n)).permutation(n)
         return int(permutation[i % n])
 
-    def __getitem__(self, i):
+    def crop(self, i):
+        """(case, Crop) of item i."""
         if not 0 <= i < self.length:
             raise IndexError(f"patch index {i} outside [0, {self.length})")
-        c = self.case_index(i)
-        case = self.cases[c]
-        if c not in self._locations:
-            self._locations[c] = foreground_locations(case.label)
-        image, regions = self.sampler(case.image, case.label, np.random.default_rng((self.seed, i)),
-                                      self._locations[c])
-        return torch.from_numpy(image), torch.from_numpy(regions)
+        case = self.cases[self.case_index(i)]
+        return case, self.sampler(case.shape, np.random.default_rng((self.seed, i)), case.locations)
+
+    def __getitem__(self, i):
+        case, crop = self.crop(i)
+        image = np.zeros((len(case.raw), *self.sampler.max_size), self.dtype)
+        label = np.zeros(self.sampler.max_size, np.uint8)
+        inside = tuple(slice(0, n) for n in crop.sizes)
+        background = case.params[:, 1, None, None, None]  # PARAMS[1]: normalises to 0
+        image[(slice(None), *inside)] = background
+        read_crop(case.raw, case.offset, crop.starts, image[(slice(None), *inside)])
+        read_crop(case.label, case.offset, crop.starts, label[inside])
+        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label),
+                "size": torch.tensor(crop.sizes), "flip": torch.tensor(crop.flips),
+                "params": torch.from_numpy(np.asarray(case.params, np.float32))}
+
+    def to_device(self, batch, device):
+        """Finish a collated batch on `device`: normalise, resize to the patch, flip.
+
+        Returns image float32 (B, 4, *patch) and regions uint8 (B, 3, *patch) (ET, WT, TC).
+        """
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        params = batch["params"].to(device, non_blocking=True)
+        table = torch.from_numpy(REGION_TABLE).to(device)
+        images, regions = [], []
+        # size and flip stay on the CPU: reading them does not wait for the device
+        for b, (size, flip) in enumerate(zip(batch["size"].tolist(), batch["flip"].tolist())):
+            inside = tuple(slice(0, n) for n in size)
+            x = apply_normalization(image[b][(slice(None), *inside)].float(), params[b])
+            r = table[label[b][inside].long()].movedim(-1, 0)  # (3, n_d, n_h, n_w)
+            if tuple(size) != self.patch_size:
+                x = F.interpolate(x[None], size=self.patch_size, mode="trilinear",
+                                  align_corners=False)[0]
+                for axis, (n_in, n_out) in enumerate(zip(size, self.patch_size)):
+                    index = torch.from_numpy(_nearest_indices(n_in, n_out)).to(device)
+                    r = r.index_select(axis + 1, index)
+            dims = [axis + 1 for axis in range(3) if flip[axis]]
+            images.append(x.flip(dims))
+            regions.append(r.flip(dims))
+        return torch.stack(images), torch.stack(regions)
+
+
+def loader_options(num_workers, device):
+    """DataLoader keyword arguments for PatchDataset on `device`, sized from the machine.
+
+    num_workers >= 0 is used as given (0: crops are cut in the main process). num_workers < 0
+    sizes it: the CPUs this process may use, shared with the other processes torchrun started
+    on this machine (LOCAL_WORLD_SIZE), less one for the main process, at most
+    AUTO_WORKERS_MAX. Workers persist between iterators and together keep IN_FLIGHT_BATCHES
+    batches ready; batches are pinned for an asynchronous copy when the device is a GPU.
+    """
+    if num_workers < 0:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        per_process = (cpus or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        num_workers = max(0, min(AUTO_WORKERS_MAX, per_process - 1))
+    options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda"}
+    if num_workers:
+        options.update(persistent_workers=True,
+                       prefetch_factor=max(2, math.ceil(IN_FLIGHT_BATCHES / num_workers)))
+    return options

@@ -91,3 +91,19 @@ def test_lock_is_released_after_the_block(tmp_path):
         pass
     with exclusive_lock(tmp_path):
         pass
+
+
+def test_lock_with_wait_blocks_until_the_holder_leaves(tmp_path):
+    done = tmp_path / "done"
+    code = ("import pathlib, sys, time; from utils.lock import exclusive_lock\n"
+            "with exclusive_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(0.5)\n"
+            "    pathlib.Path(sys.argv[2]).touch()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(done)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with exclusive_lock(tmp_path, wait=True):
+            assert done.exists()  # written by the holder just before it released the lock
+    finally:
+        holder.kill()
+        holder.wait()

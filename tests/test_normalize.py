@@ -4,12 +4,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from datasets.brats import CaseError
 from datasets.normalize import (
     NormalizationError,
     _bin_indices,
     _top_bin,
+    apply_normalization,
+    normalization_params,
     normalize,
     normalize_case,
     normalize_image,
@@ -19,6 +22,12 @@ from datasets.normalize import (
 
 def same_bits(a, b):
     return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def applied(v):
+    """The torch twin on the whole volume, with the volume's parameters."""
+    v = np.asarray(v, np.float32)
+    return apply_normalization(torch.from_numpy(v), torch.from_numpy(normalization_params(v))).numpy()
 
 
 def brats_like(seed, shape=(40, 48, 36), outliers=True):
@@ -47,12 +56,24 @@ def test_hand_computed_example():
         out = fn(v)
         assert out.dtype == np.float32 and out.shape == v.shape
         np.testing.assert_allclose(out.reshape(-1), expected, rtol=1e-5, atol=1e-6)
+    fg32 = fg.astype(np.float32)  # in the reference's order: v[mask] after clipping
+    assert normalization_params(v).tolist() == [10, 0, fg32.mean(), fg32.std()]
+
+
+def test_params_of_a_corner_above_top():
+    v = brats_like(2)
+    v[0, 0, 0] = 20000  # clipped to top, then the background value
+    top, background, mean, std = normalization_params(v)
+    assert background == top < 20000
+    fg = v[v < top].astype(np.float32)  # every voxel clipping leaves below top
+    assert (mean, std) == (fg.mean(), fg.std())
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_fast_equals_published_brats_like_int16(seed):
     v = brats_like(seed, outliers=seed % 2 == 0)
-    assert same_bits(normalize(v), normalize_published(v))
+    reference = normalize_published(v)
+    assert same_bits(normalize(v), reference) and same_bits(applied(v), reference)
 
 
 @pytest.mark.parametrize("corner", [20000, 800, 600, 1])  # top is 800
@@ -60,7 +81,8 @@ def test_fast_equals_published_any_corner(corner):
     # A corner above `top` is clipped to it before it becomes the background value.
     v = brats_like(5)
     v[0, 0, 0] = corner
-    assert same_bits(normalize(v), normalize_published(v))
+    reference = normalize_published(v)
+    assert same_bits(normalize(v), reference) and same_bits(applied(v), reference)
 
 
 SHAPE = (40, 48, 36)
@@ -80,7 +102,8 @@ SHAPE = (40, 48, 36)
 )
 def test_fast_equals_published_float_volumes(make):
     v = make(np.random.default_rng(7))
-    assert same_bits(normalize(v), normalize_published(v))
+    reference = normalize_published(v)
+    assert same_bits(normalize(v), reference) and same_bits(applied(v), reference)
 
 
 def test_top_bin_every_path_matches_histogram():
@@ -151,3 +174,21 @@ def test_normalize_case_leaves_missing_modalities_zero():
     case.available, case.files["t1"] = (0, 1, 2), Path("X_t1.nii.gz")  # an all-zero T1 file
     with pytest.raises(CaseError, match="case X: X_t1.nii.gz: cannot normalise: volume maximum 0.0 < 1"):
         normalize_case(case)
+
+
+@pytest.mark.parametrize("corner", [0, 20000])
+def test_apply_to_int16_crops_equals_the_whole_volume(corner):
+    """The cache stores int16 source values and PARAMS; any crop normalised in torch must be
+    bit for bit the same crop of the normalised whole volume."""
+    volumes = np.stack([brats_like(s) for s in (1, 2)])  # (2, D, H, W) int16
+    volumes[:, 0, 0, 0] = corner
+    params = np.stack([normalization_params(v) for v in volumes])
+    whole = normalize_image(volumes, normalize_published)
+    for crop in [np.s_[:, 5:30, 0:48, 7:9], np.s_[:, 0:1, 0:1, 0:1], np.s_[:, 20:40, 40:48, 30:36]]:
+        x = torch.from_numpy(volumes[crop]).float()
+        out = apply_normalization(x, torch.from_numpy(params)).numpy()  # (2, ...) with (2, 4)
+        assert same_bits(out, whole[crop])
+    batch = torch.from_numpy(np.stack([volumes, volumes[::-1]])).float()  # (B, C, D, H, W)
+    params_batch = torch.from_numpy(np.stack([params, params[::-1]]))  # (B, C, 4)
+    out = apply_normalization(batch, params_batch).numpy()
+    assert same_bits(out[0], whole) and same_bits(out[1], np.ascontiguousarray(whole[::-1]))

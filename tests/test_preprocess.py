@@ -1,17 +1,23 @@
-"""Preprocessing cache: contents, memory mapping, re-use, invalidation, errors, CLI."""
+"""Preprocessing cache: contents, compact format, memory mapping, re-use, invalidation,
+validation on open, concurrent writers, errors, CLI."""
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_brats import make_volumes, part_path, save, write_case
 
+import datasets.preprocess as preprocess_module
+from datasets import synthetic
 from datasets.brats import CaseError, load_case
 from datasets.normalize import normalize_image, normalize_published
-from datasets.preprocess import header_from_meta, load_cached, main, preprocess
+from datasets.preprocess import CacheInvalid, header_from_meta, load_cached, main, preprocess
+from datasets.sampling import foreground_locations
 
 
 @pytest.fixture
@@ -27,7 +33,13 @@ def dataset(tmp_path):
 
 
 def mtimes(cache):
-    return {p.relative_to(cache): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    """Modification times of the cached files (not of the .lock files, which name their holder)."""
+    return {p.relative_to(cache): p.stat().st_mtime_ns for p in cache.rglob("*")
+            if p.is_file() and p.name != ".lock"}
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 def test_cache_contents(dataset):
@@ -36,13 +48,20 @@ def test_cache_contents(dataset):
     assert [c.name for c in cases] == ["Brats18_A", "BraTS-GLI-00002-000", "Brats18_C"]
     for cached in cases:
         case = load_case(data / cached.name)
-        assert isinstance(cached.image, np.memmap) and cached.image.dtype == np.float32
-        np.testing.assert_array_equal(cached.image, normalize_image(case.image, normalize_published))
+        # compact: int16 source values of the box around the brain (test_brats: [3:-3, 3:-3, 2:-2]
+        # in (X, Y, Z), so D, H, W = Z, X, Y lose 2, 3, 3 voxels on each side)
+        assert isinstance(cached.raw, np.memmap) and cached.raw.dtype == np.int16
+        assert cached.offset == (2, 3, 3) and cached.raw.shape == (4, 12, 18, 14)
+        assert cached.shape == case.image.shape[1:]
+        assert same_bits(cached.normalized(), normalize_image(case.image, normalize_published))
         if case.label is None:
-            assert cached.label is None and not (cache / cached.name / "label.npy").exists()
+            assert cached.label is None and cached.full_label() is None
+            assert not (cache / cached.name / "label.npy").exists()
         else:
             assert isinstance(cached.label, np.memmap) and cached.label.dtype == np.uint8
-            np.testing.assert_array_equal(cached.label, case.label)
+            np.testing.assert_array_equal(cached.full_label(), case.label)
+            for got, want in zip(cached.locations, foreground_locations(case.label)):
+                np.testing.assert_array_equal(got, want)
         meta = cached.meta
         assert meta["shape_xyz"] == list(case.shape_xyz) and meta["spacing"] == list(case.spacing)
         np.testing.assert_array_equal(meta["affine"], case.affine)
@@ -60,15 +79,15 @@ def test_reuse_and_invalidation(dataset):
     assert mtimes(cache) == before  # nothing rewritten
 
     # Rewrite one modality with different data: only that case is rebuilt, with the new data.
-    old = np.array(cases[0].image[2])
+    old = cases[0].normalized()[2]
     vol = make_volumes(seed=9)["t1ce"]
     save(vol, part_path(data / "Brats18_A", "t1ce"))
     cases = preprocess(lst, cache, num_workers=1)
     after = mtimes(cache)
     changed = {str(p.parent) for p in after if after[p] != before[p]}
     assert changed == {"Brats18_A"}
-    assert not np.array_equal(cases[0].image[2], old)
-    np.testing.assert_array_equal(cases[0].image[2], normalize_published(vol.transpose(2, 0, 1)))
+    assert not np.array_equal(cases[0].normalized()[2], old)
+    np.testing.assert_array_equal(cases[0].normalized()[2], normalize_published(vol.transpose(2, 0, 1)))
 
     # A case whose meta.json is missing (interrupted write) counts as not cached.
     (cache / "Brats18_C" / "meta.json").unlink()
@@ -144,3 +163,198 @@ def test_workers_that_cannot_start_raise_instead_of_hanging(dataset):
                              stderr=stderr, cwd=lst.parent, env=env, timeout=60)
     assert run.returncode != 0
     assert "BrokenProcessPool" in log.read_text() and "num_workers=1" in log.read_text()
+
+
+# ------------------------------------------------------------------------ compact cache format
+def test_brats_sized_case_takes_less_than_half_the_float32_cache(tmp_path):
+    """Format 1 stored float32 (4, D, H, W) + uint8 (D, H, W): 17 bytes per voxel."""
+    shape_xyz = (240, 240, 155)
+    (folder,) = synthetic.generate(tmp_path / "data", 1, shape_xyz, seed=0, fmt="nii")
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"{folder}\n")
+    (cached,) = preprocess(lst, tmp_path / "cache", num_workers=1)
+    size = sum(p.stat().st_size for p in (tmp_path / "cache" / folder.name).iterdir())
+    format_1 = 17 * np.prod(shape_xyz)
+    assert size <= 72e6 and size <= format_1 / 2, (size, format_1)
+    assert cached.raw.dtype == np.int16
+    case = load_case(folder)
+    assert same_bits(cached.normalized(), normalize_image(case.image))
+
+
+def test_sources_that_are_not_int16_are_cached_as_float32(dataset):
+    data, lst, cache = dataset
+    volume = make_volumes(seed=4)["t2"].astype(np.float32) + 0.5  # background 0.5, not integers
+    save(volume, part_path(data / "Brats18_A", "t2"))
+    cached = preprocess(lst, cache, num_workers=1)[0]
+    assert cached.raw.dtype == np.float32
+    case = load_case(data / "Brats18_A")
+    assert same_bits(cached.normalized(), normalize_image(case.image, normalize_published))
+
+
+def test_format_1_cache_is_rebuilt_with_a_message_never_mixed(dataset, capsys):
+    data, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    # What format 1 left: meta.json version 1, image.npy the normalised float32 volume.
+    folder = cache / "Brats18_A"
+    meta = json.loads((folder / "meta.json").read_text())
+    case = load_case(data / "Brats18_A")
+    np.save(folder / "image.npy", normalize_image(case.image))
+    (folder / "meta.json").write_text(json.dumps({**meta, "cache_version": 1}))
+    with pytest.raises(CacheInvalid, match=r"meta.json: cache format 1 \(normalised float32"):
+        load_cached(cache, "Brats18_A")
+    capsys.readouterr()
+    cases = preprocess(lst, cache, num_workers=1)
+    err = capsys.readouterr().err
+    assert "case Brats18_A" in err and "cache format 1" in err and "rebuilt" in err
+    assert "Brats18_C" not in err  # valid cases are re-used silently
+    assert cases[0].meta["cache_version"] == 2 and cases[0].raw.dtype == np.int16
+    assert same_bits(cases[0].normalized(), normalize_image(case.image, normalize_published))
+
+
+# ------------------------------------------------------------------------------- robustness
+def test_datalist_entry_dotdot_stays_inside_the_cache(dataset):
+    data, _, cache = dataset
+    lists = data / "Brats18_A" / "lists"
+    lists.mkdir()
+    lst = lists / "list.csv"
+    lst.write_text("..\n")  # the case folder, written relative to the list
+    outside = {p for p in data.parent.rglob("*") if cache not in p.parents}
+    cases = preprocess(lst, cache, num_workers=1)
+    assert {p for p in data.parent.rglob("*") if cache not in p.parents} == outside | {cache}
+    assert [c.name for c in cases] == ["Brats18_A"] and (cache / "Brats18_A" / "meta.json").exists()
+    for name in ("..", ".", "", "a/b"):
+        with pytest.raises(CaseError, match="outside the cache folder"):
+            load_cached(cache, name)
+
+
+def test_temporary_files_of_killed_writers_are_removed(dataset):
+    _, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    leftovers = [cache / "Brats18_A" / ".image.npy.k1ll3d.tmp.npy",
+                 cache / "Brats18_C" / ".meta.json.x8y2z0.tmp.json"]
+    for path in leftovers:
+        path.write_bytes(b"\0" * 1000)
+    (cache / "Brats18_C" / "meta.json").unlink()  # and one case whose build was killed
+    preprocess(lst, cache, num_workers=1)
+    assert not any(path.exists() for path in leftovers)
+    assert not list(cache.rglob("*.tmp*"))
+
+
+def corrupt_truncated_image(folder):
+    path = folder / "image.npy"
+    path.write_bytes(path.read_bytes()[:1000])
+    return "image.npy", "1000 bytes"
+
+
+def corrupt_label_value(folder):
+    label = np.load(folder / "label.npy")
+    label[0, 0, 0] = 7
+    np.save(folder / "label.npy", label)  # same size
+    return "label.npy", r"label values \[7\]"
+
+
+def corrupt_image_dtype(folder):
+    image = np.load(folder / "image.npy")
+    np.save(folder / "image.npy", image.view(np.float16))  # same size and shape
+    return "image.npy", "float16"
+
+
+def corrupt_meta_list(folder):
+    (folder / "meta.json").write_text("[]")
+    return "meta.json", "JSON list"
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncated_image, corrupt_label_value,
+                                     corrupt_image_dtype, corrupt_meta_list])
+def test_broken_cache_is_named_on_open_and_rebuilt(dataset, capsys, corrupt):
+    data, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    file, problem = corrupt(cache / "Brats18_A")
+    with pytest.raises(CaseError, match=problem) as info:
+        load_cached(cache, "Brats18_A")
+    assert info.value.case == "Brats18_A" and info.value.path == cache / "Brats18_A" / file
+    capsys.readouterr()
+    cases = preprocess(lst, cache, num_workers=1)
+    err = capsys.readouterr().err
+    assert f"case Brats18_A: {cache / 'Brats18_A' / file}" in err and "rebuilt" in err
+    case = load_case(data / "Brats18_A")
+    assert same_bits(cases[0].normalized(), normalize_image(case.image, normalize_published))
+    np.testing.assert_array_equal(cases[0].full_label(), case.label)
+
+
+def test_source_edited_in_place_with_same_size_and_mtime_is_rebuilt(dataset):
+    data, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    path = part_path(data / "BraTS-GLI-00002-000", "t1ce", scheme="2023", ext=".nii")
+    before = path.stat()
+    volume = make_volumes(seed=9)["t1ce"]
+    save(volume, path.with_name("new.nii"))
+    with open(path, "r+b") as f:  # same inode, same size (same shape, dtype, no compression)
+        f.write(path.with_name("new.nii").read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    cases = preprocess(lst, cache, num_workers=1)
+    np.testing.assert_array_equal(cases[1].normalized()[2], normalize_published(volume.transpose(2, 0, 1)))
+
+
+def test_touched_source_keeps_its_cache_and_is_hashed_once(dataset, monkeypatch):
+    data, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    before = mtimes(cache)
+    path = part_path(data / "Brats18_A", "flair")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    hashed = []
+    real = preprocess_module._sha256
+    monkeypatch.setattr(preprocess_module, "_sha256", lambda p: hashed.append(p) or real(p))
+    preprocess(lst, cache, num_workers=1)
+    assert hashed == [path]  # only the touched file is read, once
+    changed = {p for p in mtimes(cache) if mtimes(cache)[p] != before[p]}
+    assert changed == {Path("Brats18_A/meta.json")}  # its new stat is recorded, arrays kept
+    preprocess(lst, cache, num_workers=1)
+    assert hashed == [path]
+
+
+def test_two_preprocessors_on_one_cache_do_not_race(dataset, monkeypatch):
+    """The race: a second preprocessor decides to build a case the first is building, starts
+    after the first finished it, and removes its meta.json while the first opens the case."""
+    data, _, cache = dataset
+    first, second = data.parent / "first.csv", data.parent / "second.csv"
+    first.write_text("data/Brats18_A\ndata/Brats18_C\n")
+    second.write_text("data/Brats18_A\n")
+    meta = cache / "Brats18_A" / "meta.json"
+    building = threading.Event()
+    real_load_case, real_save = preprocess_module.load_case, np.save
+
+    def load_case_then_wait(case_dir, *args, **kwargs):
+        if threading.current_thread().name == "second":
+            deadline = time.monotonic() + 5
+            while not meta.exists() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        else:
+            building.set()
+        return real_load_case(case_dir, *args, **kwargs)
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.4 if threading.current_thread().name == "second" else 0.1)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess_module, "load_case", load_case_then_wait)
+    monkeypatch.setattr(np, "save", slow_save)
+    errors, results = [], {}
+
+    def run(lst):
+        try:
+            results[threading.current_thread().name] = preprocess(lst, cache, num_workers=1)
+        except Exception as err:  # collected for the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(first,), name="first"),
+               threading.Thread(target=run, args=(second,), name="second")]
+    threads[0].start()
+    assert building.wait(10)
+    threads[1].start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert [c.name for c in results["first"]] == ["Brats18_A", "Brats18_C"]
+    assert [c.name for c in results["second"]] == ["Brats18_A"]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -350,7 +351,7 @@ EMPTY = "empty.csv"
     (["--num_steps", "0"], "--num_steps 0 leaves nothing to train"),
     (["--stop_at", "7"], r"--stop_at must be 0 \(off\) or in \(0, --num_steps 6\]"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
-    (["--num_workers", "-1"], "--num_workers must be >= 0"),
+    (["--num_workers", "-2"], "--num_workers must be >= 0, or -1"),
     (["--input_size", "16,32"], "--input_size must be D,H,W"),
     (["--input_size", "8,32,32"], "D a multiple of 16"),
     (["--input_size", "16,48,32"], "H, W multiples of 32"),
@@ -469,11 +470,7 @@ def test_elect_picks_the_modality_that_sees_each_region():
     regions = [np.isin(label, v) for v in ((4,), (1, 2, 4), (1, 4))]  # ET, WT, TC
     image = np.stack([regions[1], regions[0], regions[0], regions[2]]).astype(np.float32)
 
-    class Case:
-        name, label_ = "c0", label
-
-    case = Case()
-    case.image, case.label = image, label
+    case = SimpleNamespace(name="c0", normalized=lambda: image, full_label=lambda: label)
     result = elect(Oracle(), [case, case], window=(8, 16, 16), overlap=0)
     assert result["winners"] == {"ET": "t1ce", "WT": "flair", "TC": "t2"}
     assert result["teachers"] == [0, 2, 3] and result["num_cases"] == 2

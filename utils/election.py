@@ -39,7 +39,8 @@ def teacher_set(winning):
 
 def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=None,
           dist_info=distributed.Dist()):
-    """Run the election on `cases` (objects with .image (4,D,H,W), .label (D,H,W), .name).
+    """Run the election on `cases` (datasets.preprocess.CachedCase: .name, .normalized() the
+    image float32 (4,D,H,W), .full_label() the label map (D,H,W)).
 
     Cases are split round-robin over ranks and the Dice sums all-reduced.
     Returns dict: dice {modality: {region: summed Dice}}, winners {region: modality},
@@ -51,13 +52,14 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
     sums = torch.zeros(len(SINGLE_SUBSETS), len(REGIONS), dtype=torch.float64, device=device)
     sample = None
     for case in cases[dist_info.rank::dist_info.world_size]:
-        if case.label is None:
+        label = case.full_label()
+        if label is None:
             raise ValueError(f"validation case {case.name} has no segmentation: the teacher "
                              "election needs labelled validation cases")
-        image = np.array(case.image, dtype=np.float32)  # read the memmap once, writable
+        image = case.normalized()
         probs = predict_subsets(model, image, SINGLE_SUBSETS, window, overlap=overlap,
                                 batch_size=batch_size, device=device, amp=amp)  # (S, 3, D, H, W)
-        target = torch.from_numpy(labels_to_regions(np.asarray(case.label))).to(device)
+        target = torch.from_numpy(labels_to_regions(label)).to(device)
         sums += soft_dice(probs, target.expand_as(probs)).double()  # (S, 3)
         if sample is None:
             sample = _slice_sample(case.name, image, probs, target)

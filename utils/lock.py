@@ -18,15 +18,17 @@ class LockError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(folder, what="folder"):
-    """Hold FOLDER/.lock for the duration of the block; raise LockError if another process does."""
+def exclusive_lock(folder, what="folder", wait=False):
+    """Hold FOLDER/.lock for the duration of the block; if another process holds it, raise
+    LockError, or with wait=True block until it is released (e.g. another preprocessor
+    writing the same cached case)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
             raise LockError(f"{what} {folder} is in use by {holder} (lock {path}); wait for that "
