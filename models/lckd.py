@@ -372,13 +372,19 @@ class LCKD(nn.Module):
             images = torch.cat([images, images.new_zeros(1, 1, *x.shape[2:])])
         deep, skips = self.encoder(images, num_deep=n * k)
 
-        def per_modality(t, j):  # (N*k [+1], ...) -> modality j's (N, ...)
-            return t[: n * k].unflatten(0, (n, k))[:, j]
+        # split + unbind rather than slicing and indexing: their backward is one concatenation
+        # of the gradients, where each index view's backward would fill a zero tensor of the
+        # whole encoder output (k of them per scale, then summed).
+        def split(t):  # (N*k [+1], ...) -> ([k tensors (N, ...)], the zero image's (1, ...))
+            body, *zero = t.split(n * k)
+            return body.unflatten(0, (n, k)).unbind(1), zero[0] if zero else None
 
+        deep_per_modality, _ = split(deep)
+        skips_split = [split(s) for s in skips]
         return Features(
-            deep={m: per_modality(deep, j) for j, m in enumerate(modalities)},
-            skips={m: [per_modality(s, j) for s in skips] for j, m in enumerate(modalities)},
-            zero_skips=[s[n * k :] for s in skips] if zero_image else None,
+            deep=dict(zip(modalities, deep_per_modality)),
+            skips={m: [per_modality[j] for per_modality, _ in skips_split] for j, m in enumerate(modalities)},
+            zero_skips=[zero for _, zero in skips_split] if zero_image else None,
         )
 
     def encode_subset(self, x, subset, all_channels=False):
