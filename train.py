@@ -44,7 +44,7 @@ from datasets.brats import resolve_list
 from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset
 from models import LCKD, LCKDConfig
-from utils import distributed
+from utils import distributed, speed
 from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state, unwrap
 from utils.cli import str2bool
 from utils.election import append_history, elect, format_result, overlay_panel
@@ -85,6 +85,14 @@ def get_parser():
     g.add_argument("--activation_cfg", choices=("LeakyReLU", "ReLU"), default="LeakyReLU")
     g.add_argument("--checkpoint_encoder", type=str2bool, default=False,
                    help="activation checkpointing in the encoder (less memory, ~30%% slower)")
+    g.add_argument("--encode_all_modalities", type=str2bool, default=False,
+                   help="encode all four modalities in every forward, missing ones zeroed, as "
+                   "the published code does (same results, more work; for benchmarks)")
+    g = p.add_argument_group("speed (same maths; README, 'Speed options')")
+    g.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
+                   help="channels-last 3D memory format; auto = on for CUDA")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile of the encoder and decoder; auto = on for CUDA")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_steps", type=int, default=80000, help="last iteration (exclusive); "
                    "also the poly schedule's length")
@@ -117,6 +125,8 @@ def get_parser():
     g.add_argument("--log_every", type=int, default=10, help="TensorBoard scalars every N iterations")
     g.add_argument("--stop_at", type=int, default=0, help="testing: stop before this iteration "
                    "without writing final.pth, as if the run were killed")
+    g.add_argument("--timing_warmup", type=int, default=0, help="benchmarks: iterations left "
+                   "out of the returned steady-state timing (benchmarks/bench_train.py)")
     return p
 
 
@@ -188,6 +198,21 @@ class IterationSampler(torch.utils.data.Sampler):
         return (self.stop - self.start) * self.batch_size
 
 
+def build_model(args, device):
+    """The network and its SGD as the flags configure them (also used by bench_train.py).
+    Returns (model, optimizer, {speed option: on/off})."""
+    model_config = LCKDConfig.from_name(
+        args.model_size, num_classes=args.num_classes, weight_std=args.weight_std,
+        norm=args.norm_cfg, activation=args.activation_cfg,
+        checkpoint_encoder=args.checkpoint_encoder, encode_all=args.encode_all_modalities)
+    model = LCKD(model_config).to(device)
+    options = speed.prepare_model(model, device, args.channels_last, args.compile)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
+                                nesterov=True, weight_decay=args.weight_decay,
+                                **speed.sgd_implementation(device))
+    return model, optimizer, options
+
+
 def main(argv=None):
     args = parse_args(argv)
     dist_info, device = distributed.init(args.device)
@@ -221,13 +246,8 @@ def main(argv=None):
                            length=world_batches)
 
     # ---- model, optimiser
-    model_config = LCKDConfig.from_name(
-        args.model_size, num_classes=args.num_classes, weight_std=args.weight_std,
-        norm=args.norm_cfg, activation=args.activation_cfg,
-        checkpoint_encoder=args.checkpoint_encoder)
-    model = LCKD(model_config).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                nesterov=True, weight_decay=args.weight_decay)
+    model, optimizer, speed_options = build_model(args, device)
+    model_config = model.config
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     autocast_dtype = AMP_DTYPES[args.amp]
     config = {k: v for k, v in vars(args).items() if k not in ("patch_size", "mode_parsed")}
@@ -248,7 +268,8 @@ def main(argv=None):
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             for group in optimizer.param_groups:  # this run's flags, not the checkpoint's
-                group.update(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True)
+                group.update(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True,
+                             **speed.sgd_implementation(device))
             if checkpoint["scaler"] and scaler.is_enabled():
                 scaler.load_state_dict(checkpoint["scaler"])
             teachers, elected_at = tuple(checkpoint["teachers"]), checkpoint["elected_at"]
@@ -283,7 +304,8 @@ def main(argv=None):
         n_params = sum(p.numel() for p in model.parameters())
         log(f"LCKD ({args.model_size}, {n_params / 1e6:.2f} M parameters) on {device} x "
             f"{dist_info.world_size}; {len(train_cases)} training / {len(val_cases)} validation "
-            f"cases; iterations {start} -> {args.num_steps}; mode {args.mode}")
+            f"cases; iterations {start} -> {args.num_steps}; mode {args.mode}; amp {args.amp}, "
+            + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in speed_options.items()))
 
     def checkpoint_now(iteration):
         return make_checkpoint(model, optimizer, scaler, iteration, teachers, elected_at,
@@ -315,7 +337,11 @@ def main(argv=None):
     progress = tqdm(total=args.num_steps, initial=start, disable=not main_rank, dynamic_ncols=True)
     batches = iter(loader)
     t0 = time.perf_counter()
+    window_start, data_wait = None, 0.0  # steady-state timing, after --timing_warmup iterations
     for iteration in range(start, stop):
+        if iteration == start + args.timing_warmup:
+            speed.synchronize(device)  # the window starts with no queued work (once per run)
+            window_start, data_wait = time.perf_counter(), 0.0
         if val_cases and iteration % args.val_pred_every == 0 and elected_at != iteration:
             teachers, elected_at = run_election(iteration), iteration
         if iteration % args.val_pred_every == 0 and iteration != start and main_rank:
@@ -327,7 +353,9 @@ def main(argv=None):
         subset_state = subset_rng.getstate()  # a non-finite step is saved as not yet drawn
         subset = draw_subset(args.mode_parsed, subset_rng,
                              missing_probability(args.missing_schedule, iteration, random_start))
+        t_wait = time.perf_counter()
         image, regions = next(batches)
+        data_wait += time.perf_counter() - t_wait
         image = image.to(device, non_blocking=True)
         regions = regions.to(device, non_blocking=True)
         if args.augment:
@@ -370,6 +398,11 @@ def main(argv=None):
                     writer.add_scalar(f"loss/{name}", value, iteration)
                 writer.add_scalar("lr", lr, iteration)
     progress.close()
+    speed.synchronize(device)
+    timed = window_start is not None
+    window = {"steady_iterations": stop - start - args.timing_warmup if timed else 0,
+              "steady_seconds": time.perf_counter() - window_start if timed else 0.0,
+              "data_wait_seconds": data_wait}
     distributed.check_replicas_equal(model, dist_info)
 
     if stop == args.num_steps and main_rank:
@@ -383,7 +416,7 @@ def main(argv=None):
         writer.close()
     distributed.barrier(dist_info)
     distributed.cleanup(dist_info)
-    return {"losses": losses, "teachers": teachers, "iteration": stop, "seconds": seconds}
+    return {"losses": losses, "teachers": teachers, "iteration": stop, "seconds": seconds, **window}
 
 
 if __name__ == "__main__":

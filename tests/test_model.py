@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from models import LCKD, LCKDConfig
-from models.lckd import InstanceNorm3d
+from models.lckd import InstanceNorm3d, WSConv3d
 from utils.modalities import ALL_SUBSETS, FULL
 
 
@@ -56,6 +56,23 @@ def test_published_parameter_count():
     count = sum(p.numel() for p in LCKD(LCKDConfig.published()).parameters())
     assert count == 43_656_672
     assert abs(count - 43.66e6) / 43.66e6 < 1e-3
+
+
+def test_weight_standardisation_is_the_published_formula():
+    """Published Conv3d_wd: mean taken axis by axis, unbiased variance of the centred filter."""
+    torch.manual_seed(0)
+    conv = WSConv3d(6, 5, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(3).add_(torch.randn(5, 1, 1, 1, 1))  # filters with non-zero means
+    w = conv.weight
+    centred = w - w.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True).mean(
+        dim=4, keepdim=True)
+    std = torch.sqrt(torch.var(centred.view(w.size(0), -1), dim=1) + 1e-12).view(-1, 1, 1, 1, 1)
+    x = torch.randn(2, 6, 4, 8, 8)
+    torch.testing.assert_close(conv(x), F.conv3d(x, centred / std.expand_as(centred), padding=1))
+    # ... in channels-last memory format too
+    conv_cl = conv.to(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(conv_cl(x), F.conv3d(x, centred / std.expand_as(centred), padding=1))
 
 
 def test_output_shape_for_all_15_subsets():
