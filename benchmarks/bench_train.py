@@ -22,8 +22,9 @@ row's precision (printed); n/a on a CPU or an unknown GPU. Peak memory: max_memo
 over each measurement (CUDA only).
 
 Variants (rows): published = the published step: all four modalities encoded per forward,
-fp16 autocast with a loss scaler (as apex O1), NCDHW, eager; fp32 = this repository's step
-before the speed options; then bf16 autocast, + channels-last, + torch.compile.
+fp16 autocast with a loss scaler (as apex O1), NCDHW, eager (on a CPU in fp32: the published
+code needs a GPU, and CPU fp16 autocast runs ~10x slower than fp32); fp32 = this repository's
+step before the speed options; then bf16 autocast, + channels-last, + torch.compile.
 run.sh's default is bf16_cl_compile on a GPU (--amp bf16, --channels_last/--compile auto)
 and fp32 on a CPU.
 """
@@ -126,13 +127,13 @@ def train_flags(args, work, stage, variant):
             "--snapshot_dir", str(work / "snapshots" / f"{stage.replace(' ', '')}_{variant}"),
             "--num_steps", "1000000", "--val_pred_every", "1000000000",
             "--stop_at", str(args.warmup + args.steps), "--timing_warmup", str(args.warmup),
-            *VARIANTS[variant]]
+            *VARIANTS[variant], *(["--amp", "off"] if variant == "published" and args.device == "cpu" else [])]
 
 
 def pipeline_batch(targs, device):
     """One training batch as the loop makes it: cached cases -> PatchDataset -> augmentation."""
     cases = preprocess(resolve_list(targs.train_list, targs.data_dir), targs.cache_dir)
-    dataset = PatchDataset(cases, targs.patch_size, seed=targs.random_seed)
+    dataset = PatchDataset(cases, targs.patch_size, seed=targs.random_seed, length=targs.batch_size)
     image, regions = torch.utils.data.default_collate([dataset[i] for i in range(targs.batch_size)])
     return augment_batch(image.to(device), regions.to(device), seed=targs.random_seed)
 
@@ -216,15 +217,16 @@ def measure(args, work, stage, variant, device):
     result = train.main(flags)
     loop_rate = result["steady_iterations"] / result["steady_seconds"]
     peak, _ = peak_tflops(device, targs.amp)
-    return {"stage": stage, "variant": variant, "amp": targs.amp, "loop": loop_rate, "step": step_rate,
+    return {"stage": stage, "variant": variant, "amp": targs.amp, "timed": result["steady_iterations"],
+            "loop": loop_rate, "step": step_rate,
             "wait": result["data_wait_seconds"] / result["steady_seconds"],
             "mem_loop": peak_gib(device), "mem_step": step_memory, "gflop": flops / 1e9,
             "mfu_loop": flops * loop_rate / (peak * 1e12) if peak else None,
             "mfu_step": flops * step_rate / (peak * 1e12) if peak else None}
 
 
-COLUMNS = ("variant", "loop it/s", "step it/s", "loop/step", "data wait", "x published loop",
-           "x published step", "peak GiB loop", "peak GiB step", "GFLOP/it", "MFU loop", "MFU step")
+COLUMNS = ("variant", "amp", "loop it/s", "step it/s", "loop/step", "data wait", "loop x published",
+           "step x published", "peak GiB loop", "peak GiB step", "GFLOP/it", "MFU loop", "MFU step")
 
 
 def format_rows(rows):
@@ -240,7 +242,7 @@ def format_rows(rows):
     lines = [" | ".join(COLUMNS)]
     for r in rows:
         lines.append(" | ".join([
-            r["variant"], num(r["loop"], ".3f"), num(r["step"], ".3f"), num(r["loop"] / r["step"]),
+            r["variant"], r["amp"], num(r["loop"], ".3f"), num(r["step"], ".3f"), num(r["loop"] / r["step"]),
             pct(r["wait"]), num(r["loop"] / ref["loop"] if ref else None),
             num(r["step"] / ref["step"] if ref else None), num(r["mem_loop"]), num(r["mem_step"]),
             num(r["gflop"], ".1f"), pct(r["mfu_loop"]), pct(r["mfu_step"]),
