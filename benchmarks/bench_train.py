@@ -16,10 +16,11 @@ each stage (--mode 0,1,2,3, then --mode random, both distilling from FLAIR) and 
         the share of that window spent waiting for the DataLoader (host time in
         next(batches): an upper bound of the device's idle time for data).
 FLOPs: the conv/matmul FLOPs of one step (forward + backward), counted by
-torch.utils.flop_counter on an eager fp32 copy (stage 2: the mean over 1, 2, 3 available
-modalities, drawn uniformly in training). MFU = FLOPs x it/s / the device's dense peak for the
-row's precision (printed); n/a on a CPU or an unknown GPU. Peak memory: max_memory_allocated
-over each measurement (CUDA only).
+torch.utils.flop_counter on an eager fp32 copy; in stage 2 they depend on the number of
+available modalities: GFLOP/it and the loop's MFU use the mean over 1, 2, 3 (drawn uniformly
+in training), the step's MFU its own subsets. MFU = FLOPs x it/s / the device's dense peak for
+the row's precision (printed); n/a on a CPU or an unknown GPU. Peak memory:
+max_memory_allocated over each measurement (CUDA only).
 
 Variants (rows): published = the published step: all four modalities encoded per forward,
 fp16 autocast with a loss scaler (as apex O1), NCDHW, eager (on a CPU in fp32: the published
@@ -29,6 +30,7 @@ run.sh's default is bf16_cl_compile on a GPU (--amp bf16, --channels_last/--comp
 and fp32 on a CPU.
 """
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -119,6 +121,12 @@ def peak_tflops(device, amp):
     return PEAK_TFLOPS[precision], f"{precision} {PEAK_TFLOPS[precision]:g} TFLOP/s dense ({name}, datasheet)"
 
 
+def variant_flags(variant, device_type):
+    if variant == "published" and device_type == "cpu":
+        return VARIANTS[variant] + ["--amp", "off"]  # the last --amp wins
+    return VARIANTS[variant]
+
+
 def train_flags(args, work, stage, variant):
     return ["--device", args.device, "--model_size", args.model, "--input_size", args.patch,
             "--batch_size", str(args.batch), "--num_workers", str(args.num_workers),
@@ -127,7 +135,7 @@ def train_flags(args, work, stage, variant):
             "--snapshot_dir", str(work / "snapshots" / f"{stage.replace(' ', '')}_{variant}"),
             "--num_steps", "1000000", "--val_pred_every", "1000000000",
             "--stop_at", str(args.warmup + args.steps), "--timing_warmup", str(args.warmup),
-            *VARIANTS[variant], *(["--amp", "off"] if variant == "published" and args.device == "cpu" else [])]
+            *variant_flags(variant, args.device)]
 
 
 def pipeline_batch(targs, device):
@@ -154,8 +162,9 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def bare_step(targs, device, batch, args):
-    """Step the configured network on one batch; returns (it/s, peak GiB)."""
+def bare_step(targs, device, batch, timed, warmup):
+    """Step the configured network on one batch, once per subset of `timed` after the warm-up;
+    returns (it/s, peak GiB)."""
     model, optimizer, _ = train.build_model(targs, device)
     model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=targs.amp == "fp16")
@@ -174,9 +183,8 @@ def bare_step(targs, device, batch, args):
 
     # Warm-up: every modality count (each is an encoder shape: cuDNN autotuning, compilation).
     warm = [FULL] if targs.mode_parsed != "random" else list(SUBSETS_BY_COUNT)
-    for i in range(max(args.warmup, len(warm))):
+    for i in range(max(warmup, len(warm))):
         step(warm[i % len(warm)])
-    timed = subsets_for(targs.mode_parsed, args.steps)
     reset_peak(device)
     speed.synchronize(device)
     start = time.perf_counter()
@@ -190,31 +198,35 @@ def bare_step(targs, device, batch, args):
 
 
 def step_flops(targs, device, batch):
-    """Mean conv/matmul FLOPs of one training step (forward + backward) over the stage's
-    modality counts, counted on an eager fp32 NCDHW model (FLOPs do not depend on those)."""
+    """{modality count: conv/matmul FLOPs of one training step (forward + backward)}, counted
+    on an eager fp32 NCDHW model (FLOPs depend on none of those)."""
     eager = argparse.Namespace(**{**vars(targs), "amp": "off", "channels_last": "off", "compile": "off"})
     model, _, _ = train.build_model(eager, device)
     model.train()
     image, regions = batch
-    counts = []
+    counts = {}
     for subset in ([FULL] if targs.mode_parsed != "random" else SUBSETS_BY_COUNT):
         counter = FlopCounterMode(display=False)
         with counter:
             logits, kd = model(image, subset=subset, teachers=parse_teachers(targs.teachers))
             segmentation_loss(logits, regions, kd, targs.kd_weight)[0].backward()
-        counts.append(counter.get_total_flops())
+        counts[len(subset)] = counter.get_total_flops()
     del model
-    return statistics.mean(counts)
+    return counts
 
 
 def measure(args, work, stage, variant, device):
     flags = train_flags(args, work, stage, variant)
     targs = train.parse_args(flags)
     batch = pipeline_batch(targs, device)
-    step_rate, step_memory = bare_step(targs, device, batch, args)
-    flops = step_flops(targs, device, batch)
+    timed = subsets_for(targs.mode_parsed, args.steps)  # the same for every variant
+    step_rate, step_memory = bare_step(targs, device, batch, timed, args.warmup)
+    flops_by_count = step_flops(targs, device, batch)
+    flops = statistics.mean(flops_by_count.values())  # the loop's expectation: k uniform
+    flops_step = statistics.mean(flops_by_count[len(s)] for s in timed)
     reset_peak(device)
-    result = train.main(flags)
+    with contextlib.redirect_stdout(sys.stderr):  # its log lines, away from the tables
+        result = train.main(flags)
     loop_rate = result["steady_iterations"] / result["steady_seconds"]
     peak, _ = peak_tflops(device, targs.amp)
     return {"stage": stage, "variant": variant, "amp": targs.amp, "timed": result["steady_iterations"],
@@ -222,7 +234,7 @@ def measure(args, work, stage, variant, device):
             "wait": result["data_wait_seconds"] / result["steady_seconds"],
             "mem_loop": peak_gib(device), "mem_step": step_memory, "gflop": flops / 1e9,
             "mfu_loop": flops * loop_rate / (peak * 1e12) if peak else None,
-            "mfu_step": flops * step_rate / (peak * 1e12) if peak else None}
+            "mfu_step": flops_step * step_rate / (peak * 1e12) if peak else None}
 
 
 COLUMNS = ("variant", "amp", "loop it/s", "step it/s", "loop/step", "data wait", "loop x published",
@@ -257,22 +269,24 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.main sets it, for the bare steps too
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"bench_train: {name} | torch {torch.__version__} | model {args.model} | patch {args.patch} "
+          f"batch {args.batch} | {args.warmup} warm-up + {args.steps} timed iterations | "
+          f"{args.num_workers} DataLoader workers", flush=True)
+    amps = [train.parse_args(variant_flags(v, device.type)).amp for v in args.variants]
+    for amp in dict.fromkeys(amps):
+        print(f"MFU peak for amp {amp}: {peak_tflops(device, amp)[1]}", flush=True)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.work_dir or tmp)
         if not (work / "data" / "train.csv").exists():
             generate(work / "data", args.cases, shape_xyz=tuple(int(s) for s in args.shape.split(",")))
-        rows = [measure(args, work, stage, variant, device) for stage in args.stages for variant in args.variants]
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nbench_train: {name} | torch {torch.__version__} | model {args.model} | patch {args.patch} "
-          f"batch {args.batch} | {args.warmup} warm-up + {args.steps} timed iterations | "
-          f"{args.num_workers} DataLoader workers")
-    for amp in dict.fromkeys(r["amp"] for r in rows):
-        print(f"MFU peak for amp {amp}: {peak_tflops(device, amp)[1]}")
-    for stage in args.stages:
-        print(f"\n{stage} (--mode {STAGES[stage]}):")
-        for line in format_rows([r for r in rows if r["stage"] == stage]):
-            print("  " + line)
+        for stage in args.stages:  # each stage's table as soon as it is measured
+            stage_rows = [measure(args, work, stage, variant, device) for variant in args.variants]
+            print(f"\n{stage} (--mode {STAGES[stage]}):")
+            for line in format_rows(stage_rows):
+                print("  " + line, flush=True)
+            rows += stage_rows
     return rows
 
 

@@ -1,5 +1,6 @@
 """benchmarks/bench_train.py on a CPU with tiny settings: its logic, not its timings."""
 import pytest
+import torch
 
 from benchmarks import bench_train
 
@@ -33,3 +34,21 @@ def test_bench_train_prints_both_stages_side_by_side(tmp_path, capsys):
     # images per sample whatever is missing, ours only the available ones and one zero image.
     assert tables["1"]["published"]["GFLOP/it"] == tables["1"]["fp32"]["GFLOP/it"]
     assert float(tables["2"]["published"]["GFLOP/it"]) > 1.2 * float(tables["2"]["fp32"]["GFLOP/it"])
+
+
+@pytest.mark.parametrize("name, amp, allow_tf32, expected", [
+    ("NVIDIA H200", "bf16", True, 989.0),
+    ("NVIDIA H100 80GB HBM3", "fp16", True, 989.0),
+    ("NVIDIA H200", "off", True, 494.5),  # fp32 convolutions on TF32 tensor cores (cuDNN default)
+    ("NVIDIA H200", "off", False, 67.0),
+    ("NVIDIA H100 PCIe", "bf16", True, None),  # other clocks and power: not in the table
+    ("NVIDIA H200 NVL", "bf16", True, None),
+    ("NVIDIA A100-SXM4-80GB", "bf16", True, None),
+])
+def test_mfu_peak_by_device_and_precision(monkeypatch, name, amp, allow_tf32, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    peak, text = bench_train.peak_tflops(torch.device("cuda"), amp)
+    assert peak == expected
+    assert (f"{expected:g} TFLOP/s" in text) if expected else text.startswith("n/a")
+    assert bench_train.peak_tflops(torch.device("cpu"), amp) == (None, "n/a on a CPU")
