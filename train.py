@@ -198,6 +198,15 @@ class IterationSampler(torch.utils.data.Sampler):
         return (self.stop - self.start) * self.batch_size
 
 
+def set_backends(device):
+    """cuDNN autotuning on CUDA; deterministic algorithms on a CPU (exact resume). Also used
+    by bench_train.py, whose bare steps must run as the loop does."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True)
+
+
 def build_model(args, device):
     """The network and its SGD as the flags configure them (also used by bench_train.py).
     Returns (model, optimizer, {speed option: on/off})."""
@@ -223,10 +232,7 @@ def main(argv=None):
     torch.manual_seed(args.random_seed)  # same initial weights on every rank (DDP also broadcasts)
     random.seed(args.random_seed)
     np.random.seed(args.random_seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.use_deterministic_algorithms(True)  # exact resume on CPU
+    set_backends(device)
 
     # ---- data: preprocess once (rank 0), then every rank opens the memory-mapped cache
     train_list = resolve_list(args.train_list, args.data_dir)

@@ -25,7 +25,8 @@ max_memory_allocated over each measurement (CUDA only).
 Variants (rows): published = the published step: all four modalities encoded per forward,
 fp16 autocast with a loss scaler (as apex O1), NCDHW, eager (on a CPU in fp32: the published
 code needs a GPU, and CPU fp16 autocast runs ~10x slower than fp32); fp32 = this repository's
-step before the speed options; then bf16 autocast, + channels-last, + torch.compile.
+step before the speed options; fp32_cl = fp32 + channels-last (the CPU's question); then bf16
+autocast, + channels-last, + torch.compile.
 run.sh's default is bf16_cl_compile on a GPU (--amp bf16, --channels_last/--compile auto)
 and fp32 on a CPU.
 """
@@ -56,6 +57,7 @@ from utils.modalities import FULL, parse_teachers  # noqa: E402
 VARIANTS = {
     "published": ["--amp", "fp16", "--encode_all_modalities", "True", "--channels_last", "off", "--compile", "off"],
     "fp32": ["--amp", "off", "--channels_last", "off", "--compile", "off"],
+    "fp32_cl": ["--amp", "off", "--channels_last", "on", "--compile", "off"],
     "bf16": ["--amp", "bf16", "--channels_last", "off", "--compile", "off"],
     "bf16_cl": ["--amp", "bf16", "--channels_last", "on", "--compile", "off"],
     "bf16_compile": ["--amp", "bf16", "--channels_last", "off", "--compile", "on"],
@@ -267,8 +269,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as train.main sets it, for the bare steps too
+    train.set_backends(device)  # the bare steps run as train.main's loop does
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench_train: {name} | torch {torch.__version__} | model {args.model} | patch {args.patch} "
           f"batch {args.batch} | {args.warmup} warm-up + {args.steps} timed iterations | "
