@@ -408,7 +408,7 @@ def main(argv=None):
     timed = window_start is not None
     window = {"steady_iterations": stop - start - args.timing_warmup if timed else 0,
               "steady_seconds": time.perf_counter() - window_start if timed else 0.0,
-              "data_wait_seconds": data_wait}
+              "data_wait_seconds": data_wait if timed else 0.0}
     distributed.check_replicas_equal(model, dist_info)
 
     if stop == args.num_steps and main_rank:

@@ -25,10 +25,11 @@ max_memory_allocated over each measurement (CUDA only).
 Variants (rows): published = the published step: all four modalities encoded per forward,
 fp16 autocast with a loss scaler (as apex O1), NCDHW, eager (on a CPU in fp32: the published
 code needs a GPU, and CPU fp16 autocast runs ~10x slower than fp32); fp32 = this repository's
-step before the speed options; fp32_cl = fp32 + channels-last (the CPU's question); then bf16
-autocast, + channels-last, + torch.compile.
-run.sh's default is bf16_cl_compile on a GPU (--amp bf16, --channels_last/--compile auto)
-and fp32 on a CPU.
+step before the speed options; fp32_cl = fp32 + channels-last (the one option a CPU might
+use); bf16 = bf16 autocast; bf16_cl = + channels-last; bf16_compile = bf16 + torch.compile;
+bf16_cl_compile = all three, run.sh's default on a GPU (fp32 is its default on a CPU).
+Default rows: published, fp32, bf16, bf16_cl, bf16_cl_compile on CUDA; published, fp32,
+fp32_cl on a CPU.
 """
 import argparse
 import contextlib
@@ -77,8 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=("full", "small"), help="default: full on CUDA, small on CPU")
     p.add_argument("--patch", help="D,H,W (default: 80,160,160 on CUDA, 32,64,64 on CPU)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--variants", help="comma-separated rows from: " + ", ".join(VARIANTS)
-                   + " (default: all on CUDA; published,fp32 on CPU)")
+    p.add_argument("--variants", help="comma-separated rows from: " + ", ".join(VARIANTS))
     p.add_argument("--stages", default="stage 1,stage 2", help="comma-separated: stage 1, stage 2")
     p.add_argument("--warmup", type=int, help="untimed iterations (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, help="timed iterations (default 30 on CUDA, 10 on CPU)")
@@ -91,7 +91,8 @@ def parse_args(argv=None):
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.device = "cuda" if cuda else "cpu"
     defaults = {"model": ("full", "small"), "patch": ("80,160,160", "32,64,64"),
-                "variants": (",".join(VARIANTS), "published,fp32"), "warmup": (10, 3),
+                "variants": ("published,fp32,bf16,bf16_cl,bf16_cl_compile", "published,fp32,fp32_cl"),
+                "warmup": (10, 3),
                 "steps": (30, 10), "num_workers": (8, 1), "shape": ("240,240,155", "96,96,64")}
     for name, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, name) is None:

@@ -1,9 +1,10 @@
 """How the training step is run, not what it computes: memory format, torch.compile, optimizer
 implementation. train.py's `--channels_last`, `--compile` flags; README, "Speed options".
 
-'auto' means on for CUDA and off on a CPU: on a CPU, oneDNN convolutions gain nothing
-measurable from channels-last, and compile time (about 30 s per graph for the small model)
-would dominate the short CPU runs, the demo and the tests.
+'auto' means on for CUDA and off on a CPU, where runs keep the plain path: compile time
+(about 30 s per graph for the small model) would dominate the short CPU runs, the demo and the
+tests. Channels-last alone did measure faster there (small model, one thread: steps ~8 %
+faster, bench_train.py): `--channels_last on`.
 """
 import importlib.util
 import inspect
