@@ -6,7 +6,10 @@
 #
 #   bash run.sh GPU_ID [extra train.py flags]     GPU_ID: 0, 1, ... or cpu
 #   DATA_ROOT=/data/BraTS2018 bash run.sh 0       data outside ../data/BraTS-2018
-#   bash run.sh 0 --amp bf16                      extra flags go to both stages
+#   bash run.sh 0 --amp off                       extra flags go to both stages; here fp32
+#   bash run.sh 0 --amp off --channels_last off --compile off     the step as before the speed
+#                                                 options (GPU default: bf16 autocast,
+#                                                 channels-last, torch.compile; README)
 #   bash run.sh demo [extra train.py flags]       the whole pipeline on synthetic data (below)
 #
 # Re-running the same command after a crash, a kill, SIGTERM or Ctrl-C continues where it
@@ -73,9 +76,11 @@ elif [ "$GPU" = demo ]; then
 else
     export CUDA_VISIBLE_DEVICES=$GPU
     DEVICE=cuda
+    AMP=${AMP:-bf16}  # bf16 autocast on GPUs; fp32 with --amp off
 fi
+AMP=${AMP:-off}
 
-common=(--device "$DEVICE" --model_size "$MODEL_SIZE" --input_size "$PATCH"
+common=(--device "$DEVICE" --amp "$AMP" --model_size "$MODEL_SIZE" --input_size "$PATCH"
         --batch_size "$BATCH" --val_pred_every "$VAL_EVERY" --learning_rate 1e-2
         --num_classes 3 --num_workers "$NUM_WORKERS" --train_list "$TRAIN_LIST"
         --val_list "$VAL_LIST" --cache_dir "$CACHE_DIR" --random_mirror True

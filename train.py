@@ -50,7 +50,7 @@ from datasets.brats import read_datalist, resolve_list
 from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset, loader_options
 from models import LCKD, LCKDConfig
-from utils import distributed
+from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, non_finite,
                               save_checkpoint, set_rng_state, unwrap)
 from utils.cli import USER_ERRORS, UsageError, run_cli, str2bool
@@ -95,6 +95,14 @@ def get_parser():
     g.add_argument("--activation_cfg", choices=("LeakyReLU", "ReLU"), default="LeakyReLU")
     g.add_argument("--checkpoint_encoder", type=str2bool, default=False,
                    help="activation checkpointing in the encoder (less memory, ~30%% slower)")
+    g.add_argument("--encode_all_modalities", type=str2bool, default=False,
+                   help="encode all four modalities in every forward, missing ones zeroed, as "
+                   "the published code does (same results, more work; for benchmarks)")
+    g = p.add_argument_group("speed (same maths; README, 'Speed options')")
+    g.add_argument("--channels_last", choices=("auto", "on", "off"), default="auto",
+                   help="channels-last 3D memory format; auto = on for CUDA")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile of the encoder and decoder; auto = on for CUDA")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_steps", type=int, default=80000, help="last iteration (exclusive); "
                    "also the poly schedule's length")
@@ -139,6 +147,8 @@ def get_parser():
                    "the wait for rank 0's first preprocessing)")
     g.add_argument("--stop_at", type=int, default=0, help="testing: stop before this iteration "
                    "without writing final.pth, as if the run were killed")
+    g.add_argument("--timing_warmup", type=int, default=0, help="benchmarks: iterations left "
+                   "out of the returned steady-state timing (benchmarks/bench_train.py)")
     return p
 
 
@@ -202,6 +212,7 @@ def validate_args(args):
          f"got {args.stop_at}")
     for name in ("val_pred_every", "log_every", "batch_size"):
         need(getattr(args, name) >= 1, f"--{name} must be >= 1, got {getattr(args, name)}")
+    need(args.timing_warmup >= 0, f"--timing_warmup must be >= 0, got {args.timing_warmup}")
     need(args.num_workers >= -1, f"--num_workers must be >= 0, or -1 (sized from the machine), "
          f"got {args.num_workers}")
     need(math.isfinite(args.save_every_min) and args.save_every_min >= 0,
@@ -344,6 +355,43 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def set_backends(device):
+    """cuDNN autotuning on CUDA; deterministic algorithms on a CPU (exact resume). Also used
+    by bench_train.py, whose bare steps must run as the loop does."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.use_deterministic_algorithms(True)
+
+
+def step(model, optimizer, scaler, image, regions, subset, teachers, autocast_dtype, kd_weight):
+    """One optimisation step on a batch (also bench_train.py's bare step). Returns the loss
+    and its parts, still on the device (reading them would synchronise)."""
+    with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits, kd = model(image, subset=subset, teachers=teachers)
+    loss, parts = segmentation_loss(logits, regions, kd, kd_weight)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, parts
+
+
+def build_model(args, device):
+    """The network and its SGD as the flags configure them (also used by bench_train.py).
+    Returns (model, optimizer, {speed option: on/off})."""
+    model_config = LCKDConfig.from_name(
+        args.model_size, num_classes=args.num_classes, weight_std=args.weight_std,
+        norm=args.norm_cfg, activation=args.activation_cfg,
+        checkpoint_encoder=args.checkpoint_encoder, encode_all=args.encode_all_modalities)
+    model = LCKD(model_config).to(device)
+    options = speed.prepare_model(model, device, args.channels_last, args.compile)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
+                                nesterov=True, weight_decay=args.weight_decay,
+                                **speed.sgd_implementation(device))
+    return model, optimizer, options
+
+
 def main(argv=None):
     args = parse_args(argv)
     lists = read_lists(args)
@@ -371,10 +419,7 @@ def train(args, lists, dist_info, device):
     torch.manual_seed(args.random_seed)  # same initial weights on every rank (DDP also broadcasts)
     random.seed(args.random_seed)
     np.random.seed(args.random_seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch.use_deterministic_algorithms(True)  # exact resume on CPU
+    set_backends(device)
 
     # ---- data: preprocess once (rank 0), then every rank opens the memory-mapped cache
     train_list, val_list = lists
@@ -393,13 +438,8 @@ def train(args, lists, dist_info, device):
                            length=world_batches)
 
     # ---- model, optimiser
-    model_config = LCKDConfig.from_name(
-        args.model_size, num_classes=args.num_classes, weight_std=args.weight_std,
-        norm=args.norm_cfg, activation=args.activation_cfg,
-        checkpoint_encoder=args.checkpoint_encoder)
-    model = LCKD(model_config).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                nesterov=True, weight_decay=args.weight_decay)
+    model, optimizer, speed_options = build_model(args, device)
+    model_config = model.config
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     autocast_dtype = AMP_DTYPES[args.amp]
     config = {k: v for k, v in vars(args).items()  # overwrite: a fed-back config must not delete
@@ -425,7 +465,8 @@ def train(args, lists, dist_info, device):
         else:
             optimizer.load_state_dict(checkpoint["optimizer"])
             for group in optimizer.param_groups:  # this run's flags, not the checkpoint's
-                group.update(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True)
+                group.update(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True,
+                             **speed.sgd_implementation(device))
             if checkpoint["scaler"] and scaler.is_enabled():
                 scaler.load_state_dict(checkpoint["scaler"])
             teachers, elected_at = tuple(checkpoint["teachers"]), checkpoint["elected_at"]
@@ -464,7 +505,8 @@ def train(args, lists, dist_info, device):
         n_params = sum(p.numel() for p in model.parameters())
         log(f"LCKD ({args.model_size}, {n_params / 1e6:.2f} M parameters) on {device} x "
             f"{dist_info.world_size}; {len(train_cases)} training / {len(val_cases)} validation "
-            f"cases; iterations {start} -> {args.num_steps}; mode {args.mode}")
+            f"cases; iterations {start} -> {args.num_steps}; mode {args.mode}; amp {args.amp}, "
+            + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in speed_options.items()))
 
     def snapshot(iteration):
         """Rank 0's copy of the whole training state on the device (a later step cannot
@@ -527,8 +569,12 @@ def train(args, lists, dist_info, device):
     progress = tqdm(total=args.num_steps, initial=start, disable=not main_rank, dynamic_ncols=True)
     batches = iter(loader)
     t0 = time.perf_counter()
+    timing_start, data_wait = None, 0.0  # steady-state timing, after --timing_warmup iterations
     with StopSignals(log) as stop_signals, progress:  # the bar is closed before any message
         for iteration in range(start, stop):
+            if iteration == start + args.timing_warmup:
+                speed.synchronize(device)  # the window starts with no queued work (once per run)
+                timing_start, data_wait = time.perf_counter(), 0.0
             if val_cases and iteration % args.val_pred_every == 0 and elected_at != iteration:
                 teachers, elected_at = run_election(iteration), iteration
                 good = snapshot(iteration)  # same weights, checked at the end of the last iteration
@@ -540,21 +586,18 @@ def train(args, lists, dist_info, device):
                 group["lr"] = lr
             subset = draw_subset(args.mode_parsed, subset_rng,
                                  missing_probability(args.missing_schedule, iteration, random_start))
-            image, regions = dataset.to_device(next(batches), device)  # normalise, resize, flip
+            t_wait = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t_wait
+            image, regions = dataset.to_device(batch, device)  # normalise, resize, flip
             if args.augment:
                 image, regions = augment_batch(
                     image, regions, seed=derived_seed(args.random_seed, iteration, dist_info.rank))
 
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits, kd = model(image, subset=subset, teachers=teachers)
-            loss, parts = segmentation_loss(logits, regions, kd, args.kd_weight)
+            loss, parts = step(model, optimizer, scaler, image, regions, subset, teachers,
+                               autocast_dtype, args.kd_weight)
             window.append(torch.stack([loss, parts["dice"], parts["bce"], parts["kd"]]).detach().float())
             window_subsets.append(subset)
-
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
             progress.update(1)
 
             done = iteration + 1
@@ -607,6 +650,11 @@ def train(args, lists, dist_info, device):
             if save_due and done % args.val_pred_every:  # (at a multiple, the next iteration saves)
                 save_last(good)
         progress.close()
+        speed.synchronize(device)
+        timed = timing_start is not None
+        timing = {"steady_iterations": stop - start - args.timing_warmup if timed else 0,
+                  "steady_seconds": time.perf_counter() - timing_start if timed else 0.0,
+                  "data_wait_seconds": data_wait if timed else 0.0}
         distributed.check_replicas_equal(model, dist_info)
         if stop == args.num_steps:
             if main_rank:
@@ -620,7 +668,7 @@ def train(args, lists, dist_info, device):
             f"{(stop - start) / max(seconds, 1e-9):.2f} it/s){memory}; outputs in {snapshot_dir}")
         writer.close()
     distributed.barrier(dist_info, "at the end of the run")
-    return {"losses": losses, "teachers": teachers, "iteration": stop, "seconds": seconds}
+    return {"losses": losses, "teachers": teachers, "iteration": stop, "seconds": seconds, **timing}
 
 
 # User mistakes and outside conditions: one line `error: ...`, exit status 1 (UsageError: 2).

@@ -29,13 +29,14 @@ class WSConv3d(nn.Conv3d):
     variance over the filter's in_channels x kernel elements, exactly as published. The
     standardisation is computed in fp32 even under autocast: a bf16/fp16 variance of a few
     thousand weights loses most of its digits, and the result is only then cast by the conv.
+    It is recomputed at every call because the weights change at every step (and autograd
+    must see it); one var_mean pass gives both statistics, in any memory format.
     """
 
     def forward(self, x):
         w = self.weight.float()
-        w = w - w.mean(dim=(1, 2, 3, 4), keepdim=True)
-        std = torch.sqrt(w.flatten(1).var(dim=1) + 1e-12).view(-1, 1, 1, 1, 1)
-        return self._conv_forward(x, (w / std).to(self.weight.dtype), self.bias)
+        var, mean = torch.var_mean(w, dim=(1, 2, 3, 4), keepdim=True)
+        return self._conv_forward(x, ((w - mean) / torch.sqrt(var + 1e-12)).to(self.weight.dtype), self.bias)
 
 
 class InstanceNorm3d(nn.InstanceNorm3d):
@@ -250,6 +251,7 @@ class LCKDConfig:
     norm: str = "IN"  # "IN" (affine InstanceNorm) or "BN"
     activation: str = "LeakyReLU"  # LeakyReLU(0.01) or "ReLU"
     checkpoint_encoder: bool = False  # activation checkpointing of the encoder stages
+    encode_all: bool = False  # encode all M modalities per forward, as published (same results)
 
     def __post_init__(self):
         for name in ("blocks", "widths", "aspp_dilations", "decoder_channels"):
@@ -372,13 +374,19 @@ class LCKD(nn.Module):
             images = torch.cat([images, images.new_zeros(1, 1, *x.shape[2:])])
         deep, skips = self.encoder(images, num_deep=n * k)
 
-        def per_modality(t, j):  # (N*k [+1], ...) -> modality j's (N, ...)
-            return t[: n * k].unflatten(0, (n, k))[:, j]
+        # split + unbind rather than slicing and indexing: their backward is one concatenation
+        # of the gradients, where each index view's backward would fill a zero tensor of the
+        # whole encoder output (k of them per scale, then summed).
+        def split(t):  # (N*k [+1], ...) -> ([k tensors (N, ...)], the zero image's (1, ...))
+            body, *zero = t.split(n * k)
+            return body.unflatten(0, (n, k)).unbind(1), zero[0] if zero else None
 
+        deep_per_modality, _ = split(deep)
+        skips_split = [split(s) for s in skips]
         return Features(
-            deep={m: per_modality(deep, j) for j, m in enumerate(modalities)},
-            skips={m: [per_modality(s, j) for s in skips] for j, m in enumerate(modalities)},
-            zero_skips=[s[n * k :] for s in skips] if zero_image else None,
+            deep=dict(zip(modalities, deep_per_modality)),
+            skips={m: [per_modality[j] for per_modality, _ in skips_split] for j, m in enumerate(modalities)},
+            zero_skips=[zero for _, zero in skips_split] if zero_image else None,
         )
 
     def encode_subset(self, x, subset, all_channels=False):
@@ -440,7 +448,7 @@ class LCKD(nn.Module):
         m = self.config.in_modalities
         subset = self._as_subset(range(m) if subset is None else subset)
         teachers = self._as_subset(teachers, allow_empty=True)
-        feats = self.encode_subset(x, subset, all_channels=self._batch_statistics())
+        feats = self.encode_subset(x, subset, all_channels=self._batch_statistics() or self.config.encode_all)
         logits = self.decoder(*self.fuse(feats, subset))
         return logits, self.distill(feats, subset, teachers)
 
@@ -452,7 +460,7 @@ class LCKD(nn.Module):
         """
         self._check_input(x)
         subsets = [self._as_subset(s) for s in subsets]
-        if self._batch_statistics():  # batch statistics forbid sharing encoder passes
+        if self._batch_statistics() or self.config.encode_all:  # no shared encoder passes
             return torch.stack([self(x, s)[0] for s in subsets], dim=1)
         used = sorted(set().union(*subsets))
         missing_any = any(len(s) < self.config.in_modalities for s in subsets)

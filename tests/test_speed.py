@@ -1,0 +1,105 @@
+"""utils/speed.py: the speed options change how the step runs, not what it computes (CPU, small
+model; torch.compile is wired but never run here: it would add minutes of compilation)."""
+import copy
+
+import pytest
+import torch
+
+from test_model import image, make_model
+from utils import speed
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def relative_error(value, reference):
+    return ((value.float() - reference).norm() / reference.norm()).item()
+
+
+def test_auto_is_on_for_cuda_only():
+    assert speed.resolve("auto", CUDA) and not speed.resolve("auto", CPU)
+    assert speed.resolve("on", CPU) and not speed.resolve("off", CUDA)
+    assert not speed.resolve_compile("auto", CPU) and not speed.resolve_compile("off", CUDA)
+    with pytest.raises(ValueError):
+        speed.resolve("yes", CPU)
+    assert speed.sgd_implementation(CPU) == {"fused": None, "foreach": None}  # torch's default
+    assert speed.sgd_implementation(CUDA)["fused"] or speed.sgd_implementation(CUDA)["foreach"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo import
+def test_prepare_model_converts_weights_and_compiles_in_place():
+    model = make_model()
+    keys = list(model.state_dict())
+    options = speed.prepare_model(model, CPU, channels_last="on", compile="on")
+    assert options == {"channels_last": True, "compile": True}
+    conv_weights = [p for p in model.parameters() if p.dim() == 5]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in conv_weights)
+    assert any(not p.is_contiguous() for p in conv_weights)  # really re-laid out, not just 1x1x1
+    # Compiled lazily at the first call; checkpoints keep the plain keys.
+    assert model.encoder._compiled_call_impl is not None and model.decoder._compiled_call_impl is not None
+    assert list(model.state_dict()) == keys
+    config = torch._dynamo.config
+    assert getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 0)) >= speed.RECOMPILE_LIMIT
+    untouched = make_model()
+    assert speed.prepare_model(untouched, CPU) == {"channels_last": False, "compile": False}
+    assert untouched.encoder._compiled_call_impl is None
+    assert all(p.is_contiguous() for p in untouched.parameters())
+
+
+@pytest.mark.parametrize("subset", [(0, 2, 3), (0, 1, 2, 3), (1,)])
+def test_optimised_path_logits_within_bf16_tolerance(subset):
+    """Channels-last + bf16 autocast (the GPU default, compile aside) against plain fp32.
+
+    bf16 keeps 8 significant bits: each rounding errs by up to 2^-8 = 0.39 %, and about 20
+    conv layers in sequence (InstanceNorm rescales each) accumulate it like a random walk,
+    giving ~1.1 % relative L2 error on the logits here. 3 % allows for other inputs and seeds;
+    a wrong permutation (kernels' H and W swapped, as a bad layout conversion would do) gives
+    ~60 %, and fp32 channels-last alone agrees to fp32 round-off.
+    """
+    reference_model = make_model().train()
+    fast = copy.deepcopy(reference_model)
+    speed.prepare_model(fast, CPU, channels_last="on", compile="off")
+    x = image(2, (16, 32, 32))
+    with torch.no_grad():
+        reference, _ = reference_model(x, subset, teachers=(0,))
+        channels_last, _ = fast(x, subset, teachers=(0,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            optimised, kd = fast(x, subset, teachers=(0,))
+    assert optimised.dtype == torch.bfloat16 and kd.dtype == torch.float32
+    assert relative_error(channels_last, reference) < 1e-5
+    assert relative_error(optimised, reference) < 3e-2
+
+    with torch.no_grad():
+        for module in fast.modules():
+            if isinstance(module, torch.nn.Conv3d) and module.kernel_size[1] > 1:
+                module.weight.copy_(module.weight.transpose(3, 4).clone())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            wrong, _ = fast(x, subset, teachers=(0,))
+    assert relative_error(wrong, reference) > 10 * 3e-2
+
+
+def test_fused_sgd_on_channels_last_parameters_matches_default_sgd():
+    """The CUDA configuration (fused Nesterov SGD over channels-last weights), run on a CPU."""
+    if speed.sgd_implementation(CUDA)["fused"] is None:
+        pytest.skip("this torch has no fused SGD")
+    models = [make_model().to(memory_format=torch.channels_last_3d) for _ in range(2)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.99, nesterov=True, **impl)
+                  for m, impl in zip(models, ({}, {"fused": True}))]
+    x = image(1, (16, 32, 32))
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            logits, kd = model(x, (0, 2), teachers=(0,))
+            optimizer.zero_grad(set_to_none=True)
+            (logits.square().mean() + kd).backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert b.is_contiguous(memory_format=torch.channels_last_3d) or b.dim() != 5
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert any((a - p).abs().max() > 1e-3 for a, p in zip(models[0].parameters(), make_model().parameters()))
