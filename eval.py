@@ -13,12 +13,20 @@ Examples (from the repository root):
     # incomplete cases (say FLAIR and T1ce only): each case with exactly the modalities it has
     python eval.py --input /data/new_patients --restore_from snapshots/LCKD_stage2/final.pth \
         --mode available --output_dir outputs/new --figures
+    # BraTS 2021 on 4 GPUs: the cases are split over the processes, one table at the end
+    torchrun --nproc_per_node 4 eval.py --input /data/BraTS2021_Training_Data \
+        --restore_from snapshots/LCKD_stage2/final.pth --mode all --output_dir outputs/brats21
 
 The network is rebuilt from the configuration stored in the checkpoint (model size, weight
 standardisation, norm, activation, patch size); flags given on the command line override it.
 Cases come from a datalist (--data_list) or a folder (--input: a folder of case folders, or one
 case folder). Every case is checked (files present for the subsets asked, headers readable,
 one grid) before anything is written.
+
+Under torchrun each process uses the GPU of its LOCAL_RANK (or the CPU with --device cpu) and
+predicts every world-size-th case of the list, writing its masks and figures; the checks run
+once, on rank 0, which also writes the run's files below from the metrics of every rank,
+exactly as one process would.
 
 Writes, under --output_dir (refused if it holds a previous evaluation, unless --overwrite):
     <subset>/<case>.nii.gz   one uint8 mask per case and subset (e.g. flair+t1ce/Brats18_X.nii.gz),
@@ -35,6 +43,7 @@ and with --figures:
     dice.png                 the summary table as a chart (labelled cases only)
 """
 import argparse
+import contextlib
 import json
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +57,7 @@ from datasets.brats import (
     refuse_duplicates, require_modalities, resolve_list,
 )
 from datasets.normalize import normalize_case
-from utils import figures
+from utils import distributed, figures
 from utils.export import save_labels
 from utils.io import atomic_path, remove_stale_temps, write_text
 from utils.lock import exclusive_lock
@@ -203,23 +212,73 @@ def markdown(table):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def process_device(name, info, rank_device):
+    """--device -> this process's device. A plain run takes it as given (cuda:N included); under
+    torchrun each process has its own (rank_device: cuda:LOCAL_RANK, or the CPU), so naming one
+    GPU is refused."""
+    device = resolve_device(name)
+    if not info.enabled:
+        return device
+    if device.index is not None:
+        raise UsageError(f"--device {name}: under torchrun each process uses the GPU of its "
+                         "LOCAL_RANK; give --device cuda or auto (and choose the GPUs with "
+                         "CUDA_VISIBLE_DEVICES)")
+    return rank_device
+
+
+def check(args, info, rank_device, held):
+    """Every check before any work, in this order: the flags, the cases' files, the checkpoint,
+    then the output folder, locked (in the ExitStack `held`, for the whole run) and cleared of a
+    previous evaluation with --overwrite. -> mode, folders, available, device, loaded model."""
     mode = parse_eval_mode(args.mode)
-    device = resolve_device(args.device)
+    device = process_device(args.device, info, rank_device)
     folders = case_folders(args)
     available = check_cases(folders, mode)
-    model, config, window = load_model(args.restore_from, args, device)
+    loaded = load_model(args.restore_from, args, device)
     output_dir = args.output_dir
-    with exclusive_lock(output_dir, "output folder"):
-        found = previous_run(output_dir)
-        if found and not args.overwrite:
-            raise UsageError(f"--output_dir {output_dir} holds a previous evaluation ({len(found)} "
-                             f"files, e.g. {found[0].name}); pass --overwrite to replace it (only "
-                             "eval.py's files are removed) or choose another folder")
-        clear_previous_run(output_dir, found)
-        rows = run(args, mode, folders, available, model, config, window, device)
-        return report(args, mode, available, rows)
+    held.enter_context(exclusive_lock(output_dir, "output folder"))
+    found = previous_run(output_dir)
+    if found and not args.overwrite:
+        raise UsageError(f"--output_dir {output_dir} holds a previous evaluation ({len(found)} "
+                         f"files, e.g. {found[0].name}); pass --overwrite to replace it (only "
+                         "eval.py's files are removed) or choose another folder")
+    clear_previous_run(output_dir, found)
+    return mode, folders, available, device, loaded
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU with --device cpu
+    # (gloo); a plain run's device is --device as given, resolved in check().
+    plain = distributed.launched_world_size() == 1
+    info, device = distributed.init("cpu" if plain or args.device == "cpu" else "auto")
+    try:
+        with contextlib.ExitStack() as held:
+            # The checks run once, on rank 0, and a refusal there stops every rank. Rank 0 then
+            # holds the output folder's lock for the whole run and has cleared a previous
+            # evaluation before any rank writes; the others load the checkpoint it found sound.
+            checked = distributed.on_main_rank(lambda: check(args, info, device, held), info)
+            if info.is_main:
+                mode, folders, available, device, (model, config, window) = checked
+                write_run_record(args, info, mode, folders, available, config, window, device)
+            else:
+                model, config, window = load_model(args.restore_from, args, device)
+            mode, folders = distributed.broadcast_object((mode, folders) if info.is_main else None,
+                                                         info)
+            # Case i goes to rank i % world size: every rank writes its own cases' files.
+            share = folders[info.rank::info.world_size]
+            if info.is_main and info.enabled:
+                print(f"{len(folders)} cases over {info.world_size} processes (the progress bar "
+                      f"counts rank 0's {len(share)})")
+            rows = run(args, mode, share, model, window, device, progress=info.is_main)
+            parts = distributed.gather_object(rows, info)
+            if not info.is_main:
+                return None
+            order = {folder.name: i for i, folder in enumerate(folders)}
+            rows = sorted((row for part in parts for row in part), key=lambda r: order[r["case"]])
+            return report(args, mode, available, rows)
+    finally:
+        distributed.cleanup(info)
 
 
 def collect(scored, drawn):
@@ -229,18 +288,24 @@ def collect(scored, drawn):
     return [row for future in scored for row in future.result()]
 
 
-def run(args, mode, folders, available, model, config, window, device):
-    """Predict, write and score every case -> metric rows."""
+def write_run_record(args, info, mode, folders, available, config, window, device):
+    """eval_config.json (the resolved settings) and cases.csv (each case's folder and subset)."""
     output_dir = args.output_dir
     write_text(output_dir / "eval_config.json", json.dumps(
         vars(args) | {"subsets": mode if mode == AVAILABLE else [subset_name(s) for s in mode],
                       "cases": len(folders), "window": window, "device": str(device),
-                      "model": config.to_dict()}, indent=2, default=str))
+                      "world_size": info.world_size, "model": config.to_dict()},
+        indent=2, default=str))
     cases = pd.DataFrame({"case": [f.name for f in folders],
                           "folder": [str(f.resolve()) for f in folders],
                           "available": [subset_name(available[f]) for f in folders]})
     with atomic_path(output_dir / "cases.csv") as tmp:
         cases.to_csv(tmp, index=False)
+
+
+def run(args, mode, folders, model, window, device, progress=True):
+    """Predict, write and score every case of `folders` -> metric rows."""
+    output_dir = args.output_dir
 
     def read(case_dir):
         case = load_case(case_dir, allow_missing=True)
@@ -253,7 +318,7 @@ def run(args, mode, folders, available, model, config, window, device):
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(args.workers) as writers:
         waiting = deque()
         next_case = reader.submit(read, folders[0]) if folders else None
-        for i in tqdm(range(len(folders)), desc="cases", unit="case"):
+        for i in tqdm(range(len(folders)), desc="cases", unit="case", disable=not progress):
             case = next_case.result()
             if i + 1 < len(folders):
                 next_case = reader.submit(read, folders[i + 1])

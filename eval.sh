@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Export masks for the test list with the published settings.
 #
-#   bash eval.sh GPU_ID [extra eval.py flags]      GPU_ID: a CUDA index (0, 1, ...) or "cpu"
+#   bash eval.sh GPU_ID [extra eval.py flags]      GPU_ID: a CUDA index (0, 1, ...), a list
+#                                                   of them for LAUNCH=torchrun, or "cpu"
 #
 # Examples:
 #   bash eval.sh 0                                  # full-modality masks -> outputs/LCKD/
@@ -9,6 +10,7 @@
 #   DATA_ROOT=/data/BraTS2018 CKPT=snapshots/mine/final.pth bash eval.sh 1 --mirror
 #   DATA_LIST=BraTS18/BraTS18_val.csv MODE=all OUT=outputs/val bash eval.sh 0   # scored table
 #   INPUT=/data/new_cases MODE=available bash eval.sh 0 --figures   # incomplete cases, pictures
+#   LAUNCH="torchrun --nproc_per_node 4" bash eval.sh 0,1,2,3        # the cases split over 4 GPUs
 #
 # Variables (override from the environment):
 NAME=${NAME:-LCKD}                                  # as in run.sh: snapshots/${NAME}_stage2/
@@ -19,10 +21,11 @@ INPUT=${INPUT:-}                                    # a folder of case folders, 
 MODE=${MODE:-0,1,2,3}                               # a subset such as 0,2 or flair,t1ce; all; available
 OUT=${OUT:-outputs/${NAME}}
 PYTHON=${PYTHON:-python}
+LAUNCH=${LAUNCH:-$PYTHON}  # how eval.py starts, e.g. LAUNCH="torchrun --nproc_per_node 4"
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
-    sed -n '2,4p' "$0" >&2
+    sed -n '2,5p' "$0" >&2
     exit 2
 fi
 GPU=$1
@@ -31,7 +34,7 @@ if [ "$GPU" = "cpu" ]; then
     export CUDA_VISIBLE_DEVICES=""
     DEVICE=cpu
 else
-    export CUDA_VISIBLE_DEVICES=$GPU
+    export CUDA_VISIBLE_DEVICES=$GPU  # under torchrun, process i takes the i-th GPU listed
     DEVICE=cuda
 fi
 
@@ -44,7 +47,7 @@ if [ -n "$INPUT" ]; then cases=(--input="$INPUT"); else cases=(--data_list="$DAT
 # weight_std True); extra flags such as --input_size 80,160,160 override them.
 # --overwrite: this script is the re-export command, so it replaces the previous evaluation in
 # $OUT (eval.py's files only; eval.py alone refuses an output folder holding one).
-"$PYTHON" eval.py \
+$LAUNCH eval.py \
     --num_classes=3 \
     --data_dir=datalist/ \
     "${cases[@]}" \

@@ -7,6 +7,7 @@ import pytest
 import eval as eval_script
 import train
 from utils.cli import UsageError, run_cli, str2bool
+from utils.distributed import MainRankFailed
 
 
 @pytest.mark.parametrize("text", ["True", "true", "T", "yes", "Y", "1", " True ", True])
@@ -52,3 +53,14 @@ def test_user_errors_print_one_line(capsys, error, status):
 def test_bugs_keep_their_traceback():
     with pytest.raises(KeyError):
         run_cli(_raises(KeyError("bug")), user_errors=(FloatingPointError,))
+
+
+@pytest.mark.parametrize("error_type, status", [(UsageError, 2), (FloatingPointError, 1),
+                                                (KeyError, 1), (KeyboardInterrupt, 130)])
+def test_ranks_stopped_by_rank_0_leave_quietly_with_its_status(capsys, error_type, status):
+    # Under torchrun rank 0 prints its error; the ranks it stopped exit as it does, silently
+    # (a bug on rank 0, KeyError here, keeps its traceback there; the others exit 1).
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(_raises(MainRankFailed(error_type)), user_errors=(FloatingPointError,))
+    assert exit_.value.code == status
+    assert capsys.readouterr().err == ""

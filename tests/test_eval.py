@@ -1,7 +1,11 @@
 import contextlib
+import gzip
 import io
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -22,10 +26,14 @@ from utils.segment import load_model
 from utils.cli import UsageError, run_cli
 
 
-def run(root, out, *flags, data_list="cases.csv"):
-    return evaluate.main(["--data_list", str(root / data_list), "--data_root", str(root / "data"),
-                          "--restore_from", str(root / "final.pth"), "--output_dir", str(out),
-                          "--device", "cpu", *flags])
+def argv(root, out, *flags, data_list="cases.csv", data_root=None):
+    return ["--data_list", str(root / data_list), "--data_root", str(data_root or root / "data"),
+            "--restore_from", str(root / "final.pth"), "--output_dir", str(out), "--device", "cpu",
+            *flags]
+
+
+def run(root, out, *flags, **lists):
+    return evaluate.main(argv(root, out, *flags, **lists))
 
 
 def test_mode_all_writes_15_subsets_and_table_equal_to_single_runs(segmentation_setup, tmp_path):
@@ -364,3 +372,115 @@ def test_eval_sh_re_exports_into_its_folder(segmentation_setup, tmp_path):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert sorted(masks(tmp_path / "out" / "available")) == [f"{c.name}.nii.gz" for c in cases]
     assert "flair+t1+t1ce" in done.stdout
+
+
+def test_eval_sh_launches_with_launch_on_the_gpus_listed(tmp_path):
+    # LAUNCH (e.g. torchrun) starts eval.py; the GPU list becomes CUDA_VISIBLE_DEVICES, from
+    # which torchrun's process i takes the i-th GPU. A stand-in launcher shows what it is given.
+    shutil.copy(REPO / "eval.sh", tmp_path)
+    (tmp_path / "launcher").write_text('#!/bin/sh\necho "GPUs $CUDA_VISIBLE_DEVICES: $*"\n')
+    env = dict(os.environ, LAUNCH=f"sh {tmp_path / 'launcher'} --nproc_per_node 4", OUT="out")
+    done = subprocess.run(["bash", "eval.sh", "0,1,2,3", "--mirror"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    launched = done.stdout.splitlines()[-1]
+    assert launched.startswith("GPUs 0,1,2,3: --nproc_per_node 4 eval.py --num_classes=3 ")
+    assert " --output_dir=out --overwrite --device=cuda --mirror" in launched
+
+
+# ------------------------------------------------------------------------------ under torchrun
+def torchrun(root, out, *flags, **lists):
+    """eval.py as `torchrun --nproc_per_node 2` starts it: two CPU processes (gloo)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", str(REPO / "eval.py"), *argv(root, out, *flags, **lists)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # the timeout: a rank left waiting for another would otherwise hold the test
+    return subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_torchrun_splits_the_cases_and_writes_what_one_process_writes(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    # A third case (a renamed copy), so that rank 0 takes cases 1 and 3 of the list and rank 1
+    # case 2: the gathered metrics must be put back in list order.
+    data = copy_cases(cases, tmp_path / "data")
+    third = data / "Copy_0000"
+    shutil.copytree(cases[0], third)
+    for path in third.iterdir():
+        path.rename(third / path.name.replace(cases[0].name, third.name))
+    (tmp_path / "three.csv").write_text(f"{cases[0].name}\n{cases[1].name}\n{third.name}\n")
+    lists = dict(data_list=tmp_path / "three.csv", data_root=data)
+
+    # One thread, as each torchrun process here (OMP_NUM_THREADS=1): the thread count changes
+    # the summation order, and so the last bits of the probabilities, near 0.5 a voxel's label.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(root, tmp_path / "one", "--mode", "all", "--figures", **lists)
+    finally:
+        torch.set_num_threads(threads)
+    done = torchrun(root, tmp_path / "two", "--mode", "all", "--figures", **lists)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
+    assert len([f for f in files if f.endswith(".nii.gz")]) == 15 * 3
+    assert {f"figures/{name}.png" for name in (cases[0].name, cases[1].name, third.name)} <= set(files)
+    for name in files:
+        if name.endswith(".nii.gz"):  # the gzip header holds a time stamp, the contents must match
+            assert gzip.decompress((one / name).read_bytes()) == \
+                gzip.decompress((two / name).read_bytes()), name
+    for name in ("metrics.csv", "summary.csv", "summary.md", "cases.csv"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    metrics = pd.read_csv(two / "metrics.csv")
+    assert metrics["case"].unique().tolist() == [cases[0].name, cases[1].name, third.name]
+    assert json.loads((two / "eval_config.json").read_text())["world_size"] == 2
+
+    # only rank 0 shows its progress (its two cases) and prints the table
+    assert "3 cases over 2 processes (the progress bar counts rank 0's 2)" in done.stdout
+    assert re.search(r"cases: 100%.*2/2", done.stderr) and "3/3" not in done.stderr
+    assert done.stdout.count("labelled cases, Dice (%)") == 1
+
+
+def started_as_torchrun_starts_them(root, out, *flags):
+    """Two eval.py processes with torchrun's variables -> [(exit status, stderr)] per rank.
+
+    Started here because torchrun ends the other processes as soon as one exits: under it, a
+    rank's own exit status does not always show.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, str(REPO / "eval.py"), *argv(root, out, *flags)],
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+                                       RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    try:
+        stderr = [rank.communicate(timeout=120)[1] for rank in ranks]
+        return [(rank.returncode, text) for rank, text in zip(ranks, stderr)]
+    finally:
+        for rank in ranks:
+            rank.kill()  # a no-op for a process that has exited; ends one left waiting
+
+
+def test_a_refusal_under_torchrun_stops_every_rank_with_one_line(segmentation_setup, tmp_path):
+    root, _ = segmentation_setup
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval_config.json").write_text("{}")  # an earlier evaluation
+    refusal = f"error: --output_dir {out} holds a previous evaluation"
+    done = torchrun(root, out, "--mode", "t1")
+    assert done.returncode != 0
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(refusal)  # printed once, by rank 0
+
+    # Each rank on its own: rank 0 refuses (the checks run there alone), rank 1 learns it and
+    # leaves with the same status, without a word, instead of waiting for rank 0.
+    (status0, stderr0), (status1, stderr1) = started_as_torchrun_starts_them(root, out, "--mode", "t1")
+    assert (status0, status1) == (2, 2)
+    assert stderr0.splitlines()[-1].startswith(refusal) and "error" not in stderr1
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "eval_config.json"]
+    assert (out / "eval_config.json").read_text() == "{}"

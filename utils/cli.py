@@ -3,6 +3,7 @@ import argparse
 import sys
 
 from datasets.brats import DataError
+from utils.distributed import MainRankFailed
 from utils.io import DiskFullError
 from utils.lock import LockError
 
@@ -32,18 +33,26 @@ class UsageError(ValueError):
 USER_ERRORS = (DataError, LockError, DiskFullError)
 
 
+def exit_status(error_type, user_errors=USER_ERRORS):
+    """The status run_cli exits with for an error of this class: 130 Ctrl-C, 2 a usage error,
+    1 one of `user_errors`; None for a bug."""
+    for types, status in ((KeyboardInterrupt, 130), (UsageError, 2), (user_errors, 1)):
+        if issubclass(error_type, types):
+            return status
+    return None
+
+
 def run_cli(main, user_errors=USER_ERRORS, argv=None):
     """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
-    exits 130; anything else is a bug and keeps its traceback."""
+    exits 130; anything else is a bug and keeps its traceback. Under torchrun, the ranks that
+    rank 0's failure stopped (MainRankFailed) exit with its status without a word: rank 0
+    reports it."""
     try:
         return main(argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except user_errors as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except MainRankFailed as stopped:
+        sys.exit(exit_status(stopped.error_type, user_errors) or 1)
+    except (KeyboardInterrupt, UsageError, *user_errors) as error:
+        status = exit_status(type(error), user_errors)
+        print("interrupted" if status == 130 else f"error: {error}", file=sys.stderr)
+        sys.exit(status)

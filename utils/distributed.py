@@ -45,9 +45,14 @@ def resolve_device(name, local_rank=0):
     raise ValueError(f"unknown --device {name!r}: use auto, cpu or cuda")
 
 
+def launched_world_size():
+    """How many processes run this script: torchrun's WORLD_SIZE, 1 for a plain `python`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init(device_name="auto", timeout_min=30.0):
     """Join the torchrun process group if launched by torchrun. Returns (Dist, device)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return Dist(), resolve_device(device_name)
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -86,6 +91,48 @@ def broadcast_object(obj, info: Dist):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class MainRankFailed(Exception):
+    """Raised on the other ranks when rank 0 failed in `on_main_rank`. Rank 0 reports its error;
+    the others leave quietly with the same exit status (utils.cli.run_cli), so a refusal is
+    printed once, not once per process."""
+
+    def __init__(self, error_type):
+        super().__init__(f"rank 0 stopped with {error_type.__name__}")
+        self.error_type = error_type
+
+
+def on_main_rank(fn, info: Dist):
+    """fn() on rank 0 alone -> its result on rank 0, None on the other ranks.
+
+    For the checks made once before any work: when fn raises, rank 0 raises its error and every
+    other rank MainRankFailed, instead of waiting for rank 0 at the next collective until the
+    timeout.
+    """
+    if not info.enabled:
+        return fn()
+    if not info.is_main:
+        failed = broadcast_object(None, info)
+        if failed is not None:
+            raise MainRankFailed(failed)
+        return None
+    try:
+        result = fn()
+    except BaseException as error:  # Ctrl-C included: no rank may keep waiting
+        broadcast_object(type(error), info)  # the class: it pickles whatever its arguments
+        raise
+    broadcast_object(None, info)
+    return result
+
+
+def gather_object(obj, info: Dist):
+    """Every rank's picklable object, in rank order, on rank 0 (None on the other ranks)."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def all_reduce_sum(tensor, info: Dist):
