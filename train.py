@@ -410,8 +410,9 @@ def train(args, lists, dist_info, device):
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *a, **k: None)
     snapshot_dir = Path(args.snapshot_dir)
-    decision, source = distributed.broadcast_object(
-        claim_snapshot_dir(args, snapshot_dir, log) if main_rank else None, dist_info)
+    # Decided on rank 0; a refusal there stops every rank at once (no wait for the timeout).
+    decision, source = distributed.broadcast_object(distributed.on_main_rank(
+        lambda: claim_snapshot_dir(args, snapshot_dir, log), dist_info), dist_info)
     if decision == "finished":
         log(f"{source} exists: this run is finished, nothing to do (--overwrite True starts it over)")
         return None
