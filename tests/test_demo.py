@@ -64,7 +64,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     predicted = nib.load(repo / f"outputs/demo_predict/{case}.nii.gz")
     np.testing.assert_allclose(predicted.affine, reference.affine)
     read_png(repo / f"outputs/demo_predict/{case}.png", case_layout((64, 64), 1, 2)[:2])
-    for line in (f"figures             outputs/demo/figures/<case>.png",
+    for line in ("figures             outputs/demo/figures/<case>.png",
                  f"outputs/demo_predict/{case}.nii.gz, figure outputs/demo_predict/{case}.png"):
         assert line in run.stdout
 

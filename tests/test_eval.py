@@ -169,12 +169,16 @@ def masks(folder):
     return {p.name: np.asanyarray(nib.load(p).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
 
 
-def cli(argv):
-    """eval.py as the shell runs it: a user error exits with its one-line message."""
+def cli_error(main, argv):
+    """A script's main as the shell runs it: the one-line message its user error exits with."""
     stderr = io.StringIO()
     with pytest.raises(SystemExit), contextlib.redirect_stderr(stderr):
-        run_cli(evaluate.main, argv=argv)
+        run_cli(main, argv=argv)
     return stderr.getvalue().strip()
+
+
+def cli(argv):
+    return cli_error(evaluate.main, argv)
 
 
 def test_available_mode_equals_the_fixed_subset_on_complete_cases(segmentation_setup, tmp_path, capsys):

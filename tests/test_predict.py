@@ -1,18 +1,13 @@
 """predict.py: one case from explicit files, the same mask as eval.py, checks and warnings."""
-import contextlib
-import io
-
 import nibabel as nib
 import numpy as np
-import pytest
 
 import eval as evaluate
 import predict
 from postprocess import Rules, postprocess_label
-from test_eval import copy_cases
+from test_eval import cli_error, copy_cases
 from test_figures import read_png
 from utils import figures
-from utils.cli import run_cli
 
 
 def files_of(case, *modalities):
@@ -24,10 +19,7 @@ def mask(path):
 
 
 def cli(argv):
-    stderr = io.StringIO()
-    with pytest.raises(SystemExit), contextlib.redirect_stderr(stderr):
-        run_cli(predict.main, argv=argv)
-    return stderr.getvalue().strip()
+    return cli_error(predict.main, argv)
 
 
 def test_predict_equals_eval_on_the_incomplete_case(segmentation_setup, tmp_path, capsys):
