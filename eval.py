@@ -58,6 +58,7 @@ from datasets.brats import (
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
+from utils.cli import UsageError, run_cli
 from utils.export import save_labels
 from utils.io import atomic_path, remove_stale_temps, write_text
 from utils.lock import exclusive_lock
@@ -66,7 +67,6 @@ from utils.modalities import ALL_SUBSETS, parse_mode, subset_name
 from utils.segment import (
     add_inference_args, add_model_args, load_model, positive_int, resolve_device, segment,
 )
-from utils.cli import UsageError, run_cli
 
 PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
 AVAILABLE = "available"  # --mode available, and its mask folder

@@ -47,10 +47,10 @@ from tqdm import tqdm
 from datasets.brats import (
     READ_ERRORS, CaseError, DataError, case_files, read_files, require_modalities, to_nifti_order,
 )
+from utils.cli import UsageError, run_cli
 from utils.io import atomic_path
 from utils.modalities import MODALITIES, parse_subset
 from utils.regions import LABELS
-from utils.cli import UsageError, run_cli
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.

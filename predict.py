@@ -25,10 +25,10 @@ from datasets.brats import EXTENSIONS, brats_like_warnings, read_files
 from datasets.normalize import normalize_case
 from postprocess import Rules, orientation_warning, postprocess_label
 from utils import figures
+from utils.cli import UsageError, run_cli
 from utils.export import save_labels
 from utils.modalities import MODALITIES, subset_name
 from utils.segment import add_inference_args, add_model_args, load_model, resolve_device, segment
-from utils.cli import UsageError, run_cli
 
 T1CE = MODALITIES.index("t1ce")
 NETWORK_SLICE_AXIS = 0  # network order (D, H, W): D is the NIfTI z axis

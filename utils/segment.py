@@ -12,10 +12,9 @@ import torch
 
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint
-from utils.cli import str2bool
+from utils.cli import UsageError, str2bool
 from utils.export import probabilities_to_labels
 from utils.inference import AMP_DTYPES, predict_subsets
-from utils.cli import UsageError
 
 PUBLISHED_INPUT_SIZE = "80,160,160"
 WINDOW_MULTIPLES = (16, 32, 32)  # the network halves D 4 times and H, W 5 times
