@@ -53,7 +53,7 @@ from models import LCKD, LCKDConfig
 from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, non_finite,
                               save_checkpoint, set_rng_state, unwrap)
-from utils.cli import USER_ERRORS, UsageError, run_cli, str2bool
+from utils.cli import USER_ERRORS, UsageError, run_cli, str2bool, window_size
 from utils.election import append_history, elect, format_result, overlay_panel
 from utils.inference import AMP_DTYPES
 from utils.io import remove_stale_temps, write_text
@@ -179,13 +179,10 @@ def validate_args(args):
             raise UsageError(message)
 
     try:
-        args.patch_size = tuple(int(s) for s in args.input_size.split(","))
-    except ValueError:
-        args.patch_size = ()
-    need(len(args.patch_size) == 3 and min(args.patch_size) > 0 and args.patch_size[0] % 16 == 0
-         and args.patch_size[1] % 32 == 0 and args.patch_size[2] % 32 == 0,
-         f"--input_size must be D,H,W with D a multiple of 16 and H, W multiples of 32 (the "
-         f"encoder halves D 4 times and H, W 5 times), got {args.input_size!r}")
+        args.patch_size = window_size(args.input_size)
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(f"--input_size must be D,H,W with D a multiple of 16 and H, W multiples "
+                         f"of 32 (the encoder halves D 4 times and H, W 5 times): {error}") from None
     try:
         args.mode_parsed = parse_mode(args.mode)
         parse_teachers(args.teachers)

@@ -3,10 +3,12 @@ one-line errors."""
 import argparse
 
 import pytest
+import torch
 
 import eval as eval_script
 import train
 from utils.cli import UsageError, run_cli, str2bool
+from utils import distributed
 from utils.distributed import MainRankFailed
 
 
@@ -64,3 +66,16 @@ def test_ranks_stopped_by_rank_0_leave_quietly_with_its_status(capsys, error_typ
         run_cli(_raises(MainRankFailed(error_type)), user_errors=(FloatingPointError,))
     assert exit_.value.code == status
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_cuda_is_a_one_line_user_error(capsys):
+    def main(argv):
+        distributed.resolve_device("cuda")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --device cuda: CUDA is not available here (no GPU, no driver, or a CPU-only "
+        "PyTorch); use --device cpu"]

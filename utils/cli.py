@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from datasets.brats import DataError
-from utils.distributed import MainRankFailed
+from utils.distributed import DeviceError, MainRankFailed
 from utils.io import DiskFullError
 from utils.lock import LockError
 
@@ -24,13 +24,32 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected a boolean (True or False), got {text!r}")
 
 
+PUBLISHED_INPUT_SIZE = "80,160,160"
+WINDOW_MULTIPLES = (16, 32, 32)  # the network halves D 4 times and H, W 5 times
+
+
+def window_size(text):
+    """'80,160,160' -> (80, 160, 160), the patch / sliding-window size of train.py and eval.py;
+    D a multiple of 16, H and W of 32."""
+    try:
+        window = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        window = ()
+    if len(window) != 3 or min(window) < 1:
+        raise argparse.ArgumentTypeError(f"expected D,H,W such as {PUBLISHED_INPUT_SIZE}, got {text!r}")
+    if any(w % m for w, m in zip(window, WINDOW_MULTIPLES)):
+        raise argparse.ArgumentTypeError(
+            f"{text}: D must be a multiple of 16 and H, W of 32 (the network's strides)")
+    return window
+
+
 class UsageError(ValueError):
     """A bad flag value or combination, found before anything is written (exit status 2, as
     argparse's own errors)."""
 
 
 # Mistakes in the data or outside conditions every script reports in one line.
-USER_ERRORS = (DataError, LockError, DiskFullError)
+USER_ERRORS = (DataError, LockError, DiskFullError, DeviceError)
 
 
 def exit_status(error_type, user_errors=USER_ERRORS):

@@ -31,18 +31,23 @@ class Dist:
         return self.world_size > 1
 
 
+class DeviceError(RuntimeError):
+    """The --device asked for is not there (a user mistake, reported in one line)."""
+
+
 def resolve_device(name, local_rank=0):
     """'auto' -> this process's GPU if there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda requested but torch.cuda.is_available() is False")
+            raise DeviceError("--device cuda: CUDA is not available here (no GPU, no driver, or a "
+                              "CPU-only PyTorch); use --device cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"unknown --device {name!r}: use auto, cpu or cuda")
+    raise DeviceError(f"unknown --device {name!r}: use auto, cpu or cuda")
 
 
 def launched_world_size():

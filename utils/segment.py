@@ -12,12 +12,10 @@ import torch
 
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint
-from utils.cli import UsageError, str2bool
+from utils.cli import PUBLISHED_INPUT_SIZE, UsageError, str2bool, window_size
 from utils.export import probabilities_to_labels
 from utils.inference import AMP_DTYPES, predict_subsets
 
-PUBLISHED_INPUT_SIZE = "80,160,160"
-WINDOW_MULTIPLES = (16, 32, 32)  # the network halves D 4 times and H, W 5 times
 
 
 # ------------------------------------------------------------------------- flag value types
@@ -40,20 +38,6 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def window_size(text):
-    """'80,160,160' -> (80, 160, 160); D a multiple of 16, H and W of 32."""
-    try:
-        window = tuple(int(v) for v in str(text).split(","))
-    except ValueError:
-        window = ()
-    if len(window) != 3 or min(window) < 1:
-        raise argparse.ArgumentTypeError(f"expected D,H,W such as {PUBLISHED_INPUT_SIZE}, got {text!r}")
-    if any(w % m for w, m in zip(window, WINDOW_MULTIPLES)):
-        raise argparse.ArgumentTypeError(
-            f"{text}: D must be a multiple of 16 and H, W of 32 (the network's strides)")
-    return window
 
 
 def add_model_args(parser):
