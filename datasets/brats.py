@@ -243,7 +243,8 @@ def require_modalities(case_dir, files, subset):
     for i in subset:
         if MODALITIES[i] not in files:
             raise CaseError(Path(case_dir).name, expected_file(case_dir, files, MODALITIES[i]),
-                            f"missing {MODALITIES[i]} file, needed by subset {subset_name(subset)}")
+                            f"missing {MODALITIES[i]} file, needed by subset {subset_name(subset)} "
+                            "(--mode available predicts each case from the modalities it has)")
 
 
 # ------------------------------------------------------------------------------ reading
