@@ -46,6 +46,8 @@ def parse_args(argv=None):
                    help="with --postprocess: the released K-means rule (needs --t1ce)")
     p.add_argument("--figure", nargs="?", const="", default=None, metavar="PNG",
                    help="write a figure (default path: the mask's, with .png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing mask (and its figure) at -o")
     add_model_args(p)
     add_inference_args(p)
     return p.parse_args(argv)
@@ -70,7 +72,18 @@ def check_args(args):
         raise UsageError(f"-o {args.output} is one of the inputs")
     if args.kmeans_necrosis and not args.postprocess:
         raise UsageError("--kmeans_necrosis is a post-processing rule: add --postprocess")
+    existing = [path for path in (args.output, figure_path(args)) if path and path.exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{existing[0]} exists (an earlier prediction?); pass --overwrite to "
+                         "replace it, or choose another -o")
     return files
+
+
+def figure_path(args):
+    """Where --figure writes (None without it): the given PNG, or the mask's name with .png."""
+    if args.figure is None:
+        return None
+    return Path(args.figure) if args.figure else args.output.with_name(f"{mask_stem(args.output)}.png")
 
 
 def main(argv=None):
@@ -97,12 +110,14 @@ def main(argv=None):
                       if t1ce is not None else "; K-means rule skipped: no T1ce")
         print(f"post-processing: {info['components_removed']} components removed, ET "
               f"{'relabelled as NCR' if info['et_relabelled'] else 'kept'}{kmeans}")
+    if args.output.exists() and args.figure is None:  # replacing a mask (--overwrite): its
+        args.output.with_name(f"{name}.png").unlink(missing_ok=True)  # old figure would mislead
     save_labels(label, case.affine, case.header, args.output)
     counts = np.bincount(label.ravel(), minlength=5)
     print(f"mask from {subset_name(case.available)} written to {args.output}: "
           f"{counts[1]} NCR, {counts[2]} ED, {counts[4]} ET voxels")
     if args.figure is not None:
-        path = Path(args.figure) if args.figure else args.output.with_name(f"{name}.png")
+        path = figure_path(args)
         figures.case_figure(path, *figures.case_slices(case, [case.available], [label]))
         print(f"figure written to {path}")
     return label

@@ -131,7 +131,7 @@ if [ "$GPU" = demo ]; then
     PREDICTED=outputs/${NAME}_predict/$CASE.nii.gz
     "$PYTHON" predict.py --flair "$DEMO_DATA/$CASE/${CASE}_flair.nii.gz" \
         --t1ce "$DEMO_DATA/$CASE/${CASE}_t1ce.nii.gz" --checkpoint "snapshots/${NAME}_stage2/final.pth" \
-        -o "$PREDICTED" --figure --device auto
+        -o "$PREDICTED" --figure --device auto --overwrite
     "$PYTHON" - "$NAME" "$OUT" "$DEMO_DATA" "$PREDICTED" <<'PY'
 import json, sys
 from pathlib import Path

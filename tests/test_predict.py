@@ -95,3 +95,23 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
     assert message == (f"error: case m: {thin}: shape (64, 64, 31) differs from "
                        f"{case.name}_flair.nii.gz (64, 64, 32)")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_mask_is_replaced_only_with_overwrite(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    case = cases[0]
+    out = tmp_path / "m.nii.gz"
+    common = ["--checkpoint", str(root / "final.pth"), "--device", "cpu", "-o", str(out)]
+    predict.main([*files_of(case, "flair", "t1ce"), *common, "--figure"])
+    before, figure = mask(out), (tmp_path / "m.png").read_bytes()
+    assert cli([*files_of(case, "flair"), *common]) == (
+        f"error: {out} exists (an earlier prediction?); pass --overwrite to replace it, or "
+        "choose another -o")
+    np.testing.assert_array_equal(mask(out), before)
+    assert (tmp_path / "m.png").read_bytes() == figure
+    # replaced: the figure of the flair+t1ce mask no longer stands beside the flair-only one
+    predict.main([*files_of(case, "flair"), *common, "--overwrite"])
+    predict.main([*files_of(case, "flair"), *common[:-2], "-o", str(tmp_path / "f.nii.gz")])
+    np.testing.assert_array_equal(mask(out), mask(tmp_path / "f.nii.gz"))
+    assert not np.array_equal(mask(out), before)
+    assert not (tmp_path / "m.png").exists()
