@@ -178,6 +178,10 @@ def test_rerun_resumes_and_never_restarts_a_run(data, tmp_path, capsys):
     for path in stale:
         path.write_bytes(b"partial")
     # the same command again continues at 6: teachers.json keeps its history
+    # (a second later: TensorBoard reads event files in name order, whose first field is the
+    # second they were opened in; in one process, within one second, a writer counter decides,
+    # and '…10' sorts before '…9', which would apply the purge before the older file is read)
+    time.sleep(1.1)
     out = train.main([*command, "--stop_at", "11"])
     assert len(out["losses"]) == 5 and not any(p.exists() for p in stale)
     assert "deleted 2 temporary file(s)" in capsys.readouterr().out
