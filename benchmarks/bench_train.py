@@ -20,7 +20,17 @@ torch.utils.flop_counter on an eager fp32 copy; in stage 2 they depend on the nu
 available modalities: GFLOP/it and the loop's MFU use the mean over 1, 2, 3 (drawn uniformly
 in training), the step's MFU its own subsets. MFU = FLOPs x it/s / the device's dense peak for
 the row's precision (printed); n/a on a CPU or an unknown GPU. Peak memory:
-max_memory_allocated over each measurement (CUDA only).
+max_memory_allocated over each measurement (CUDA only). wall s: the row's whole measurement,
+compilation and cuDNN autotuning included (what a row costs on a lent GPU).
+  election  (stage 2 rows) the teacher election with the variant's network on the validation
+        case(s), once to warm up (eval-mode compilation), then timed: seconds per case.
+At the end, for each variant measured in both stages: the projected wall time of the published
+recipe (run.sh: 80 000 iterations of stage 1, 35 000 of stage 2, an election every 5 000 on
+the 57 cases of datalist/BraTS18/BraTS18_val.csv) from the loop rates and the election time.
+
+Rows are printed as they are measured (a run stopped at a time limit keeps the rows so far);
+a row whose measurement fails prints FAILED with the error, the others still run, and the
+exit status is 1.
 
 Variants (rows): published = the published step: all four modalities encoded per forward,
 fp16 autocast with a loss scaler (as apex O1), NCDHW, eager (on a CPU in fp32: the published
@@ -28,8 +38,8 @@ code needs a GPU, and CPU fp16 autocast runs ~10x slower than fp32); fp32 = this
 step before the speed options; fp32_cl = fp32 + channels-last (the one option a CPU might
 use); bf16 = bf16 autocast; bf16_cl = + channels-last; bf16_compile = bf16 + torch.compile;
 bf16_cl_compile = all three, run.sh's default on a GPU (fp32 is its default on a CPU).
-Default rows: published, fp32, bf16, bf16_cl, bf16_cl_compile on CUDA; published, fp32,
-fp32_cl on a CPU.
+Default rows, in this order (the targets first): published, bf16_cl_compile, bf16, bf16_cl,
+fp32 on CUDA; published, fp32, fp32_cl on a CPU.
 """
 import argparse
 import contextlib
@@ -38,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -49,8 +60,9 @@ from datasets.augment import augment_batch  # noqa: E402
 from datasets.brats import resolve_list  # noqa: E402
 from datasets.preprocess import preprocess  # noqa: E402
 from datasets.sampling import PatchDataset  # noqa: E402
-from datasets.synthetic import generate  # noqa: E402
+from datasets.synthetic import generate, split_counts  # noqa: E402
 from utils import speed  # noqa: E402
+from utils.election import elect  # noqa: E402
 from utils.inference import AMP_DTYPES  # noqa: E402
 from utils.losses import segmentation_loss  # noqa: E402
 from utils.modalities import FULL, parse_teachers  # noqa: E402
@@ -67,6 +79,12 @@ VARIANTS = {
 STAGES = {"stage 1": "0,1,2,3", "stage 2": "random"}
 # One subset per modality count: FLOPs and encoder shapes depend only on the count.
 SUBSETS_BY_COUNT = ((0,), (0, 1), (0, 1, 2))
+
+# The published recipe as run.sh runs it: stage 1 to iteration 80 000, stage 2 to 115 000, an
+# election every 5 000 iterations (at 0, 5 000, ..., 110 000) on the published validation list.
+RECIPE_STEPS = {"stage 1": (0, 80000), "stage 2": (80000, 115000)}
+RECIPE_VAL_EVERY = 5000
+RECIPE_VAL_LIST = Path(__file__).resolve().parents[1] / "datalist" / "BraTS18" / "BraTS18_val.csv"
 
 # Dense peaks by the vendor's datasheet, TFLOP/s: H100 SXM and H200 share the compute die.
 PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}
@@ -87,11 +105,13 @@ def parse_args(argv=None):
     p.add_argument("--shape", help="case size X,Y,Z (default: 240,240,155 on CUDA, 96,96,64 on CPU)")
     p.add_argument("--work_dir", default="", help="data, cache, snapshots (default: temporary)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
+    p.add_argument("--election", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the teacher election in the stage 2 rows (for the projection)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.device = "cuda" if cuda else "cpu"
     defaults = {"model": ("full", "small"), "patch": ("80,160,160", "32,64,64"),
-                "variants": ("published,fp32,bf16,bf16_cl,bf16_cl_compile", "published,fp32,fp32_cl"),
+                "variants": ("published,bf16_cl_compile,bf16,bf16_cl,fp32", "published,fp32,fp32_cl"),
                 "warmup": (10, 3),
                 "steps": (30, 10), "num_workers": (8, 1), "shape": ("240,240,155", "96,96,64")}
     for name, (on_cuda, on_cpu) in defaults.items():
@@ -107,6 +127,8 @@ def parse_args(argv=None):
             p.error(f"unknown stage {name!r}: use {', '.join(STAGES)}")
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
+    if split_counts(args.cases)[0] < 1 or (args.election and split_counts(args.cases)[1] < 1):
+        p.error(f"--cases {args.cases} leaves no training case or, for --election, no validation case")
     return args
 
 
@@ -166,9 +188,26 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def fresh_compiler(targs, device):
+    """Before a compiled network is built: forget the graphs of the networks measured before.
+
+    Each measurement then compiles its own graphs (Inductor's on-disk cache makes the repeats
+    cheap) and never reaches dynamo's recompile limit through graphs of earlier rows; past the
+    limit dynamo would run eager silently, so that is made an error where torch allows it.
+    """
+    if not speed.resolve_compile(targs.compile, torch.device(device)):
+        return
+    from torch import _dynamo
+
+    _dynamo.reset()
+    if hasattr(_dynamo.config, "fail_on_recompile_limit_hit"):
+        _dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def bare_step(targs, device, batch, timed, warmup):
     """Step the configured network on one batch, once per subset of `timed` after the warm-up;
     returns (it/s, peak GiB)."""
+    fresh_compiler(targs, device)
     model, optimizer, _ = train.build_model(targs, device)
     model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=targs.amp == "fp16")
@@ -213,7 +252,24 @@ def step_flops(targs, device, batch):
     return counts
 
 
+def election_seconds(targs, device, cases):
+    """Seconds per case of train.py's teacher election with the configured network, timed on
+    the second of two elections (the first compiles the eval-mode graphs and autotunes)."""
+    fresh_compiler(targs, device)
+    model, _, _ = train.build_model(targs, device)
+    times = []
+    for _ in range(2):
+        speed.synchronize(device)
+        start = time.perf_counter()
+        elect(model, cases, targs.patch_size, overlap=targs.overlap, batch_size=targs.batch_size,
+              amp=targs.amp, device=device)  # ends with a host read of the Dice sums
+        times.append(time.perf_counter() - start)
+    del model
+    return times[-1] / len(cases)
+
+
 def measure(args, work, stage, variant, device):
+    t_start = time.perf_counter()
     flags = train_flags(args, work, stage, variant)
     targs = train.parse_args(flags)
     batch = pipeline_batch(targs, device)
@@ -223,25 +279,46 @@ def measure(args, work, stage, variant, device):
     flops = statistics.mean(flops_by_count.values())  # the loop's expectation: k uniform
     flops_step = statistics.mean(flops_by_count[len(s)] for s in timed)
     reset_peak(device)
+    fresh_compiler(targs, device)
     with contextlib.redirect_stdout(sys.stderr):  # its log lines, away from the tables
         result = train.main(flags)
     loop_rate = result["steady_iterations"] / result["steady_seconds"]
+    loop_memory = peak_gib(device)
+    election = None
+    if args.election and STAGES[stage] == "random":
+        val_cases = preprocess(work / "data" / "val.csv", targs.cache_dir)
+        election = election_seconds(targs, device, val_cases)
     peak, _ = peak_tflops(device, targs.amp)
     return {"stage": stage, "variant": variant, "amp": targs.amp, "timed": result["steady_iterations"],
             "loop": loop_rate, "step": step_rate,
             "wait": result["data_wait_seconds"] / result["steady_seconds"],
-            "mem_loop": peak_gib(device), "mem_step": step_memory, "gflop": flops / 1e9,
+            "mem_loop": loop_memory, "mem_step": step_memory, "gflop": flops / 1e9,
             "mfu_loop": flops * loop_rate / (peak * 1e12) if peak else None,
-            "mfu_step": flops_step * step_rate / (peak * 1e12) if peak else None}
+            "mfu_step": flops_step * step_rate / (peak * 1e12) if peak else None,
+            "election": election, "wall": time.perf_counter() - t_start}
+
+
+def measure_row(args, work, stage, variant, device):
+    """measure(), or the row's error: one failing variant (a compiler error, out of memory)
+    must not cost the rows after it on a GPU lent for minutes. The traceback goes to stderr."""
+    try:
+        return measure(args, work, stage, variant, device)
+    except Exception as error:  # noqa: BLE001 (reported in the table and the exit status)
+        traceback.print_exc()
+        message = (str(error).strip().splitlines() or [""])[0][:160]
+        return {"stage": stage, "variant": variant, "error": f"{type(error).__name__}: {message}"}
 
 
 COLUMNS = ("variant", "amp", "loop it/s", "step it/s", "loop/step", "data wait", "loop x published",
-           "step x published", "peak GiB loop", "peak GiB step", "GFLOP/it", "MFU loop", "MFU step")
+           "step x published", "peak GiB loop", "peak GiB step", "GFLOP/it", "MFU loop", "MFU step",
+           "election s/case", "wall s")
 
 
-def format_rows(rows):
-    """One stage's rows as a '|' table; ratios are to the published row (n/a without one)."""
-    ref = next((r for r in rows if r["variant"] == "published"), None)
+def format_row(r, ref):
+    """One row of a stage's '|' table; ratios are to `ref`, the stage's published row (n/a
+    without one)."""
+    if "error" in r:
+        return f"{r['variant']} | FAILED: {r['error']}"
 
     def num(value, fmt=".2f"):
         return "n/a" if value is None else format(value, fmt)
@@ -249,15 +326,54 @@ def format_rows(rows):
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
-    lines = [" | ".join(COLUMNS)]
-    for r in rows:
-        lines.append(" | ".join([
-            r["variant"], r["amp"], num(r["loop"], ".3f"), num(r["step"], ".3f"), num(r["loop"] / r["step"]),
-            pct(r["wait"]), num(r["loop"] / ref["loop"] if ref else None),
-            num(r["step"] / ref["step"] if ref else None), num(r["mem_loop"]), num(r["mem_step"]),
-            num(r["gflop"], ".1f"), pct(r["mfu_loop"]), pct(r["mfu_step"]),
-        ]))
-    return lines
+    return " | ".join([
+        r["variant"], r["amp"], num(r["loop"], ".3f"), num(r["step"], ".3f"), num(r["loop"] / r["step"]),
+        pct(r["wait"]), num(r["loop"] / ref["loop"] if ref else None),
+        num(r["step"] / ref["step"] if ref else None), num(r["mem_loop"]), num(r["mem_step"]),
+        num(r["gflop"], ".1f"), pct(r["mfu_loop"]), pct(r["mfu_step"]), num(r["election"], ".3f"),
+        num(r["wall"], ".0f"),
+    ])
+
+
+def recipe_val_cases():
+    return sum(1 for line in RECIPE_VAL_LIST.read_text().splitlines()
+               if line.strip() and not line.startswith("#"))
+
+
+def recipe_seconds(loop_rates, election_s_per_case, val_cases):
+    """Wall seconds of the published recipe: {stage 1, stage 2, elections, total}.
+
+    loop_rates: {stage: train.py loop it/s}; the elections happen at every multiple of
+    RECIPE_VAL_EVERY in each stage's iterations. Preprocessing (once per dataset) and the
+    checkpoint writes (every 5 000 iterations and 30 minutes, about a second each) are left out.
+    """
+    seconds = {stage: (stop - start) / loop_rates[stage] for stage, (start, stop) in RECIPE_STEPS.items()}
+    elections = sum(len(range(start, stop, RECIPE_VAL_EVERY)) for start, stop in RECIPE_STEPS.values())
+    seconds["elections"] = elections * val_cases * election_s_per_case
+    seconds["total"] = sum(seconds.values())
+    return seconds
+
+
+def format_projection(rows):
+    """Lines projecting the recipe's wall time for each variant measured in both stages."""
+    ok = {(r["stage"], r["variant"]): r for r in rows if "error" not in r}
+    val_cases = recipe_val_cases()
+    elections = sum(len(range(a, b, RECIPE_VAL_EVERY)) for a, b in RECIPE_STEPS.values())
+    lines = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        stage_rows = [ok.get((stage, variant)) for stage in RECIPE_STEPS]
+        if None in stage_rows or stage_rows[1]["election"] is None:
+            continue
+        s = recipe_seconds({st: r["loop"] for st, r in zip(RECIPE_STEPS, stage_rows)},
+                           stage_rows[1]["election"], val_cases)
+        lines.append(f"{variant}: {s['total'] / 3600:.1f} h (stage 1 {s['stage 1'] / 3600:.1f} h + "
+                     f"stage 2 {s['stage 2'] / 3600:.1f} h + elections {s['elections'] / 60:.0f} min)")
+    if not lines:
+        return []
+    steps = " + ".join(f"{b - a:,} iterations of {st}" for st, (a, b) in RECIPE_STEPS.items())
+    return [f"projected wall time of the published recipe (run.sh: {steps} at the loop rates "
+            f"above; {elections} elections of {val_cases} validation cases at the stage 2 rows' "
+            f"s/case; preprocessing and checkpoint writes not included):"] + lines
 
 
 def main(argv=None):
@@ -278,14 +394,22 @@ def main(argv=None):
         work = Path(args.work_dir or tmp)
         if not (work / "data" / "train.csv").exists():
             generate(work / "data", args.cases, shape_xyz=tuple(int(s) for s in args.shape.split(",")))
-        for stage in args.stages:  # each stage's table as soon as it is measured
-            stage_rows = [measure(args, work, stage, variant, device) for variant in args.variants]
+        for stage in args.stages:  # each row as soon as it is measured
             print(f"\n{stage} (--mode {STAGES[stage]}):")
-            for line in format_rows(stage_rows):
-                print("  " + line, flush=True)
-            rows += stage_rows
+            print("  " + " | ".join(COLUMNS), flush=True)
+            ref = None
+            for variant in args.variants:
+                row = measure_row(args, work, stage, variant, device)
+                if variant == "published" and "error" not in row:
+                    ref = row
+                print("  " + format_row(row, ref), flush=True)
+                rows.append(row)
+    projection = format_projection(rows)
+    if projection:
+        print("\n" + "\n  ".join(projection), flush=True)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    rows = main()
+    sys.exit(1 if any("error" in r for r in rows) else 0)

@@ -1,33 +1,83 @@
 #!/usr/bin/env bash
 # The GPU figures in the README's performance section, on one card:
-#   bash benchmarks/gpu.sh OUT_DIR [PART ...]      PARTS: train model eval (default: all three)
-# train  bench_train.py: full model, 80x160x160, batch 2, stage 1 and stage 2, the real train.py
-#        loop and the bare step per variant (published step, fp32, bf16, + channels-last,
-#        + torch.compile): it/s, data-wait share, peak memory, MFU;
-# model  bench_model.py: train step and 15-subset decode, fp32 and bf16;
-# eval   bench_eval.py: full-volume evaluation of all 15 subsets, bf16.
-# Each part's table goes to OUT_DIR/<part>.txt (and the terminal), its log to OUT_DIR/<part>.log.
-# bench_train knobs (environment): VARIANTS, WARMUP, STEPS, WORKERS, STAGES, and WORK, a folder
-# to keep its synthetic cases and cache in for a re-run (default: a temporary folder; the
-# cache of 4 cases of 240x240x155 is ~0.6 GB, so not under OUT_DIR).
-set -euo pipefail
+#   bash benchmarks/gpu.sh OUT_DIR [PART ...]      PARTS: train profile eval model (default: all)
+# train    bench_train.py: full model, 80x160x160, batch 2, stage 1 and stage 2, the real
+#          train.py loop and the bare step per variant (published step, + torch.compile with
+#          channels-last and bf16, bf16, + channels-last, fp32): it/s, data-wait share, peak
+#          memory, MFU, election s/case, and the projected wall time of the published recipe;
+# profile  profile_train.py: where the step's time goes (run.sh's GPU default, stage 2):
+#          time per kernel category, the top kernels, OUT_DIR/trace.json.gz;
+# eval     bench_eval.py: full-volume evaluation of all 15 subsets, bf16;
+# model    bench_model.py: train step and 15-subset decode, fp32 and bf16.
+# Each part's output goes to OUT_DIR/<part>.txt (and the terminal) as it is measured, its log
+# to OUT_DIR/<part>.log. A part that fails does not stop the others; the exit status is 1
+# if any failed.
+#
+# Knobs (environment):
+#   PYTHON (python3), DEVICE (cuda; cpu runs the same steps on tiny settings: a dry run of
+#   this script's logic), VARIANTS, STAGES, WARMUP, STEPS, WORKERS (bench_train), PROFILE_VARIANT,
+#   PROFILE_STAGE, and WORK, a folder to keep bench_train's synthetic cases and cache in for a
+#   re-run (default: a temporary folder; 4 cases of 240x240x155 take ~0.1 GB).
+#   WHEELS: a folder of wheels (default .whl) installed into a private folder first when the
+#   python lacks nibabel, for a machine without a package index.
+# A time-limited run (a lent GPU): the train part prints each row as soon as it is measured,
+# the targets first, so what a cut-off run measured is in OUT_DIR/train.txt.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [train] [model] [eval]}
+OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [train] [profile] [eval] [model]}
 shift
 PARTS=("$@")
-if [ ${#PARTS[@]} -eq 0 ]; then PARTS=(train model eval); fi
+if [ ${#PARTS[@]} -eq 0 ]; then PARTS=(train profile eval model); fi
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
+for part in "${PARTS[@]}"; do
+  case $part in
+    train | profile | eval | model) ;;
+    *) echo "unknown part $part: use train, profile, eval, model" >&2; exit 2 ;;
+  esac
+done
+
+if ! "$PYTHON" -c "import nibabel" 2>/dev/null; then
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "error: $PYTHON cannot import nibabel; pip install -r requirements.txt, or put its wheel in $WHEELS/" >&2
+    exit 2
+  fi
+  site=$(mktemp -d)
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELS"/*.whl || exit 2
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PYTHON" - <<'PY' | tee "$OUT/gpu.txt"
+import importlib.util, platform, torch
+cuda = torch.cuda.is_available()
+print(f"python {platform.python_version()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
+      f"cuDNN {torch.backends.cudnn.version()} | triton {'yes' if importlib.util.find_spec('triton') else 'no'} | "
+      + (f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+         if cuda else "no GPU"))
+PY
+
+if [ "$DEVICE" = cpu ]; then  # the dry run: every step, tiny sizes
+  MODEL=small PATCH=16,32,32 SHAPE=64,64,32 CASES=3 EVAL_SHAPE=64,64,32 EVAL_AMP=off EVAL_CASES=1
+  WARMUP=${WARMUP:-1} STEPS=${STEPS:-2} WORKERS=${WORKERS:-0} VARIANTS=${VARIANTS:-published,fp32}
+  PROFILE_VARIANT=${PROFILE_VARIANT:-fp32}
+else
+  MODEL=full PATCH=80,160,160 SHAPE=240,240,155 CASES=4 EVAL_SHAPE=240,240,155 EVAL_AMP=bf16 EVAL_CASES=2
+fi
+
+failed=()
 # run NAME COMMAND...: stdout to OUT/NAME.txt and the terminal, stderr to OUT/NAME.log.
 run() {
   local name=$1
   shift
+  local start=$SECONDS
   if ! "$@" 2>>"$OUT/$name.log" | tee -a "$OUT/$name.txt"; then
     tail -n 40 "$OUT/$name.log"
-    exit 1
+    failed+=("$name")
   fi
+  echo "[$name: $((SECONDS - start)) s]" | tee -a "$OUT/$name.txt"
 }
 
 for part in "${PARTS[@]}"; do
@@ -35,25 +85,30 @@ for part in "${PARTS[@]}"; do
     train)
       work=()
       if [ -n "${WORK:-}" ]; then work=(--work_dir "$WORK"); fi
-      run train python benchmarks/bench_train.py --device cuda --model full --patch 80,160,160 \
-        --batch 2 "${work[@]}" \
-        --variants "${VARIANTS:-published,fp32,bf16,bf16_cl,bf16_cl_compile}" \
+      run train "$PYTHON" benchmarks/bench_train.py --device "$DEVICE" --model "$MODEL" \
+        --patch "$PATCH" --batch 2 --shape "$SHAPE" --cases "$CASES" "${work[@]}" \
+        --variants "${VARIANTS:-published,bf16_cl_compile,bf16,bf16_cl,fp32}" \
         --stages "${STAGES:-stage 1,stage 2}" --warmup "${WARMUP:-10}" --steps "${STEPS:-30}" \
         --num_workers "${WORKERS:-8}"
       ;;
-    model)
-      for amp in off bf16; do
-        run model python benchmarks/bench_model.py --model full --device cuda --patch 80,160,160 \
-          --batch 2 --amp "$amp" --steps 5 --warmup 2
-      done
+    profile)
+      run profile "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --model "$MODEL" \
+        --patch "$PATCH" --shape "$SHAPE" --variant "${PROFILE_VARIANT:-bf16_cl_compile}" \
+        --stage "${PROFILE_STAGE:-stage 2}" --trace "$OUT/trace.json.gz"
       ;;
     eval)
-      run eval python benchmarks/bench_eval.py --device cuda --model full --shape 240,240,155 \
-        --patch 80,160,160 --amp bf16 --cases 2
+      run eval "$PYTHON" benchmarks/bench_eval.py --device "$DEVICE" --model "$MODEL" \
+        --shape "$EVAL_SHAPE" --patch "$PATCH" --amp "$EVAL_AMP" --cases "$EVAL_CASES"
       ;;
-    *)
-      echo "unknown part $part: use train, model, eval" >&2
-      exit 2
+    model)
+      for amp in off bf16; do
+        run model "$PYTHON" benchmarks/bench_model.py --model "$MODEL" --device "$DEVICE" \
+          --patch "$PATCH" --batch 2 --amp "$amp" --steps 5 --warmup 2
+      done
       ;;
   esac
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed parts: ${failed[*]} (logs: $OUT/<part>.log)" >&2
+  exit 1
+fi

@@ -1,4 +1,6 @@
 """benchmarks/bench_train.py on a CPU with tiny settings: its logic, not its timings."""
+import re
+
 import pytest
 import torch
 
@@ -29,7 +31,22 @@ def test_bench_train_prints_both_stages_side_by_side(tmp_path, capsys):
             assert 0 <= float(row["data wait"].rstrip("%")) < 100
             assert float(row["GFLOP/it"]) > 0
             assert row["peak GiB loop"] == row["MFU loop"] == row["MFU step"] == "n/a"
+            assert float(row["wall s"]) >= 0
         assert table["published"]["loop x published"] == table["published"]["step x published"] == "1.00"
+    assert all(row["election s/case"] == "n/a" for row in tables["1"].values())
+    assert all(float(row["election s/case"]) > 0 for row in tables["2"].values())
+    # The projection, recomputed by hand from the printed rates: 80 000 + 35 000 iterations,
+    # 16 + 7 elections of the published list's 57 cases.
+    for variant in ("published", "fp32"):
+        match = re.search(rf"\n  {variant}: ([\d.]+) h \(stage 1 ([\d.]+) h \+ stage 2 ([\d.]+) h "
+                          rf"\+ elections (\d+) min\)", out)
+        total, one, two, elections = map(float, match.groups())
+        rates = [float(tables[n][variant]["loop it/s"]) for n in ("1", "2")]
+        assert one == pytest.approx(80000 / rates[0] / 3600, abs=0.051 + 0.002 * one)
+        assert two == pytest.approx(35000 / rates[1] / 3600, abs=0.051 + 0.002 * two)
+        election = float(tables["2"][variant]["election s/case"])
+        assert elections == pytest.approx(23 * 57 * election / 60, abs=0.51 + 0.002 * elections)
+        assert total == pytest.approx(one + two + elections / 60, abs=0.16)
     # All four available: the same encoder work. Stage 2: the published row encodes four
     # images per sample whatever is missing, ours only the available ones and one zero image.
     assert tables["1"]["published"]["GFLOP/it"] == tables["1"]["fp32"]["GFLOP/it"]
@@ -52,3 +69,42 @@ def test_mfu_peak_by_device_and_precision(monkeypatch, name, amp, allow_tf32, ex
     assert peak == expected
     assert (f"{expected:g} TFLOP/s" in text) if expected else text.startswith("n/a")
     assert bench_train.peak_tflops(torch.device("cpu"), amp) == (None, "n/a on a CPU")
+
+
+def test_recipe_seconds_by_hand():
+    seconds = bench_train.recipe_seconds({"stage 1": 2.0, "stage 2": 1.0}, 0.5, 57)
+    assert seconds == {"stage 1": 40000.0, "stage 2": 35000.0, "elections": 23 * 57 * 0.5,
+                       "total": 40000 + 35000 + 655.5}
+    assert bench_train.recipe_val_cases() == 57  # datalist/BraTS18/BraTS18_val.csv
+
+
+def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    measured = []
+
+    def fake_measure(args, work, stage, variant, device):
+        measured.append((stage, variant))
+        if variant == "fp32" and stage == "stage 1":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return {"stage": stage, "variant": variant, "amp": "off", "timed": 2, "loop": 2.0, "step": 4.0,
+                "wait": 0.05, "mem_loop": None, "mem_step": None, "gflop": 1.0, "mfu_loop": None,
+                "mfu_step": None, "election": 0.5 if stage == "stage 2" else None, "wall": 3.0}
+
+    monkeypatch.setattr(bench_train, "measure", fake_measure)
+    monkeypatch.setattr(bench_train, "generate", lambda *a, **k: None)
+    rows = bench_train.main(["--device", "cpu", "--variants", "published,fp32", "--work_dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert measured == [(s, v) for s in ("stage 1", "stage 2") for v in ("published", "fp32")]
+    assert [("error" in r) for r in rows] == [False, True, False, False]
+    assert "  fp32 | FAILED: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n" in captured.out
+    assert "more detail" in captured.err and "Traceback" in captured.err  # the whole error, on stderr
+    # Only the variant measured in both stages gets a projection: 40000 + 17500 + 655.5 s.
+    assert "\n  published: 16.2 h (stage 1 11.1 h + stage 2 4.9 h + elections 11 min)" in captured.out
+    assert "\n  fp32:" not in captured.out
+
+
+def test_too_few_cases_for_an_election_is_refused(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_train.parse_args(["--device", "cpu", "--cases", "1"])
+    assert stop.value.code == 2
+    assert "--cases 1 leaves no training case or, for --election, no validation case" in capsys.readouterr().err
+    assert bench_train.parse_args(["--device", "cpu", "--cases", "1", "--no-election"]).cases == 1
