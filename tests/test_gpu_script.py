@@ -1,0 +1,50 @@
+"""benchmarks/gpu.sh, dry-run on a CPU (DEVICE=cpu: every step, tiny sizes): its plumbing."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_sh(out, *parts, **env):
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out), *parts],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_dry_run_writes_each_part_and_its_time(tmp_path):
+    out = tmp_path / "out"
+    run = gpu_sh(out, "train", "profile", VARIANTS="fp32", STAGES="stage 2")
+    assert run.returncode == 0, run.stderr
+    assert "torch " in (out / "gpu.txt").read_text()
+    train = (out / "train.txt").read_text()
+    assert "\nstage 2 (--mode random):" in train and "\n  fp32 | off | " in train
+    assert "projected wall time" not in train  # stage 1 was not measured
+    assert "[train: " in train.splitlines()[-1]
+    profile = (out / "profile.txt").read_text()
+    assert "variant fp32" in profile and "\nconvolution " in profile and "[profile: " in profile
+    assert (out / "trace.json.gz").stat().st_size > 0
+
+
+def test_a_failing_part_does_not_stop_the_others(tmp_path):
+    out = tmp_path / "out"
+    run = gpu_sh(out, "train", "profile", STAGES="stage 9")
+    assert run.returncode == 1
+    assert "unknown stage 'stage 9'" in (out / "train.log").read_text()
+    assert "\nconvolution " in (out / "profile.txt").read_text()  # profile ran after it
+    assert "failed parts: train" in run.stderr
+
+
+def test_refusals_before_anything_runs(tmp_path):
+    run = gpu_sh(tmp_path / "out", "train", "speed")
+    assert run.returncode == 2 and "unknown part speed: use train, profile, eval, model" in run.stderr
+    # A python without nibabel and no wheel folder: one line saying what to do.
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\ncase "$*" in *"import nibabel"*) exit 1;; esac\nexec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    run = gpu_sh(tmp_path / "out2", "train", PYTHON=str(fake), WHEELS=str(tmp_path / "none"))
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f"error: {fake} cannot import nibabel; pip install -r requirements.txt, "
+                                  f"or put its wheel in {tmp_path / 'none'}/")
+    assert not (tmp_path / "out2" / "train.txt").exists()
