@@ -90,33 +90,43 @@ RECIPE_VAL_LIST = Path(__file__).resolve().parents[1] / "datalist" / "BraTS18" /
 PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(p):
+    """The flags bench_train.py and profile_train.py share (defaults: resolve_defaults)."""
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--model", choices=("full", "small"), help="default: full on CUDA, small on CPU")
     p.add_argument("--patch", help="D,H,W (default: 80,160,160 on CUDA, 32,64,64 on CPU)")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--shape", help="case size X,Y,Z (default: 240,240,155 on CUDA, 96,96,64 on CPU)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
+
+
+def resolve_defaults(args, defaults=None):
+    """args.device becomes 'cuda' or 'cpu'; flags left unset take their (CUDA, CPU) default."""
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.device = "cuda" if cuda else "cpu"
+    defaults = {"model": ("full", "small"), "patch": ("80,160,160", "32,64,64"),
+                "shape": ("240,240,155", "96,96,64"), **(defaults or {})}
+    for name, (on_cuda, on_cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
+    return args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(p)
     p.add_argument("--variants", help="comma-separated rows from: " + ", ".join(VARIANTS))
     p.add_argument("--stages", default="stage 1,stage 2", help="comma-separated: stage 1, stage 2")
     p.add_argument("--warmup", type=int, help="untimed iterations (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, help="timed iterations (default 30 on CUDA, 10 on CPU)")
     p.add_argument("--num_workers", type=int, help="DataLoader workers (default 8 on CUDA, 1 on CPU)")
     p.add_argument("--cases", type=int, default=4, help="synthetic cases (60%% train)")
-    p.add_argument("--shape", help="case size X,Y,Z (default: 240,240,155 on CUDA, 96,96,64 on CPU)")
     p.add_argument("--work_dir", default="", help="data, cache, snapshots (default: temporary)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
     p.add_argument("--election", action=argparse.BooleanOptionalAction, default=True,
                    help="time the teacher election in the stage 2 rows (for the projection)")
-    args = p.parse_args(argv)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    args.device = "cuda" if cuda else "cpu"
-    defaults = {"model": ("full", "small"), "patch": ("80,160,160", "32,64,64"),
-                "variants": ("published,bf16_cl_compile,bf16,bf16_cl,fp32", "published,fp32,fp32_cl"),
-                "warmup": (10, 3),
-                "steps": (30, 10), "num_workers": (8, 1), "shape": ("240,240,155", "96,96,64")}
-    for name, (on_cuda, on_cpu) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, on_cuda if cuda else on_cpu)
+    args = resolve_defaults(p.parse_args(argv), {
+        "variants": ("published,bf16_cl_compile,bf16,bf16_cl,fp32", "published,fp32,fp32_cl"),
+        "warmup": (10, 3), "steps": (30, 10), "num_workers": (8, 1)})
     args.variants = args.variants.split(",")
     args.stages = [s.strip() for s in args.stages.split(",")]
     for name in args.variants:

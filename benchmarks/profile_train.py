@@ -90,25 +90,14 @@ def format_categories(totals, wall_us, on_device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--model", choices=("full", "small"), help="default: full on CUDA, small on CPU")
-    p.add_argument("--patch", help="D,H,W (default: 80,160,160 on CUDA, 32,64,64 on CPU)")
-    p.add_argument("--batch", type=int, default=2)
+    bench_train.add_common_arguments(p)
     p.add_argument("--variant", default="bf16_cl_compile", choices=tuple(bench_train.VARIANTS))
     p.add_argument("--stage", default="stage 2", choices=tuple(bench_train.STAGES))
     p.add_argument("--warmup", type=int, default=6, help="untimed steps before the profile")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
-    p.add_argument("--shape", help="synthetic case X,Y,Z (default: 240,240,155 on CUDA, 96,96,64 on CPU)")
     p.add_argument("--rows", type=int, default=25, help="rows of the top table")
     p.add_argument("--trace", default="", help="write a Chrome trace here (.json or .json.gz)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
-    args = p.parse_args(argv)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    args.device = "cuda" if cuda else "cpu"
-    for name, on_cuda, on_cpu in (("model", "full", "small"), ("patch", "80,160,160", "32,64,64"),
-                                  ("shape", "240,240,155", "96,96,64")):
-        if getattr(args, name) is None:
-            setattr(args, name, on_cuda if cuda else on_cpu)
+    args = bench_train.resolve_defaults(p.parse_args(argv))
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
     return args
