@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures in the README's performance section, on one card:
-#   bash benchmarks/gpu.sh OUT_DIR [PART ...]      PARTS: train profile eval model (default: all)
+#   bash benchmarks/gpu.sh OUT_DIR [PART ...]      PARTS: checks train profile eval model (default: all)
+# checks   tests/test_speed.py: the speed options' numerics and, on CUDA, that a training
+#          iteration (data path, augmentation, step) never synchronises the host;
 # train    bench_train.py: full model, 80x160x160, batch 2, stage 1 and stage 2, the real
 #          train.py loop and the bare step per variant (published step, + torch.compile with
 #          channels-last and bf16, bf16, + channels-last, fp32): it/s, data-wait share, peak
@@ -24,10 +26,10 @@
 # the targets first, so what a cut-off run measured is in OUT_DIR/train.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [train] [profile] [eval] [model]}
+OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [checks] [train] [profile] [eval] [model]}
 shift
 PARTS=("$@")
-if [ ${#PARTS[@]} -eq 0 ]; then PARTS=(train profile eval model); fi
+if [ ${#PARTS[@]} -eq 0 ]; then PARTS=(checks train profile eval model); fi
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 WHEELS=${WHEELS:-.whl}
@@ -36,8 +38,8 @@ export PYTHONUNBUFFERED=1
 
 for part in "${PARTS[@]}"; do
   case $part in
-    train | profile | eval | model) ;;
-    *) echo "unknown part $part: use train, profile, eval, model" >&2; exit 2 ;;
+    checks | train | profile | eval | model) ;;
+    *) echo "unknown part $part: use checks, train, profile, eval, model" >&2; exit 2 ;;
   esac
 done
 
@@ -82,6 +84,9 @@ run() {
 
 for part in "${PARTS[@]}"; do
   case $part in
+    checks)
+      run checks "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_speed.py
+      ;;
     train)
       work=()
       if [ -n "${WORK:-}" ]; then work=(--work_dir "$WORK"); fi

@@ -35,6 +35,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from utils import speed
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -97,7 +99,7 @@ def _gaussian_matrix(n, sigma, mode, device):
         cols = torch.where(cols >= n, period - 1 - cols, cols)
     matrix = torch.zeros(n, n, dtype=torch.float64)
     matrix.index_put_((rows, cols), weights, accumulate=True)
-    return matrix.to(device=device, dtype=torch.float32)
+    return speed.to_device(matrix.to(torch.float32), device)
 
 
 def _gaussian_blur(x, sigma, mode):
@@ -164,10 +166,9 @@ def _spatial(image, regions, cfg, draw, field_gen):
     if scale_on:
         matrix = matrix * scale
     if rotate or scale_on:
-        coords = torch.einsum("ij,jdhw->idhw", matrix.to(device=device, dtype=torch.float32),
-                              coords)
+        coords = torch.einsum("ij,jdhw->idhw", speed.to_device(matrix.to(torch.float32), device), coords)
     # grid_sample wants (x, y, z) = (w, h, d) in [-1, 1] (align_corners: -1/1 = edge voxel centres).
-    sizes = torch.tensor([(n - 1) / 2 if n > 1 else 1.0 for n in shape], device=device)
+    sizes = speed.to_device([(n - 1) / 2 if n > 1 else 1.0 for n in shape], device, torch.float32)
     grid = (coords / sizes.view(3, 1, 1, 1)).flip(0).permute(1, 2, 3, 0)[None]
     image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros",
                           align_corners=True)[0]
@@ -218,11 +219,11 @@ def _intensity(image, cfg, draw, field_gen):
                 image[c] = _gaussian_blur(image[c], draw.uniform(*cfg.blur_sigma), "reflect")
     if draw.happens(cfg.p_brightness_mult):
         factors = [draw.uniform(*cfg.brightness_mult_range) for _ in range(channels)]
-        image = image * torch.tensor(factors, device=image.device).view(-1, 1, 1, 1)
+        image = image * speed.to_device(factors, image.device, torch.float32).view(-1, 1, 1, 1)
     if draw.happens(cfg.p_brightness_add):
         shifts = [draw.normal(cfg.brightness_add_std) if draw.happens(cfg.p_brightness_add_channel)
                   else 0.0 for _ in range(channels)]
-        image = image + torch.tensor(shifts, device=image.device).view(-1, 1, 1, 1)
+        image = image + speed.to_device(shifts, image.device, torch.float32).view(-1, 1, 1, 1)
     if draw.happens(cfg.p_contrast):
         for c in range(channels):
             image[c] = _contrast(image[c], _draw_ranged_factor(draw, cfg.contrast_range))

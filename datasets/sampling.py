@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets.normalize import apply_normalization
+from utils import speed
 from utils.regions import REGIONS, labels_to_regions
 
 CROP_MARGINS = (0, 15, 10)  # voxels kept from the (D, H, W) borders by the random crop
@@ -225,7 +226,7 @@ class PatchDataset(torch.utils.data.Dataset):
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         params = batch["params"].to(device, non_blocking=True)
-        table = torch.from_numpy(REGION_TABLE).to(device)
+        table = speed.to_device(REGION_TABLE, device)  # host copies that do not wait for the device
         images, regions = [], []
         # size and flip stay on the CPU: reading them does not wait for the device
         for b, (size, flip) in enumerate(zip(batch["size"].tolist(), batch["flip"].tolist())):
@@ -236,7 +237,7 @@ class PatchDataset(torch.utils.data.Dataset):
                 x = F.interpolate(x[None], size=self.patch_size, mode="trilinear",
                                   align_corners=False)[0]
                 for axis, (n_in, n_out) in enumerate(zip(size, self.patch_size)):
-                    index = torch.from_numpy(_nearest_indices(n_in, n_out)).to(device)
+                    index = speed.to_device(_nearest_indices(n_in, n_out), device)
                     r = r.index_select(axis + 1, index)
             dims = [axis + 1 for axis in range(3) if flip[axis]]
             images.append(x.flip(dims))

@@ -15,9 +15,11 @@ def gpu_sh(out, *parts, **env):
 
 def test_dry_run_writes_each_part_and_its_time(tmp_path):
     out = tmp_path / "out"
-    run = gpu_sh(out, "train", "profile", VARIANTS="fp32", STAGES="stage 2")
+    run = gpu_sh(out, "checks", "train", "profile", VARIANTS="fp32", STAGES="stage 2")
     assert run.returncode == 0, run.stderr
     assert "torch " in (out / "gpu.txt").read_text()
+    checks = (out / "checks.txt").read_text()
+    assert " passed, 1 skipped" in checks and "host synchronisation exists on CUDA only" in checks
     train = (out / "train.txt").read_text()
     assert "\nstage 2 (--mode random):" in train and "\n  fp32 | off | " in train
     assert "projected wall time" not in train  # stage 1 was not measured
@@ -38,7 +40,7 @@ def test_a_failing_part_does_not_stop_the_others(tmp_path):
 
 def test_refusals_before_anything_runs(tmp_path):
     run = gpu_sh(tmp_path / "out", "train", "speed")
-    assert run.returncode == 2 and "unknown part speed: use train, profile, eval, model" in run.stderr
+    assert run.returncode == 2 and "unknown part speed: use checks, train, profile, eval, model" in run.stderr
     # A python without nibabel and no wheel folder: one line saying what to do.
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/sh\ncase "$*" in *"import nibabel"*) exit 1;; esac\nexec "{sys.executable}" "$@"\n')

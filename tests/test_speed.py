@@ -2,6 +2,7 @@
 model; torch.compile is wired but never run here: it would add minutes of compilation)."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,49 @@ def test_fused_sgd_on_channels_last_parameters_matches_default_sgd():
         assert b.is_contiguous(memory_format=torch.channels_last_3d) or b.dim() != 5
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert any((a - p).abs().max() > 1e-3 for a, p in zip(models[0].parameters(), make_model().parameters()))
+
+
+def test_to_device_keeps_values_and_dtype():
+    table = np.arange(12, dtype=np.uint8).reshape(4, 3)
+    out = speed.to_device(table, CPU)
+    assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), table)
+    floats = speed.to_device([0.5, 1.25, -3.0], CPU, torch.float32)
+    assert floats.dtype == torch.float32 and floats.tolist() == [0.5, 1.25, -3.0]
+    matrix = torch.randn(3, 3, dtype=torch.float64)
+    assert torch.equal(speed.to_device(matrix.to(torch.float32), CPU), matrix.to(torch.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation exists on CUDA only")
+def test_the_training_iteration_never_waits_for_the_device():
+    """Between check points train.py's loop queues work only: normalise, resize and flip the
+    batch, augment it, step (bf16, channels-last, fused SGD). A host synchronisation is an
+    error under torch's sync debug mode. Run by benchmarks/gpu.sh (part checks)."""
+    from datasets.augment import augment_batch
+    from datasets.sampling import PatchDataset
+    from test_sampling import make_case
+    from train import step
+
+    dataset = PatchDataset([make_case(shape=(40, 80, 72))[0]], (16, 32, 32), seed=0, length=8)
+    batches = [{k: v.pin_memory() for k, v in torch.utils.data.default_collate(
+        [dataset[2 * i], dataset[2 * i + 1]]).items()} for i in range(4)]  # as the DataLoader pins
+    assert any(tuple(s) != (16, 32, 32) for b in batches for s in b["size"].tolist())  # a resize
+    model = make_model().to(CUDA)
+    speed.prepare_model(model, CUDA, channels_last="on", compile="off")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True,
+                                **speed.sgd_implementation(CUDA))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+    def iteration(i, batch):
+        image, regions = dataset.to_device(batch, CUDA)
+        image, regions = augment_batch(image, regions, seed=i)
+        return step(model, optimizer, scaler, image, regions, ((0, 2), (1,), (0, 1, 2, 3))[i % 3], (2,),
+                    torch.bfloat16, 0.1)
+
+    iteration(0, batches[0])  # allocations, cuDNN and pinned-memory caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [iteration(i, batch)[0] for i, batch in enumerate(batches, 1)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(loss).item() for loss in losses)

@@ -89,6 +89,20 @@ def sgd_implementation(device):
     return {"fused": None, "foreach": True}
 
 
+def to_device(values, device, dtype=None):
+    """A small host array, list or CPU tensor copied to `device` without a host synchronisation.
+
+    On CUDA, PyTorch's copy from pageable memory synchronises the stream after it: the host
+    waits for all the queued device work, so one such copy per iteration lets the GPU run dry
+    while the host prepares the next step. A copy from pinned memory is queued instead (the
+    caching host allocator keeps the pinned block until the copy has run).
+    """
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def synchronize(device):
     """Wait for the device's queued work (a host sync: only at the edges of a timed window)."""
     if device.type == "cuda":
