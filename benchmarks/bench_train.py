@@ -12,7 +12,8 @@ each stage (--mode 0,1,2,3, then --mode random, both distilling from FLAIR) and 
         backward, SGD. Stage 2 draws its subsets as training does, after a warm-up that sees
         every modality count (with --compile: each encoder shape compiles there);
   loop  train.main (cache -> sampler -> DataLoader -> augmentation -> step) for --warmup +
-        --steps iterations: it/s over the last --steps (train.py's steady-state window), and
+        --steps iterations (stage 2: a longer warm-up if --warmup did not draw every modality
+        count): it/s over the last --steps (train.py's steady-state window), and
         the share of that window spent waiting for the DataLoader (host time in
         next(batches): an upper bound of the device's idle time for data).
 FLOPs: the conv/matmul FLOPs of one step (forward + backward), counted by
@@ -162,15 +163,30 @@ def variant_flags(variant, device_type):
     return VARIANTS[variant]
 
 
-def train_flags(args, work, stage, variant):
+def train_flags(args, work, stage, variant, warmup=None):
+    warmup = args.warmup if warmup is None else warmup
     return ["--device", args.device, "--model_size", args.model, "--input_size", args.patch,
             "--batch_size", str(args.batch), "--num_workers", str(args.num_workers),
             "--train_list", str(work / "data" / "train.csv"), "--val_list", "",
             "--cache_dir", str(work / "cache"), "--mode", STAGES[stage], "--teachers", "0",
             "--snapshot_dir", str(work / "snapshots" / f"{stage.replace(' ', '')}_{variant}"),
             "--num_steps", "1000000", "--val_pred_every", "1000000000",
-            "--stop_at", str(args.warmup + args.steps), "--timing_warmup", str(args.warmup),
+            "--stop_at", str(warmup + args.steps), "--timing_warmup", str(warmup),
             *variant_flags(variant, args.device)]
+
+
+def loop_warmup(targs, warmup):
+    """The loop's warm-up, lengthened until it has drawn every modality count: each count is
+    an encoder shape that compiles (or cuDNN autotunes) once, which the timed window must not
+    contain. train.main draws the subsets from this stream."""
+    if targs.mode_parsed != "random":
+        return warmup
+    rng = random.Random(train.derived_seed(targs.random_seed, targs.start_iters))
+    seen, drawn = set(), 0
+    while drawn < warmup or len(seen) < len(SUBSETS_BY_COUNT):
+        seen.add(len(train.draw_subset(targs.mode_parsed, rng, 1.0)))
+        drawn += 1
+    return drawn
 
 
 def pipeline_batch(targs, device):
@@ -280,8 +296,8 @@ def election_seconds(targs, device, cases):
 
 def measure(args, work, stage, variant, device):
     t_start = time.perf_counter()
-    flags = train_flags(args, work, stage, variant)
-    targs = train.parse_args(flags)
+    targs = train.parse_args(train_flags(args, work, stage, variant))
+    flags = train_flags(args, work, stage, variant, loop_warmup(targs, args.warmup))
     batch = pipeline_batch(targs, device)
     timed = subsets_for(targs.mode_parsed, args.steps)  # the same for every variant
     step_rate, step_memory = bare_step(targs, device, batch, timed, args.warmup)

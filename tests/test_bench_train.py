@@ -1,9 +1,11 @@
 """benchmarks/bench_train.py on a CPU with tiny settings: its logic, not its timings."""
+import random
 import re
 
 import pytest
 import torch
 
+import train
 from benchmarks import bench_train
 
 
@@ -108,3 +110,12 @@ def test_too_few_cases_for_an_election_is_refused(capsys):
     assert stop.value.code == 2
     assert "--cases 1 leaves no training case or, for --election, no validation case" in capsys.readouterr().err
     assert bench_train.parse_args(["--device", "cpu", "--cases", "1", "--no-election"]).cases == 1
+
+
+def test_the_loop_warm_up_covers_every_modality_count():
+    # train.main's stream with the default seed draws k = 1, 2, 3, 3, 3, 3, 3, 2, 2, 2, ...
+    rng = random.Random(train.derived_seed(1234, 0))
+    assert [len(train.draw_subset("random", rng, 1.0)) for _ in range(4)] == [1, 2, 3, 3]
+    stage2 = train.parse_args(["--mode", "random"])
+    assert [bench_train.loop_warmup(stage2, w) for w in (1, 2, 3, 10)] == [3, 3, 3, 10]
+    assert bench_train.loop_warmup(train.parse_args(["--mode", "0,1,2,3"]), 1) == 1
