@@ -170,6 +170,7 @@ def train_flags(args, work, stage, variant, warmup=None):
             "--train_list", str(work / "data" / "train.csv"), "--val_list", "",
             "--cache_dir", str(work / "cache"), "--mode", STAGES[stage], "--teachers", "0",
             "--snapshot_dir", str(work / "snapshots" / f"{stage.replace(' ', '')}_{variant}"),
+            "--overwrite", "True",  # a re-run with the same --work_dir measures afresh
             "--num_steps", "1000000", "--val_pred_every", "1000000000",
             "--stop_at", str(warmup + args.steps), "--timing_warmup", str(warmup),
             *variant_flags(variant, args.device)]

@@ -53,6 +53,11 @@ def test_bench_train_prints_both_stages_side_by_side(tmp_path, capsys):
     # images per sample whatever is missing, ours only the available ones and one zero image.
     assert tables["1"]["published"]["GFLOP/it"] == tables["1"]["fp32"]["GFLOP/it"]
     assert float(tables["2"]["published"]["GFLOP/it"]) > 1.2 * float(tables["2"]["fp32"]["GFLOP/it"])
+    # Again with the same --work_dir (gpu.sh's WORK): the cases are reused, the rows measured afresh.
+    again = bench_train.main(["--device", "cpu", "--model", "small", "--patch", "16,32,32", "--warmup", "1",
+                              "--steps", "1", "--num_workers", "0", "--cases", "3", "--threads", "1",
+                              "--variants", "fp32", "--stages", "stage 2", "--work_dir", str(tmp_path)])
+    assert "error" not in again[0] and again[0]["timed"] == 1 and again[0]["election"] > 0
 
 
 @pytest.mark.parametrize("name, amp, allow_tf32, expected", [
