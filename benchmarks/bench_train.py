@@ -85,6 +85,7 @@ SUBSETS_BY_COUNT = ((0,), (0, 1), (0, 1, 2))
 # election every 5 000 iterations (at 0, 5 000, ..., 110 000) on the published validation list.
 RECIPE_STEPS = {"stage 1": (0, 80000), "stage 2": (80000, 115000)}
 RECIPE_VAL_EVERY = 5000
+RECIPE_ELECTIONS = sum(len(range(start, stop, RECIPE_VAL_EVERY)) for start, stop in RECIPE_STEPS.values())
 RECIPE_VAL_LIST = Path(__file__).resolve().parents[1] / "datalist" / "BraTS18" / "BraTS18_val.csv"
 
 # Dense peaks by the vendor's datasheet, TFLOP/s: H100 SXM and H200 share the compute die.
@@ -231,11 +232,20 @@ def fresh_compiler(targs, device):
         _dynamo.config.fail_on_recompile_limit_hit = True
 
 
-def bare_step(targs, device, batch, timed, warmup):
-    """Step the configured network on one batch, once per subset of `timed` after the warm-up;
-    returns (it/s, peak GiB)."""
+def count_subsets(targs):
+    """One subset per modality count the stage trains with (FLOPs and encoder shapes depend
+    only on the count)."""
+    return [FULL] if targs.mode_parsed != "random" else list(SUBSETS_BY_COUNT)
+
+
+def warmed_step(targs, device, batch, warmup):
+    """The configured network, stepped on `batch` for `warmup` steps (at least one per
+    modality count: each is an encoder shape, autotuned by cuDNN and compiled once).
+
+    Returns (step, options): step(subset) runs one train.step on the batch, as the loop does.
+    """
     fresh_compiler(targs, device)
-    model, optimizer, _ = train.build_model(targs, device)
+    model, optimizer, options = train.build_model(targs, device)
     model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=targs.amp == "fp16")
     dtype = AMP_DTYPES[targs.amp]
@@ -245,10 +255,16 @@ def bare_step(targs, device, batch, timed, warmup):
     def step(subset):
         train.step(model, optimizer, scaler, image, regions, subset, teachers, dtype, targs.kd_weight)
 
-    # Warm-up: every modality count (each is an encoder shape: cuDNN autotuning, compilation).
-    warm = [FULL] if targs.mode_parsed != "random" else list(SUBSETS_BY_COUNT)
+    warm = count_subsets(targs)
     for i in range(max(warmup, len(warm))):
         step(warm[i % len(warm)])
+    return step, options
+
+
+def bare_step(targs, device, batch, timed, warmup):
+    """Step the configured network on one batch, once per subset of `timed` after the warm-up;
+    returns (it/s, peak GiB)."""
+    step, _ = warmed_step(targs, device, batch, warmup)
     reset_peak(device)
     speed.synchronize(device)
     start = time.perf_counter()
@@ -257,7 +273,7 @@ def bare_step(targs, device, batch, timed, warmup):
     speed.synchronize(device)
     rate = len(timed) / (time.perf_counter() - start)
     memory = peak_gib(device)
-    del model, optimizer
+    del step  # the network and its optimiser, before the next measurement
     return rate, memory
 
 
@@ -269,7 +285,7 @@ def step_flops(targs, device, batch):
     model.train()
     image, regions = batch
     counts = {}
-    for subset in ([FULL] if targs.mode_parsed != "random" else SUBSETS_BY_COUNT):
+    for subset in count_subsets(targs):
         counter = FlopCounterMode(display=False)
         with counter:
             logits, kd = model(image, subset=subset, teachers=parse_teachers(targs.teachers))
@@ -370,13 +386,12 @@ def recipe_val_cases():
 def recipe_seconds(loop_rates, election_s_per_case, val_cases):
     """Wall seconds of the published recipe: {stage 1, stage 2, elections, total}.
 
-    loop_rates: {stage: train.py loop it/s}; the elections happen at every multiple of
-    RECIPE_VAL_EVERY in each stage's iterations. Preprocessing (once per dataset) and the
+    loop_rates: {stage: train.py loop it/s}; RECIPE_ELECTIONS elections, one at every multiple
+    of RECIPE_VAL_EVERY in each stage's iterations. Preprocessing (once per dataset) and the
     checkpoint writes (every 5 000 iterations and 30 minutes, about a second each) are left out.
     """
     seconds = {stage: (stop - start) / loop_rates[stage] for stage, (start, stop) in RECIPE_STEPS.items()}
-    elections = sum(len(range(start, stop, RECIPE_VAL_EVERY)) for start, stop in RECIPE_STEPS.values())
-    seconds["elections"] = elections * val_cases * election_s_per_case
+    seconds["elections"] = RECIPE_ELECTIONS * val_cases * election_s_per_case
     seconds["total"] = sum(seconds.values())
     return seconds
 
@@ -385,7 +400,6 @@ def format_projection(rows):
     """Lines projecting the recipe's wall time for each variant measured in both stages."""
     ok = {(r["stage"], r["variant"]): r for r in rows if "error" not in r}
     val_cases = recipe_val_cases()
-    elections = sum(len(range(a, b, RECIPE_VAL_EVERY)) for a, b in RECIPE_STEPS.values())
     lines = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         stage_rows = [ok.get((stage, variant)) for stage in RECIPE_STEPS]
@@ -399,7 +413,7 @@ def format_projection(rows):
         return []
     steps = " + ".join(f"{b - a:,} iterations of {st}" for st, (a, b) in RECIPE_STEPS.items())
     return [f"projected wall time of the published recipe (run.sh: {steps} at the loop rates "
-            f"above; {elections} elections of {val_cases} validation cases at the stage 2 rows' "
+            f"above; {RECIPE_ELECTIONS} elections of {val_cases} validation cases at the stage 2 rows' "
             f"s/case; preprocessing and checkpoint writes not included):"] + lines
 
 

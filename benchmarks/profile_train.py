@@ -33,8 +33,6 @@ import train  # noqa: E402
 from benchmarks import bench_train  # noqa: E402
 from datasets.synthetic import generate  # noqa: E402
 from utils import speed  # noqa: E402
-from utils.inference import AMP_DTYPES  # noqa: E402
-from utils.modalities import FULL, parse_teachers  # noqa: E402
 
 # (category, pattern on the lower-cased kernel or operator name), first match wins: norms
 # before convolutions because cuDNN names both; layout conversions before generic copies.
@@ -129,18 +127,8 @@ def main(argv=None):
         generate(work / "data", 3, shape_xyz=tuple(int(s) for s in args.shape.split(",")))
         targs = train.parse_args(bench_train.train_flags(bench, work, args.stage, args.variant))
         image, regions = bench_train.pipeline_batch(targs, device)
-    model, optimizer, options = train.build_model(targs, device)
-    model.train()
-    scaler = torch.amp.GradScaler(device.type, enabled=targs.amp == "fp16")
-    teachers = parse_teachers(targs.teachers)
-    subsets = [FULL] if targs.mode_parsed != "random" else list(bench_train.SUBSETS_BY_COUNT)
-
-    def step(i):
-        train.step(model, optimizer, scaler, image, regions, subsets[i % len(subsets)], teachers,
-                   AMP_DTYPES[targs.amp], targs.kd_weight)
-
-    for i in range(max(args.warmup, len(subsets))):
-        step(i)
+    step, options = bench_train.warmed_step(targs, device, (image, regions), args.warmup)
+    subsets = bench_train.count_subsets(targs)
     speed.synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -148,7 +136,7 @@ def main(argv=None):
     with torch.profiler.profile(activities=activities) as profiler:
         start = time.perf_counter()
         for i in range(args.steps):
-            step(i)
+            step(subsets[i % len(subsets)])
         speed.synchronize(device)
         wall_us = (time.perf_counter() - start) * 1e6
     on_device = device.type == "cuda"
