@@ -63,6 +63,7 @@ from datasets.preprocess import preprocess  # noqa: E402
 from datasets.sampling import PatchDataset  # noqa: E402
 from datasets.synthetic import generate, split_counts  # noqa: E402
 from utils import speed  # noqa: E402
+from utils.cli import UsageError  # noqa: E402
 from utils.election import elect  # noqa: E402
 from utils.inference import AMP_DTYPES  # noqa: E402
 from utils.losses import segmentation_loss  # noqa: E402
@@ -141,7 +142,19 @@ def parse_args(argv=None):
         p.error("--warmup and --steps must be >= 1")
     if split_counts(args.cases)[0] < 1 or (args.election and split_counts(args.cases)[1] < 1):
         p.error(f"--cases {args.cases} leaves no training case or, for --election, no validation case")
+    check_train_flags(p, args, args.stages, args.variants)
     return args
+
+
+def check_train_flags(parser, args, stages, variants):
+    """What train.py would refuse (a patch the network cannot take, a batch of 0) is a usage
+    error here, once, rather than a failed row per variant."""
+    for stage in stages:
+        for variant in variants:
+            try:
+                train.parse_args(train_flags(args, Path(args.work_dir or "."), stage, variant))
+            except UsageError as error:
+                parser.error(f"train.py refuses these settings: {error}")
 
 
 def peak_tflops(device, amp):

@@ -11,9 +11,9 @@
 #          time per kernel category, the top kernels, OUT_DIR/trace.json.gz;
 # eval     bench_eval.py: full-volume evaluation of all 15 subsets, bf16;
 # model    bench_model.py: train step and 15-subset decode, fp32 and bf16.
-# Each part's output goes to OUT_DIR/<part>.txt (and the terminal) as it is measured, its log
-# to OUT_DIR/<part>.log. A part that fails does not stop the others; the exit status is 1
-# if any failed.
+# Each part's output is appended to OUT_DIR/<part>.txt (and the terminal) as it is measured,
+# under a dated header (a re-run keeps the earlier output), its log to OUT_DIR/<part>.log. A
+# part that fails does not stop the others; the exit status is 1 if any failed.
 #
 # Knobs (environment):
 #   PYTHON (python3), DEVICE (cuda; cpu runs the same steps on tiny settings: a dry run of
@@ -75,6 +75,8 @@ run() {
   local name=$1
   shift
   local start=$SECONDS
+  # A re-run into the same OUT_DIR appends: each run's output starts with its own header.
+  echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') $name: $* ==" | tee -a "$OUT/$name.log" >>"$OUT/$name.txt"
   if ! "$@" 2>>"$OUT/$name.log" | tee -a "$OUT/$name.txt"; then
     tail -n 40 "$OUT/$name.log"
     failed+=("$name")

@@ -98,6 +98,8 @@ def parse_args(argv=None):
     args = bench_train.resolve_defaults(p.parse_args(argv))
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
+    args.num_workers, args.work_dir = 0, ""  # bench_train.train_flags: the batch is cut in-process
+    bench_train.check_train_flags(p, args, [args.stage], [args.variant])
     return args
 
 
@@ -120,12 +122,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     train.set_backends(device)
-    bench = argparse.Namespace(device=args.device, model=args.model, patch=args.patch, batch=args.batch,
-                               num_workers=0, warmup=1, steps=1)
     with tempfile.TemporaryDirectory(prefix="profile_train_") as tmp:
         work = Path(tmp)
         generate(work / "data", 3, shape_xyz=tuple(int(s) for s in args.shape.split(",")))
-        targs = train.parse_args(bench_train.train_flags(bench, work, args.stage, args.variant))
+        targs = train.parse_args(bench_train.train_flags(args, work, args.stage, args.variant))
         image, regions = bench_train.pipeline_batch(targs, device)
     step, options = bench_train.warmed_step(targs, device, (image, regions), args.warmup)
     subsets = bench_train.count_subsets(targs)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train
-from benchmarks import bench_train
+from benchmarks import bench_train, profile_train
 
 
 def test_bench_train_prints_both_stages_side_by_side(tmp_path, capsys):
@@ -115,6 +115,17 @@ def test_too_few_cases_for_an_election_is_refused(capsys):
     assert stop.value.code == 2
     assert "--cases 1 leaves no training case or, for --election, no validation case" in capsys.readouterr().err
     assert bench_train.parse_args(["--device", "cpu", "--cases", "1", "--no-election"]).cases == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--patch", "16,30,32"], "train.py refuses these settings: --input_size must be D,H,W"),
+    (["--batch", "0"], "train.py refuses these settings: --batch_size must be >= 1, got 0"),
+])
+def test_settings_train_py_refuses_are_one_usage_error(capsys, flags, message):
+    for parse in (bench_train.parse_args, profile_train.parse_args):
+        with pytest.raises(SystemExit) as stop:
+            parse(["--device", "cpu", *flags])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_the_loop_warm_up_covers_every_modality_count():
