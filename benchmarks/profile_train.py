@@ -89,13 +89,14 @@ def format_categories(totals, wall_us, on_device):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_train.add_common_arguments(p)
-    p.add_argument("--variant", default="bf16_cl_compile", choices=tuple(bench_train.VARIANTS))
+    p.add_argument("--variant", choices=tuple(bench_train.VARIANTS),
+                   help="default: bf16_cl_compile (run.sh's GPU step) on CUDA, fp32 on a CPU")
     p.add_argument("--stage", default="stage 2", choices=tuple(bench_train.STAGES))
     p.add_argument("--warmup", type=int, default=6, help="untimed steps before the profile")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--rows", type=int, default=25, help="rows of the top table")
     p.add_argument("--trace", default="", help="write a Chrome trace here (.json or .json.gz)")
-    args = bench_train.resolve_defaults(p.parse_args(argv))
+    args = bench_train.resolve_defaults(p.parse_args(argv), {"variant": ("bf16_cl_compile", "fp32")})
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
     args.num_workers, args.work_dir = 0, ""  # bench_train.train_flags: the batch is cut in-process

@@ -128,6 +128,16 @@ def test_settings_train_py_refuses_are_one_usage_error(capsys, flags, message):
         assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_bf16_rows_are_refused_on_a_cpu_and_profile_train_defaults_to_fp32_there(capsys):
+    for parse, flags in ((bench_train.parse_args, ["--variants", "fp32,bf16"]),
+                         (profile_train.parse_args, ["--variant", "bf16_cl"])):
+        with pytest.raises(SystemExit) as stop:
+            parse(["--device", "cpu", *flags])
+        assert stop.value.code == 2
+        assert "train.py refuses these settings: --amp bf16 trains on a GPU only" in capsys.readouterr().err
+    assert profile_train.parse_args(["--device", "cpu"]).variant == "fp32"
+
+
 def test_the_loop_warm_up_covers_every_modality_count():
     # train.main's stream with the default seed draws k = 1, 2, 3, 3, 3, 3, 3, 2, 2, 2, ...
     rng = random.Random(train.derived_seed(1234, 0))

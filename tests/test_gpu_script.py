@@ -19,7 +19,9 @@ def test_dry_run_writes_each_part_and_its_time(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "torch " in (out / "gpu.txt").read_text()
     checks = (out / "checks.txt").read_text()
-    assert " passed, 1 skipped" in checks and "host synchronisation exists on CUDA only" in checks
+    # On a CPU only the CUDA checks are skipped: the sync check and 10 bf16 conv gradient cases.
+    assert " passed, 11 skipped" in checks and "host synchronisation exists on CUDA only" in checks
+    assert "SKIPPED [10] tests/test_speed.py" in checks and "bf16 training runs on CUDA only" in checks
     train = (out / "train.txt").read_text()
     assert "\nstage 2 (--mode random):" in train and "\n  fp32 | off | " in train
     assert "projected wall time" not in train  # stage 1 was not measured

@@ -364,6 +364,7 @@ EMPTY = "empty.csv"
     (["--overlap", "1"], r"--overlap must be in \[0, 1\)"),
     (["--mode", "all"], "--mode all is for evaluation"),
     (["--reload_path", "nope.pth"], "--reload_path nope.pth does not exist"),
+    (["--amp", "bf16"], "--amp bf16 trains on a GPU only: .*use --amp off on a CPU"),
     (["--train_list", EMPTY], "--train_list .*empty.csv lists no cases"),
     (["--val_list", EMPTY], "--val_list .*empty.csv lists no cases"),
 ])
@@ -374,6 +375,21 @@ def test_bad_flags_are_refused_before_anything_is_written(data, tmp_path, bad, m
     with pytest.raises(UsageError, match=message):
         train.main(flags(data, snapshot, 6, 3, *bad))
     assert not snapshot.exists()
+
+
+def test_bf16_training_is_refused_on_a_cpu_only():
+    """On a CPU, torch's bf16 conv3d computes wrong weight gradients (3x3x3 kernels on maps of
+    depth 2: ~100 % error or inf, where bf16 rounding gives ~0.2 %); fp16 and fp32 are right."""
+    cpu_bf16 = "--amp bf16 trains on a GPU only"
+    with pytest.raises(UsageError, match=cpu_bf16):
+        train.parse_args(["--device", "cpu", "--amp", "bf16"])
+    assert train.parse_args(["--device", "cpu", "--amp", "fp16"]).amp == "fp16"
+    assert train.parse_args(["--device", "cuda", "--amp", "bf16"]).amp == "bf16"  # the device is checked at start
+    if torch.cuda.is_available():
+        assert train.parse_args(["--device", "auto", "--amp", "bf16"]).amp == "bf16"
+    else:
+        with pytest.raises(UsageError, match=cpu_bf16):
+            train.parse_args(["--device", "auto", "--amp", "bf16"])
 
 
 def test_cli_prints_one_line_and_exits_2_on_bad_flags(tmp_path):
