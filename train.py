@@ -221,9 +221,9 @@ def validate_args(args):
     # Silent, not slow: on a CPU, PyTorch's bf16 conv3d returns wrong weight gradients for
     # 3x3x3 convolutions on maps of depth 2 (torch 2.11 and 2.13, oneDNN; forward and input
     # gradients are right), which this network meets at a patch depth of 16 or 32.
-    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    need(not (on_cpu and args.amp == "bf16"), "--amp bf16 trains on a GPU only: PyTorch's CPU "
-         "bf16 convolution returns wrong weight gradients for some shapes; use --amp off on a CPU")
+    need(not (distributed.device_kind(args.device) == "cpu" and args.amp == "bf16"),
+         "--amp bf16 trains on a GPU only: PyTorch's CPU bf16 convolution returns wrong weight "
+         "gradients for some shapes; use --amp off on a CPU")
 
 
 def read_lists(args):

@@ -58,11 +58,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from datasets.augment import augment_batch  # noqa: E402
-from datasets.brats import resolve_list  # noqa: E402
+from datasets.brats import datalist_entries, resolve_list  # noqa: E402
 from datasets.preprocess import preprocess  # noqa: E402
 from datasets.sampling import PatchDataset  # noqa: E402
 from datasets.synthetic import generate, split_counts  # noqa: E402
-from utils import speed  # noqa: E402
+from utils import distributed, speed  # noqa: E402
 from utils.cli import UsageError  # noqa: E402
 from utils.election import elect  # noqa: E402
 from utils.inference import AMP_DTYPES  # noqa: E402
@@ -105,7 +105,7 @@ def add_common_arguments(p):
 
 def resolve_defaults(args, defaults=None):
     """args.device becomes 'cuda' or 'cpu'; flags left unset take their (CUDA, CPU) default."""
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = distributed.device_kind(args.device) == "cuda"
     args.device = "cuda" if cuda else "cpu"
     defaults = {"model": ("full", "small"), "patch": ("80,160,160", "32,64,64"),
                 "shape": ("240,240,155", "96,96,64"), **(defaults or {})}
@@ -391,11 +391,6 @@ def format_row(r, ref):
     ])
 
 
-def recipe_val_cases():
-    return sum(1 for line in RECIPE_VAL_LIST.read_text().splitlines()
-               if line.strip() and not line.startswith("#"))
-
-
 def recipe_seconds(loop_rates, election_s_per_case, val_cases):
     """Wall seconds of the published recipe: {stage 1, stage 2, elections, total}.
 
@@ -412,7 +407,7 @@ def recipe_seconds(loop_rates, election_s_per_case, val_cases):
 def format_projection(rows):
     """Lines projecting the recipe's wall time for each variant measured in both stages."""
     ok = {(r["stage"], r["variant"]): r for r in rows if "error" not in r}
-    val_cases = recipe_val_cases()
+    val_cases = len(datalist_entries(RECIPE_VAL_LIST))
     lines = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         stage_rows = [ok.get((stage, variant)) for stage in RECIPE_STEPS]

@@ -17,9 +17,7 @@ compilation) it profiles --steps steps and prints:
   * --trace: a Chrome/Perfetto trace (gzip-compressed when the name ends with .gz).
 """
 import argparse
-import gzip
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ import train  # noqa: E402
 from benchmarks import bench_train  # noqa: E402
 from datasets.synthetic import generate  # noqa: E402
 from utils import speed  # noqa: E402
+from utils.io import atomic_path  # noqa: E402
 
 # (category, pattern on the lower-cased kernel or operator name), first match wins: norms
 # before convolutions because cuDNN names both; layout conversions before generic copies.
@@ -105,16 +104,9 @@ def parse_args(argv=None):
 
 
 def write_trace(profiler, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix != ".gz":
-        profiler.export_chrome_trace(str(path))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "trace.json"
-        profiler.export_chrome_trace(str(raw))
-        with raw.open("rb") as src, gzip.open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    """The Chrome trace, whole or not at all (torch gzips it when the name ends with .gz)."""
+    with atomic_path(path) as target:
+        profiler.export_chrome_trace(str(target))
 
 
 def main(argv=None):

@@ -106,6 +106,16 @@ def resolve_list(path, data_dir):
     return Path(data_dir) / path
 
 
+def datalist_entries(list_path):
+    """A datalist's entries as written: [(line number, entry)], blank and '#' lines skipped."""
+    try:
+        lines = Path(list_path).read_text().splitlines()
+    except OSError as err:
+        raise DataError(f"cannot read datalist {list_path}: {err}") from err
+    return [(number, line.strip()) for number, line in enumerate(lines, 1)
+            if line.strip() and not line.strip().startswith("#")]
+
+
 def read_datalist(list_path, data_root=None):
     """Datalist file (one case folder per line) -> list of existing case folders (Path).
 
@@ -116,15 +126,8 @@ def read_datalist(list_path, data_root=None):
     that exists wins. So the published lists work wherever the data lives.
     """
     list_path = Path(list_path)
-    try:
-        lines = list_path.read_text().splitlines()
-    except OSError as err:
-        raise DataError(f"cannot read datalist {list_path}: {err}") from err
     folders = []
-    for number, line in enumerate(lines, 1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
+    for number, entry in datalist_entries(list_path):
         tried = _candidates(entry, list_path.parent, data_root)
         found = next((path for path in tried if path.is_dir()), None)
         if found is None:

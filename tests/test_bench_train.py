@@ -82,7 +82,7 @@ def test_recipe_seconds_by_hand():
     seconds = bench_train.recipe_seconds({"stage 1": 2.0, "stage 2": 1.0}, 0.5, 57)
     assert seconds == {"stage 1": 40000.0, "stage 2": 35000.0, "elections": 23 * 57 * 0.5,
                        "total": 40000 + 35000 + 655.5}
-    assert bench_train.recipe_val_cases() == 57  # datalist/BraTS18/BraTS18_val.csv
+    assert len(bench_train.datalist_entries(bench_train.RECIPE_VAL_LIST)) == 57  # BraTS18_val.csv
 
 
 def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):

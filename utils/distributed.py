@@ -35,10 +35,16 @@ class DeviceError(RuntimeError):
     """The --device asked for is not there (a user mistake, reported in one line)."""
 
 
+def device_kind(name):
+    """--device as a kind: 'auto' -> 'cuda' where a GPU is visible, else 'cpu'."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def resolve_device(name, local_rank=0):
     """'auto' -> this process's GPU if there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device_kind(name)
     if name == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError("--device cuda: CUDA is not available here (no GPU, no driver, or a "
