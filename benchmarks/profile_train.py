@@ -98,6 +98,8 @@ def parse_args(argv=None):
     args = bench_train.resolve_defaults(p.parse_args(argv), {"variant": ("bf16_cl_compile", "fp32")})
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
+    if args.trace and Path(args.trace).is_dir():  # found before the profile, not after it
+        p.error(f"--trace {args.trace} is a folder: give a file, e.g. {Path(args.trace) / 'trace.json.gz'}")
     args.num_workers, args.work_dir = 0, ""  # bench_train.train_flags: the batch is cut in-process
     bench_train.check_train_flags(p, args, [args.stage], [args.variant])
     return args

@@ -68,3 +68,10 @@ def test_a_tiny_cpu_profile(tmp_path, capsys):
     assert "aten::convolution_backward" in out  # the top table
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     assert any(e.get("name") == "aten::convolution_backward" for e in events)
+
+
+def test_a_folder_as_trace_is_refused_before_the_profile(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        profile_train.parse_args(["--device", "cpu", "--trace", str(tmp_path)])
+    assert stop.value.code == 2
+    assert f"--trace {tmp_path} is a folder: give a file, e.g. {tmp_path / 'trace.json.gz'}" in capsys.readouterr().err
