@@ -65,7 +65,7 @@ from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
 from utils.modalities import ALL_SUBSETS, parse_mode, subset_name
 from utils.segment import (
-    add_inference_args, add_model_args, load_model, positive_int, resolve_device, segment,
+    add_inference_args, add_model_args, load_model, positive_int, segment,
 )
 
 PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
@@ -216,7 +216,7 @@ def process_device(name, info, rank_device):
     """--device -> this process's device. A plain run takes it as given (cuda:N included); under
     torchrun each process has its own (rank_device: cuda:LOCAL_RANK, or the CPU), so naming one
     GPU is refused."""
-    device = resolve_device(name)
+    device = distributed.resolve_device(name)
     if not info.enabled:
         return device
     if device.index is not None:

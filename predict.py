@@ -28,7 +28,8 @@ from utils import figures
 from utils.cli import UsageError, run_cli
 from utils.export import save_labels
 from utils.modalities import MODALITIES, subset_name
-from utils.segment import add_inference_args, add_model_args, load_model, resolve_device, segment
+from utils.distributed import resolve_device
+from utils.segment import add_inference_args, add_model_args, load_model, segment
 
 T1CE = MODALITIES.index("t1ce")
 NETWORK_SLICE_AXIS = 0  # network order (D, H, W): D is the NIfTI z axis

@@ -79,3 +79,21 @@ def test_unavailable_cuda_is_a_one_line_user_error(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "error: --device cuda: CUDA is not available here (no GPU, no driver, or a CPU-only "
         "PyTorch); use --device cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("name, local_rank", [("auto", None), ("cpu", None), ("auto", 0), ("cpu", 3)])
+def test_devices_on_a_machine_without_cuda_resolve_to_the_cpu(name, local_rank):
+    assert distributed.resolve_device(name, local_rank) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"),
+    ("cuda:x", "--device 'cuda:x': expected auto, cpu, cuda or cuda:N"),
+    ("meta", "--device 'meta': expected auto, cpu, cuda or cuda:N"),
+    ("cuda:99", "--device cuda:99: "),  # no CUDA here, or not 100 GPUs
+])
+def test_devices_that_are_not_there_are_device_errors(name, expected):
+    with pytest.raises(distributed.DeviceError) as error:
+        distributed.resolve_device(name)
+    assert str(error.value).startswith(expected)

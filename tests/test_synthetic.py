@@ -110,7 +110,7 @@ def test_designed_contrasts(contrast_cases):
     saw_necrosis = False
     for arrays in contrast_cases:
         mean = _means(arrays)
-        t1ce, flair, t2, t1 = mean["t1ce"], mean["flair"], mean["t2"], mean["t1"]
+        t1ce, flair, t2 = mean["t1ce"], mean["flair"], mean["t2"]
         assert t1ce["ET"] > 1.2 * t1ce["ED"] and t1ce["ET"] > 1.2 * t1ce["normal"]
         assert flair["ED"] > 1.3 * flair["normal"]
         assert t2["ED"] > 1.3 * t2["normal"]

@@ -42,18 +42,26 @@ def device_kind(name):
     return name
 
 
-def resolve_device(name, local_rank=0):
-    """'auto' -> this process's GPU if there is one, else the CPU."""
-    name = device_kind(name)
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("--device cuda: CUDA is not available here (no GPU, no driver, or a "
-                              "CPU-only PyTorch); use --device cpu")
+def resolve_device(name, local_rank=None):
+    """--device -> torch.device: 'auto' (a GPU if there is one, else the CPU), 'cpu', 'cuda' or
+    'cuda:N'. Under torchrun (local_rank given) a GPU is the one of LOCAL_RANK, made current."""
+    try:
+        device = torch.device(device_kind(name))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: CUDA is not available here (no GPU, no driver, or a "
+                          "CPU-only PyTorch); use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if local_rank is not None:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise DeviceError(f"unknown --device {name!r}: use auto, cpu or cuda")
+    return device
 
 
 def launched_world_size():
@@ -65,7 +73,7 @@ def init(device_name="auto", timeout_min=30.0):
     """Join the torchrun process group if launched by torchrun. Returns (Dist, device)."""
     world_size = launched_world_size()
     if world_size == 1:
-        return Dist(), resolve_device(device_name)
+        return Dist(), resolve_device(device_name, local_rank=0)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_name, local_rank)
     timeout = datetime.timedelta(minutes=timeout_min)

@@ -8,8 +8,6 @@
 import argparse
 from fractions import Fraction
 
-import torch
-
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint
 from utils.cli import PUBLISHED_INPUT_SIZE, UsageError, str2bool, window_size
@@ -62,26 +60,7 @@ def add_inference_args(parser):
     return g
 
 
-# ------------------------------------------------------------------------------ device, model
-def resolve_device(name):
-    """'auto', 'cpu', 'cuda' or 'cuda:N' -> torch.device; UsageError when it is not there."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available here (no GPU, no driver, "
-                             "or a CPU-only PyTorch); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    return device
-
-
+# ------------------------------------------------------------------------------------- model
 def resolve_model_config(args, saved):
     """Checkpoint config + explicit flags -> (LCKDConfig, window (d, h, w))."""
     pick = lambda flag, key, default: flag if flag is not None else saved.get(key, default)
