@@ -281,6 +281,20 @@ def main(argv=None):
         distributed.cleanup(info)
 
 
+@contextlib.contextmanager
+def thread_pool(workers):
+    """A ThreadPoolExecutor that, when the block is stopped (Ctrl-C, SIGTERM) or fails, finishes
+    the jobs running (each file is written whole or not at all) and drops the queued ones
+    instead of running them all first, as the executor's own exit would."""
+    pool = ThreadPoolExecutor(workers)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
 def collect(scored, drawn):
     """Wait for one case's writers (raising their errors) -> its metric rows."""
     for future in drawn:
@@ -315,7 +329,7 @@ def run(args, mode, folders, model, window, device, progress=True):
     rows = []
     # Reading the next case, and writing / scoring / drawing the previous ones, overlap with
     # the network's work on the current case; at most two cases wait for the writers.
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(args.workers) as writers:
+    with ThreadPoolExecutor(1) as reader, thread_pool(args.workers) as writers:
         waiting = deque()
         next_case = reader.submit(read, folders[0]) if folders else None
         for i in tqdm(range(len(folders)), desc="cases", unit="case", disable=not progress):

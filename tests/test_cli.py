@@ -1,13 +1,15 @@
 """utils/cli.py: the published boolean flag values, as train.py and eval.py parse them, and
 one-line errors."""
 import argparse
+import os
+import signal
 
 import pytest
 import torch
 
 import eval as eval_script
 import train
-from utils.cli import UsageError, run_cli, str2bool
+from utils.cli import Terminated, UsageError, run_cli, str2bool
 from utils import distributed
 from utils.distributed import MainRankFailed
 
@@ -43,13 +45,33 @@ def _raises(error):
 
 @pytest.mark.parametrize("error, status", [(UsageError("--num_steps 0 leaves nothing"), 2),
                                            (FloatingPointError("non-finite loss"), 1),
-                                           (KeyboardInterrupt(), 130)])
+                                           (KeyboardInterrupt(), 130), (Terminated(), 143)])
 def test_user_errors_print_one_line(capsys, error, status):
     with pytest.raises(SystemExit) as exit_:
         run_cli(_raises(error), user_errors=(FloatingPointError,))
     assert exit_.value.code == status
-    expected = f"error: {error}" if status != 130 else "interrupted"
+    expected = {130: "interrupted", 143: "terminated"}.get(status, f"error: {error}")
     assert capsys.readouterr().err.splitlines() == [expected]
+
+
+def test_sigterm_unwinds_the_script_and_exits_143(capsys):
+    # Python's own SIGTERM ends the process on the spot; under run_cli the script's `finally`
+    # blocks run (temporary files removed, locks released), then one line and status 143.
+    previous = signal.getsignal(signal.SIGTERM)
+    unwound = []
+
+    def main(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()  # not reached: the handler raises as soon as the signal arrives
+        finally:
+            unwound.append(True)
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    assert exit_.value.code == 143 and unwound == [True]
+    assert capsys.readouterr().err.splitlines() == ["terminated"]
+    assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
 
 
 def test_bugs_keep_their_traceback():
@@ -58,7 +80,8 @@ def test_bugs_keep_their_traceback():
 
 
 @pytest.mark.parametrize("error_type, status", [(UsageError, 2), (FloatingPointError, 1),
-                                                (KeyError, 1), (KeyboardInterrupt, 130)])
+                                                (KeyError, 1), (KeyboardInterrupt, 130),
+                                                (Terminated, 143)])
 def test_ranks_stopped_by_rank_0_leave_quietly_with_its_status(capsys, error_type, status):
     # Under torchrun rank 0 prints its error; the ranks it stopped exit as it does, silently
     # (a bug on rank 0, KeyError here, keeps its traceback there; the others exit 1).

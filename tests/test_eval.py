@@ -7,7 +7,10 @@ import re
 import shutil
 import socket
 import subprocess
+import signal
 import sys
+import threading
+import time
 
 import nibabel as nib
 import numpy as np
@@ -162,6 +165,14 @@ def copy_cases(cases, folder, drop=()):
         shutil.copytree(case, folder / case.name)
         for modality in drop:
             (folder / case.name / f"{case.name}_{modality}.nii.gz").unlink()
+    return folder
+
+
+def renamed_copy(case, folder):
+    """A copy of `case` as folder/<its name>, its files renamed: another case of the same data."""
+    shutil.copytree(case, folder)
+    for path in folder.iterdir():
+        path.rename(folder / path.name.replace(case.name, folder.name))
     return folder
 
 
@@ -338,6 +349,61 @@ def test_the_output_folder_is_locked_while_a_run_uses_it(segmentation_setup, tmp
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
+def test_sigterm_stops_the_run_with_whole_files_and_the_folder_free(segmentation_setup, tmp_path):
+    # What a scheduler's time limit does: SIGTERM in the middle of a long run.
+    root, cases = segmentation_setup
+    data = copy_cases(cases, tmp_path / "data")
+    copies = [renamed_copy(cases[i % 2], data / f"Copy_{i:04d}") for i in range(14)]
+    (tmp_path / "many.csv").write_text("".join(f"{c.name}\n" for c in [*cases, *copies]))
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "eval.py"),
+               *argv(root, out, "--mode", "all", data_list=tmp_path / "many.csv", data_root=data)]
+    run = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/*.nii.gz")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        stderr = run.communicate(timeout=60)[1]
+    finally:
+        run.kill()
+    assert run.returncode == 143, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "terminated"
+    written = sorted(out.glob("*/*.nii.gz"))
+    assert 0 < len(written) < 16 * 15 and not (out / "metrics.csv").exists()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no half-written file
+    shape = nib.load(next(cases[0].glob("*_seg.nii.gz"))).shape
+    for path in written:
+        assert np.asanyarray(nib.load(path).dataobj).shape == shape
+    with exclusive_lock(out, "output folder"):  # released: the next run may take the folder
+        pass
+
+
+def test_a_stopped_run_drops_the_writes_still_queued():
+    # Ctrl-C or SIGTERM during a run: the write in progress is finished, the queued ones are
+    # not run first (the executor's own exit would run them all).
+    started, release, ran = threading.Event(), threading.Event(), []
+
+    def write(i):
+        started.set()
+        release.wait(5)
+        ran.append(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        with evaluate.thread_pool(1) as pool:
+            futures = [pool.submit(write, i) for i in range(4)]
+            assert started.wait(5)  # the one thread is in write 0; 1 to 3 are queued
+            threading.Timer(0.2, release.set).start()  # write 0 ends after the queue is dropped
+            raise KeyboardInterrupt
+    assert ran == [0] and [f.cancelled() for f in futures] == [False, True, True, True]
+
+    with evaluate.thread_pool(2) as pool:  # a run that ends normally waits for every write
+        for i in range(4):
+            pool.submit(write, i)
+    assert sorted(ran) == [0, 0, 1, 2, 3]
+
+
 # ----------------------------------------------------------------------------------- figures
 def test_figures_show_each_subset_over_each_modality(segmentation_setup, tmp_path):
     root, cases = segmentation_setup
@@ -408,10 +474,7 @@ def test_torchrun_splits_the_cases_and_writes_what_one_process_writes(segmentati
     # A third case (a renamed copy), so that rank 0 takes cases 1 and 3 of the list and rank 1
     # case 2: the gathered metrics must be put back in list order.
     data = copy_cases(cases, tmp_path / "data")
-    third = data / "Copy_0000"
-    shutil.copytree(cases[0], third)
-    for path in third.iterdir():
-        path.rename(third / path.name.replace(cases[0].name, third.name))
+    third = renamed_copy(cases[0], data / "Copy_0000")
     (tmp_path / "three.csv").write_text(f"{cases[0].name}\n{cases[1].name}\n{third.name}\n")
     lists = dict(data_list=tmp_path / "three.csv", data_root=data)
 

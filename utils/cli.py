@@ -1,6 +1,8 @@
 """Command-line helpers shared by train.py and eval.py: value types and error reporting."""
 import argparse
+import signal
 import sys
+import threading
 
 from datasets.brats import DataError
 from utils.distributed import DeviceError, MainRankFailed
@@ -48,14 +50,26 @@ class UsageError(ValueError):
     argparse's own errors)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, torchrun stopping its processes), raised in the main
+    thread like Ctrl-C's KeyboardInterrupt so that the run unwinds the same way: temporary files
+    removed, locks released, exit 143 with one line."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 # Mistakes in the data or outside conditions every script reports in one line.
 USER_ERRORS = (DataError, LockError, DiskFullError, DeviceError)
+STOPPED = {143: "terminated", 130: "interrupted"}  # what run_cli prints for a stop signal
 
 
 def exit_status(error_type, user_errors=USER_ERRORS):
-    """The status run_cli exits with for an error of this class: 130 Ctrl-C, 2 a usage error,
-    1 one of `user_errors`; None for a bug."""
-    for types, status in ((KeyboardInterrupt, 130), (UsageError, 2), (user_errors, 1)):
+    """The status run_cli exits with for an error of this class: 143 SIGTERM, 130 Ctrl-C,
+    2 a usage error, 1 one of `user_errors`; None for a bug."""
+    for types, status in ((Terminated, 143), (KeyboardInterrupt, 130), (UsageError, 2),
+                          (user_errors, 1)):
         if issubclass(error_type, types):
             return status
     return None
@@ -64,14 +78,21 @@ def exit_status(error_type, user_errors=USER_ERRORS):
 def run_cli(main, user_errors=USER_ERRORS, argv=None):
     """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
-    exits 130; anything else is a bug and keeps its traceback. Under torchrun, the ranks that
-    rank 0's failure stopped (MainRankFailed) exit with its status without a word: rank 0
-    reports it."""
+    exits 130 and SIGTERM 143; anything else is a bug and keeps its traceback. Under torchrun,
+    the ranks that rank 0's failure stopped (MainRankFailed) exit with its status without a
+    word: rank 0 reports it."""
+    # Python's default for SIGTERM is to die on the spot, skipping every `finally`; a handler
+    # can only be set from the main thread (a test may call this from another).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return main(argv)
     except MainRankFailed as stopped:
         sys.exit(exit_status(stopped.error_type, user_errors) or 1)
     except (KeyboardInterrupt, UsageError, *user_errors) as error:
         status = exit_status(type(error), user_errors)
-        print("interrupted" if status == 130 else f"error: {error}", file=sys.stderr)
+        print(STOPPED.get(status, f"error: {error}"), file=sys.stderr)
         sys.exit(status)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
