@@ -1,4 +1,4 @@
-"""Command-line helpers shared by train.py and eval.py: value types and error reporting."""
+"""Command-line helpers shared by the scripts: value types, error reporting and stop signals."""
 import argparse
 import signal
 import sys
@@ -81,10 +81,11 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     exits 130 and SIGTERM 143; anything else is a bug and keeps its traceback. Under torchrun,
     the ranks that rank 0's failure stopped (MainRankFailed) exit with its status without a
     word: rank 0 reports it."""
-    # Python's default for SIGTERM is to die on the spot, skipping every `finally`; a handler
-    # can only be set from the main thread (a test may call this from another).
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    # Without a handler SIGTERM ends the process on the spot, skipping every `finally`. A
+    # handler can only be set from the main thread (a test may call this from another).
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main(argv)
     except MainRankFailed as stopped:
@@ -94,5 +95,5 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
         print(STOPPED.get(status, f"error: {error}"), file=sys.stderr)
         sys.exit(status)
     finally:
-        if in_main_thread:
+        if previous is not None:  # None: not set here, or set outside Python
             signal.signal(signal.SIGTERM, previous)
