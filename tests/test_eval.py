@@ -5,9 +5,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
-import signal
 import sys
 import threading
 import time
