@@ -47,6 +47,8 @@ if [ -n "$INPUT" ]; then cases=(--input="$INPUT"); else cases=(--data_list="$DAT
 # weight_std True); extra flags such as --input_size 80,160,160 override them.
 # --overwrite: this script is the re-export command, so it replaces the previous evaluation in
 # $OUT (eval.py's files only; eval.py alone refuses an output folder holding one).
+# tee ignores SIGINT/SIGTERM, as in run.sh, so that eval.py's last line after Ctrl-C or a
+# scheduler's SIGTERM (`interrupted`, `terminated`) still reaches the log.
 $LAUNCH eval.py \
     --num_classes=3 \
     --data_dir=datalist/ \
@@ -57,4 +59,4 @@ $LAUNCH eval.py \
     --output_dir="$OUT" \
     --overwrite \
     --device="$DEVICE" \
-    "$@" 2>&1 | tee "$LOG"
+    "$@" 2>&1 | (trap '' INT TERM; exec tee "$LOG")

@@ -349,25 +349,38 @@ def test_the_output_folder_is_locked_while_a_run_uses_it(segmentation_setup, tmp
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
-def test_sigterm_stops_the_run_with_whole_files_and_the_folder_free(segmentation_setup, tmp_path):
-    # What a scheduler's time limit does: SIGTERM in the middle of a long run.
-    root, cases = segmentation_setup
-    data = copy_cases(cases, tmp_path / "data")
-    copies = [renamed_copy(cases[i % 2], data / f"Copy_{i:04d}") for i in range(14)]
-    (tmp_path / "many.csv").write_text("".join(f"{c.name}\n" for c in [*cases, *copies]))
-    out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "eval.py"),
-               *argv(root, out, "--mode", "all", data_list=tmp_path / "many.csv", data_root=data)]
-    run = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def sixteen_cases(cases, folder):
+    """The two cases and 14 renamed copies in `folder`: a run that takes a while."""
+    data = copy_cases(cases, folder)
+    for i in range(14):
+        renamed_copy(cases[i % 2], data / f"Copy_{i:04d}")
+    return data
+
+
+def stopped_once_writing(command, out, stop, **popen):
+    """Run `command` until its first mask is in `out`, then stop(process) -> (process, output)."""
+    run = subprocess.Popen(command, text=True, **popen)
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("*/*.nii.gz")) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        run.send_signal(signal.SIGTERM)
-        stderr = run.communicate(timeout=60)[1]
+        stop(run)
+        return run, run.communicate(timeout=60)
     finally:
         run.kill()
+
+
+def test_sigterm_stops_the_run_with_whole_files_and_the_folder_free(segmentation_setup, tmp_path):
+    # What a scheduler's time limit does: SIGTERM in the middle of a long run.
+    root, cases = segmentation_setup
+    data = sixteen_cases(cases, tmp_path / "data")
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "eval.py"), "--input", str(data), "--restore_from",
+               str(root / "final.pth"), "--output_dir", str(out), "--device", "cpu", "--mode", "all"]
+    run, (_, stderr) = stopped_once_writing(
+        command, out, lambda run: run.send_signal(signal.SIGTERM),
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
     assert run.returncode == 143, stderr[-3000:]
     assert stderr.splitlines()[-1] == "terminated"
     written = sorted(out.glob("*/*.nii.gz"))
@@ -442,6 +455,24 @@ def test_eval_sh_re_exports_into_its_folder(segmentation_setup, tmp_path):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert sorted(masks(tmp_path / "out" / "available")) == [f"{c.name}.nii.gz" for c in cases]
     assert "flair+t1+t1ce" in done.stdout
+
+
+def test_eval_sh_keeps_eval_pys_last_line_in_its_log(segmentation_setup, tmp_path):
+    # A scheduler signals the whole job: bash, eval.py and the tee writing the log. The log must
+    # still get eval.py's last line.
+    root, cases = segmentation_setup
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*LOCAL))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, CKPT=str(root / "final.pth"), MODE="all",
+               INPUT=str(sixteen_cases(cases, tmp_path / "cases")), OUT=str(out))
+    _, (stdout, _) = stopped_once_writing(
+        ["bash", "eval.sh", "cpu"], out, lambda run: os.killpg(run.pid, signal.SIGTERM),
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    (log,) = (repo / "logs").glob("*_eval_*.log")
+    assert log.read_text().splitlines()[-1] == "terminated", stdout[-2000:]
+    assert stdout.splitlines()[-1] == "terminated"
 
 
 def test_eval_sh_launches_with_launch_on_the_gpus_listed(tmp_path):
