@@ -55,7 +55,7 @@ def test_user_errors_print_one_line(capsys, error, status):
 
 
 def test_sigterm_unwinds_the_script_and_exits_143(capsys):
-    # Python's own SIGTERM ends the process on the spot; under run_cli the script's `finally`
+    # Without a handler SIGTERM ends the process on the spot; under run_cli the script's `finally`
     # blocks run (temporary files removed, locks released), then one line and status 143.
     previous = signal.getsignal(signal.SIGTERM)
     unwound = []

@@ -62,14 +62,16 @@ def _raise_terminated(signum, frame):
 
 # Mistakes in the data or outside conditions every script reports in one line.
 USER_ERRORS = (DataError, LockError, DiskFullError, DeviceError)
-STOPPED = {143: "terminated", 130: "interrupted"}  # what run_cli prints for a stop signal
+# A stop signal's exit status is 128 + the signal, the shell's convention (train.py's loop too).
+TERMINATED, INTERRUPTED = 128 + signal.SIGTERM, 128 + signal.SIGINT
+STOPPED = {TERMINATED: "terminated", INTERRUPTED: "interrupted"}  # what run_cli prints for them
 
 
 def exit_status(error_type, user_errors=USER_ERRORS):
     """The status run_cli exits with for an error of this class: 143 SIGTERM, 130 Ctrl-C,
     2 a usage error, 1 one of `user_errors`; None for a bug."""
-    for types, status in ((Terminated, 143), (KeyboardInterrupt, 130), (UsageError, 2),
-                          (user_errors, 1)):
+    for types, status in ((Terminated, TERMINATED), (KeyboardInterrupt, INTERRUPTED),
+                          (UsageError, 2), (user_errors, 1)):
         if issubclass(error_type, types):
             return status
     return None
