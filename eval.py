@@ -28,7 +28,13 @@ predicts every world-size-th case of the list, writing its masks and figures; th
 once, on rank 0, which also writes the run's files below from the metrics of every rank,
 exactly as one process would.
 
-Writes, under --output_dir (refused if it holds a previous evaluation, unless --overwrite):
+A stopped run (Ctrl-C, a scheduler's time limit, a crash) is continued by the same command with
+--resume: the cases whose masks are all in --output_dir are scored from those files, the others
+predicted. It is refused when the first run's checkpoint (its SHA-256), model, window, subsets,
+inference flags or list of cases differ, so that one folder never mixes two models' masks.
+
+Writes, under --output_dir (refused if it holds a previous evaluation, unless --overwrite or
+--resume):
     <subset>/<case>.nii.gz   one uint8 mask per case and subset (e.g. flair+t1ce/Brats18_X.nii.gz),
                              on the input images' grid, labels 0/1/2/4; with --mode available
                              available/<case>.nii.gz, each case with the modalities it has
@@ -45,6 +51,7 @@ and with --figures:
 import argparse
 import contextlib
 import json
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,17 +60,20 @@ import pandas as pd
 from tqdm import tqdm
 
 from datasets.brats import (
-    available_subset, case_files, find_cases, load_case, open_files, read_datalist,
-    refuse_duplicates, require_modalities, resolve_list,
+    CaseError, available_subset, case_files, find_cases, load_case, open_files,
+    read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
+    to_network_order,
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
 from utils.cli import UsageError, run_cli
-from utils.export import save_labels
-from utils.io import atomic_path, remove_stale_temps, write_text
+from utils.export import read_mask, save_labels
+from utils.io import (
+    atomic_path, file_sha256, remove_stale_temps, remove_stale_temps_in, write_text,
+)
 from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
-from utils.modalities import ALL_SUBSETS, parse_mode, subset_name
+from utils.modalities import ALL_SUBSETS, MODALITIES, parse_mode, subset_name
 from utils.segment import (
     add_inference_args, add_model_args, load_model, positive_int, segment,
 )
@@ -74,9 +84,16 @@ TABLE_REGIONS = ("ET", "TC", "WT")  # the paper's column order
 TABLE_MODALITIES = ("FLAIR", "T1", "T1ce", "T2")  # MODALITIES as the paper writes them
 PRESENT, ABSENT = "●", "○"
 # Everything eval.py writes into --output_dir: what --overwrite removes, and nothing else.
-RUN_FILES = ("eval_config.json", "cases.csv", "metrics.csv", "summary.csv", "summary.md", "dice.png")
+RECORD_FILES = ("eval_config.json", "cases.csv")  # written before any mask
+REPORT_FILES = ("metrics.csv", "summary.csv", "summary.md", "dice.png")  # written after the last
+RUN_FILES = RECORD_FILES + REPORT_FILES
 MASK_FOLDERS = tuple(subset_name(s) for s in ALL_SUBSETS) + (AVAILABLE,)
 FIGURE_FOLDER = "figures"
+# The settings of eval_config.json that shape the masks: --resume requires the first run's.
+# (--device, --batch_size, --workers, --hd95, --figures and where the cases are read from may
+# change: the masks are the same, up to float rounding across devices.)
+MASK_SETTINGS = ("checkpoint_sha256", "model", "window", "subsets", "overlap", "gaussian",
+                 "mirror", "amp")
 
 
 def parse_args(argv=None):
@@ -92,6 +109,9 @@ def parse_args(argv=None):
     g.add_argument("--output_dir", type=Path, default=Path("outputs"))
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous evaluation in --output_dir (only eval.py's files)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue a stopped evaluation in --output_dir: keep its masks (scored from "
+                        "the files), predict the rest; the run's settings must be the first's")
     g.add_argument("--restore_from", required=True, help="checkpoint (.pth) written by train.py")
     add_model_args(p)
     g = add_inference_args(p)
@@ -171,15 +191,90 @@ def clear_previous_run(output_dir, found):
             path.rmdir()
 
 
-def export_and_score(case, folder, subset, label, output_dir, hd95_method):
-    """Write one mask (D, H, W) of one case, predicted from `subset`, into `folder`; return
-    its metric rows ([] without a label)."""
-    save_labels(label, case.affine, case.header, output_dir / folder / f"{case.name}.nii.gz")
+def resumed_cases(output_dir, found, record, cases, mode, figures):
+    """--resume: check that the evaluation in output_dir (found: previous_run) is this run's,
+    remove what it left half-done -> the names of the cases whose files are all there."""
+    if not found:
+        return set()  # nothing to continue: a fresh run
+    try:
+        previous = json.loads((output_dir / "eval_config.json").read_text())
+        listed = pd.read_csv(output_dir / "cases.csv", dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--resume: {output_dir} holds files of an evaluation (e.g. "
+                         f"{found[0].name}) but not its record ({error}); pass --overwrite to "
+                         "replace them") from None
+    for key in MASK_SETTINGS:
+        if previous.get(key) != record[key]:
+            raise UsageError(f"--resume: the evaluation in {output_dir} was made with {key} "
+                             f"{previous.get(key)}, this run's is {record[key]}; resume it with "
+                             "its own settings, or pass --overwrite to replace it")
+    # In --mode available, a case that gained or lost a modality file has another subset.
+    columns = ["case", "available"] if mode == AVAILABLE else ["case"]
+    before, now = ([" ".join(row) for row in table[columns].itertuples(index=False)]
+                   for table in (listed, cases))
+    if before != now:
+        i = next(i for i in range(max(len(before), len(now))) if before[i:i + 1] != now[i:i + 1])
+        entry = lambda rows: rows[i] if i < len(rows) else "none"
+        raise UsageError(f"--resume: {output_dir / 'cases.csv'} lists {len(before)} cases, this "
+                         f"run {len(now)}; entry {i + 1} differs ({entry(before)} vs "
+                         f"{entry(now)}); resume with the first run's cases, or pass --overwrite")
+    for name in REPORT_FILES:  # rewritten from every case's metrics at the end
+        (output_dir / name).unlink(missing_ok=True)
+    for name in RUN_FILES:
+        remove_stale_temps(output_dir / name)
+    for folder, suffix in [(m, ".nii.gz") for m in MASK_FOLDERS] + [(FIGURE_FOLDER, ".png")]:
+        remove_stale_temps_in(output_dir / folder, suffix)
+    needed = [(f, ".nii.gz") for f in mask_folders(mode)]
+    needed += [(FIGURE_FOLDER, ".png")] if figures else []
+    listing = {folder: set(os.listdir(output_dir / folder)) if (output_dir / folder).is_dir()
+               else set() for folder, _ in needed}
+    return {name for name in cases["case"]
+            if all(f"{name}{suffix}" in listing[folder] for folder, suffix in needed)}
+
+
+def mask_folders(mode):
+    """The folders a run of `mode` writes each case's masks into."""
+    return [AVAILABLE] if mode == AVAILABLE else [subset_name(s) for s in mode]
+
+
+def metric_rows(case, subset, label, hd95_method):
+    """One mask (D, H, W) of `case`, predicted from `subset` -> its rows of metrics.csv ([]
+    without a label)."""
     if case.label is None:
         return []
     scores = region_metrics(label, case.label, case.spacing, hd95_method=hd95_method)
     return [{"case": case.name, "subset": subset_name(subset), "region": region, **values}
             for region, values in scores.items()]
+
+
+def export_and_score(case, folder, subset, label, output_dir, hd95_method):
+    """Write one mask (D, H, W) of one case into `folder`; return its metric rows."""
+    save_labels(label, case.affine, case.header, output_dir / folder / f"{case.name}.nii.gz")
+    return metric_rows(case, subset, label, hd95_method)
+
+
+def saved_case(case_dir):
+    """A case whose masks an earlier run wrote (--resume): its grid and label, no image (one
+    modality is read, for the grid)."""
+    files = case_files(case_dir, allow_missing=True)
+    available = available_subset(files)
+    first = MODALITIES[available[0]]
+    case = read_files(Path(case_dir).name,
+                      {part: files[part] for part in (first, "seg") if part in files})
+    case.image, case.available = None, available
+    return case
+
+
+def score_saved(case, folder, subset, output_dir, hd95_method):
+    """The metric rows of the mask an earlier run wrote into `folder` (--resume)."""
+    if case.label is None:
+        return []
+    path = output_dir / folder / f"{case.name}.nii.gz"
+    label, _ = read_mask(path)
+    if label.shape != case.shape_xyz:
+        raise CaseError(case.name, path, f"a mask of shape {label.shape} for a case of shape "
+                                         f"{case.shape_xyz}; remove it, or run with --overwrite")
+    return metric_rows(case, subset, to_network_order(label), hd95_method)
 
 
 def summary_table(metrics, subsets):
@@ -229,21 +324,34 @@ def process_device(name, info, rank_device):
 def check(args, info, rank_device, held):
     """Every check before any work, in this order: the flags, the cases' files, the checkpoint,
     then the output folder, locked (in the ExitStack `held`, for the whole run) and cleared of a
-    previous evaluation with --overwrite. -> mode, folders, available, device, loaded model."""
+    previous evaluation with --overwrite, or checked to be this run's with --resume.
+    -> mode, folders, device, loaded model, the run's record (run_record), cases.csv's table,
+    the names of the cases --resume found done."""
     mode = parse_eval_mode(args.mode)
+    if args.resume and args.overwrite:
+        raise UsageError("give --resume (continue the evaluation in --output_dir) or --overwrite "
+                         "(replace it), not both")
     device = process_device(args.device, info, rank_device)
     folders = case_folders(args)
     available = check_cases(folders, mode)
     loaded = load_model(args.restore_from, args, device)
+    record = run_record(args, info, mode, folders, *loaded[1:], device)
+    cases = pd.DataFrame({"case": [f.name for f in folders],
+                          "folder": [str(f.resolve()) for f in folders],
+                          "available": [subset_name(available[f]) for f in folders]})
     output_dir = args.output_dir
     held.enter_context(exclusive_lock(output_dir, "output folder"))
     found = previous_run(output_dir)
+    if args.resume:
+        done = resumed_cases(output_dir, found, record, cases, mode, args.figures)
+        return mode, folders, device, loaded, record, cases, done
     if found and not args.overwrite:
         raise UsageError(f"--output_dir {output_dir} holds a previous evaluation ({len(found)} "
-                         f"files, e.g. {found[0].name}); pass --overwrite to replace it (only "
-                         "eval.py's files are removed) or choose another folder")
+                         f"files, e.g. {found[0].name}); pass --resume to continue it, "
+                         "--overwrite to replace it (only eval.py's files are removed) or choose "
+                         "another folder")
     clear_previous_run(output_dir, found)
-    return mode, folders, available, device, loaded
+    return mode, folders, device, loaded, record, cases, set()
 
 
 def main(argv=None):
@@ -259,24 +367,30 @@ def main(argv=None):
             # evaluation before any rank writes; the others load the checkpoint it found sound.
             checked = distributed.on_main_rank(lambda: check(args, info, device, held), info)
             if info.is_main:
-                mode, folders, available, device, (model, config, window) = checked
-                write_run_record(args, info, mode, folders, available, config, window, device)
+                mode, folders, device, (model, _, window), record, cases, done = checked
+                write_text(args.output_dir / "eval_config.json", json.dumps(record, indent=2))
+                with atomic_path(args.output_dir / "cases.csv") as tmp:
+                    cases.to_csv(tmp, index=False)
+                if args.resume:
+                    print(f"--resume: {len(done)} of {len(folders)} cases already exported in "
+                          f"{args.output_dir} (scored from their masks), {len(folders) - len(done)} "
+                          "to predict")
             else:
-                model, config, window = load_model(args.restore_from, args, device)
-            mode, folders = distributed.broadcast_object((mode, folders) if info.is_main else None,
-                                                         info)
+                model, _, window = load_model(args.restore_from, args, device)
+            mode, folders, done = distributed.broadcast_object(
+                (mode, folders, done) if info.is_main else None, info)
             # Case i goes to rank i % world size: every rank writes its own cases' files.
             share = folders[info.rank::info.world_size]
             if info.is_main and info.enabled:
                 print(f"{len(folders)} cases over {info.world_size} processes (the progress bar "
                       f"counts rank 0's {len(share)})")
-            rows = run(args, mode, share, model, window, device, progress=info.is_main)
+            rows = run(args, mode, share, model, window, device, done, progress=info.is_main)
             parts = distributed.gather_object(rows, info)
             if not info.is_main:
                 return None
             order = {folder.name: i for i, folder in enumerate(folders)}
             rows = sorted((row for part in parts for row in part), key=lambda r: order[r["case"]])
-            return report(args, mode, available, rows)
+            return report(args, mode, cases, rows)
     finally:
         distributed.cleanup(info)
 
@@ -302,26 +416,24 @@ def collect(scored, drawn):
     return [row for future in scored for row in future.result()]
 
 
-def write_run_record(args, info, mode, folders, available, config, window, device):
-    """eval_config.json (the resolved settings) and cases.csv (each case's folder and subset)."""
-    output_dir = args.output_dir
-    write_text(output_dir / "eval_config.json", json.dumps(
+def run_record(args, info, mode, folders, config, window, device):
+    """The resolved settings, as eval_config.json holds them (JSON types)."""
+    return json.loads(json.dumps(
         vars(args) | {"subsets": mode if mode == AVAILABLE else [subset_name(s) for s in mode],
                       "cases": len(folders), "window": window, "device": str(device),
-                      "world_size": info.world_size, "model": config.to_dict()},
-        indent=2, default=str))
-    cases = pd.DataFrame({"case": [f.name for f in folders],
-                          "folder": [str(f.resolve()) for f in folders],
-                          "available": [subset_name(available[f]) for f in folders]})
-    with atomic_path(output_dir / "cases.csv") as tmp:
-        cases.to_csv(tmp, index=False)
+                      "world_size": info.world_size, "model": config.to_dict(),
+                      "checkpoint_sha256": file_sha256(args.restore_from)},
+        default=str))
 
 
-def run(args, mode, folders, model, window, device, progress=True):
-    """Predict, write and score every case of `folders` -> metric rows."""
+def run(args, mode, folders, model, window, device, done=frozenset(), progress=True):
+    """Predict, write and score every case of `folders` -> metric rows. The cases named in
+    `done` (--resume) are scored from the masks an earlier run wrote instead."""
     output_dir = args.output_dir
 
     def read(case_dir):
+        if case_dir.name in done:
+            return saved_case(case_dir)
         case = load_case(case_dir, allow_missing=True)
         case.image = normalize_case(case)
         return case
@@ -339,15 +451,21 @@ def run(args, mode, folders, model, window, device, progress=True):
             subsets = [case.available] if mode == AVAILABLE else mode
             if mode == AVAILABLE:
                 tqdm.write(f"{case.name}: {subset_name(case.available)}")
-            labels = segment(model, case.image, subsets, window, args, device)
-            drawn = ([writers.submit(figures.case_figure, output_dir / FIGURE_FOLDER /
-                                     f"{case.name}.png", *figures.case_slices(case, subsets, labels))]
-                     if args.figures else [])
-            case.image = None  # the writers need the label and the grid, not the image
-            folders_out = [AVAILABLE] if mode == AVAILABLE else [subset_name(s) for s in subsets]
-            scored = [writers.submit(export_and_score, case, folder, subset, label, output_dir,
-                                     args.hd95)
-                      for folder, subset, label in zip(folders_out, subsets, labels)]
+            folders_out = mask_folders(mode)
+            if case.name in done:
+                drawn = []
+                scored = [writers.submit(score_saved, case, folder, subset, output_dir, args.hd95)
+                          for folder, subset in zip(folders_out, subsets)]
+            else:
+                labels = segment(model, case.image, subsets, window, args, device)
+                drawn = ([writers.submit(figures.case_figure, output_dir / FIGURE_FOLDER /
+                                         f"{case.name}.png",
+                                         *figures.case_slices(case, subsets, labels))]
+                         if args.figures else [])
+                case.image = None  # the writers need the label and the grid, not the image
+                scored = [writers.submit(export_and_score, case, folder, subset, label,
+                                         output_dir, args.hd95)
+                          for folder, subset, label in zip(folders_out, subsets, labels)]
             waiting.append((scored, drawn))
             if len(waiting) > 2:
                 rows += collect(*waiting.popleft())
@@ -356,16 +474,18 @@ def run(args, mode, folders, model, window, device, progress=True):
     return rows
 
 
-def report(args, mode, available, rows):
-    """Write and print the table (labelled cases) and the Dice chart; return the table."""
+def report(args, mode, cases, rows):
+    """Write and print the table (labelled cases) and the Dice chart; return the table.
+    cases: cases.csv's table."""
     output_dir = args.output_dir
-    subsets = (sorted(set(available.values()), key=ALL_SUBSETS.index) if mode == AVAILABLE
-               else mode)
     if mode == AVAILABLE:
-        print(f"masks of {len(available)} cases, each with the modalities it has, written to "
+        names = set(cases["available"])
+        subsets = [s for s in ALL_SUBSETS if subset_name(s) in names]
+        print(f"masks of {len(cases)} cases, each with the modalities it has, written to "
               f"{output_dir / AVAILABLE}")
     else:
-        print(f"masks of {len(available)} cases x {len(subsets)} subset(s) written to {output_dir}")
+        subsets = mode
+        print(f"masks of {len(cases)} cases x {len(subsets)} subset(s) written to {output_dir}")
     if args.figures:
         print(f"figures: {output_dir / FIGURE_FOLDER}/<case>.png")
     if not rows:

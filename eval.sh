@@ -11,6 +11,7 @@
 #   DATA_LIST=BraTS18/BraTS18_val.csv MODE=all OUT=outputs/val bash eval.sh 0   # scored table
 #   INPUT=/data/new_cases MODE=available bash eval.sh 0 --figures   # incomplete cases, pictures
 #   LAUNCH="torchrun --nproc_per_node 4" bash eval.sh 0,1,2,3        # the cases split over 4 GPUs
+#   MODE=all bash eval.sh 0 --resume                # continue a stopped run (same settings)
 #
 # Variables (override from the environment):
 NAME=${NAME:-LCKD}                                  # as in run.sh: snapshots/${NAME}_stage2/
@@ -46,7 +47,12 @@ if [ -n "$INPUT" ]; then cases=(--input="$INPUT"); else cases=(--data_list="$DAT
 # The patch size and model flags come from the checkpoint's config (published: 80,160,160,
 # weight_std True); extra flags such as --input_size 80,160,160 override them.
 # --overwrite: this script is the re-export command, so it replaces the previous evaluation in
-# $OUT (eval.py's files only; eval.py alone refuses an output folder holding one).
+# $OUT (eval.py's files only; eval.py alone refuses an output folder holding one), unless
+# --resume is among the extra flags: then it continues that evaluation.
+replace=(--overwrite)
+for flag in "$@"; do
+    if [ "$flag" = "--resume" ]; then replace=(); fi
+done
 # tee ignores SIGINT/SIGTERM, as in run.sh, so that eval.py's last line after Ctrl-C or a
 # scheduler's SIGTERM (`interrupted`, `terminated`) still reaches the log.
 $LAUNCH eval.py \
@@ -57,6 +63,6 @@ $LAUNCH eval.py \
     --restore_from="$CKPT" \
     --mode="$MODE" \
     --output_dir="$OUT" \
-    --overwrite \
+    "${replace[@]}" \
     --device="$DEVICE" \
     "$@" 2>&1 | (trap '' INT TERM; exec tee "$LOG")

@@ -44,13 +44,11 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets.brats import (
-    READ_ERRORS, CaseError, DataError, case_files, read_files, require_modalities, to_nifti_order,
-)
+from datasets.brats import CaseError, case_files, read_files, require_modalities, to_nifti_order
 from utils.cli import UsageError, run_cli
+from utils.export import read_mask
 from utils.io import atomic_path
 from utils.modalities import MODALITIES, parse_subset
-from utils.regions import LABELS
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
@@ -245,23 +243,6 @@ def postprocess_label(label, rules=Rules(), slice_axis=2, t1ce=None, name="mask"
                         f"{rules.bottom_slices} slices)")
     return cleaned, {"components_removed": removed, "necrosis_relabelled": necrosis,
                      "et_relabelled": et_relabelled, "warnings": warnings}
-
-
-def read_mask(path):
-    """Read a label mask -> (uint8 array in NIfTI order, nibabel image). Errors name the file."""
-    try:
-        image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
-    except READ_ERRORS as error:
-        raise DataError(f"{path}: cannot read the mask: {error}") from error
-    if data.ndim != 3:
-        raise DataError(f"{path}: expected a 3-D label mask, got shape {data.shape}")
-    values = np.unique(data)
-    if not np.isin(values, LABELS).all():
-        raise DataError(
-            f"{path}: labels {sorted(set(values.tolist()) - set(LABELS))} outside {{0, 1, 2, 4}}"
-        )
-    return data.astype(np.uint8), image
 
 
 def write_mask(label, image, path):

@@ -34,7 +34,6 @@ import argparse
 import base64
 import contextlib
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -51,7 +50,7 @@ from tqdm import tqdm
 from datasets import normalize as norm
 from datasets.brats import CaseError, find_case_files, load_case, read_datalist, refuse_duplicates
 from datasets.sampling import foreground_locations
-from utils.io import atomic_path, remove_stale_temps, write_text
+from utils.io import atomic_path, file_sha256, remove_stale_temps, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
 from utils.regions import LABELS, REGIONS
@@ -162,11 +161,6 @@ def _stat(path):
             "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
 
 
-def _sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def fingerprint(files):
     """{part: Path} -> {part: {path, size, mtime_ns, ctime_ns, sha256}}.
 
@@ -176,7 +170,7 @@ def fingerprint(files):
     out = {}
     for part, path in files.items():
         out[part] = _stat(path)
-        out[part]["sha256"] = _sha256(path)
+        out[part]["sha256"] = file_sha256(path)
     return out
 
 
@@ -193,7 +187,7 @@ def _unchanged_sources(name, recorded, files):
         if all(old.get(k) == v for k, v in stat.items()):
             current[part] = old
             continue
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if stat["size"] != old.get("size") or digest != old.get("sha256"):
             raise CacheInvalid(name, path, "changed since it was cached (content differs)")
         current[part] = {**stat, "sha256": digest}

@@ -25,7 +25,7 @@ from utils import figures
 from utils.inference import predict_subsets
 from utils.lock import exclusive_lock
 from utils.modalities import ALL_SUBSETS, subset_name
-from utils.segment import load_model
+from utils.segment import load_model, segment as real_segment
 from utils.cli import UsageError, run_cli
 
 
@@ -292,6 +292,8 @@ def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
     (["--mode", "random"], "training mode"),
     (["--mode", "flair,dwi"], "--mode: unknown modality 'dwi'"),
     (["--input", "x", "--data_list", "y.csv"], "--input or --data_list, not both"),
+    (["--resume", "--overwrite"], "give --resume (continue the evaluation in --output_dir) or "
+                                  "--overwrite (replace it), not both"),
 ])
 def test_bad_flag_combinations_are_refused_before_any_work(flags, expected, tmp_path):
     if "cuda" in flags and torch.cuda.is_available():
@@ -349,20 +351,119 @@ def test_the_output_folder_is_locked_while_a_run_uses_it(segmentation_setup, tmp
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
-def sixteen_cases(cases, folder):
-    """The two cases and 14 renamed copies in `folder`: a run that takes a while."""
+def stat_ns(paths):
+    """{path: (inode, mtime)}: a file rewritten (atomically: a new inode) shows up here."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def test_resume_scores_the_masks_left_and_predicts_only_the_cases_missing_one(
+        segmentation_setup, tmp_path, monkeypatch):
+    root, cases = segmentation_setup
+    out = tmp_path / "out"
+    first = run(root, out, "--mode", "all", "--resume")  # nothing to continue: a fresh run
+    reference = {p: p.read_bytes() for p in out.glob("*/*.nii.gz")}
+    metrics = pd.read_csv(out / "metrics.csv")
+    # What a run stopped in case 0 leaves: 14 of its 15 masks, one killed write, no report.
+    (out / "t1" / f"{cases[0].name}.nii.gz").unlink()
+    (out / "t1" / f".{cases[0].name}.nii.gz.x1.tmp.nii.gz").write_bytes(b"a killed write")
+    for name in ("metrics.csv", "summary.csv", "summary.md"):
+        (out / name).unlink()
+    kept = stat_ns(out.glob(f"*/{cases[1].name}.nii.gz"))
+    predicted = []
+    monkeypatch.setattr(evaluate, "segment",
+                        lambda *a, **k: predicted.append(a[1].shape) or real_segment(*a, **k))
+    table = run(root, out, "--mode", "all", "--resume")
+
+    assert len(predicted) == 1  # case 0 alone, all 15 subsets in one pass
+    assert stat_ns(kept) == kept  # case 1's masks: read, not rewritten
+    assert {p: p.read_bytes() for p in out.glob("*/*.nii.gz")} == reference
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"), metrics)
+    pd.testing.assert_frame_equal(table, first)
+
+    # The same command once more: every case is done; rescored, nothing predicted.
+    predicted.clear()
+    run(root, out, "--mode", "all", "--resume", "--hd95", "pooled")
+    assert predicted == [] and stat_ns(kept) == kept
+    rescored = pd.read_csv(out / "metrics.csv")
+    pd.testing.assert_series_equal(rescored["dice"], metrics["dice"])
+    assert json.loads((out / "eval_config.json").read_text())["hd95"] == "pooled"
+
+
+def test_resume_refuses_another_runs_folder_and_leaves_it_as_it_was(segmentation_setup, tmp_path):
+    # One folder must never hold the masks of two models or two ways of predicting.
+    root, cases = segmentation_setup
+    out = tmp_path / "out"
+    run(root, out, "--mode", "flair,t1ce")
+    (out / "metrics.csv").unlink()  # stopped before its report
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    retrained = tmp_path / "final.pth"  # same path in real life: snapshots/.../final.pth again
+    checkpoint = torch.load(root / "final.pth", weights_only=True)
+    next(iter(checkpoint["model"].values())).add_(1e-3)
+    torch.save(checkpoint, retrained)
+
+    def refusal(*flags, **lists):
+        return cli(argv(root, out, "--resume", *flags, **lists))
+    message = refusal("--mode", "flair,t1ce", "--overlap", "0.5")
+    assert message.startswith(f"error: --resume: the evaluation in {out} was made with overlap "
+                              "0.3333333333333333, this run's is 0.5; resume it with its own settings")
+    assert "made with subsets ['flair+t1ce'], this run's is ['t1']" in refusal("--mode", "t1")
+    message = refusal("--mode", "flair,t1ce", "--restore_from", str(retrained))  # the last counts
+    assert message.startswith(f"error: --resume: the evaluation in {out} was made with "
+                              "checkpoint_sha256 ")
+    message = refusal("--mode", "flair,t1ce", data_list="one.csv")
+    assert message == (f"error: --resume: {out / 'cases.csv'} lists 2 cases, this run 1; entry 1 "
+                       f"differs ({cases[0].name} vs {cases[1].name}); resume with the first "
+                       "run's cases, or pass --overwrite")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # Masks without the record of the run that wrote them (not eval.py's, or a copy).
+    (out / "eval_config.json").unlink()
+    message = refusal("--mode", "flair,t1ce")
+    assert message.startswith(f"error: --resume: {out} holds files of an evaluation (e.g. ")
+    assert message.endswith("pass --overwrite to replace them")
+
+
+def test_resume_in_available_mode_refuses_a_case_whose_modalities_changed(segmentation_setup,
+                                                                         tmp_path):
+    root, cases = segmentation_setup
+    data = copy_cases(cases, tmp_path / "data", drop=("t1", "t2"))
+    out = tmp_path / "out"
+    flags = ["--input", str(data), "--restore_from", str(root / "final.pth"), "--output_dir",
+             str(out), "--device", "cpu", "--mode", "available", "--resume"]
+    evaluate.main(flags)
+    (data / cases[0].name / f"{cases[0].name}_t1ce.nii.gz").unlink()  # its mask: flair+t1ce's
+    assert cli(flags) == (f"error: --resume: {out / 'cases.csv'} lists 2 cases, this run 2; "
+                          f"entry 1 differs ({cases[0].name} flair+t1ce vs {cases[0].name} "
+                          "flair); resume with the first run's cases, or pass --overwrite")
+
+
+def test_resume_names_a_mask_it_cannot_read(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    out = tmp_path / "out"
+    run(root, out, "--mode", "t1ce")
+    path = out / "t1ce" / f"{cases[1].name}.nii.gz"
+    path.write_bytes(path.read_bytes()[:60])  # e.g. copied from a full disk
+    message = cli(argv(root, out, "--mode", "t1ce", "--resume")).splitlines()[-1]  # after tqdm's
+    assert message.startswith(f"error: {path}: cannot read the mask")
+    assert not (out / "metrics.csv").exists()
+
+
+def many_cases(cases, folder, n=16):
+    """The two cases and n - 2 renamed copies in `folder`: a run that takes a while."""
     data = copy_cases(cases, folder)
-    for i in range(14):
+    for i in range(n - 2):
         renamed_copy(cases[i % 2], data / f"Copy_{i:04d}")
     return data
 
 
-def stopped_once_writing(command, out, stop, **popen):
-    """Run `command` until its first mask is in `out`, then stop(process) -> (process, output)."""
+def stopped_once_writing(command, out, stop, masks=1, **popen):
+    """Run `command` until `masks` masks are in `out`, then stop(process) -> (process, output)."""
     run = subprocess.Popen(command, text=True, **popen)
     try:
         deadline = time.monotonic() + 120
-        while not list(out.glob("*/*.nii.gz")) and run.poll() is None and time.monotonic() < deadline:
+        while (len(list(out.glob("*/*.nii.gz"))) < masks and run.poll() is None
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         stop(run)
         return run, run.communicate(timeout=60)
@@ -373,24 +474,39 @@ def stopped_once_writing(command, out, stop, **popen):
 def test_sigterm_stops_the_run_with_whole_files_and_the_folder_free(segmentation_setup, tmp_path):
     # What a scheduler's time limit does: SIGTERM in the middle of a long run.
     root, cases = segmentation_setup
-    data = sixteen_cases(cases, tmp_path / "data")
+    data = many_cases(cases, tmp_path / "data", 8)
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "eval.py"), "--input", str(data), "--restore_from",
                str(root / "final.pth"), "--output_dir", str(out), "--device", "cpu", "--mode", "all"]
+    # 29 masks: at least one case has all 15. The writers take a case's masks in order, so at
+    # most two cases are part-written (14 + 14 at most).
     run, (_, stderr) = stopped_once_writing(
-        command, out, lambda run: run.send_signal(signal.SIGTERM),
+        command, out, lambda run: run.send_signal(signal.SIGTERM), masks=29,
         env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE)
     assert run.returncode == 143, stderr[-3000:]
     assert stderr.splitlines()[-1] == "terminated"
     written = sorted(out.glob("*/*.nii.gz"))
-    assert 0 < len(written) < 16 * 15 and not (out / "metrics.csv").exists()
+    assert 0 < len(written) < 8 * 15 and not (out / "metrics.csv").exists()
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no half-written file
     shape = nib.load(next(cases[0].glob("*_seg.nii.gz"))).shape
     for path in written:
         assert np.asanyarray(nib.load(path).dataobj).shape == shape
     with exclusive_lock(out, "output folder"):  # released: the next run may take the folder
         pass
+
+    # The same command with --resume finishes the run. The cases whose 15 masks were written
+    # before the stop are kept as they are (the others are predicted again), and each copy
+    # scores exactly what the case it copies scores, whether scored from its files or not.
+    names = [p.name for p in written]
+    kept = stat_ns(p for p in written if names.count(p.name) == 15)
+    assert kept
+    evaluate.main([*command[2:], "--resume"])
+    assert stat_ns(kept) == kept and len(list(out.glob("*/*.nii.gz"))) == 8 * 15
+    metrics = pd.read_csv(out / "metrics.csv").set_index(["case", "subset", "region"])
+    assert len(metrics) == 8 * 15 * 3
+    for i in range(6):
+        pd.testing.assert_frame_equal(metrics.loc[f"Copy_{i:04d}"], metrics.loc[cases[i % 2].name])
 
 
 def test_a_stopped_run_drops_the_writes_still_queued():
@@ -465,7 +581,7 @@ def test_eval_sh_keeps_eval_pys_last_line_in_its_log(segmentation_setup, tmp_pat
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*LOCAL))
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, CKPT=str(root / "final.pth"), MODE="all",
-               INPUT=str(sixteen_cases(cases, tmp_path / "cases")), OUT=str(out))
+               INPUT=str(many_cases(cases, tmp_path / "cases")), OUT=str(out))
     _, (stdout, _) = stopped_once_writing(
         ["bash", "eval.sh", "cpu"], out, lambda run: os.killpg(run.pid, signal.SIGTERM),
         cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -487,6 +603,10 @@ def test_eval_sh_launches_with_launch_on_the_gpus_listed(tmp_path):
     launched = done.stdout.splitlines()[-1]
     assert launched.startswith("GPUs 0,1,2,3: --nproc_per_node 4 eval.py --num_classes=3 ")
     assert " --output_dir=out --overwrite --device=cuda --mirror" in launched
+    # continuing a stopped run: --resume instead of --overwrite (eval.py refuses both)
+    done = subprocess.run(["bash", "eval.sh", "0", "--resume"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1].endswith(" --output_dir=out --device=cuda --resume")
 
 
 # ------------------------------------------------------------------------------ under torchrun
@@ -539,6 +659,21 @@ def test_torchrun_splits_the_cases_and_writes_what_one_process_writes(segmentati
     assert "3 cases over 2 processes (the progress bar counts rank 0's 2)" in done.stdout
     assert re.search(r"cases: 100%.*2/2", done.stderr) and "3/3" not in done.stderr
     assert done.stdout.count("labelled cases, Dice (%)") == 1
+
+    # --resume under torchrun: rank 0 finds the cases done, every rank scores its own from their
+    # files and predicts the rest: here the third case (rank 0's), which lost a mask, and the
+    # second (rank 1's), which lost its figure.
+    (two / "t1" / f"{third.name}.nii.gz").unlink()
+    (two / "figures" / f"{cases[1].name}.png").unlink()
+    (two / "metrics.csv").unlink()
+    kept = stat_ns(two.glob(f"*/{cases[0].name}.nii.gz"))
+    done = torchrun(root, two, "--mode", "all", "--figures", "--resume", **lists)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "--resume: 1 of 3 cases already exported" in done.stdout
+    assert stat_ns(kept) == kept
+    assert sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file()) == files
+    for name in ("metrics.csv", "summary.csv", "cases.csv"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
 
 
 def started_as_torchrun_starts_them(root, out, *flags):

@@ -304,8 +304,8 @@ def test_touched_source_keeps_its_cache_and_is_hashed_once(dataset, monkeypatch)
     path = part_path(data / "Brats18_A", "flair")
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     hashed = []
-    real = preprocess_module._sha256
-    monkeypatch.setattr(preprocess_module, "_sha256", lambda p: hashed.append(p) or real(p))
+    real = preprocess_module.file_sha256
+    monkeypatch.setattr(preprocess_module, "file_sha256", lambda p: hashed.append(p) or real(p))
     preprocess(lst, cache, num_workers=1)
     assert hashed == [path]  # only the touched file is read, once
     changed = {p for p in mtimes(cache) if mtimes(cache)[p] != before[p]}

@@ -1,4 +1,5 @@
-"""Export of predicted label maps as NIfTI files the BraTS online evaluation accepts.
+"""Export of predicted label maps as NIfTI files the BraTS online evaluation accepts, and
+reading them back (eval.py --resume, postprocess.py).
 
 A mask is written on the grid of the case's input images: same shape, affine and orientation
 (the input header is copied), integer labels {0, 1, 2, 4} stored as uint8.
@@ -7,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from datasets.brats import to_nifti_order
+from datasets.brats import READ_ERRORS, DataError, to_nifti_order
 from utils.io import atomic_path
-from utils.regions import EXPORT_ORDER, REGIONS
+from utils.regions import EXPORT_ORDER, LABELS, REGIONS
 
 
 def probabilities_to_labels(probs, threshold=0.5):
@@ -47,3 +48,20 @@ def save_labels(label, affine, header, path):
     image = nib.Nifti1Image(data, affine, header=header)
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
+
+
+def read_mask(path):
+    """Read a label mask -> (uint8 array in NIfTI order, nibabel image). Errors name the file."""
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except READ_ERRORS as error:
+        raise DataError(f"{path}: cannot read the mask: {error}") from error
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D label mask, got shape {data.shape}")
+    values = np.unique(data)
+    if not np.isin(values, LABELS).all():
+        raise DataError(
+            f"{path}: labels {sorted(set(values.tolist()) - set(LABELS))} outside {{0, 1, 2, 4}}"
+        )
+    return data.astype(np.uint8), image

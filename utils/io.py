@@ -1,6 +1,7 @@
 """Atomic file writing: a reader never sees a half-written file, a crash never destroys the old one."""
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,10 +25,20 @@ def remove_stale_temps(path):
     Returns the number removed.
     """
     path = Path(path)
+    return _unlink_all(path.parent.glob(f"{temp_prefix(path)}*.tmp{''.join(path.suffixes)}"))
+
+
+def remove_stale_temps_in(folder, suffix):
+    """remove_stale_temps for every file of `folder` ending in `suffix` (e.g. '.nii.gz'), in one
+    listing of the folder instead of one per file. Returns the number removed."""
+    return _unlink_all(Path(folder).glob(f".*.tmp{suffix}"))
+
+
+def _unlink_all(paths):
     removed = 0
-    for tmp in path.parent.glob(f"{temp_prefix(path)}*.tmp{''.join(path.suffixes)}"):
+    for path in paths:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            path.unlink()
             removed += 1
     return removed
 
@@ -79,3 +90,8 @@ def _is_disk_full(error):
 def write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
