@@ -16,6 +16,10 @@ Examples (from the repository root):
     # BraTS 2021 on 4 GPUs: the cases are split over the processes, one table at the end
     torchrun --nproc_per_node 4 eval.py --input /data/BraTS2021_Training_Data \
         --restore_from snapshots/LCKD_stage2/final.pth --mode all --output_dir outputs/brats21
+    # the same command with --resume after a scheduler's time limit stopped it: the cases
+    # already exported are scored from their masks, the rest predicted
+    torchrun --nproc_per_node 4 eval.py --input /data/BraTS2021_Training_Data \
+        --restore_from snapshots/LCKD_stage2/final.pth --mode all --output_dir outputs/brats21 --resume
 
 The network is rebuilt from the configuration stored in the checkpoint (model size, weight
 standardisation, norm, activation, patch size); flags given on the command line override it.
