@@ -208,9 +208,13 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
                          f"{found[0].name}) but not its record ({error}); pass --overwrite to "
                          "replace them") from None
     for key in MASK_SETTINGS:
-        if previous.get(key) != record[key]:
+        if key not in previous:
+            raise UsageError(f"--resume: {output_dir / 'eval_config.json'} does not record "
+                             f"{key} (an older eval.py wrote it); pass --overwrite to redo the "
+                             "evaluation")
+        if previous[key] != record[key]:
             raise UsageError(f"--resume: the evaluation in {output_dir} was made with {key} "
-                             f"{previous.get(key)}, this run's is {record[key]}; resume it with "
+                             f"{previous[key]}, this run's is {record[key]}; resume it with "
                              "its own settings, or pass --overwrite to replace it")
     # In --mode available, a case that gained or lost a modality file has another subset.
     columns = ["case", "available"] if mode == AVAILABLE else ["case"]

@@ -417,6 +417,14 @@ def test_resume_refuses_another_runs_folder_and_leaves_it_as_it_was(segmentation
                        "run's cases, or pass --overwrite")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
+    # A folder of an eval.py that did not record the checkpoint's hash.
+    config = json.loads((out / "eval_config.json").read_text())
+    del config["checkpoint_sha256"]
+    (out / "eval_config.json").write_text(json.dumps(config))
+    assert refusal("--mode", "flair,t1ce") == (
+        f"error: --resume: {out / 'eval_config.json'} does not record checkpoint_sha256 (an older "
+        "eval.py wrote it); pass --overwrite to redo the evaluation")
+
     # Masks without the record of the run that wrote them (not eval.py's, or a copy).
     (out / "eval_config.json").unlink()
     message = refusal("--mode", "flair,t1ce")
