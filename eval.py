@@ -55,7 +55,6 @@ and with --figures:
 import argparse
 import contextlib
 import json
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,7 +63,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from datasets.brats import (
-    CaseError, available_subset, case_files, find_cases, load_case, open_files,
+    Case, CaseError, available_subset, case_files, find_cases, load_case, open_files,
     read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
     to_network_order,
 )
@@ -72,9 +71,7 @@ from datasets.normalize import normalize_case
 from utils import distributed, figures
 from utils.cli import UsageError, run_cli
 from utils.export import read_mask, save_labels
-from utils.io import (
-    atomic_path, file_sha256, remove_stale_temps, remove_stale_temps_in, write_text,
-)
+from utils.io import atomic_path, file_sha256, is_temp, remove_stale_temps, write_text
 from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
 from utils.modalities import ALL_SUBSETS, MODALITIES, parse_mode, subset_name
@@ -226,18 +223,25 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
         raise UsageError(f"--resume: {output_dir / 'cases.csv'} lists {len(before)} cases, this "
                          f"run {len(now)}; entry {i + 1} differs ({entry(before)} vs "
                          f"{entry(now)}); resume with the first run's cases, or pass --overwrite")
-    for name in REPORT_FILES:  # rewritten from every case's metrics at the end
-        (output_dir / name).unlink(missing_ok=True)
+    # `found` lists the masks and figures, and the temporaries of killed writes among them.
+    report = {output_dir / name for name in REPORT_FILES}  # rewritten from every case at the end
+    for path in found:
+        if is_temp(path) or path in report:
+            path.unlink()
     for name in RUN_FILES:
         remove_stale_temps(output_dir / name)
-    for folder, suffix in [(m, ".nii.gz") for m in MASK_FOLDERS] + [(FIGURE_FOLDER, ".png")]:
-        remove_stale_temps_in(output_dir / folder, suffix)
-    needed = [(f, ".nii.gz") for f in mask_folders(mode)]
-    needed += [(FIGURE_FOLDER, ".png")] if figures else []
-    listing = {folder: set(os.listdir(output_dir / folder)) if (output_dir / folder).is_dir()
-               else set() for folder, _ in needed}
+    found = set(found)
     return {name for name in cases["case"]
-            if all(f"{name}{suffix}" in listing[folder] for folder, suffix in needed)}
+            if all(mask_path(output_dir, folder, name) in found for folder in mask_folders(mode))
+            and (not figures or figure_path(output_dir, name) in found)}
+
+
+def mask_path(output_dir, folder, name):
+    return output_dir / folder / f"{name}.nii.gz"
+
+
+def figure_path(output_dir, name):
+    return output_dir / FIGURE_FOLDER / f"{name}.png"
 
 
 def mask_folders(mode):
@@ -257,15 +261,18 @@ def metric_rows(case, subset, label, hd95_method):
 
 def export_and_score(case, folder, subset, label, output_dir, hd95_method):
     """Write one mask (D, H, W) of one case into `folder`; return its metric rows."""
-    save_labels(label, case.affine, case.header, output_dir / folder / f"{case.name}.nii.gz")
+    save_labels(label, case.affine, case.header, mask_path(output_dir, folder, case.name))
     return metric_rows(case, subset, label, hd95_method)
 
 
 def saved_case(case_dir):
     """A case whose masks an earlier run wrote (--resume): its grid and label, no image (one
-    modality is read, for the grid)."""
+    modality is read, for the grid); without a label, nothing is read (nothing to score)."""
     files = case_files(case_dir, allow_missing=True)
     available = available_subset(files)
+    if "seg" not in files:
+        return Case(name=Path(case_dir).name, files=files, image=None, label=None, affine=None,
+                    header=None, shape_xyz=None, spacing=None, available=available)
     first = MODALITIES[available[0]]
     case = read_files(Path(case_dir).name,
                       {part: files[part] for part in (first, "seg") if part in files})
@@ -277,7 +284,7 @@ def score_saved(case, folder, subset, output_dir, hd95_method):
     """The metric rows of the mask an earlier run wrote into `folder` (--resume)."""
     if case.label is None:
         return []
-    path = output_dir / folder / f"{case.name}.nii.gz"
+    path = mask_path(output_dir, folder, case.name)
     label, _ = read_mask(path)
     if label.shape != case.shape_xyz:
         raise CaseError(case.name, path, f"a mask of shape {label.shape} for a case of shape "
@@ -466,8 +473,7 @@ def run(args, mode, folders, model, window, device, done=frozenset(), progress=T
                           for folder, subset in zip(folders_out, subsets)]
             else:
                 labels = segment(model, case.image, subsets, window, args, device)
-                drawn = ([writers.submit(figures.case_figure, output_dir / FIGURE_FOLDER /
-                                         f"{case.name}.png",
+                drawn = ([writers.submit(figures.case_figure, figure_path(output_dir, case.name),
                                          *figures.case_slices(case, subsets, labels))]
                          if args.figures else [])
                 case.image = None  # the writers need the label and the grid, not the image

@@ -446,6 +446,25 @@ def test_resume_in_available_mode_refuses_a_case_whose_modalities_changed(segmen
                           "flair); resume with the first run's cases, or pass --overwrite")
 
 
+def test_resume_of_unlabelled_cases_reads_no_voxel_of_the_cases_done(segmentation_setup, tmp_path,
+                                                                     monkeypatch):
+    # The online-validation export: no labels, so a case done has nothing left to do.
+    root, cases = segmentation_setup
+    data = copy_cases(cases, tmp_path / "data", drop=("seg",))
+    out = tmp_path / "out"
+    flags = ["--input", str(data), "--restore_from", str(root / "final.pth"), "--output_dir",
+             str(out), "--device", "cpu", "--mode", "t1ce", "--resume"]
+    evaluate.main(flags)
+    (out / "t1ce" / f"{cases[0].name}.nii.gz").unlink()
+    kept = stat_ns([out / "t1ce" / f"{cases[1].name}.nii.gz"])
+    read = []
+    monkeypatch.setattr(evaluate, "read_files", lambda *a: read.append(a[0]))
+    evaluate.main(flags)
+    assert read == [] and stat_ns(kept) == kept
+    assert sorted(masks(out / "t1ce")) == sorted(f"{c.name}.nii.gz" for c in cases)
+    assert not (out / "metrics.csv").exists()
+
+
 def test_resume_names_a_mask_it_cannot_read(segmentation_setup, tmp_path):
     root, cases = segmentation_setup
     out = tmp_path / "out"

@@ -25,22 +25,18 @@ def remove_stale_temps(path):
     Returns the number removed.
     """
     path = Path(path)
-    return _unlink_all(path.parent.glob(f"{temp_prefix(path)}*.tmp{''.join(path.suffixes)}"))
-
-
-def remove_stale_temps_in(folder, suffix):
-    """remove_stale_temps for every file of `folder` ending in `suffix` (e.g. '.nii.gz'), in one
-    listing of the folder instead of one per file. Returns the number removed."""
-    return _unlink_all(Path(folder).glob(f".*.tmp{suffix}"))
-
-
-def _unlink_all(paths):
     removed = 0
-    for path in paths:
+    for tmp in path.parent.glob(f"{temp_prefix(path)}*.tmp{''.join(path.suffixes)}"):
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            tmp.unlink()
             removed += 1
     return removed
+
+
+def is_temp(path):
+    """Whether `path` is named as atomic_path names its temporaries (.<name>.<random>.tmp<suffix>)."""
+    name = Path(path).name
+    return name.startswith(".") and ".tmp" in name
 
 
 @contextlib.contextmanager
