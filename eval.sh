@@ -40,6 +40,7 @@ else
 fi
 
 cd "$(dirname "$0")"
+. utils/logged.sh
 mkdir -p logs
 LOG=logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//,/-}.log
 echo "log: $LOG"
@@ -53,9 +54,9 @@ replace=(--overwrite)
 for flag in "$@"; do
     if [ "$flag" = "--resume" ]; then replace=(); fi
 done
-# tee ignores SIGINT/SIGTERM, as in run.sh, so that eval.py's last line after Ctrl-C or a
-# scheduler's SIGTERM (`interrupted`, `terminated`) still reaches the log.
-$LAUNCH eval.py \
+# After Ctrl-C or a scheduler's SIGTERM, this script waits for eval.py to finish the masks in
+# hand and exits with its status (130, 143); eval.py's last line reaches the log (`logged`).
+logged "$LOG" $LAUNCH eval.py \
     --num_classes=3 \
     --data_dir=datalist/ \
     "${cases[@]}" \
@@ -65,4 +66,4 @@ $LAUNCH eval.py \
     --output_dir="$OUT" \
     "${replace[@]}" \
     --device="$DEVICE" \
-    "$@" 2>&1 | (trap '' INT TERM; exec tee "$LOG")
+    "$@"

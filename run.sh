@@ -29,6 +29,7 @@
 #   NAME=demo_nokd bash run.sh demo --kd_weight 0
 set -euo pipefail
 cd "$(dirname "$0")"
+. utils/logged.sh
 
 GPU=${1:?usage: bash run.sh GPU_ID|cpu [extra train.py flags]}
 shift
@@ -88,8 +89,8 @@ common=(--device "$DEVICE" --amp "$AMP" --model_size "$MODEL_SIZE" --input_size 
 if [ -n "$DATA_ROOT" ]; then common+=(--data_root "$DATA_ROOT"); fi
 
 # stage NAME [train.py flags]: run one stage unless finished (train.py resumes it from its
-# own last.pth). tee ignores SIGINT/SIGTERM so that train.py's last words after Ctrl-C or a
-# scheduler's SIGTERM (saving last.pth) still reach the log; train.py's exit status is kept.
+# own last.pth). After Ctrl-C or a scheduler's SIGTERM, this script waits for train.py to save
+# last.pth and exits with its status (130, 143) without starting the next step (`logged`).
 stage() {
     local name=$1
     shift
@@ -102,8 +103,7 @@ stage() {
     local log
     log=logs/$(date "+%Y%m%d-%H%M%S")_train_$name.log
     echo "training $name (log: $log)"
-    $LAUNCH train.py "${common[@]}" --snapshot_dir "$dir" "$@" "${EXTRA[@]}" 2>&1 |
-        (trap '' INT TERM; exec tee "$log")
+    logged "$log" $LAUNCH train.py "${common[@]}" --snapshot_dir "$dir" "$@" "${EXTRA[@]}"
 }
 
 EXTRA=("$@")

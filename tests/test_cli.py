@@ -54,9 +54,12 @@ def test_user_errors_print_one_line(capsys, error, status):
     assert capsys.readouterr().err.splitlines() == [expected]
 
 
-def test_sigterm_unwinds_the_script_and_exits_143(capsys):
+@pytest.mark.parametrize("again", [False, True])
+def test_sigterm_unwinds_the_script_and_exits_143(capsys, again):
     # Without a handler SIGTERM ends the process on the spot; under run_cli the script's `finally`
-    # blocks run (temporary files removed, locks released), then one line and status 143.
+    # blocks run (temporary files removed, locks released), then one line and status 143. A
+    # scheduler signals every process of the job and run.sh passes the signal on too, so a
+    # second SIGTERM can come during the unwinding: the cleanup still runs to its end.
     previous = signal.getsignal(signal.SIGTERM)
     unwound = []
 
@@ -65,11 +68,14 @@ def test_sigterm_unwinds_the_script_and_exits_143(capsys):
             os.kill(os.getpid(), signal.SIGTERM)
             signal.pause()  # not reached: the handler raises as soon as the signal arrives
         finally:
-            unwound.append(True)
+            unwound.append("started")
+            if again:
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered here, before the next line
+            unwound.append("finished")
 
     with pytest.raises(SystemExit) as exit_:
         run_cli(main)
-    assert exit_.value.code == 143 and unwound == [True]
+    assert exit_.value.code == 143 and unwound == ["started", "finished"]
     assert capsys.readouterr().err.splitlines() == ["terminated"]
     assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
 

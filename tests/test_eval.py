@@ -20,6 +20,7 @@ import torch
 
 import eval as evaluate
 from test_demo import LOCAL, REPO
+from test_shell import copy_scripts
 from test_figures import assert_regions_drawn, read_png
 from utils import figures
 from utils.inference import predict_subsets
@@ -609,19 +610,20 @@ def test_eval_sh_keeps_eval_pys_last_line_in_its_log(segmentation_setup, tmp_pat
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, CKPT=str(root / "final.pth"), MODE="all",
                INPUT=str(many_cases(cases, tmp_path / "cases")), OUT=str(out))
-    _, (stdout, _) = stopped_once_writing(
+    run, (stdout, _) = stopped_once_writing(
         ["bash", "eval.sh", "cpu"], out, lambda run: os.killpg(run.pid, signal.SIGTERM),
         cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True)
     (log,) = (repo / "logs").glob("*_eval_*.log")
     assert log.read_text().splitlines()[-1] == "terminated", stdout[-2000:]
     assert stdout.splitlines()[-1] == "terminated"
+    assert run.returncode == 143
 
 
 def test_eval_sh_launches_with_launch_on_the_gpus_listed(tmp_path):
     # LAUNCH (e.g. torchrun) starts eval.py; the GPU list becomes CUDA_VISIBLE_DEVICES, from
     # which torchrun's process i takes the i-th GPU. A stand-in launcher shows what it is given.
-    shutil.copy(REPO / "eval.sh", tmp_path)
+    copy_scripts(tmp_path, "eval.sh")
     (tmp_path / "launcher").write_text('#!/bin/sh\necho "GPUs $CUDA_VISIBLE_DEVICES: $*"\n')
     env = dict(os.environ, LAUNCH=f"sh {tmp_path / 'launcher'} --nproc_per_node 4", OUT="out")
     done = subprocess.run(["bash", "eval.sh", "0,1,2,3", "--mirror"], cwd=tmp_path, env=env,

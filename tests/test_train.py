@@ -7,7 +7,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from utils.cli import UsageError
 from utils.election import append_history, elect, overlay, winners
 from utils.lock import LockError
 from utils.modalities import FULL, sample_subset, subset_name
+
+from test_shell import copy_scripts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -403,13 +404,13 @@ def test_cli_prints_one_line_and_exits_2_on_bad_flags(tmp_path):
 
 
 def test_run_sh_refuses_a_second_stage_that_does_not_go_further(tmp_path):
-    shutil.copy(REPO / "run.sh", tmp_path)  # run.sh works in its own folder
+    copy_scripts(tmp_path, "run.sh")  # run.sh works in its own folder
     env = dict(os.environ, PYTHON="false", STAGE1_STEPS="4", STAGE2_STEPS="4")
     run = subprocess.run(["bash", "run.sh", "cpu"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=60)
     assert run.returncode != 0
     assert "STAGE2_STEPS (4) must be greater than STAGE1_STEPS (4)" in run.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.sh"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.sh", "utils"]
 
 
 def test_a_stopped_rank_is_named_after_the_timeout(data, tmp_path):

@@ -57,6 +57,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    # A repeated SIGTERM is the same request (a scheduler signals every process of the job,
+    # run.sh and torchrun pass it on): it must not cut short the unwinding of the first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 

@@ -1,0 +1,124 @@
+"""run.sh and eval.sh stopped as users and schedulers stop them (utils/logged.sh): the signal
+reaches train.py/eval.py once, the script waits for it to save and stops with its status."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from test_demo import REPO
+
+# What train.py and eval.py do when stopped, in small: record each stop signal, take half a
+# second to save, then print a last line and exit 128 + the signal. Not stopped within
+# STAND_IN_WAIT seconds, it exits 0 (a stage that finished).
+STAND_IN = textwrap.dedent("""\
+    import os, signal, sys, time
+    received = []
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    with open(os.environ["LAUNCHED"], "a") as f:
+        f.write(f"{os.getpid()} {sys.argv[1]}\\n")
+    print("started", flush=True)
+    end = time.monotonic() + float(os.environ["STAND_IN_WAIT"])
+    while not received and time.monotonic() < end:
+        time.sleep(0.02)
+    if not received:
+        sys.exit(0)
+    time.sleep(0.5)
+    names = " ".join(signal.Signals(s).name for s in received)
+    print(f"saved after {names}", flush=True)
+    sys.exit(128 + received[0])
+    """)
+
+
+def copy_scripts(folder, *scripts):
+    """The shell scripts and the helper they source, into `folder` (they run from their own)."""
+    for script in scripts:
+        shutil.copy(REPO / script, folder)
+    (folder / "utils").mkdir()
+    shutil.copy(REPO / "utils" / "logged.sh", folder / "utils")
+
+
+def launched(path):
+    """The stand-in's runs so far -> [(pid, first argument)]."""
+    if not path.exists():
+        return []
+    return [(int(pid), script) for pid, script in
+            (line.split() for line in path.read_text().splitlines())]
+
+
+def start(tmp_path, script, wait_s=30):
+    """`bash SCRIPT cpu` with the stand-in as LAUNCH, in a session of its own (as a terminal or a
+    scheduler starts a job) -> (process, launch record)."""
+    copy_scripts(tmp_path, script)
+    (tmp_path / "stand_in.py").write_text(STAND_IN)
+    record = tmp_path / "launched"
+    env = dict(os.environ, LAUNCH=f"{sys.executable} {tmp_path / 'stand_in.py'}",
+               LAUNCHED=str(record), STAND_IN_WAIT=str(wait_s))
+    process = subprocess.Popen(["bash", script, "cpu"], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not launched(record) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # the stand-in's handlers are set before it records itself; bash's traps
+    return process, record
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# who receives the signal: the script alone (`kill PID`, a scheduler signalling the job's first
+# process), the script's process group (a terminal's Ctrl-C), every process of the job (a
+# scheduler's time limit)
+STOPS = {
+    "script": lambda script, pid, signum: os.kill(script.pid, signum),
+    "group": lambda script, pid, signum: os.killpg(script.pid, signum),
+    "every process": lambda script, pid, signum: (os.kill(script.pid, signum),
+                                                  os.kill(pid, signum)),
+}
+
+
+@pytest.mark.parametrize("script", ["run.sh", "eval.sh"])
+@pytest.mark.parametrize("who", list(STOPS))
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_script_waits_for_its_command_and_stops(tmp_path, script, who, signum):
+    process, record = start(tmp_path, script)
+    try:
+        ((pid, first),) = launched(record)
+        assert first == ("train.py" if script == "run.sh" else "eval.py")
+        STOPS[who](process, pid, signum)
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, stdout
+    # The command was let finish: its last line came out before the script exited, and it is
+    # gone. The signal the script passes on reaches it once (twice, Ctrl-C makes train.py quit
+    # without saving); signalled itself too, it gets the script's as well (Python may see the
+    # two as one).
+    assert not alive(pid)
+    once = f"saved after {name}"
+    expected = {once, f"{once} {name}"} if who == "every process" else {once}
+    assert stdout.splitlines()[-1] in expected
+    (log,) = (tmp_path / "logs").glob("*.log")
+    assert log.read_text().splitlines()[-1] == stdout.splitlines()[-1]
+    assert len(launched(record)) == 1  # run.sh did not go on to stage 2
+
+
+def test_run_sh_goes_on_to_stage_2_when_stage_1_ends_on_its_own(tmp_path):
+    process, record = start(tmp_path, "run.sh", wait_s=0)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, stdout
+    assert [first for _, first in launched(record)] == ["train.py", "train.py"]
+    logs = sorted(path.name.split("_train_")[1] for path in (tmp_path / "logs").glob("*.log"))
+    assert logs == ["LCKD_stage1.log", "LCKD_stage2.log"]

@@ -1,0 +1,35 @@
+# Sourced by run.sh and eval.sh.
+#
+#   logged LOG COMMAND [ARGS...]
+#
+# Runs COMMAND with its output (stdout and stderr) printed and written to LOG, and returns its
+# exit status. A stop request, Ctrl-C (SIGINT) or a scheduler's SIGTERM, lets COMMAND finish
+# as it does on its own (train.py saves last.pth, eval.py finishes the masks it is writing): the
+# signal is passed on to COMMAND once and the script waits for it, then stops with COMMAND's
+# status (130, 143) instead of going on to its next step. A plain foreground pipeline would
+# not do this: bash dies at once on SIGTERM, leaving COMMAND running unseen when only the
+# script was signalled (`kill PID`, a scheduler that signals the job's first process), and a
+# scheduler that sees the script gone may kill COMMAND in the middle of saving.
+logged() {
+    local log=$1 stop='' status=0 group last
+    shift
+    # Job control, for this one job only, puts COMMAND in its own process group, where a
+    # signal comes from here alone: a terminal's Ctrl-C reaches this shell, not COMMAND twice
+    # (twice would make train.py quit without saving). Without it bash would also start the
+    # job with SIGINT ignored. tee ignores both signals, so COMMAND's last words reach LOG.
+    set -m
+    "$@" 2>&1 | (trap '' INT TERM; exec tee "$log") &
+    last=$!
+    set +m
+    group=$(jobs -p %%)
+    trap 'stop=TERM; kill -s TERM -- "-$group" 2>/dev/null || true' TERM
+    trap 'stop=INT; kill -s INT -- "-$group" 2>/dev/null || true' INT
+    # A trapped signal interrupts `wait` (status > 128) while the job still runs: wait again.
+    while kill -0 "$last" 2>/dev/null; do
+        wait "$last" && status=0 || status=$?
+    done
+    trap - TERM INT
+    # A stop that came as COMMAND was finishing anyway still stops the script.
+    if [ -n "$stop" ] && [ "$status" = 0 ]; then status=$((128 + $(kill -l "$stop"))); fi
+    return "$status"
+}
