@@ -1,4 +1,5 @@
-"""Fixtures shared by the tests of eval.py, predict.py and the figures."""
+"""Fixtures shared by the tests of eval.py, predict.py and the figures, and a guard of torch's
+process-wide settings for every test."""
 import pytest
 import torch
 
@@ -8,6 +9,20 @@ from models import LCKD, LCKDConfig
 # Small enough for the CPU (the 15-subset pass decodes 15 times), large enough for the
 # published normalisation (its histogram needs 50 voxels per top bin).
 SHAPE_XYZ = (64, 64, 32)  # network order (32, 64, 64): one window of the saved input_size
+
+
+@pytest.fixture(autouse=True)
+def torch_settings():
+    """Restore what a test's in-process main() may set for the whole process (bench_train's
+    --threads, train.py's deterministic algorithms). A later test that compares its own
+    predictions with a subprocess's needs the same thread count in both: the count changes the
+    summation order, and so a voxel's label near 0.5."""
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 @pytest.fixture(scope="session")

@@ -122,3 +122,51 @@ def test_run_sh_goes_on_to_stage_2_when_stage_1_ends_on_its_own(tmp_path):
     assert [first for _, first in launched(record)] == ["train.py", "train.py"]
     logs = sorted(path.name.split("_train_")[1] for path in (tmp_path / "logs").glob("*.log"))
     assert logs == ["LCKD_stage1.log", "LCKD_stage2.log"]
+
+
+# Runs `bash SCRIPT cpu` on a new pseudo-terminal, as typed in a terminal; once the stand-in has
+# started, types Ctrl-C. Prints what the terminal showed, then the script's exit status.
+TERMINAL = textwrap.dedent("""\
+    import os, pty, select, sys, time
+    script, record = sys.argv[1:]
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp("bash", ["bash", script, "cpu"])
+    shown, typed = b"", False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if not typed and os.path.exists(record):
+            time.sleep(0.2)
+            os.write(fd, b"\\x03")
+            typed = True
+        if select.select([fd], [], [], 0.05)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the terminal closed: every process on it is gone
+                chunk = b""
+            if not chunk:
+                break
+            shown += chunk
+    _, status = os.waitpid(pid, 0)
+    print(shown.decode(errors="replace"))
+    print(os.waitstatus_to_exitcode(status))
+    """)
+
+
+def test_ctrl_c_typed_in_a_terminal_stops_run_sh_after_the_save(tmp_path):
+    # On a terminal the command runs in a background process group (utils/logged.sh): Ctrl-C
+    # reaches the script alone, which passes it on once, and the command's output still shows.
+    copy_scripts(tmp_path, "run.sh")
+    (tmp_path / "stand_in.py").write_text(STAND_IN)
+    record = tmp_path / "launched"
+    env = dict(os.environ, LAUNCH=f"{sys.executable} {tmp_path / 'stand_in.py'}",
+               LAUNCHED=str(record), STAND_IN_WAIT="30")
+    done = subprocess.run([sys.executable, "-c", TERMINAL, "run.sh", str(record)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=90)
+    *shown, status = done.stdout.splitlines()
+    assert status == str(128 + signal.SIGINT), done.stdout + done.stderr
+    lines = [line.strip().removeprefix("^C") for line in shown if line.strip()]
+    assert lines[-1] == "saved after SIGINT", lines
+    (log,) = (tmp_path / "logs").glob("*.log")
+    assert log.read_text().splitlines() == ["started", "saved after SIGINT"]
+    assert len(launched(record)) == 1
