@@ -170,3 +170,20 @@ def test_ctrl_c_typed_in_a_terminal_stops_run_sh_after_the_save(tmp_path):
     (log,) = (tmp_path / "logs").glob("*.log")
     assert log.read_text().splitlines() == ["started", "saved after SIGINT"]
     assert len(launched(record)) == 1
+
+
+@pytest.mark.parametrize("script", ["run.sh", "eval.sh"])
+def test_a_failing_command_stops_the_script_with_its_status(tmp_path, script):
+    # e.g. train.py refusing a flag (2) or running out of memory (1): the script stops there,
+    # with the command's status (the pipe through tee must not hide it), and run.sh does not
+    # go on to stage 2.
+    copy_scripts(tmp_path, script)
+    (tmp_path / "fails.sh").write_text('echo "$$ $1" >> launched\necho "error: $1 failed"\nexit 3\n')
+    env = dict(os.environ, LAUNCH=f"sh {tmp_path / 'fails.sh'}")
+    done = subprocess.run(["bash", script, "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3, done.stdout + done.stderr
+    command = "train.py" if script == "run.sh" else "eval.py"
+    assert [first for _, first in launched(tmp_path / "launched")] == [command]
+    (log,) = (tmp_path / "logs").glob("*.log")
+    assert log.read_text().splitlines() == [f"error: {command} failed"]

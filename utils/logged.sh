@@ -11,23 +11,32 @@
 # script was signalled (`kill PID`, a scheduler that signals the job's first process), and a
 # scheduler that sees the script gone may kill COMMAND in the middle of saving.
 logged() {
-    local log=$1 stop='' status=0 group last
+    local log=$1 stop='' status job
     shift
     # Job control, for this one job only, puts COMMAND in its own process group, where a
     # signal comes from here alone: a terminal's Ctrl-C reaches this shell, not COMMAND twice
     # (twice would make train.py quit without saving). Without it bash would also start the
     # job with SIGINT ignored. tee ignores both signals, so COMMAND's last words reach LOG.
+    # The job is one subshell, not the pipeline itself: bash keeps a finished background
+    # process's status for `wait`, but of a pipeline that ended before `wait` only its last
+    # process's (tee's 0), which would let a command failing at once pass for one that ran.
+    # The subshell's trap (reset to the default in COMMAND) lets it outlive the stop signal
+    # and exit with the pipeline's status.
     set -m
-    "$@" 2>&1 | (trap '' INT TERM; exec tee "$log") &
-    last=$!
+    (
+        trap : INT TERM
+        "$@" 2>&1 | (trap '' INT TERM; exec tee "$log")
+    ) &
+    job=$!  # the job's first process: it leads the job's process group
     set +m
-    group=$(jobs -p %%)
-    trap 'stop=TERM; kill -s TERM -- "-$group" 2>/dev/null || true' TERM
-    trap 'stop=INT; kill -s INT -- "-$group" 2>/dev/null || true' INT
-    # A trapped signal interrupts `wait` (status > 128) while the job still runs: wait again.
-    while kill -0 "$last" 2>/dev/null; do
-        wait "$last" && status=0 || status=$?
+    trap 'stop=TERM; kill -s TERM -- "-$job" 2>/dev/null || true' TERM
+    trap 'stop=INT; kill -s INT -- "-$job" 2>/dev/null || true' INT
+    # A trapped signal interrupts `wait` (status > 128) while the job still runs: wait again;
+    # once it has ended, `wait` gives its status.
+    while kill -0 "$job" 2>/dev/null; do
+        wait "$job" || true
     done
+    wait "$job" && status=0 || status=$?
     trap - TERM INT
     # A stop that came as COMMAND was finishing anyway still stops the script.
     if [ -n "$stop" ] && [ "$status" = 0 ]; then status=$((128 + $(kill -l "$stop"))); fi
