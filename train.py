@@ -432,9 +432,11 @@ def train(args, lists, dist_info, device):
     for rank_turn in (True, False):  # rank 0 writes the cache, the others then re-use it
         if main_rank == rank_turn:
             workers = None if args.num_workers < 0 else max(1, args.num_workers)
-            train_cases = preprocess(train_list, cache_dir, data_root, workers, progress=main_rank)
-            val_cases = (preprocess(val_list, cache_dir, data_root, workers, progress=main_rank)
-                         if val_list else [])
+            # Both lists need labels: a missing seg file is named here, before any training.
+            train_cases = preprocess(train_list, cache_dir, data_root, workers, progress=main_rank,
+                                     require_label=True)
+            val_cases = (preprocess(val_list, cache_dir, data_root, workers, progress=main_rank,
+                                    require_label=True) if val_list else [])
         distributed.barrier(dist_info, "after preprocessing")
     world_batches = args.num_steps * dist_info.world_size * args.batch_size
     dataset = PatchDataset(train_cases, args.patch_size, random_scale=args.random_scale,

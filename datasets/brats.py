@@ -13,6 +13,7 @@ subset of them, the missing ones' channels being zeros (`Case.available` says wh
 Every problem with a case raises CaseError naming the case and the file.
 """
 import dataclasses
+import gzip
 import zlib
 from pathlib import Path
 
@@ -259,6 +260,16 @@ def _guarded(case, path, read):
         raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: {err})") from err
 
 
+def _in_memory(path, img):
+    """img (from nib.load) with its voxels in memory. A .nii.gz is decompressed whole at once:
+    its CRC and length are checked at the end of the stream, which nibabel, reading only the
+    bytes the image needs, never reaches, so a corrupted file would give garbage intensities
+    without an error. (One decompression, as nibabel's own read.)"""
+    if not path.name.lower().endswith(".gz"):
+        return img
+    return type(img).from_bytes(gzip.decompress(path.read_bytes()))
+
+
 def _check_label(case, path, data, scheme):
     """Label map as stored -> uint8 (X, Y, Z) in {0,1,2,4}; 2023's ET 3 becomes 4."""
     allowed = ALLOWED_LABELS[scheme]
@@ -330,7 +341,7 @@ def read_files(case, files):
     image = np.zeros((len(MODALITIES), z, x, y), dtype=np.float32)  # network order
     label = None
     for part, path in files.items():
-        img = images[part]
+        img = _guarded(case, path, lambda: _in_memory(path, images[part]))
         if part == "seg":
             # Labels are read as stored (no scaling to float) to check the exact values.
             data = _guarded(case, path, lambda: np.asanyarray(img.dataobj))

@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import normalize as norm
-from datasets.brats import CaseError, find_case_files, load_case, read_datalist, refuse_duplicates
+from datasets.brats import CaseError, case_files, load_case, read_datalist, refuse_duplicates
 from datasets.sampling import foreground_locations
 from utils.io import atomic_path, file_sha256, remove_stale_temps, write_text
 from utils.lock import exclusive_lock
@@ -366,13 +366,13 @@ def _build(case_dir, case_cache, sources):
 def _process(job):
     """Worker: bring one case's cache up to date -> (name, None if it was re-used, else why it
     was built: '' for a case never (completely) cached, else the CacheInvalid message)."""
-    case_dir, case_cache = job
+    case_dir, case_cache, require_label = job
     name = case_cache.name
     # One writer per case; a second preprocessor waits here, then finds the case fresh.
     with exclusive_lock(case_cache, f"cache of case {name}", wait=True):
         for file in (IMAGE, LABEL, LOCATIONS, META):
             remove_stale_temps(case_cache / file)  # left by a killed writer: nobody else writes now
-        files = find_case_files(case_dir)
+        files = case_files(case_dir, require_label)
         if not (case_cache / META).exists():
             reason = ""
         else:
@@ -438,19 +438,21 @@ def _named_errors(case_dir):
         raise
 
 
-def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=False):
+def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=False,
+               require_label=False):
     """Cache every case of a datalist; returns the CachedCases in datalist order.
 
     Valid, fresh cases are re-used; missing, broken, outdated or stale ones are (re)built over
     num_workers processes (1 = in this process), each rebuild of an existing case announced
     on stderr with its reason. Returns once every case is valid; the first case that fails
-    raises (CaseError naming the case and the file) and stops the others.
+    raises (CaseError naming the case and the file) and stops the others. require_label: a
+    case without a label (seg) file is such an error (training and its validation list).
     """
     cache_dir = Path(cache_dir)
     folders = [_named_folder(folder) for folder in read_datalist(list_path, data_root)]
     refuse_duplicates(folders, list_path)  # one cache folder per case name
     names = [folder.name for folder in folders]
-    jobs = [(folder, case_folder(cache_dir, name)) for folder, name in zip(folders, names)]
+    jobs = [(folder, case_folder(cache_dir, name), require_label) for folder, name in zip(folders, names)]
     num_workers = default_workers() if num_workers is None else num_workers
     bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
     built = []

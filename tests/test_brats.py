@@ -179,9 +179,22 @@ def _break_truncated(folder):
     return path
 
 
+def _break_corrupted(folder):
+    # Bit rot in a voxel of a gzip whose deflate stream stays valid (stored blocks): only the
+    # CRC at the end of the stream tells, and nibabel reads only the bytes the image needs.
+    path = part_path(folder, "t1ce")
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    data[-100] ^= 0x40
+    corrupted = bytearray(gzip.compress(bytes(data), compresslevel=0))
+    corrupted[-8:-4] = gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=0)[-8:-4]
+    path.write_bytes(bytes(corrupted))  # the original's CRC over the changed voxel
+    return path
+
+
 @pytest.mark.parametrize(
     "breaker",
-    [_break_missing, _break_shape, _break_affine, _break_nan, _break_label, _break_garbage, _break_truncated],
+    [_break_missing, _break_shape, _break_affine, _break_nan, _break_label, _break_garbage,
+     _break_truncated, _break_corrupted],
 )
 def test_validation_error_names_case_and_file(tmp_path, breaker):
     folder, _ = write_case(tmp_path, "Brats18_TCIA02_300_1")

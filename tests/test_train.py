@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from datasets.brats import CaseError
 from datasets.preprocess import preprocess
 from datasets.synthetic import generate
 from utils.checkpoint import load_checkpoint, non_finite, set_rng_state
@@ -376,6 +378,27 @@ def test_bad_flags_are_refused_before_anything_is_written(data, tmp_path, bad, m
     with pytest.raises(UsageError, match=message):
         train.main(flags(data, snapshot, 6, 3, *bad))
     assert not snapshot.exists()
+
+
+@pytest.mark.parametrize("listed", ["--train_list", "--val_list"])
+def test_a_case_without_its_seg_file_is_named_before_training(data, tmp_path, listed):
+    # Named while preprocessing, before the run writes anything: once the file is back, the
+    # same command trains (a run stopped later, without a last.pth, would be refused).
+    cases = tmp_path / "cases"
+    shutil.copytree(data / "data", cases)
+    seg = cases / "Synth_0001" / "Synth_0001_seg.nii.gz"
+    seg.rename(tmp_path / seg.name)
+    (tmp_path / "one.csv").write_text("Synth_0001\n")
+    snapshot = tmp_path / "run"
+    argv = flags(data, snapshot, 1, 10, "--data_root", str(cases), "--cache_dir",
+                 str(tmp_path / "cache"), listed, str(tmp_path / "one.csv"))
+    with pytest.raises(CaseError) as error:
+        train.main(argv)
+    assert str(error.value) == f"case Synth_0001: {seg}: missing label (seg) file"
+    assert not (snapshot / "config.json").exists()
+    (tmp_path / seg.name).rename(seg)
+    train.main(argv)
+    assert (snapshot / "final.pth").exists()
 
 
 def test_bf16_training_is_refused_on_a_cpu_only():
