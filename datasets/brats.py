@@ -110,7 +110,8 @@ def resolve_list(path, data_dir):
 def datalist_entries(list_path):
     """A datalist's entries as written: [(line number, entry)], blank and '#' lines skipped."""
     try:
-        lines = Path(list_path).read_text().splitlines()
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would be part of the first entry
+        lines = Path(list_path).read_text(encoding="utf-8-sig").splitlines()
     except OSError as err:
         raise DataError(f"cannot read datalist {list_path}: {err}") from err
     return [(number, line.strip()) for number, line in enumerate(lines, 1)
@@ -160,11 +161,18 @@ def find_cases(folder):
 
 
 def refuse_duplicates(folders, source):
-    """Raise CaseError when two folders share a case name: their outputs would clash."""
+    """Raise CaseError when two folders share a case name (their outputs would clash) or are
+    one folder under two names (a symlink: the case would count twice)."""
     names = [Path(f).name for f in folders]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise CaseError(duplicates[0], source, "case name listed more than once")
+    seen = {}
+    for folder in folders:
+        first = seen.setdefault(Path(folder).resolve(), folder)
+        if first is not folder:
+            raise CaseError(Path(folder).name, source, f"the same folder as {Path(first).name} "
+                            f"({Path(folder).resolve()}), listed again under another name")
 
 
 # ----------------------------------------------------------------------------- case folders

@@ -34,6 +34,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import errno
 import json
 import multiprocessing
 import os
@@ -50,6 +51,7 @@ from tqdm import tqdm
 from datasets import normalize as norm
 from datasets.brats import CaseError, case_files, load_case, read_datalist, refuse_duplicates
 from datasets.sampling import foreground_locations
+from utils.cli import run_cli
 from utils.io import atomic_path, file_sha256, remove_stale_temps, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
@@ -155,13 +157,30 @@ def _named_folder(folder):
 
 
 # ------------------------------------------------------------------------- source fingerprints
-def _stat(path):
-    stat = os.stat(path)
+@contextlib.contextmanager
+def _reading_source(name, path):
+    """An OSError on a source file (a broken symlink, no permission) -> CaseError naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise CaseError(name, path, f"unreadable source file ({err.strerror or err})") from err
+
+
+def _stat(name, path):
+    with _reading_source(name, path):
+        stat = os.stat(path)
+        if not Path(path).is_file():
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a file")
     return {"path": str(Path(path).resolve()), "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
 
 
-def fingerprint(files):
+def _sha256(name, path):
+    with _reading_source(name, path):
+        return file_sha256(path)
+
+
+def fingerprint(name, files):
     """{part: Path} -> {part: {path, size, mtime_ns, ctime_ns, sha256}}.
 
     The stat is taken before hashing (and hashing happens before the case is read), so a file
@@ -169,8 +188,8 @@ def fingerprint(files):
     """
     out = {}
     for part, path in files.items():
-        out[part] = _stat(path)
-        out[part]["sha256"] = file_sha256(path)
+        out[part] = _stat(name, path)
+        out[part]["sha256"] = _sha256(name, path)
     return out
 
 
@@ -183,11 +202,11 @@ def _unchanged_sources(name, recorded, files):
                            f"source files {sorted(files)}, cached from {sorted(recorded)}")
     current = {}
     for part, path in files.items():
-        old, stat = recorded[part], _stat(path)
+        old, stat = recorded[part], _stat(name, path)
         if all(old.get(k) == v for k, v in stat.items()):
             current[part] = old
             continue
-        digest = file_sha256(path)
+        digest = _sha256(name, path)
         if stat["size"] != old.get("size") or digest != old.get("sha256"):
             raise CacheInvalid(name, path, "changed since it was cached (content differs)")
         current[part] = {**stat, "sha256": digest}
@@ -268,6 +287,8 @@ def _open_array(name, path, meta, dtype, shape):
         if size != expected:
             raise CacheInvalid(name, path, f"{size} bytes, expected {expected} (truncated or replaced)")
         array = np.load(path, mmap_mode="r")
+    except CacheInvalid:
+        raise
     except (OSError, ValueError) as err:  # missing, or a corrupt .npy header
         raise CacheInvalid(name, path, f"unreadable cached array: {err}") from err
     if array.dtype != dtype or array.shape != shape or not array.flags.c_contiguous:
@@ -320,8 +341,13 @@ def load_cached(cache_dir, name):
 
 # ---------------------------------------------------------------------------------- building
 def _save_npy(path, array):
-    with atomic_path(path) as tmp:
-        np.save(tmp, np.ascontiguousarray(array))  # C order, as _open_array expects
+    """np.save's format, C order as _open_array expects. Written with Python's own write:
+    numpy's tofile reports a full disk without an errno ('N requested and M written'), which
+    atomic_path could not tell from any other failure."""
+    array = np.ascontiguousarray(array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(memoryview(array).cast("B"))
 
 
 def _build(case_dir, case_cache, sources):
@@ -380,11 +406,12 @@ def _process(job):
                 meta = _open(case_cache, name).meta
                 sources = _unchanged_sources(name, meta["sources"], files)
                 if sources != meta["sources"]:  # same content, new stat: remember the new stat
-                    write_text(case_cache / META, json.dumps({**meta, "sources": sources}, indent=1))
+                    with contextlib.suppress(OSError):  # only saves hashing it again (full disk)
+                        write_text(case_cache / META, json.dumps({**meta, "sources": sources}, indent=1))
                 return name, None
             except CacheInvalid as err:
                 reason = str(err)
-        _build(case_dir, case_cache, fingerprint(files))
+        _build(case_dir, case_cache, fingerprint(name, files))
         return name, reason
 
 
@@ -486,4 +513,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -401,3 +401,17 @@ def test_brats_like_warnings(tmp_path):
         f"case Brats18_X: Brats18_X_t2.nii.gz: its non-zero voxels (the brain) overlap those of "
         f"Brats18_X_flair.nii.gz with a Dice of only {dice:.2f}; not co-registered, or "
         "skull-stripped differently?"]
+
+
+def test_a_list_saved_with_a_byte_order_mark_reads_its_first_entry(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with one; Windows line ends too.
+    write_case(tmp_path, "Brats18_A")
+    (tmp_path / "list.csv").write_bytes("\ufeffBrats18_A\r\n".encode())
+    assert read_datalist(tmp_path / "list.csv") == [tmp_path / "Brats18_A"]
+
+
+def test_one_folder_under_two_names_is_refused(tmp_path):
+    folder, _ = write_case(tmp_path, "Brats18_A")
+    (tmp_path / "Alias").symlink_to(folder)
+    with pytest.raises(CaseError, match="case Alias: list.csv: the same folder as Brats18_A"):
+        refuse_duplicates([folder, tmp_path / "B", tmp_path / "Alias"], "list.csv")

@@ -1,5 +1,6 @@
 """Preprocessing cache: contents, compact format, memory mapping, re-use, invalidation,
 validation on open, concurrent writers, errors, CLI."""
+import errno
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from datasets.brats import CaseError, load_case
 from datasets.normalize import normalize_image, normalize_published
 from datasets.preprocess import CacheInvalid, header_from_meta, load_cached, main, preprocess
 from datasets.sampling import foreground_locations
+from utils.io import DiskFullError
 
 
 @pytest.fixture
@@ -358,3 +360,80 @@ def test_two_preprocessors_on_one_cache_do_not_race(dataset, monkeypatch):
     assert errors == []
     assert [c.name for c in results["first"]] == ["Brats18_A", "Brats18_C"]
     assert [c.name for c in results["second"]] == ["Brats18_A"]
+
+
+def test_an_unreadable_source_is_named(dataset):
+    # A case folder whose file is a symlink into a disk that is not mounted, or a folder.
+    data, lst, cache = dataset
+    path = part_path(data / "Brats18_A", "t2")
+    path.unlink()
+    path.symlink_to(data / "not-mounted" / path.name)
+    with pytest.raises(CaseError, match="unreadable source file") as info:
+        preprocess(lst, cache, num_workers=1)
+    assert (info.value.case, info.value.path) == ("Brats18_A", path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(CaseError, match=r"unreadable source file \(a folder, not a file\)"):
+        preprocess(lst, cache, num_workers=1)
+
+
+def test_a_full_disk_while_writing_the_arrays_is_named(dataset, monkeypatch):
+    # /dev/full fails every write with ENOSPC, as a full disk does; numpy's own tofile reported
+    # it without an errno ('N requested and M written'), which read as a bug.
+    data, lst, cache = dataset
+    monkeypatch.setattr(preprocess_module, "open", lambda path, mode: open("/dev/full", mode),
+                        raising=False)
+    with pytest.raises(DiskFullError) as info:
+        preprocess(lst, cache, num_workers=1)
+    assert str(info.value) == (f"no space left on device while writing {cache / 'Brats18_A' / 'image.npy'}; "
+                               "nothing was written; free some space and run again")
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.name != ".lock"]
+
+
+def test_the_arrays_are_npy_files(dataset):
+    data, lst, cache = dataset
+    cases = preprocess(lst, cache, num_workers=1)
+    for case in cases[:2]:
+        folder = cache / case.name
+        np.testing.assert_array_equal(np.load(folder / "image.npy"), case.raw)
+        np.testing.assert_array_equal(np.load(folder / "label.npy"), case.label)
+
+
+def test_a_touched_source_on_a_full_disk_keeps_its_cache(dataset, monkeypatch):
+    # Recording a touched file's new stat only saves hashing it again next time.
+    data, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    path = part_path(data / "Brats18_A", "flair")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    before = mtimes(cache)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(preprocess_module, "write_text", full)
+    cases = preprocess(lst, cache, num_workers=1)
+    assert mtimes(cache) == before and [c.name for c in cases] == ["Brats18_A", "BraTS-GLI-00002-000", "Brats18_C"]
+
+
+def test_a_truncated_array_is_named_once(dataset):
+    data, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    path = cache / "Brats18_A" / "image.npy"
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CaseError) as info:
+        load_cached(cache, "Brats18_A")
+    assert str(info.value).count(str(path)) == 1
+    assert str(info.value).startswith(f"case Brats18_A: {path}: 1000 bytes, expected ")
+
+
+def test_cli_errors_are_one_line(dataset):
+    data, lst, cache = dataset
+    part_path(data / "Brats18_A", "t2").unlink()
+    run = subprocess.run([sys.executable, "-m", "datasets.preprocess", "--data_list", str(lst),
+                          "--cache_dir", str(cache), "--num_workers", "1"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.splitlines()[-1].startswith("error: case Brats18_A: ")
+    assert "Traceback" not in run.stderr and "missing t2 file" in run.stderr
