@@ -412,16 +412,19 @@ def main(argv=None):
 
 @contextlib.contextmanager
 def thread_pool(workers):
-    """A ThreadPoolExecutor that, when the block is stopped (Ctrl-C, SIGTERM) or fails, finishes
-    the jobs running (each file is written whole or not at all) and drops the queued ones
-    instead of running them all first, as the executor's own exit would."""
+    """A ThreadPoolExecutor that, when the block is stopped (Ctrl-C, SIGTERM), finishes the
+    jobs running (each file is written whole or not at all) and drops the queued ones instead
+    of running them all first, as the executor's own exit would. When the block fails (a case
+    that cannot be read), every job submitted still runs: the masks already predicted are
+    written, so --resume need not predict them again."""
     pool = ThreadPoolExecutor(workers)
     try:
         yield pool
-    except BaseException:
+    except KeyboardInterrupt:
         pool.shutdown(cancel_futures=True)
         raise
-    pool.shutdown()
+    finally:
+        pool.shutdown()
 
 
 def collect(scored, drawn):
@@ -447,11 +450,16 @@ def run(args, mode, folders, model, window, device, done=frozenset(), progress=T
     output_dir = args.output_dir
 
     def read(case_dir):
-        if case_dir.name in done:
-            return saved_case(case_dir)
-        case = load_case(case_dir, allow_missing=True)
-        case.image = normalize_case(case)
-        return case
+        try:
+            if case_dir.name in done:
+                return saved_case(case_dir)
+            case = load_case(case_dir, allow_missing=True)
+            case.image = normalize_case(case)
+            return case
+        except CaseError as err:  # seen only in the voxels: NaN, a truncated or corrupted file
+            raise CaseError(err.case, err.path, f"{err.problem}; the cases before it are "
+                            "exported: replace the file, then run the same command with "
+                            "--resume") from None
 
     rows = []
     # Reading the next case, and writing / scoring / drawing the previous ones, overlap with

@@ -265,7 +265,8 @@ def _guarded(case, path, read):
     try:
         return read()
     except READ_ERRORS as err:
-        raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: {err})") from err
+        detail = " ".join(str(err).split())  # one line: nibabel's messages span several
+        raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: {detail})") from err
 
 
 def _in_memory(path, img):

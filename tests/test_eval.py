@@ -746,3 +746,32 @@ def test_a_refusal_under_torchrun_stops_every_rank_with_one_line(segmentation_se
     assert stderr0.splitlines()[-1].startswith(refusal) and "error" not in stderr1
     assert sorted(p.name for p in out.iterdir()) == [".lock", "eval_config.json"]
     assert (out / "eval_config.json").read_text() == "{}"
+
+
+def test_a_case_unreadable_in_its_voxels_stops_the_run_with_the_cases_before_it_written(
+        segmentation_setup, tmp_path):
+    # The headers pass the checks; the voxels of the third case do not. Every mask of the two
+    # cases before it is written (the writers were still busy with them), so --resume, once the
+    # file is replaced, predicts only the rest.
+    root, cases = segmentation_setup
+    data = many_cases(cases, tmp_path / "data", 4)
+    folders = sorted(p.name for p in data.iterdir())
+    bad = data / folders[2] / f"{folders[2]}_t2.nii.gz"
+    good = bad.read_bytes()
+    bad.write_bytes(gzip.compress(gzip.decompress(good)[:-1000]))  # a valid header over too few voxels
+    out = tmp_path / "out"
+    flags = ["--input", str(data), "--restore_from", str(root / "final.pth"), "--output_dir",
+             str(out), "--device", "cpu", "--mode", "all", "--workers", "1"]
+    message = cli(flags).splitlines()[-1]
+    assert message.startswith(f"error: case {folders[2]}: {bad}: unreadable NIfTI")
+    assert message.endswith("; the cases before it are exported: replace the file, then run the "
+                            "same command with --resume")
+    assert sorted({p.name for p in out.glob("*/*.nii.gz")}) == [f"{f}.nii.gz" for f in folders[:2]]
+    assert len(list(out.glob("*/*.nii.gz"))) == 2 * 15
+    bad.write_bytes(good)
+    predicted = []
+    real = evaluate.segment
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "segment", lambda model, image, *a: predicted.append(1) or real(model, image, *a))
+        evaluate.main([*flags, "--resume"])
+    assert len(predicted) == 2 and len(list(out.glob("*/*.nii.gz"))) == 4 * 15
