@@ -49,6 +49,7 @@ from utils.cli import UsageError, run_cli
 from utils.export import read_mask
 from utils.io import atomic_path
 from utils.modalities import MODALITIES, parse_subset
+from utils.segment import int_at_least
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
@@ -309,7 +310,7 @@ def t1ce_files(sources, input_dir, images):
     if images is not None:
         folder_of = {}
     elif (input_dir / CASES_RECORD).is_file():
-        record = pd.read_csv(input_dir / CASES_RECORD)
+        record = pd.read_csv(input_dir / CASES_RECORD, dtype=str, keep_default_na=False)  # '007' stays
         folder_of = dict(zip(record["case"], record["folder"]))
     else:
         raise UsageError(f"--kmeans_necrosis reads each case's T1ce: pass --images (the folder of "
@@ -334,6 +335,20 @@ def t1ce_files(sources, input_dir, images):
         uses_t1ce = T1CE in subset if subset is not None else "t1ce" in files
         paths.append(files["t1ce"] if uses_t1ce else None)
     return paths
+
+
+def clear_other_masks(output_dir, targets, args):
+    """The output folder is what gets uploaded: masks of an earlier run that this one does not
+    replace (other cases, other subsets) would go with it. Refused, or deleted (--overwrite)."""
+    others = [p for p in find_masks(output_dir) if p not in targets] if output_dir.is_dir() else []
+    if others and not args.overwrite:
+        raise UsageError(f"--output_dir {args.output_dir} holds {len(others)} mask(s) that this run "
+                         f"does not write (e.g. {others[0].relative_to(output_dir)}), from an earlier "
+                         "run; --overwrite deletes them, or choose another --output_dir")
+    for path in others:
+        path.unlink()
+    if others:
+        print(f"--overwrite: deleted {len(others)} mask(s) of an earlier run from {args.output_dir}")
 
 
 def _overlap(a, b):
@@ -369,8 +384,11 @@ def parse_args(argv=None):
         default = getattr(Rules, f"kmeans_{name}")
         g.add_argument(f"--kmeans_{name}", type=type(default), default=default,
                        help=f"fires when the {help_text} this (default %(default)s)")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--num_workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1),
                         help="parallel processes; 0 = run in this process (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the masks in --output_dir that this run does not write (an "
+                             "earlier run's other cases or subsets); refused without it")
     return parser.parse_args(argv)
 
 
@@ -393,6 +411,7 @@ def main(argv=None):
             else [None] * len(sources))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))
             for s, t in zip(sources, t1ce)]
+    clear_other_masks(output_dir, {job[1] for job in jobs}, args)
 
     progress = dict(total=len(jobs), desc="postprocess", unit="case")
     if args.num_workers == 0:

@@ -381,3 +381,51 @@ def test_script_kmeans_reads_t1ce_only_for_subsets_that_had_it(tmp_path, capsys)
     (masks / "cases.csv").unlink()
     with pytest.raises(UsageError, match="pass --images"):
         postprocess.main([*flags, "--output_dir", str(tmp_path / "out4")])
+
+
+def test_masks_of_an_earlier_run_are_refused_or_deleted_never_uploaded_with_the_new(tmp_path, capsys):
+    # The output folder is what gets zipped for the upload: an earlier run's other cases or
+    # subsets must not stay among the new masks.
+    label = np.zeros((30, 30, 30), np.uint8)
+    _cube(label, (5, 5, 10), 8, 2)
+    inp, out = tmp_path / "eval", tmp_path / "post"
+    for path in ("flair/A", "flair/B", "t1/A"):
+        _write(inp / f"{path}.nii.gz", label, np.eye(4))
+    flags = ["--input_dir", str(inp), "--output_dir", str(out), "--num_workers", "0"]
+    postprocess.main(flags)
+    postprocess.main(flags)  # the same run again: it replaces exactly its own masks
+    (inp / "flair" / "B.nii.gz").unlink()
+    (inp / "t1").rename(inp / "t2")
+    (out / "notes.txt").write_text("mine")
+    before = _hashes(out)
+    with pytest.raises(UsageError, match=r"--output_dir \S+ holds 2 mask\(s\) that this run does "
+                                         r"not write \(e\.g\. flair/B\.nii\.gz\), from an earlier run; "
+                                         r"--overwrite deletes them"):
+        postprocess.main(flags)
+    assert _hashes(out) == before  # refused before any write
+    postprocess.main([*flags, "--overwrite"])
+    assert "--overwrite: deleted 2 mask(s) of an earlier run" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "flair/A.nii.gz", "notes.txt", "t2/A.nii.gz"]
+
+
+def test_kmeans_finds_cases_whose_names_are_numbers(tmp_path):
+    # cases.csv read as text: '007' is not the number 7.
+    label, t1ce = kmeans_case()
+    images, masks = tmp_path / "data", tmp_path / "eval"
+    _images(images, "007", label, t1ce)
+    _write(masks / "flair+t1ce" / "007.nii.gz", label, np.eye(4))
+    (masks / "cases.csv").write_text(f"case,folder,available\n007,{images / '007'},flair+t1+t1ce+t2\n")
+    postprocess.main(["--input_dir", str(masks), "--output_dir", str(tmp_path / "out"),
+                      "--num_workers", "0", "--kmeans_necrosis", "--min_component", "1",
+                      "--bottom_slices", "0", "--et_threshold", "0"])
+    kmeans, _ = postprocess_label(label, NO_DROPS, t1ce=t1ce)
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(tmp_path / "out" / "flair+t1ce" / "007.nii.gz").dataobj), kmeans)
+
+
+def test_a_negative_worker_count_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        postprocess.parse_args(["--num_workers", "-1"])
+    assert exit_.value.code == 2
+    assert "--num_workers: must be at least 0, got -1" in capsys.readouterr().err
