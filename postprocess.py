@@ -47,7 +47,7 @@ from tqdm import tqdm
 from datasets.brats import CaseError, case_files, read_files, require_modalities, to_nifti_order
 from utils.cli import UsageError, run_cli
 from utils.export import read_mask
-from utils.io import atomic_path
+from utils.io import atomic_path, check_writable
 from utils.modalities import MODALITIES, parse_subset
 from utils.segment import int_at_least
 
@@ -412,6 +412,7 @@ def main(argv=None):
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))
             for s, t in zip(sources, t1ce)]
     clear_other_masks(output_dir, {job[1] for job in jobs}, args)
+    check_writable(output_dir)  # named now, not by the first worker
 
     progress = dict(total=len(jobs), desc="postprocess", unit="case")
     if args.num_workers == 0:

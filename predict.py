@@ -27,6 +27,7 @@ from postprocess import Rules, orientation_warning, postprocess_label
 from utils import figures
 from utils.cli import UsageError, run_cli
 from utils.export import save_labels
+from utils.io import check_writable
 from utils.modalities import MODALITIES, subset_name
 from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
@@ -77,6 +78,9 @@ def check_args(args):
     if existing and not args.overwrite:
         raise UsageError(f"{existing[0]} exists (an earlier prediction?); pass --overwrite to "
                          "replace it, or choose another -o")
+    for path in (args.output, figure_path(args)):
+        if path:
+            check_writable(path.parent)  # found now, not after the prediction
     return files
 
 

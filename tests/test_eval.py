@@ -775,3 +775,11 @@ def test_a_case_unreadable_in_its_voxels_stops_the_run_with_the_cases_before_it_
         patch.setattr(evaluate, "segment", lambda model, image, *a: predicted.append(1) or real(model, image, *a))
         evaluate.main([*flags, "--resume"])
     assert len(predicted) == 2 and len(list(out.glob("*/*.nii.gz"))) == 4 * 15
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(segmentation_setup, tmp_path):
+    root, _ = segmentation_setup
+    (tmp_path / "afile").write_text("x")
+    assert cli(argv(root, tmp_path / "afile")) == (
+        f"error: cannot write in {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a "
+        "folder; choose another folder, or fix its permissions")

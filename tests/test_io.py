@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from utils.io import DiskFullError, atomic_path, remove_stale_temps
+from utils.io import DiskFullError, NotWritableError, atomic_path, check_writable, remove_stale_temps
 from utils.lock import LockError, exclusive_lock
 
 
@@ -106,3 +106,24 @@ def test_lock_with_wait_blocks_until_the_holder_leaves(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    message = ("cannot write in {}: {} is a file, not a folder; choose another folder, or fix its "
+               "permissions")
+    for folder in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(NotWritableError) as error:
+            check_writable(folder)
+        assert str(error.value) == message.format(folder, tmp_path / "afile")
+        with pytest.raises(NotWritableError, match="is a file, not a folder"):
+            exclusive_lock(folder).__enter__()
+        with pytest.raises(NotWritableError, match="is a file, not a folder"):
+            with atomic_path(folder / "m.nii.gz"):
+                pass
+    check_writable(tmp_path / "new" / "deeper")  # may be created: nothing is
+    assert not (tmp_path / "new").exists()
+    # Root passes any permission check, so a read-only folder is what os.access says it is.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(NotWritableError, match=f"cannot write in {tmp_path / 'new'}: Permission denied"):
+        check_writable(tmp_path / "new")

@@ -95,6 +95,10 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
     assert message == (f"error: case m: {thin}: shape (64, 64, 31) differs from "
                        f"{case.name}_flair.nii.gz (64, 64, 32)")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("x")
+    assert cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "afile" / "m.nii.gz")]) == (
+        f"error: cannot write in {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a "
+        "folder; choose another folder, or fix its permissions")  # before predicting
 
 
 def test_an_existing_mask_is_replaced_only_with_overwrite(segmentation_setup, tmp_path):

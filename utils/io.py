@@ -47,9 +47,10 @@ def atomic_path(path):
     choose the format from it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
+    with writing_in(path.parent):
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
@@ -63,6 +64,50 @@ def atomic_path(path):
             raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; "
                                 f"{previous}; free some space and run again") from error
         raise
+
+
+class NotWritableError(OSError):
+    """A folder that cannot be created or written in (a file in its way, no permission)."""
+
+    def __str__(self):
+        return self.strerror
+
+
+@contextlib.contextmanager
+def writing_in(folder):
+    """An OSError creating `folder` or a file in it -> NotWritableError (or DiskFullError)
+    naming the folder."""
+    try:
+        yield
+    except OSError as error:
+        folder = Path(folder)
+        if _is_disk_full(error):
+            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing in {folder}; "
+                                "free some space and run again") from error
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        problem = f"{blocking} is a file, not a folder" if blocking else error.strerror
+        raise NotWritableError(error.errno, f"cannot write in {folder}: {problem}; choose another "
+                               "folder, or fix its permissions") from error
+
+
+def check_writable(folder):
+    """Raise NotWritableError naming `folder` when it could not be created or written in (a
+    file in its way, no permission), creating nothing: for checks before any work."""
+    folder = Path(folder)
+    with writing_in(folder):
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def make_folder(folder):
+    """mkdir -p `folder` -> Path, or NotWritableError naming it."""
+    folder = Path(folder)
+    with writing_in(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 class DiskFullError(OSError):

@@ -10,6 +10,8 @@ import os
 import socket
 from pathlib import Path
 
+from utils.io import make_folder, writing_in
+
 LOCK_NAME = ".lock"
 
 
@@ -22,10 +24,10 @@ def exclusive_lock(folder, what="folder", wait=False):
     """Hold FOLDER/.lock for the duration of the block; if another process holds it, raise
     LockError, or with wait=True block until it is released (e.g. another preprocessor
     writing the same cached case)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    with writing_in(folder):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
