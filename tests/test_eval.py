@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import eval as evaluate
+import models
 from test_demo import LOCAL, REPO
 from test_shell import copy_scripts
 from test_figures import assert_regions_drawn, read_png
@@ -783,3 +784,24 @@ def test_an_output_folder_that_is_a_file_is_one_line(segmentation_setup, tmp_pat
     assert cli(argv(root, tmp_path / "afile")) == (
         f"error: cannot write in {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a "
         "folder; choose another folder, or fix its permissions")
+
+
+def test_a_checkpoint_of_another_network_is_one_line_naming_the_flags_it_fits(segmentation_setup, tmp_path):
+    root, _ = segmentation_setup  # final.pth: the small network, InstanceNorm
+    message = cli(argv(root, tmp_path / "out", "--model_size", "full"))
+    assert "\n" not in message and message.startswith(
+        f"error: checkpoint {root / 'final.pth'} does not fit the network built (")
+    assert message.endswith("it holds a network of --model_size small --norm_cfg IN: pass those "
+                            "flags instead of --model_size full")
+    small = torch.load(root / "final.pth")["model"]
+    full = models.LCKD(models.LCKDConfig.published()).state_dict()
+    resized = [k for k in full if k in small and small[k].shape != full[k].shape]
+    missing = [k for k in full if k not in small]
+    assert (f"({len(resized)} tensors of another shape, e.g. {resized[0]} {tuple(small[resized[0]].shape)} "
+            f"for {tuple(full[resized[0]].shape)}; {len(missing)} tensors missing, e.g. {missing[0]});") in message
+    bare = tmp_path / "bare.pth"  # a state_dict alone: the published (full) network is built
+    torch.save(small, bare)
+    assert cli([*argv(root, tmp_path / "out2")[:4], "--restore_from", str(bare), "--output_dir",
+                str(tmp_path / "out2"), "--device", "cpu"]).endswith(
+        "it holds a network of --model_size small --norm_cfg IN: pass those flags")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()

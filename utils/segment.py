@@ -6,6 +6,7 @@
 * a normalised case's label maps for one or several modality subsets (`segment`).
 """
 import argparse
+import itertools
 from fractions import Fraction
 
 from models import LCKD, LCKDConfig
@@ -95,12 +96,38 @@ def load_model(path, args, device):
                     else (checkpoint, {}))
     config, window = resolve_model_config(args, saved)
     model = LCKD(config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise UsageError(f"checkpoint {path} does not fit the network {config} (model flags "
-                         f"given that the checkpoint contradicts?): {error}") from error
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise UsageError(f"checkpoint {path} does not fit the network built ({problem}); "
+                         + fitting_flags(state, config, args))
+    model.load_state_dict(state)
     return model.to(device).eval(), config, window
+
+
+def state_mismatch(expected, state):
+    """What keeps `state` from loading into a network whose state_dict is `expected` -> one
+    line (load_state_dict's own message lists every tensor: ~100 lines), or None."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = ([f"{len(resized)} tensors of another shape, e.g. {resized[0]} "
+              f"{tuple(state[resized[0]].shape)} for {tuple(expected[resized[0]].shape)}"] if resized else [])
+    parts += [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in
+              ((missing, "tensors missing"), (unexpected, "unexpected tensors")) if keys]
+    return "; ".join(parts) or None
+
+
+def fitting_flags(state, config, args):
+    """The hint for a checkpoint that does not fit: the model flags of a network it fits."""
+    given = " ".join(f"--{k} {getattr(args, k)}" for k in ("model_size", "norm_cfg")
+                     if getattr(args, k) is not None)
+    for size, norm in itertools.product(("full", "small"), ("IN", "BN")):
+        candidate = LCKDConfig.from_name(size, weight_std=config.weight_std, norm=norm,
+                                         activation=config.activation)
+        if candidate != config and not state_mismatch(LCKD(candidate).state_dict(), state):
+            return (f"it holds a network of --model_size {size} --norm_cfg {norm}: pass those "
+                    f"flags{f' instead of {given}' if given else ''}")
+    return "is it a checkpoint of this repository's LCKD?"
 
 
 # ---------------------------------------------------------------------------------- predicting
