@@ -52,7 +52,7 @@ from datasets.sampling import PatchDataset, loader_options
 from models import LCKD, LCKDConfig
 from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, non_finite,
-                              save_checkpoint, set_rng_state, unwrap)
+                              save_checkpoint, set_rng_state, state_mismatch, unwrap)
 from utils.cli import USER_ERRORS, UsageError, run_cli, str2bool, window_size
 from utils.election import append_history, elect, format_result, overlay_panel
 from utils.inference import AMP_DTYPES
@@ -216,7 +216,8 @@ def validate_args(args):
          f"--save_every_min must be >= 0 (0 = off), got {args.save_every_min}")
     need(math.isfinite(args.dist_timeout_min) and args.dist_timeout_min > 0,
          f"--dist_timeout_min must be > 0, got {args.dist_timeout_min}")
-    need(not args.reload_path or Path(args.reload_path).is_file(),
+    own = any((Path(args.snapshot_dir) / name).is_file() for name in ("last.pth", "final.pth"))
+    need(not args.reload_path or Path(args.reload_path).is_file() or (own and not args.overwrite),
          f"--reload_path {args.reload_path} does not exist")
     # Silent, not slow: on a CPU, PyTorch's bf16 conv3d returns wrong weight gradients for
     # 3x3x3 convolutions on maps of depth 2 (torch 2.11 and 2.13, oneDNN; forward and input
@@ -318,11 +319,43 @@ def claim_snapshot_dir(args, folder, log):
             log(f"resuming from {last}, this folder's own checkpoint (it continues "
                 f"--reload_path {reload})")
         return "resume", last
-    elif existing:
-        raise UsageError(f"{folder} holds a run without a last.pth to resume from "
-                         f"({', '.join(p.name for p in existing[:3])}); --overwrite True deletes "
-                         f"it and starts over, or choose another --snapshot_dir")
+    elif existing:  # stopped before its first checkpoint: nothing to resume, nothing to lose
+        for path in existing:
+            path.unlink()
+        log(f"{folder} holds a run stopped before its first last.pth; starting it again "
+            f"(deleted {', '.join(p.name for p in existing)})")
+    if reload is not None and not reload.is_file():
+        raise UsageError(f"--reload_path {reload} does not exist")
     return ("resume", reload) if reload is not None else ("start", None)
+
+
+# What a resumed run shares with the run it continues (the exact resume); the device, the
+# workers, the speed options, logging and where the data are read from may change.
+RUN_SETTINGS = ("patch_size", "batch_size", "learning_rate", "power", "momentum", "weight_decay",
+                "kd_weight", "mode", "missing_schedule", "teachers", "num_steps", "random_seed",
+                "random_mirror", "random_scale", "augment", "val_pred_every", "overlap", "amp",
+                "world_size")
+# Network fields that change memory or work, not results.
+SPEED_FIELDS = ("checkpoint_encoder", "encode_all")
+
+
+def refuse_changed_settings(saved, config, folder):
+    """UsageError naming the first setting in which `config` (this command's) differs from the
+    run in `folder` (`saved`: its last.pth's config), before anything is written: continuing
+    it with other settings would silently give a run that neither command describes."""
+    network = lambda c: {k: v for k, v in c.get("model_config", {}).items() if k not in SPEED_FIELDS}
+    old, new = network(saved), network(config)
+    if old != new:
+        field = next(k for k in new if old.get(k) != new.get(k))
+        raise UsageError(f"{folder} holds a run of another network ({field} {old.get(field)}, this "
+                         f"command {new[field]}): pass the model flags it was trained with "
+                         f"(its config.json), --overwrite True to start over, or another --snapshot_dir")
+    for key in RUN_SETTINGS:
+        if key in saved and saved[key] != config[key]:
+            setting = {"patch_size": "--input_size", "world_size": "processes"}.get(key, f"--{key}")
+            raise UsageError(f"{folder} holds a run with {setting} {saved[key]} (this command: "
+                             f"{config[key]}); resume it with the same settings (its config.json), "
+                             f"--overwrite True to start over, or choose another --snapshot_dir")
 
 
 class StopSignals:
@@ -465,6 +498,13 @@ def train(args, lists, dist_info, device):
         if bad:
             raise FloatingPointError(f"{source} holds non-finite weights ({len(bad)}/{len(weights)} "
                                      f"tensors, first {bad[0]}): start from another checkpoint")
+        own = source == snapshot_dir / "last.pth"  # this folder's run, continued where it stopped
+        if own:
+            refuse_changed_settings(checkpoint["config"], config, snapshot_dir)
+        mismatch = state_mismatch(model.state_dict(), weights)
+        if mismatch:
+            raise UsageError(f"{source} holds another network ({mismatch}); pass the model flags "
+                             "it was trained with (--model_size, --norm_cfg)")
         model.load_state_dict(weights)
         if "model" not in checkpoint:
             log(f"loaded weights from {source}")
@@ -477,7 +517,8 @@ def train(args, lists, dist_info, device):
                 scaler.load_state_dict(checkpoint["scaler"])
             teachers, elected_at = tuple(checkpoint["teachers"]), checkpoint["elected_at"]
             set_rng_state(checkpoint["rng"], subset_rng)
-            start = args.start_iters or checkpoint["iteration"]
+            # --start_iters re-bases a run started from --reload_path, not the folder's own
+            start = checkpoint["iteration"] if own else args.start_iters or checkpoint["iteration"]
             same_stage = checkpoint["config"].get("mode") == args.mode
             random_start = checkpoint.get("random_start", start) if same_stage else start
             log(f"reloaded {source}: iteration {checkpoint['iteration']} "
@@ -649,9 +690,11 @@ def train(args, lists, dist_info, device):
                 leave("after saving the interrupted run")
                 signum = stop_signals.signum or signal.SIGTERM  # another rank's signal
                 if main_rank:
+                    again = ("the same command without --overwrite True" if args.overwrite
+                             else "the same command again")
                     print(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: "
-                          f"{snapshot_dir / 'last.pth'} holds the state; run the same command "
-                          f"again to resume", file=sys.stderr)
+                          f"{snapshot_dir / 'last.pth'} holds the state; run {again} to resume",
+                          file=sys.stderr)
                 raise SystemExit(128 + signum)
             if save_due and done % args.val_pred_every:  # (at a multiple, the next iteration saves)
                 save_last(good)

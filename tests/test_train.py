@@ -21,6 +21,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from models import LCKD, LCKDConfig
 from datasets.brats import CaseError
 from datasets.preprocess import preprocess
 from datasets.synthetic import generate
@@ -208,13 +209,79 @@ def test_rerun_resumes_and_never_restarts_a_run(data, tmp_path, capsys):
     assert len(list(snapshot.glob("events.out.tfevents.*"))) == 1
 
 
-def test_a_run_without_checkpoint_is_refused_not_restarted(data, tmp_path):
+def test_a_rerun_with_start_iters_continues_where_it_stopped(data, tmp_path, capsys):
+    # --start_iters re-bases a run started afresh or from --reload_path; the same command run
+    # again resumes the folder's own last.pth at its iteration (it rewound to 4 before).
+    command = flags(data, tmp_path / "run", 10, 3, "--val_list", "", "--start_iters", "4")
+    train.main([*command, "--stop_at", "8"])
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["iteration"] == 6
+    capsys.readouterr()
+    assert train.main(command)["iteration"] == 10
+    assert "iteration 6 (mode 0,1,2,3), continuing at 6" in capsys.readouterr().out
+    train.main(flags(data, tmp_path / "whole", 10, 3, "--val_list", "", "--start_iters", "4"))
+    assert_same_tensors(load_checkpoint(tmp_path / "run" / "final.pth")["model"],
+                        load_checkpoint(tmp_path / "whole" / "final.pth")["model"])
+
+
+def test_a_run_is_resumed_with_its_own_settings_or_refused(data, tmp_path):
+    # A re-run that forgot an override (run.sh's PATCH, MODEL_SIZE, STAGE1_STEPS...) would
+    # continue the run as neither command describes it.
+    snapshot = tmp_path / "run"
+    command = flags(data, snapshot, 10, 3, "--val_list", "")
+    train.main([*command, "--stop_at", "5"])
+    kept = {p.name: p.read_bytes() for p in snapshot.iterdir() if p.is_file()}
+    for changed, message in (
+            (["--model_size", "full"], re.escape("holds a run of another network (blocks (1, 1, 1, "
+                                                 "1), this command (3, 4, 6, 3))")),
+            (["--input_size", "32,64,64"], r"holds a run with --input_size \[16, 32, 32\] \(this "
+                                           r"command: \[32, 64, 64\]\)"),
+            (["--num_steps", "20"], r"--num_steps 10 \(this command: 20\)"),
+            (["--learning_rate", "0.1"], r"--learning_rate 0.01 \(this command: 0.1\)"),
+            (["--mode", "random"], r"--mode 0,1,2,3 \(this command: random\)")):
+        with pytest.raises(UsageError, match=message + ".*--overwrite True to start over"):
+            train.main([*command, *changed])
+        assert {p.name: p.read_bytes() for p in snapshot.iterdir() if p.is_file()} == kept
+    # what may change: the device's speed options, workers, logging, the stop point
+    assert train.main([*command, "--log_every", "2", "--checkpoint_encoder", "True",
+                       "--channels_last", "on"])["iteration"] == 10
+
+    # --reload_path of another network (a stage 1 of another size): one line
+    other = tmp_path / "other.pth"
+    torch.save({"model": LCKD(LCKDConfig.published()).state_dict()}, other)
+    with pytest.raises(UsageError, match=rf"{other} holds another network \(.*\); pass the "
+                                         r"model flags it was trained with"):
+        train.main(flags(data, tmp_path / "two", 10, 3, "--val_list", "", "--reload_path", str(other)))
+
+
+def test_a_stage_2_rerun_resumes_its_own_checkpoint_without_the_reload_path(data, tmp_path):
+    # Stage 1's final.pth moved or deleted after stage 2 started: stage 2 no longer needs it.
+    stage1 = tmp_path / "stage1.pth"
+    train.main(flags(data, tmp_path / "s1", 4, 3, "--val_list", ""))
+    (tmp_path / "s1" / "final.pth").rename(stage1)
+    command = flags(data, tmp_path / "s2", 10, 3, "--val_list", "", "--mode", "random",
+                    "--reload_path", str(stage1))
+    train.main([*command, "--stop_at", "8"])
+    stage1.unlink()
+    assert train.main(command)["iteration"] == 10
+    with pytest.raises(UsageError, match="--reload_path .*stage1.pth does not exist"):
+        train.main(flags(data, tmp_path / "s3", 10, 3, "--val_list", "", "--reload_path", str(stage1)))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(data, tmp_path, capsys):
+    # An early crash or kill -9, before the first last.pth: nothing to resume and nothing to
+    # lose, so the same command (run.sh's re-run) starts the run again instead of refusing.
     snapshot = tmp_path / "run"
     train.main(flags(data, snapshot, 10, 5, "--stop_at", "3"))  # killed before its first last.pth
-    before = sorted(p.name for p in snapshot.iterdir())
-    with pytest.raises(UsageError, match="holds a run without a last.pth .*--overwrite True"):
-        train.main(flags(data, snapshot, 10, 5))
-    assert sorted(p.name for p in snapshot.iterdir()) == before
+    (old_events,) = snapshot.glob("events.out.tfevents.*")
+    assert not (snapshot / "last.pth").exists() and (snapshot / "config.json").exists()
+    capsys.readouterr()
+    train.main(flags(data, snapshot, 10, 5))
+    assert (f"{snapshot} holds a run stopped before its first last.pth; starting it again (deleted "
+            f"config.json, teachers.json, {old_events.name})") in capsys.readouterr().out
+    train.main(flags(data, tmp_path / "fresh", 10, 5))
+    assert_same_tensors(load_checkpoint(snapshot / "final.pth")["model"],
+                        load_checkpoint(tmp_path / "fresh" / "final.pth")["model"])
+    assert not old_events.exists()
 
 
 def test_huge_learning_rate_after_resume_saves_the_last_good_state(data, tmp_path):
@@ -326,11 +393,10 @@ def test_time_based_checkpoint(data, tmp_path):
 
 
 def test_disk_full_while_checkpointing_is_one_line(data, tmp_path):
-    # train.py as a script, with every torch.save failing as on a full disk
-    code = ("import errno, runpy, sys, torch\n"
-            "def full(*args, **kwargs):\n"
-            "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "torch.save = full\n"
+    # train.py as a script, every checkpoint written into /dev/full, whose writes fail with
+    # ENOSPC as on a full disk (torch's own zip writer reported it without an errno)
+    code = ("import runpy, sys, utils.checkpoint\n"
+            "utils.checkpoint.open = lambda path, mode: open('/dev/full', mode)\n"
             "sys.argv = sys.argv[1:]\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     run = subprocess.run([sys.executable, "-c", code, str(REPO / "train.py"),

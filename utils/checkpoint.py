@@ -15,7 +15,9 @@ A checkpoint is a dict (every value loadable by `torch.load(..., weights_only=Tr
 
 Nothing pickles code: numpy's and Python's RNG states are converted to lists and tensors.
 """
+import io
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,19 @@ def non_finite(state_dict):
             if value.is_floating_point() and not torch.isfinite(value).all()]
 
 
+def state_mismatch(expected, state):
+    """What keeps `state` from loading into a network whose state_dict is `expected` -> one
+    line (load_state_dict's own message lists every tensor: ~100 lines), or None."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = ([f"{len(resized)} tensors of another shape, e.g. {resized[0]} "
+              f"{tuple(state[resized[0]].shape)} for {tuple(expected[resized[0]].shape)}"] if resized else [])
+    parts += [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in
+              ((missing, "tensors missing"), (unexpected, "unexpected tensors")) if keys]
+    return "; ".join(parts) or None
+
+
 def save_checkpoint(checkpoint, path):
     """Write atomically: a kill mid-write leaves the previous file intact. Weights with a NaN or
     an infinity are refused: such a file would replace a usable one with a useless one."""
@@ -107,19 +122,32 @@ def save_checkpoint(checkpoint, path):
     if bad:
         raise FloatingPointError(f"refusing to write {path}: {len(bad)}/{len(checkpoint['model'])} "
                                  f"weight tensors are non-finite (first: {bad[0]})")
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    buffer = io.BytesIO()  # torch's zip writer reports a full disk without an errno
+    torch.save(checkpoint, buffer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())  # Python's write raises ENOSPC: atomic_path names the file
 
 
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint (or a bare state_dict) without executing pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir()
+                                                         else "does not exist"))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise CheckpointError(
-            f"cannot read checkpoint {path} with weights_only=True (a truncated file, or a "
-            f"checkpoint that pickles objects such as the published code's whole model): {error}"
-        ) from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(error)}") from error
+
+
+def _load_failure(error):
+    """torch.load's error -> what it says of the file, in one line. (Its text, coloured with
+    terminal escapes, advises weights_only=False, which would run the file's pickled code.)"""
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if pickled:
+        return (f"it pickles {pickled.group(1)} objects (the published code saves whole models), "
+                "which are never unpickled here; load it where that class exists and save its "
+                "state_dict()")
+    if "Weights only load failed" in str(error):
+        return "not a PyTorch checkpoint of tensors and plain values"
+    return f"{type(error).__name__}: {' '.join(str(error).split())} (a truncated or damaged file?)"

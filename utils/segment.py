@@ -10,7 +10,7 @@ import itertools
 from fractions import Fraction
 
 from models import LCKD, LCKDConfig
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, state_mismatch
 from utils.cli import PUBLISHED_INPUT_SIZE, UsageError, str2bool, window_size
 from utils.export import probabilities_to_labels
 from utils.inference import AMP_DTYPES, predict_subsets
@@ -102,19 +102,6 @@ def load_model(path, args, device):
                          + fitting_flags(state, config, args))
     model.load_state_dict(state)
     return model.to(device).eval(), config, window
-
-
-def state_mismatch(expected, state):
-    """What keeps `state` from loading into a network whose state_dict is `expected` -> one
-    line (load_state_dict's own message lists every tensor: ~100 lines), or None."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    resized = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    parts = ([f"{len(resized)} tensors of another shape, e.g. {resized[0]} "
-              f"{tuple(state[resized[0]].shape)} for {tuple(expected[resized[0]].shape)}"] if resized else [])
-    parts += [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in
-              ((missing, "tensors missing"), (unexpected, "unexpected tensors")) if keys]
-    return "; ".join(parts) or None
 
 
 def fitting_flags(state, config, args):
