@@ -64,6 +64,13 @@ NUM_WORKERS=${NUM_WORKERS:--1}                      # -1: DataLoader workers siz
 PYTHON=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PYTHON}  # how train.py starts, e.g. LAUNCH="torchrun --nproc_per_node 4"
 
+# Checked now, not after stage 1 has trained (a test inside `if` that fails to parse is false).
+for name in STAGE1_STEPS STAGE2_STEPS VAL_EVERY BATCH; do
+    if ! [[ ${!name} =~ ^[0-9]+$ ]]; then
+        echo "error: $name must be a whole number, got '${!name}'" >&2
+        exit 2
+    fi
+done
 # Stage 2 continues stage 1's iteration count: it must end later, or it would train nothing.
 if [ "$STAGE2_STEPS" -le "$STAGE1_STEPS" ]; then
     echo "error: STAGE2_STEPS ($STAGE2_STEPS) must be greater than STAGE1_STEPS ($STAGE1_STEPS)" >&2

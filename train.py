@@ -160,13 +160,23 @@ def parse_args(argv=None):
     parser = get_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        defaults = json.loads(Path(known.config).read_text())
+        try:
+            defaults = json.loads(Path(known.config).read_text())
+        except (OSError, ValueError) as error:  # missing, unreadable, not JSON
+            raise UsageError(f"--config {known.config}: {error}") from None
+        if not isinstance(defaults, dict):
+            raise UsageError(f"--config {known.config}: expected a JSON object of flag values")
         flags = {a.dest for a in parser._actions}
         unknown = set(defaults) - flags - set(DERIVED)
         if unknown:
             raise UsageError(f"{known.config}: unknown settings {sorted(unknown)}")
         parser.set_defaults(**{k: v for k, v in defaults.items() if k in flags and k != "config"})
     args = parser.parse_args(argv)
+    for action in parser._actions:  # argparse checks the command line's values, not defaults
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value not in action.choices:
+            raise UsageError(f"--{action.dest} {value!r} (from --config {known.config}): choose "
+                             f"from {', '.join(map(str, action.choices))}")
     validate_args(args)
     return args
 

@@ -31,7 +31,7 @@ STAND_IN = textwrap.dedent("""\
     time.sleep(0.5)
     names = " ".join(signal.Signals(s).name for s in received)
     print(f"saved after {names}", flush=True)
-    sys.exit(128 + received[0])
+    sys.exit(int(os.environ.get("STAND_IN_STATUS", 128 + received[0])))
     """)
 
 
@@ -51,14 +51,14 @@ def launched(path):
             (line.split() for line in path.read_text().splitlines())]
 
 
-def start(tmp_path, script, wait_s=30):
+def start(tmp_path, script, wait_s=30, **extra_env):
     """`bash SCRIPT cpu` with the stand-in as LAUNCH, in a session of its own (as a terminal or a
     scheduler starts a job) -> (process, launch record)."""
     copy_scripts(tmp_path, script)
     (tmp_path / "stand_in.py").write_text(STAND_IN)
     record = tmp_path / "launched"
     env = dict(os.environ, LAUNCH=f"{sys.executable} {tmp_path / 'stand_in.py'}",
-               LAUNCHED=str(record), STAND_IN_WAIT=str(wait_s))
+               LAUNCHED=str(record), STAND_IN_WAIT=str(wait_s), **extra_env)
     process = subprocess.Popen(["bash", script, "cpu"], cwd=tmp_path, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -187,3 +187,17 @@ def test_a_failing_command_stops_the_script_with_its_status(tmp_path, script):
     assert [first for _, first in launched(tmp_path / "launched")] == [command]
     (log,) = (tmp_path / "logs").glob("*.log")
     assert log.read_text().splitlines() == [f"error: {command} failed"]
+
+
+@pytest.mark.parametrize("script", ["run.sh", "eval.sh"])
+def test_a_stop_is_the_scripts_status_when_the_launcher_exits_1(tmp_path, script):
+    # torchrun stops its workers on SIGTERM, then exits 1 (its SignalException): the script
+    # still says it was stopped (143), as a scheduler expects, and goes no further.
+    process, record = start(tmp_path, script, STAND_IN_STATUS="1")
+    try:
+        os.kill(process.pid, signal.SIGTERM)
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stdout
+    assert stdout.splitlines()[-1] == "saved after SIGTERM" and len(launched(record)) == 1

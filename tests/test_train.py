@@ -502,6 +502,18 @@ def test_run_sh_refuses_a_second_stage_that_does_not_go_further(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.sh", "utils"]
 
 
+@pytest.mark.parametrize("name", ["STAGE1_STEPS", "STAGE2_STEPS", "VAL_EVERY", "BATCH"])
+def test_run_sh_refuses_a_count_that_is_not_a_number_before_training(tmp_path, name):
+    # STAGE2_STEPS=3O used to reach train.py only after all of stage 1.
+    copy_scripts(tmp_path, "run.sh")
+    env = dict(os.environ, PYTHON="false", **{name: "3O"})
+    run = subprocess.run(["bash", "run.sh", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr == f"error: {name} must be a whole number, got '3O'\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.sh", "utils"]
+
+
 def test_a_stopped_rank_is_named_after_the_timeout(data, tmp_path):
     """torchrun, 2 CPU processes: rank 1 stops (SIGSTOP) before the final barrier; rank 0 gives
     up after --dist_timeout_min and names it."""
@@ -617,6 +629,15 @@ def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
     path.write_text(json.dumps({"num_stepz": 7}))
     with pytest.raises(ValueError, match="num_stepz"):
         train.parse_args(["--config", str(path)])
+    # its values meet the flags' choices as the command line's do; a bad file is one line
+    path.write_text(json.dumps({"amp": "fp8"}))
+    with pytest.raises(UsageError, match=rf"--amp 'fp8' \(from --config {path}\): choose from off, bf16, fp16"):
+        train.parse_args(["--config", str(path)])
+    path.write_text("{bad")
+    with pytest.raises(UsageError, match=rf"--config {path}: Expecting property name"):
+        train.parse_args(["--config", str(path)])
+    with pytest.raises(UsageError, match=rf"--config {tmp_path / 'nope.json'}: .*No such file"):
+        train.parse_args(["--config", str(tmp_path / "nope.json")])
 
 
 def test_election_finds_the_generators_designed_teachers(tmp_path):

@@ -38,7 +38,10 @@ logged() {
     done
     wait "$job" && status=0 || status=$?
     trap - TERM INT
-    # A stop that came as COMMAND was finishing anyway still stops the script.
-    if [ -n "$stop" ] && [ "$status" = 0 ]; then status=$((128 + $(kill -l "$stop"))); fi
+    # A stop that came as COMMAND was finishing anyway still stops the script, and the script
+    # reports the stop (torchrun itself exits 1 after stopping its workers).
+    if [ -n "$stop" ] && [ "$status" != 130 ] && [ "$status" != 143 ]; then
+        status=$((128 + $(kill -l "$stop")))
+    fi
     return "$status"
 }
