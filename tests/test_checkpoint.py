@@ -77,7 +77,11 @@ def test_non_finite_weights_are_never_written(tmp_path):
 def test_pickled_objects_and_missing_files_are_refused(tmp_path):
     path = tmp_path / "published_style.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)  # the published code saved whole modules
-    with pytest.raises(RuntimeError, match="weights_only"):
+    with pytest.raises(RuntimeError, match="it pickles torch.nn.modules.linear.Linear objects "
+                                           r"\(the published code saves whole models\)"):
         load_checkpoint(path)
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder.pth is a folder, not a file"):
+        load_checkpoint(tmp_path / "folder.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(tmp_path / "nope.pth")

@@ -290,12 +290,15 @@ def test_huge_learning_rate_after_resume_saves_the_last_good_state(data, tmp_pat
     good = load_checkpoint(snapshot / "last.pth")
     assert good["iteration"] == 3
     named = []
+    # Continued in a folder of its own, with another learning rate (the folder's own run
+    # resumes with its own settings only).
+    diverged = tmp_path / "diverged"
     for log_every in ("10", "1"):  # checked once, at the end of the run / every iteration
         with pytest.raises(FloatingPointError, match=r"non-finite loss at iteration (\d+)") as error:
-            train.main(flags(data, snapshot, 6, 3, "--val_list", "", "--learning_rate", "1e38",
-                             "--log_every", log_every))
+            train.main(flags(data, diverged, 6, 3, "--val_list", "", "--learning_rate", "1e38",
+                             "--log_every", log_every, "--reload_path", str(snapshot / "last.pth")))
         named.append(re.search(r"non-finite loss at iteration (\d+)", str(error.value))[1])
-        saved = load_checkpoint(snapshot / "last.pth")
+        saved = load_checkpoint(diverged / "last.pth")
         assert not non_finite(saved["model"])
         if log_every == "10":  # nothing was checked since the resume: the resumed state
             assert "holds the state before iteration 3," in str(error.value)
