@@ -11,7 +11,7 @@ For each case, CACHE/<case>/ holds (cache format CACHE_VERSION = 2)
                  coordinates (datasets.sampling.foreground_locations)
   meta.json      the full volume's shape, the box, the normalisation parameters of each
                  modality (datasets.normalize.PARAMS), array dtypes and file sizes, the source
-                 files (size, mtime, ctime, SHA-256), affine, NIfTI header, spacing
+                 files and the arrays (size, mtime, ctime, SHA-256), affine, NIfTI header, spacing
 The box is the bounding box of every voxel that is labelled or, in some modality, not
 background as the published normalisation defines it; outside it every normalised voxel is 0
 and every label 0, so nothing is lost. Normalising happens where the data are used
@@ -22,10 +22,10 @@ against 23-29 MB for everything now).
 
 Trust: a case is opened only when its meta.json is valid and of this format, its arrays have
 the recorded sizes, dtypes and shapes and its labels are in {0, 1, 2, 4} (a bincount of the
-boxed uint8 map, ~3 ms); preprocess re-uses it only when, besides, its sources are unchanged. Sources are compared
-by stat (size, mtime, ctime) and, when that differs, by SHA-256 of the content: an in-place edit
-that keeps the size and mtime still changes the ctime, so it is caught without re-reading
-unchanged files. Anything else is rebuilt with a message. Each case is built under a lock
+boxed uint8 map, ~3 ms); preprocess re-uses it only when, besides, its sources and its arrays
+are unchanged. Both are compared by stat (size, mtime, ctime) and, when that differs, by
+SHA-256 of the content: an in-place edit that keeps the size and mtime still changes the ctime,
+so it is caught without re-reading unchanged files. Anything else is rebuilt with a message. Each case is built under a lock
 (CACHE/<case>/.lock) by one process at a time, files are written atomically and meta.json last
 (after removing the old one), and temporary files of killed writers are removed on the next
 run. Case folders are confined to the cache folder.
@@ -200,15 +200,22 @@ def _unchanged_sources(name, recorded, files):
     if set(recorded) != set(files):
         raise CacheInvalid(name, next(iter(files.values())).parent,
                            f"source files {sorted(files)}, cached from {sorted(recorded)}")
+    return _unchanged(name, recorded, files, "changed since it was cached (content differs)")
+
+
+def _unchanged(name, recorded, files, change):
+    """{part: Path} -> their fingerprints, `recorded` brought up to date; CacheInvalid(change)
+    when a file's content differs from its record. A file whose stat matches its record is not
+    read; one without a record (a cache written before arrays had one) is recorded as it is."""
     current = {}
     for part, path in files.items():
-        old, stat = recorded[part], _stat(name, path)
-        if all(old.get(k) == v for k, v in stat.items()):
+        old, stat = recorded.get(part), _stat(name, path)
+        if old is not None and all(old.get(k) == v for k, v in stat.items()):
             current[part] = old
             continue
         digest = _sha256(name, path)
-        if stat["size"] != old.get("size") or digest != old.get("sha256"):
-            raise CacheInvalid(name, path, "changed since it was cached (content differs)")
+        if old is not None and (stat["size"] != old.get("size") or digest != old.get("sha256")):
+            raise CacheInvalid(name, path, change)
         current[part] = {**stat, "sha256": digest}
     return current
 
@@ -368,6 +375,7 @@ def _build(case_dir, case_cache, sources):
         else:
             _save_npy(case_cache / file, array)
             sizes[file] = (case_cache / file).stat().st_size
+    written = fingerprint(case.name, {file: case_cache / file for file in sizes})
     meta = {
         "name": case.name,
         **_settings(),
@@ -384,6 +392,7 @@ def _build(case_dir, case_cache, sources):
         "params": cached.params.tolist(),  # float32 -> float is exact, and JSON round-trips floats
         "locations_count": [] if cached.locations is None else [len(r) for r in cached.locations],
         "bytes": sizes,
+        "arrays": written,  # what the arrays hold: an edit at the same size is caught on re-use
         "modalities": list(MODALITIES),
     }
     write_text(case_cache / META, json.dumps(meta, indent=1))
@@ -405,9 +414,13 @@ def _process(job):
             try:
                 meta = _open(case_cache, name).meta
                 sources = _unchanged_sources(name, meta["sources"], files)
-                if sources != meta["sources"]:  # same content, new stat: remember the new stat
-                    with contextlib.suppress(OSError):  # only saves hashing it again (full disk)
-                        write_text(case_cache / META, json.dumps({**meta, "sources": sources}, indent=1))
+                arrays = _unchanged(name, meta.get("arrays", {}),
+                                    {file: case_cache / file for file in meta["bytes"]},
+                                    "changed since it was written (content differs from its record)")
+                if (sources, arrays) != (meta["sources"], meta.get("arrays")):  # same content, new
+                    with contextlib.suppress(OSError):  # stat: recorded to save hashing it again
+                        write_text(case_cache / META, json.dumps(
+                            {**meta, "sources": sources, "arrays": arrays}, indent=1))
                 return name, None
             except CacheInvalid as err:
                 reason = str(err)

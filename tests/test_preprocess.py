@@ -437,3 +437,37 @@ def test_cli_errors_are_one_line(dataset):
     assert run.returncode == 1
     assert run.stderr.splitlines()[-1].startswith("error: case Brats18_A: ")
     assert "Traceback" not in run.stderr and "missing t2 file" in run.stderr
+
+
+def test_an_array_edited_in_place_at_the_same_size_is_rebuilt(dataset, capsys):
+    # Its size, dtype and shape still check out; its record (stat, SHA-256) does not.
+    data, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    path = cache / "Brats18_A" / "image.npy"
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(200)
+        f.write(bytes(1000))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    capsys.readouterr()
+    cases = preprocess(lst, cache, num_workers=1)
+    assert (f"case Brats18_A: {path}: changed since it was written (content differs from its "
+            "record); rebuilt") in capsys.readouterr().err
+    case = load_case(data / "Brats18_A")
+    assert same_bits(cases[0].normalized(), normalize_image(case.image, normalize_published))
+
+
+def test_a_cache_without_array_records_is_recorded_not_rebuilt(dataset, monkeypatch):
+    # Written before meta.json recorded its arrays: their records are taken on the next run,
+    # the arrays are kept.
+    data, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    meta_path = cache / "Brats18_A" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    recorded = meta.pop("arrays")
+    meta_path.write_text(json.dumps(meta))
+    before = mtimes(cache)
+    preprocess(lst, cache, num_workers=1)
+    assert json.loads(meta_path.read_text())["arrays"] == recorded
+    changed = {p for p in mtimes(cache) if mtimes(cache)[p] != before[p]}
+    assert changed == {Path("Brats18_A/meta.json")}
