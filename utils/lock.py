@@ -8,7 +8,6 @@ import contextlib
 import fcntl
 import os
 import socket
-from pathlib import Path
 
 from utils.io import make_folder, writing_in
 
