@@ -805,3 +805,20 @@ def test_a_checkpoint_of_another_network_is_one_line_naming_the_flags_it_fits(se
                 str(tmp_path / "out2"), "--device", "cpu"]).endswith(
         "it holds a network of --model_size small --norm_cfg IN: pass those flags")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_torchrun_a_rank_that_fails_is_named_by_it_and_the_others_say_one_line(segmentation_setup, tmp_path):
+    # Rank 1's case cannot be read: rank 1 names the file; rank 0, left waiting for its part
+    # of the table, says so in one line instead of gloo's traceback. Rank 0's masks are written.
+    root, cases = segmentation_setup
+    data = copy_cases(cases, tmp_path / "data")
+    bad = data / cases[1].name / f"{cases[1].name}_t2.nii.gz"
+    bad.write_bytes(gzip.compress(gzip.decompress(bad.read_bytes())[:-1000]))
+    out = tmp_path / "out"
+    done = torchrun(root, out, "--mode", "t1ce", data_root=data)
+    assert done.returncode != 0
+    assert f"error: case {cases[1].name}: {bad}: unreadable NIfTI" in done.stderr
+    assert ("error: rank 0: another process of this run stopped on an error (printed with this "
+            "one) before the end") in done.stderr
+    assert "[rank0]: Traceback" not in done.stderr
+    assert [p.name for p in (out / "t1ce").glob("*.nii.gz")] == [f"{cases[0].name}.nii.gz"]

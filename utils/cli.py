@@ -5,7 +5,7 @@ import sys
 import threading
 
 from datasets.brats import DataError
-from utils.distributed import DeviceError, MainRankFailed
+from utils.distributed import DeviceError, MainRankFailed, PeerFailed
 from utils.io import DiskFullError, NotWritableError
 from utils.lock import LockError
 
@@ -64,7 +64,7 @@ def _raise_terminated(signum, frame):
 
 
 # Mistakes in the data or outside conditions every script reports in one line.
-USER_ERRORS = (DataError, LockError, DiskFullError, NotWritableError, DeviceError)
+USER_ERRORS = (DataError, LockError, DiskFullError, NotWritableError, DeviceError, PeerFailed)
 # A stop signal's exit status is 128 + the signal, the shell's convention (train.py's loop too).
 TERMINATED, INTERRUPTED = 128 + signal.SIGTERM, 128 + signal.SIGINT
 STOPPED = {TERMINATED: "terminated", INTERRUPTED: "interrupted"}  # what run_cli prints for them

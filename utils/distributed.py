@@ -145,12 +145,22 @@ def on_main_rank(fn, info: Dist):
     return result
 
 
+class PeerFailed(RuntimeError):
+    """Another rank stopped on an error (which it printed) before a collective: this rank's
+    one-line account instead of the backend's traceback."""
+
+
 def gather_object(obj, info: Dist):
-    """Every rank's picklable object, in rank order, on rank 0 (None on the other ranks)."""
+    """Every rank's picklable object, in rank order, on rank 0 (None on the other ranks).
+    PeerFailed when a rank died before sending its part."""
     if not info.enabled:
         return [obj]
     gathered = [None] * info.world_size if info.is_main else None
-    dist.gather_object(obj, gathered, dst=0)
+    try:
+        dist.gather_object(obj, gathered, dst=0)
+    except RuntimeError as error:  # gloo: 'Connection closed by peer'; NCCL: DistBackendError
+        raise PeerFailed(f"rank {info.rank}: another process of this run stopped on an error "
+                         "(printed with this one) before the end") from error
     return gathered
 
 
