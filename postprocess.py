@@ -411,8 +411,8 @@ def main(argv=None):
             else [None] * len(sources))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))
             for s, t in zip(sources, t1ce)]
+    check_writable(output_dir)  # named now, not by the first worker or a deletion
     clear_other_masks(output_dir, {job[1] for job in jobs}, args)
-    check_writable(output_dir)  # named now, not by the first worker
 
     progress = dict(total=len(jobs), desc="postprocess", unit="case")
     if args.num_workers == 0:

@@ -226,6 +226,7 @@ def validate_args(args):
          f"--save_every_min must be >= 0 (0 = off), got {args.save_every_min}")
     need(math.isfinite(args.dist_timeout_min) and args.dist_timeout_min > 0,
          f"--dist_timeout_min must be > 0, got {args.dist_timeout_min}")
+    # A re-run resumes the folder's own checkpoint: --reload_path is needed only without one.
     own = any((Path(args.snapshot_dir) / name).is_file() for name in ("last.pth", "final.pth"))
     need(not args.reload_path or Path(args.reload_path).is_file() or (own and not args.overwrite),
          f"--reload_path {args.reload_path} does not exist")
@@ -334,8 +335,6 @@ def claim_snapshot_dir(args, folder, log):
             path.unlink()
         log(f"{folder} holds a run stopped before its first last.pth; starting it again "
             f"(deleted {', '.join(p.name for p in existing)})")
-    if reload is not None and not reload.is_file():
-        raise UsageError(f"--reload_path {reload} does not exist")
     return ("resume", reload) if reload is not None else ("start", None)
 
 

@@ -35,6 +35,7 @@ import base64
 import contextlib
 import dataclasses
 import errno
+import io
 import json
 import multiprocessing
 import os
@@ -52,7 +53,7 @@ from datasets import normalize as norm
 from datasets.brats import CaseError, case_files, load_case, read_datalist, refuse_duplicates
 from datasets.sampling import foreground_locations
 from utils.cli import run_cli
-from utils.io import atomic_path, file_sha256, remove_stale_temps, write_text
+from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
 from utils.regions import LABELS, REGIONS
@@ -348,13 +349,12 @@ def load_cached(cache_dir, name):
 
 # ---------------------------------------------------------------------------------- building
 def _save_npy(path, array):
-    """np.save's format, C order as _open_array expects. Written with Python's own write:
-    numpy's tofile reports a full disk without an errno ('N requested and M written'), which
-    atomic_path could not tell from any other failure."""
+    """np.save's format, C order as _open_array expects (written by utils.io.write_bytes, which
+    names a full disk)."""
     array = np.ascontiguousarray(array)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
-        f.write(memoryview(array).cast("B"))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    write_bytes(path, header.getbuffer(), memoryview(array).cast("B"))
 
 
 def _build(case_dir, case_cache, sources):

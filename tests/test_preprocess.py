@@ -19,6 +19,7 @@ from datasets.brats import CaseError, load_case
 from datasets.normalize import normalize_image, normalize_published
 from datasets.preprocess import CacheInvalid, header_from_meta, load_cached, main, preprocess
 from datasets.sampling import foreground_locations
+import utils.io
 from utils.io import DiskFullError
 
 
@@ -381,8 +382,8 @@ def test_a_full_disk_while_writing_the_arrays_is_named(dataset, monkeypatch):
     # /dev/full fails every write with ENOSPC, as a full disk does; numpy's own tofile reported
     # it without an errno ('N requested and M written'), which read as a bug.
     data, lst, cache = dataset
-    monkeypatch.setattr(preprocess_module, "open", lambda path, mode: open("/dev/full", mode),
-                        raising=False)
+    monkeypatch.setattr(utils.io, "open", lambda path, mode, *a: open(  # writes only: hashing reads
+        "/dev/full" if "w" in mode else path, mode, *a), raising=False)
     with pytest.raises(DiskFullError) as info:
         preprocess(lst, cache, num_workers=1)
     assert str(info.value) == (f"no space left on device while writing {cache / 'Brats18_A' / 'image.npy'}; "

@@ -398,8 +398,8 @@ def test_time_based_checkpoint(data, tmp_path):
 def test_disk_full_while_checkpointing_is_one_line(data, tmp_path):
     # train.py as a script, every checkpoint written into /dev/full, whose writes fail with
     # ENOSPC as on a full disk (torch's own zip writer reported it without an errno)
-    code = ("import runpy, sys, utils.checkpoint\n"
-            "utils.checkpoint.open = lambda path, mode: open('/dev/full', mode)\n"
+    code = ("import runpy, sys, utils.io\n"
+            "utils.io.open = lambda path, mode, *a: open('/dev/full' if 'w' in mode else path, mode, *a)\n"
             "sys.argv = sys.argv[1:]\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     run = subprocess.run([sys.executable, "-c", code, str(REPO / "train.py"),

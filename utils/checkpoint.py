@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.io import atomic_path
+from utils.io import write_bytes
 
 
 def unwrap(model):
@@ -122,10 +122,9 @@ def save_checkpoint(checkpoint, path):
     if bad:
         raise FloatingPointError(f"refusing to write {path}: {len(bad)}/{len(checkpoint['model'])} "
                                  f"weight tensors are non-finite (first: {bad[0]})")
-    buffer = io.BytesIO()  # torch's zip writer reports a full disk without an errno
+    buffer = io.BytesIO()  # then written by write_bytes, which names a full disk
     torch.save(checkpoint, buffer)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(buffer.getbuffer())  # Python's write raises ENOSPC: atomic_path names the file
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path, map_location="cpu"):

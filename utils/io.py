@@ -133,6 +133,15 @@ def write_text(path, text):
         tmp.write_text(text)
 
 
+def write_bytes(path, *chunks):
+    """Write the chunks (bytes-like) atomically, with Python's own write: numpy's tofile and
+    torch's zip writer report a full disk without an errno, which atomic_path could not tell
+    from any other failure."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+
+
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
