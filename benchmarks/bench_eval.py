@@ -24,7 +24,7 @@ from datasets.brats import load_case  # noqa: E402
 from datasets.normalize import normalize_image  # noqa: E402
 from datasets.synthetic import generate  # noqa: E402
 from models import LCKD, LCKDConfig  # noqa: E402
-from utils.export import probabilities_to_labels  # noqa: E402
+from utils.regions import regions_to_labels  # noqa: E402
 from utils.inference import AMP_DTYPES, predict_subsets  # noqa: E402
 from utils.modalities import ALL_SUBSETS  # noqa: E402
 
@@ -52,7 +52,7 @@ def main(argv=None):
     model = LCKD(LCKDConfig.from_name(args.model)).to(device).eval()
     predict = lambda image, subsets: predict_subsets(
         model, image, subsets, args.patch, batch_size=args.batch_size, device=device, amp=args.amp)
-    run = lambda image, subsets: [probabilities_to_labels(p) for p in predict(image, subsets)]
+    run = lambda image, subsets: [regions_to_labels(p > 0.5) for p in predict(image, subsets)]
 
     def timed(fn):
         if device.type == "cuda":

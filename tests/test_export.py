@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from datasets.brats import to_network_order
-from utils.export import probabilities_to_labels, save_labels
+from utils.export import save_labels
 from utils.regions import labels_to_regions, regions_to_labels
 
 
@@ -20,7 +20,7 @@ def random_labels(shape, seed=0):
     return rng.choice(np.array([0, 1, 2, 4], dtype=np.uint8), size=shape, p=[0.7, 0.1, 0.1, 0.1])
 
 
-def test_probabilities_to_labels_thresholds_and_overwrites():
+def test_thresholded_probabilities_to_labels_overwrite_in_the_published_order():
     # one voxel per case: (ET, WT, TC) probabilities -> label
     probs = np.array([
         [0.1, 0.9, 0.2],   # WT only -> edema 2
@@ -30,18 +30,11 @@ def test_probabilities_to_labels_thresholds_and_overwrites():
         [0.5, 0.5, 0.5],   # not > 0.5 -> background
         [0.1, 0.2, 0.8],   # TC without WT -> 1 (TC overwrites)
     ], dtype=np.float32).T.reshape(3, 6, 1, 1)
-    labels = probabilities_to_labels(torch.from_numpy(probs))
+    labels = regions_to_labels(torch.from_numpy(probs) > 0.5)
     assert labels.dtype == np.uint8
     assert labels[:, 0, 0].tolist() == [2, 1, 4, 4, 0, 1]
-
-
-def test_probabilities_to_labels_agrees_with_regions_to_labels():
-    probs = np.random.default_rng(1).random((3, 9, 10, 11), dtype=np.float32)
-    expected = regions_to_labels(probs > 0.5)
-    np.testing.assert_array_equal(probabilities_to_labels(probs), expected)
-    np.testing.assert_array_equal(probabilities_to_labels(torch.from_numpy(probs)), expected)
-    np.testing.assert_array_equal(probabilities_to_labels(probs, threshold=0.3),
-                                  regions_to_labels(probs > 0.3))
+    np.testing.assert_array_equal(regions_to_labels(probs > 0.5), labels)
+    np.testing.assert_array_equal(regions_to_labels((probs > 0.5)[:, ::-1]), labels[::-1])
 
 
 def test_round_trip_regions_probabilities_export_reload(tmp_path):
@@ -54,7 +47,7 @@ def test_round_trip_regions_probabilities_export_reload(tmp_path):
     probs = labels_to_regions(label).astype(np.float32) * 0.8 + 0.1
     header = reference.header.copy()
     header.set_slope_inter(2.0, 10.0)  # a scaled source image: the mask must not inherit it
-    save_labels(probabilities_to_labels(probs), reference.affine, header,
+    save_labels(regions_to_labels(probs > 0.5), reference.affine, header,
                 tmp_path / "out" / "case.nii.gz")
     saved = nib.load(tmp_path / "out" / "case.nii.gz")
     assert saved.shape == shape_xyz

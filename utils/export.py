@@ -6,27 +6,10 @@ A mask is written on the grid of the case's input images: same shape, affine and
 """
 import nibabel as nib
 import numpy as np
-import torch
 
 from datasets.brats import READ_ERRORS, DataError, to_nifti_order
 from utils.io import atomic_path
-from utils.regions import EXPORT_ORDER, LABELS, REGIONS
-
-
-def probabilities_to_labels(probs, threshold=0.5):
-    """Region probabilities (3, D, H, W) in ET, WT, TC order -> uint8 label map (D, H, W).
-
-    A region is present where its probability exceeds `threshold`; the published overwrite
-    order (utils.regions.EXPORT_ORDER: WT -> 2, then TC -> 1, then ET -> 4) turns the
-    overlapping regions into labels, as `regions_to_labels` does. Runs in torch on the
-    tensor's device (a GPU in evaluation), so only the uint8 map crosses to the host: numpy's
-    boolean-mask writes cost about 0.25 s per 240x240x155 map, 15 of them per case.
-    """
-    probs = probs if torch.is_tensor(probs) else torch.from_numpy(np.asarray(probs))
-    label = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
-    for region, value in EXPORT_ORDER:
-        label.masked_fill_(probs[REGIONS.index(region)] > threshold, value)
-    return label.cpu().numpy()
+from utils.regions import LABELS
 
 
 def save_labels(label, affine, header, path):

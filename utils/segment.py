@@ -12,8 +12,8 @@ from fractions import Fraction
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint, state_mismatch
 from utils.cli import PUBLISHED_INPUT_SIZE, UsageError, str2bool, window_size
-from utils.export import probabilities_to_labels
 from utils.inference import AMP_DTYPES, predict_subsets
+from utils.regions import regions_to_labels
 
 
 
@@ -126,4 +126,4 @@ def segment(model, image, subsets, window, args, device):
     probs = predict_subsets(model, image, subsets, window, overlap=args.overlap,
                             gaussian=args.gaussian, batch_size=args.batch_size,
                             mirror=args.mirror, device=device, amp=args.amp)
-    return [probabilities_to_labels(p) for p in probs]
+    return [regions_to_labels(p > 0.5) for p in probs]  # a region is present above 0.5
