@@ -44,14 +44,14 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets.brats import CaseError, case_files, read_files, require_modalities, to_nifti_order
+from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_files, require_modalities,
+                            to_nifti_order)
 from utils.cli import UsageError, run_cli
 from utils.export import read_mask
 from utils.io import atomic_path, check_writable
 from utils.modalities import MODALITIES, parse_subset
 from utils.segment import int_at_least
 
-MASK_SUFFIXES = (".nii.gz", ".nii")
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
 DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")
@@ -275,7 +275,7 @@ def process_file(job):
     """(input path, output path, Rules, T1ce path or None, name) -> info dict; the worker."""
     source, target, rules, t1ce_path, name = job
     label, image = read_mask(source)
-    t1ce = None if t1ce_path is None else read_t1ce(mask_case(source), t1ce_path, label.shape)
+    t1ce = None if t1ce_path is None else read_t1ce(nifti_stem(source), t1ce_path, label.shape)
     cleaned, info = postprocess_label(label, rules, t1ce=t1ce, name=name)
     warning = orientation_warning(image.affine, name)
     if warning:
@@ -289,14 +289,9 @@ def find_masks(input_dir):
     (such as atomic_path's temporaries) are skipped."""
     return sorted(
         p for p in input_dir.rglob("*")
-        if p.is_file() and p.name.endswith(MASK_SUFFIXES)
+        if p.is_file() and nifti_stem(p) is not None
         and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)
     )
-
-
-def mask_case(path):
-    """'X.nii.gz' -> 'X'."""
-    return next(path.name[: -len(s)] for s in MASK_SUFFIXES if path.name.endswith(s))
 
 
 def t1ce_files(sources, input_dir, images):
@@ -318,7 +313,7 @@ def t1ce_files(sources, input_dir, images):
                          f"{CASES_RECORD} says where the cases are)")
     paths = []
     for source in sources:
-        case = mask_case(source)
+        case = nifti_stem(source)
         if images is not None:
             folder = Path(images) / case
         elif case in folder_of:
@@ -403,7 +398,7 @@ def main(argv=None):
                          f"--input_dir {args.input_dir}: the input masks are never overwritten")
     sources = find_masks(input_dir)
     if not sources:
-        raise UsageError(f"no {' or '.join(MASK_SUFFIXES)} masks found under {args.input_dir}")
+        raise UsageError(f"no {' or '.join(EXTENSIONS)} masks found under {args.input_dir}")
     rules = Rules(args.min_component, args.min_fraction, args.bottom_slices, args.et_threshold,
                   args.kmeans_case_et_ratio, args.kmeans_component_et_share,
                   args.kmeans_et_value_sum, args.kmeans_max_ncr)

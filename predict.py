@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import EXTENSIONS, brats_like_warnings, read_files
+from datasets.brats import brats_like_warnings, nifti_stem, read_files
 from datasets.normalize import normalize_case
 from postprocess import Rules, orientation_warning, postprocess_label
 from utils import figures
@@ -55,20 +55,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def mask_stem(path):
-    """'P01_mask.nii.gz' -> 'P01_mask', or None when not a NIfTI name."""
-    return next((path.name[: -len(e)] for e in EXTENSIONS if path.name.lower().endswith(e)), None)
-
-
 def check_args(args):
     """-> {modality: Path}; UsageError for anything wrong with the flags, before any work."""
     files = {m: getattr(args, m) for m in MODALITIES if getattr(args, m) is not None}
     if not files:
         raise UsageError("give at least one modality: --flair, --t1, --t1ce, --t2")
     for modality, path in files.items():
-        if mask_stem(path) is None:
+        if nifti_stem(path) is None:
             raise UsageError(f"--{modality} {path}: expected a NIfTI file (.nii or .nii.gz)")
-    if mask_stem(args.output) is None:
+    if nifti_stem(args.output) is None:
         raise UsageError(f"-o {args.output}: the mask is written as NIfTI, name it .nii.gz or .nii")
     if any(args.output.resolve() == path.resolve() for path in files.values()):
         raise UsageError(f"-o {args.output} is one of the inputs")
@@ -88,14 +83,14 @@ def figure_path(args):
     """Where --figure writes (None without it): the given PNG, or the mask's name with .png."""
     if args.figure is None:
         return None
-    return Path(args.figure) if args.figure else args.output.with_name(f"{mask_stem(args.output)}.png")
+    return Path(args.figure) if args.figure else args.output.with_name(f"{nifti_stem(args.output)}.png")
 
 
 def main(argv=None):
     args = parse_args(argv)
     files = check_args(args)
     device = resolve_device(args.device)
-    name = mask_stem(args.output)
+    name = nifti_stem(args.output)
     case = read_files(name, files)
     for warning in brats_like_warnings(case):
         print(f"warning: {warning}", file=sys.stderr)

@@ -177,12 +177,18 @@ def refuse_duplicates(folders, source):
 
 # ----------------------------------------------------------------------------- case folders
 def _split_name(path):
-    """'X_flair.nii.gz' -> ('X_flair', '.nii.gz'), or None if not a NIfTI name."""
+    """'X_flair.nii.gz' -> ('X_flair', '.nii.gz'), or None if not a NIfTI name (any case: .NII.GZ)."""
     name = path.name
     for ext in EXTENSIONS:
         if name.lower().endswith(ext):
             return name[: -len(ext)], ext
     return None
+
+
+def nifti_stem(path):
+    """'P01_mask.nii.gz' -> 'P01_mask', or None if not a NIfTI name."""
+    split = _split_name(Path(path))
+    return None if split is None else split[0]
 
 
 def _scheme_of(files):

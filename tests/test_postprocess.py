@@ -134,6 +134,18 @@ def test_script_flat_folder_in_process(tmp_path):
     assert not np.asanyarray(nib.load(str(tmp_path / "out" / "case.nii.gz")).dataobj).any()
 
 
+def test_upper_case_extensions_are_masks_as_for_the_inputs(tmp_path):
+    label = np.zeros((30, 30, 30), np.uint8)
+    _cube(label, (5, 5, 2), 4, 2)
+    _write(tmp_path / "mask.nii.gz", label, np.eye(4))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "mask.nii.gz").rename(tmp_path / "in" / "Case1.NII.GZ")
+    infos = postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir",
+                              str(tmp_path / "out"), "--num_workers", "0"])
+    assert [i["components_removed"] for i in infos] == [1]
+    assert not np.asanyarray(nib.load(str(tmp_path / "out" / "Case1.NII.GZ")).dataobj).any()
+
+
 def test_script_refuses_overlapping_output(tmp_path):
     _write(tmp_path / "in" / "case.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
     for target in (tmp_path / "in", tmp_path / "in" / "post", tmp_path):
