@@ -47,8 +47,8 @@ from tqdm import tqdm
 from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_files, require_modalities,
                             to_nifti_order)
 from utils.cli import UsageError, run_cli
-from utils.export import read_mask
-from utils.io import atomic_path, check_writable
+from utils.export import read_mask, write_mask
+from utils.io import check_writable
 from utils.modalities import MODALITIES, parse_subset
 from utils.segment import int_at_least
 
@@ -246,15 +246,6 @@ def postprocess_label(label, rules=Rules(), slice_axis=2, t1ce=None, name="mask"
                      "et_relabelled": et_relabelled, "warnings": warnings}
 
 
-def write_mask(label, image, path):
-    """Write `label` as uint8 with `image`'s affine and header, atomically."""
-    header = image.header.copy()
-    header.set_data_dtype(np.uint8)
-    out = type(image)(label.astype(np.uint8), image.affine, header)
-    with atomic_path(path) as tmp:
-        nib.save(out, str(tmp))
-
-
 def orientation_warning(affine, name):
     """A warning (str) when the z axis of `affine` does not point superior, else None."""
     if nib.aff2axcodes(affine)[2] == "S":
@@ -280,7 +271,7 @@ def process_file(job):
     warning = orientation_warning(image.affine, name)
     if warning:
         info["warnings"].insert(0, warning)
-    write_mask(cleaned, image, target)
+    write_mask(cleaned, image.affine, image.header, target)
     return {"file": str(source), **info}
 
 

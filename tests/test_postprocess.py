@@ -134,6 +134,21 @@ def test_script_flat_folder_in_process(tmp_path):
     assert not np.asanyarray(nib.load(str(tmp_path / "out" / "case.nii.gz")).dataobj).any()
 
 
+def test_output_header_is_a_plain_uint8_mask_with_the_input_geometry(tmp_path):
+    # A mask saved by another tool with a display range: the upload must not carry it.
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    image = nib.Nifti1Image(np.zeros((30, 30, 30), np.uint8), affine)
+    image.header["cal_min"], image.header["cal_max"] = 0, 255
+    (tmp_path / "in").mkdir()
+    nib.save(image, str(tmp_path / "in" / "case.nii.gz"))
+    postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                      "--num_workers", "0"])
+    out = nib.load(str(tmp_path / "out" / "case.nii.gz"))
+    assert (out.header["cal_min"], out.header["cal_max"]) == (0, 0)
+    assert out.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(out.affine, affine)
+
+
 def test_upper_case_extensions_are_masks_as_for_the_inputs(tmp_path):
     label = np.zeros((30, 30, 30), np.uint8)
     _cube(label, (5, 5, 2), 4, 2)

@@ -16,19 +16,25 @@ def save_labels(label, affine, header, path):
     """Write a label map (D, H, W) in network order as a uint8 NIfTI at `path`, atomically.
 
     affine, header: those of the case's input images (datasets.brats.Case.affine/.header).
-    The volume goes back to NIfTI order (X, Y, Z); the header copy keeps the input's qform /
-    sform, units and orientation; its data type becomes uint8 and any intensity scaling
-    (scl_slope / scl_inter) and display range of the source image are dropped.
     """
     label = np.asarray(label)
     if label.ndim != 3:
         raise ValueError(f"{path}: expected a label map (D, H, W), got shape {label.shape}")
-    data = np.ascontiguousarray(to_nifti_order(label.astype(np.uint8)))
+    write_mask(to_nifti_order(label), affine, header, path)
+
+
+def write_mask(data, affine, header, path):
+    """Write a label map in NIfTI order (X, Y, Z) as a uint8 NIfTI at `path`, atomically.
+
+    The header copy keeps the source's qform / sform, units and orientation; its data type
+    becomes uint8 and any intensity scaling (scl_slope / scl_inter) and display range of the
+    source image are dropped.
+    """
     header = header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(None, None)
     header["cal_min"], header["cal_max"] = 0, 0
-    image = nib.Nifti1Image(data, affine, header=header)
+    image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.uint8), affine, header=header)
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
 
