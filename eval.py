@@ -69,15 +69,13 @@ from datasets.brats import (
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
-from utils.cli import UsageError, run_cli
+from utils.cli import UsageError, positive_int, run_cli
 from utils.export import read_mask, save_labels
 from utils.io import atomic_path, file_sha256, is_temp, remove_stale_temps, write_text
 from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
 from utils.modalities import ALL_SUBSETS, MODALITIES, parse_mode, subset_name
-from utils.segment import (
-    add_inference_args, add_model_args, load_model, positive_int, segment,
-)
+from utils.segment import add_inference_args, add_model_args, load_model, segment
 
 PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
 AVAILABLE = "available"  # --mode available, and its mask folder

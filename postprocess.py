@@ -46,11 +46,10 @@ from tqdm import tqdm
 
 from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_files, require_modalities,
                             to_nifti_order)
-from utils.cli import UsageError, run_cli
+from utils.cli import UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
 from utils.io import check_writable
 from utils.modalities import MODALITIES, parse_subset
-from utils.segment import int_at_least
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")

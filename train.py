@@ -191,8 +191,7 @@ def validate_args(args):
     try:
         args.patch_size = window_size(args.input_size)
     except argparse.ArgumentTypeError as error:
-        raise UsageError(f"--input_size must be D,H,W with D a multiple of 16 and H, W multiples "
-                         f"of 32 (the encoder halves D 4 times and H, W 5 times): {error}") from None
+        raise UsageError(f"--input_size: {error}") from None
     try:
         args.mode_parsed = parse_mode(args.mode)
         parse_teachers(args.teachers)

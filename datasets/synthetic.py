@@ -30,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from utils.cli import int_at_least, run_cli
 from utils.io import atomic_path, write_text
 from utils.modalities import MODALITIES
 
@@ -317,7 +318,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", required=True, help="output folder (created if needed)")
-    p.add_argument("--num_cases", type=int, required=True)
+    p.add_argument("--num_cases", type=int_at_least(1), required=True)
     p.add_argument("--shape", default="240,240,155", help="X,Y,Z volume size in voxels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="nii.gz", choices=("nii", "nii.gz"))
@@ -325,7 +326,9 @@ def main(argv=None):
     try:
         shape = tuple(int(s) for s in args.shape.split(","))
     except ValueError:
-        p.error(f"--shape must be three comma-separated integers, got {args.shape!r}")
+        shape = ()
+    if len(shape) != 3 or min(shape) < 16:
+        p.error(f"--shape must be three comma-separated sizes >= 16, got {args.shape!r}")
     start = time.perf_counter()
     cases = generate(args.out_dir, args.num_cases, shape, args.seed, args.format)
     n_train, n_val, n_test = split_counts(len(cases))
@@ -334,4 +337,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

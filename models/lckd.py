@@ -18,6 +18,10 @@ from torch.utils.checkpoint import checkpoint
 
 from utils.modalities import parse_subset
 
+# What the sides of a patch / sliding window must divide by.
+PATCH_MULTIPLES = (16, 32, 32)
+MULTIPLES_RULE = "D must be a multiple of 16 and H, W of 32 (the encoder halves D 4 times and H, W 5 times)"
+
 # ----------------------------------------------------------------------------------------------
 # Layers
 
@@ -354,8 +358,8 @@ class LCKD(nn.Module):
         if x.dim() != 5 or x.shape[1] != m:
             raise ValueError(f"expected input (N, {m}, D, H, W), got {tuple(x.shape)}")
         d, h, w = x.shape[2:]
-        if d % 16 or h % 32 or w % 32:
-            raise ValueError(f"patch {d}x{h}x{w}: D must be a multiple of 16 and H, W of 32")
+        if any(n % m for n, m in zip((d, h, w), PATCH_MULTIPLES)):
+            raise ValueError(f"patch {d}x{h}x{w}: {MULTIPLES_RULE}")
 
     def _batch_statistics(self):
         """True when features depend on which images share the batch (BatchNorm in training)."""

@@ -1,5 +1,8 @@
 """The synthetic BraTS-like generator: layout, file format, determinism and designed contrasts."""
 import gzip
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +13,7 @@ from datasets import synthetic
 from utils.modalities import MODALITIES
 from utils.regions import REGIONS, labels_to_regions
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = (48, 48, 32)
 FILES = (*MODALITIES, "seg")
 
@@ -80,6 +84,18 @@ def test_bad_arguments():
         synthetic.generate("unused", 1, fmt="mha")
     with pytest.raises(ValueError, match="num_cases"):
         synthetic.generate("unused", 0)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--num_cases", "0"], "argument --num_cases: must be at least 1, got 0"),
+    (["--num_cases", "2", "--shape", "8,64,64"], "--shape must be three comma-separated sizes >= 16, got '8,64,64'"),
+    (["--num_cases", "2", "--shape", "64,64"], "--shape must be three comma-separated sizes >= 16, got '64,64'"),
+])
+def test_cli_mistakes_are_one_line(tmp_path, flags, expected):
+    run = subprocess.run([sys.executable, "-m", "datasets.synthetic", "--out_dir", str(tmp_path / "out"),
+                          *flags], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and run.stderr.splitlines()[-1].endswith(expected)
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -3,8 +3,10 @@ import argparse
 import signal
 import sys
 import threading
+from fractions import Fraction
 
 from datasets.brats import DataError
+from models.lckd import MULTIPLES_RULE, PATCH_MULTIPLES
 from utils.distributed import DeviceError, MainRankFailed, PeerFailed
 from utils.io import DiskFullError, NotWritableError
 from utils.lock import LockError
@@ -27,7 +29,6 @@ def str2bool(text):
 
 
 PUBLISHED_INPUT_SIZE = "80,160,160"
-WINDOW_MULTIPLES = (16, 32, 32)  # the network halves D 4 times and H, W 5 times
 
 
 def window_size(text):
@@ -39,10 +40,36 @@ def window_size(text):
         window = ()
     if len(window) != 3 or min(window) < 1:
         raise argparse.ArgumentTypeError(f"expected D,H,W such as {PUBLISHED_INPUT_SIZE}, got {text!r}")
-    if any(w % m for w, m in zip(window, WINDOW_MULTIPLES)):
-        raise argparse.ArgumentTypeError(
-            f"{text}: D must be a multiple of 16 and H, W of 32 (the network's strides)")
+    if any(w % m for w, m in zip(window, PATCH_MULTIPLES)):
+        raise argparse.ArgumentTypeError(f"{text}: {MULTIPLES_RULE}")
     return window
+
+
+def overlap_fraction(text):
+    """'1/3' or '0.333' -> float in [0, 1)."""
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 1/3 or 0.5, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def int_at_least(minimum):
+    """An argparse type: an integer >= minimum."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 class UsageError(ValueError):

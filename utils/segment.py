@@ -2,47 +2,17 @@
 
 * the network, rebuilt from the configuration train.py stores in the checkpoint, explicit
   flags overriding it (`add_model_args`, `load_model`);
-* the inference flags, checked when parsed or by `check_inference_args`, before any work;
+* the inference flags, checked when parsed, before any work;
 * a normalised case's label maps for one or several modality subsets (`segment`).
 """
-import argparse
 import itertools
-from fractions import Fraction
 
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint, state_mismatch
-from utils.cli import PUBLISHED_INPUT_SIZE, UsageError, str2bool, window_size
+from utils.cli import (PUBLISHED_INPUT_SIZE, UsageError, overlap_fraction, positive_int, str2bool,
+                       window_size)
 from utils.inference import AMP_DTYPES, predict_subsets
 from utils.regions import regions_to_labels
-
-
-
-# ------------------------------------------------------------------------- flag value types
-def overlap_fraction(text):
-    """'1/3' or '0.333' -> float in [0, 1)."""
-    try:
-        value = float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 1/3 or 0.5, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def int_at_least(minimum):
-    """An argparse type: an integer >= minimum."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-positive_int = int_at_least(1)
 
 
 def add_model_args(parser):
