@@ -4,6 +4,7 @@ import pandas as pd
 from matplotlib.image import imread
 
 from utils import figures
+from utils.election import overlay
 
 # (R - B, G - B) of a panel pixel for each label, from utils.election.overlay's blending with
 # alpha 0.5 in the order WT green (0, 200, 0), TC yellow (255, 220, 0), ET red (255, 0, 0)
@@ -57,6 +58,17 @@ def test_case_figure_draws_each_row_over_each_column(tmp_path):
         for column in range(3):
             assert_regions_drawn(rgb, figures.panel_box((24, 40), row, column), label)
     assert (rgb[:figures.HEADER, :] < 128).any()  # the titles are written
+
+
+def test_overlay_grey_levels_background_black_brain_stretched_once():
+    image = np.zeros((20, 20), np.float32)
+    image[:, 10:] = np.linspace(-1.0, 3.0, 200).reshape(20, 10)  # the brain: z-scores
+    rgb = overlay(image, np.zeros((3, 20, 20), bool)).astype(int)
+    assert (rgb[..., 0] == rgb[..., 2]).all() and (rgb[:, :10] == 0).all()
+    lo, hi = np.percentile(image[:, 10:], (0.5, 99.5))
+    expected = np.floor((np.clip((image[:, 10:] - lo) / (hi - lo), 0, 1) * 0.95 + 0.05) * 255)
+    np.testing.assert_allclose(rgb[:, 10:, 0], expected, atol=1)
+    assert (rgb[:, 10:, 0] == 255).mean() <= 0.01  # the top 0.5 % (and rounding) only
 
 
 def test_tumour_slice():

@@ -57,22 +57,11 @@ def panel_box(shape_hw, row, column):
     return top, left, top + panel_h, left + panel_w
 
 
-def _brain_grey(image):
-    """Normalised slice -> [0, 1]: the background (exactly 0) black, the brain stretched
-    between its 0.5 and 99.5 percentiles (z-scores put the background mid-grey otherwise)."""
-    brain = image != 0
-    if not brain.any():
-        return np.zeros(image.shape, np.float32)
-    lo, hi = np.percentile(image[brain], (0.5, 99.5))
-    grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 0.95 + 0.05
-    return np.where(brain, grey, 0).astype(np.float32)
-
-
 def _panel(image, label, scale):
     """(H, W) slice + (H, W) label -> RGB (W*scale, H*scale, 3). Transposed so that rows
     follow the second NIfTI axis: for BraTS's affine diag(-1, -1, 1), the radiological view
     (anterior up, the patient's left on the right)."""
-    rgb = overlay(_brain_grey(image), labels_to_regions(label)).transpose(1, 0, 2)
+    rgb = overlay(image, labels_to_regions(label)).transpose(1, 0, 2)
     return rgb.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
