@@ -209,7 +209,7 @@ def _per_modality(case, fn):
             raise CaseError(case.name, case.files[MODALITIES[c]], f"cannot normalise: {err}") from err
 
 
-def normalize_case(case, fn=normalize):
+def normalize_case(case):
     """A loaded case's image (4,D,H,W) normalised per modality; a failure names the case and file.
 
     Only the modalities read from files (case.available) are normalised: a missing one's
@@ -217,7 +217,7 @@ def normalize_case(case, fn=normalize):
     formula is undefined on an all-zero volume).
     """
     image = np.zeros_like(case.image, dtype=np.float32)
-    for c, channel in _per_modality(case, fn):
+    for c, channel in _per_modality(case, normalize):
         image[c] = channel
     return image
 

@@ -44,7 +44,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -326,11 +325,6 @@ def _open(case_cache, name):
     return CachedCase(name=name, raw=raw, label=label, locations=locations,
                       offset=tuple(meta["box_offset"]), shape=tuple(meta["shape"]),
                       params=np.array(meta["params"], np.float32), meta=meta)
-
-
-def header_from_meta(meta):
-    """The NIfTI header of the case's FLAIR file, kept in meta.json for exporting predictions."""
-    return nib.Nifti1Header(base64.b64decode(meta["nifti_header"]))
 
 
 def load_cached(cache_dir, name):

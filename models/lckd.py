@@ -16,8 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils.modalities import parse_subset
-
 # What the sides of a patch / sliding window must divide by.
 PATCH_MULTIPLES = (16, 32, 32)
 MULTIPLES_RULE = "D must be a multiple of 16 and H, W of 32 (the encoder halves D 4 times and H, W 5 times)"
@@ -268,10 +266,6 @@ class LCKDConfig:
             raise ValueError("blocks, widths and decoder_channels need one entry per stage (4)")
 
     @classmethod
-    def published(cls, **overrides):
-        return cls(**overrides)
-
-    @classmethod
     def small(cls, **overrides):
         """Narrow one-block-per-stage variant for CPU tests and the demo (same code path)."""
         return replace(
@@ -282,7 +276,7 @@ class LCKDConfig:
     @classmethod
     def from_name(cls, name, **overrides):
         """'full' (or 'published') / 'small' -> config, with field overrides."""
-        builders = {"full": cls.published, "published": cls.published, "small": cls.small}
+        builders = {"full": cls, "published": cls, "small": cls.small}
         if name not in builders:
             raise ValueError(f"unknown model {name!r}: use one of {', '.join(builders)}")
         return builders[name](**overrides)
@@ -345,9 +339,7 @@ class LCKD(nn.Module):
     # -- modality bookkeeping --------------------------------------------------------------
 
     def _as_subset(self, subset, allow_empty=False):
-        """(0, 2) / [2, 0] / '0,2' / 'flair,t1ce' -> sorted tuple of indices, validated."""
-        if isinstance(subset, str):
-            subset = parse_subset(subset) if subset.strip() or not allow_empty else ()
+        """(0, 2) / [2, 0] -> sorted tuple of indices, validated."""
         subset = tuple(sorted({int(m) for m in subset}))
         if (not subset and not allow_empty) or any(not 0 <= m < self.config.in_modalities for m in subset):
             raise ValueError(f"invalid modality subset {subset!r} for {self.config.in_modalities} modalities")

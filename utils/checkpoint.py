@@ -127,14 +127,14 @@ def save_checkpoint(checkpoint, path):
     write_bytes(path, buffer.getbuffer())
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     """Read a checkpoint (or a bare state_dict) without executing pickled code."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir()
                                                          else "does not exist"))
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(error)}") from error
 

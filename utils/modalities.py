@@ -58,12 +58,7 @@ def subset_name(subset):
     return "+".join(MODALITIES[i] for i in subset)
 
 
-def subset_mask(subset):
-    """(0, 2) -> (True, False, True, False)."""
-    return tuple(i in subset for i in FULL)
-
-
-def sample_subset(rng: random.Random, sizes=(1, 2, 3)):
-    """Published random-missing draw: k uniform in `sizes`, then k modalities uniformly."""
-    k = rng.choice(sizes)
+def sample_subset(rng: random.Random):
+    """Published random-missing draw: k uniform in {1, 2, 3}, then k modalities uniformly."""
+    k = rng.choice((1, 2, 3))
     return tuple(sorted(rng.sample(FULL, k)))
