@@ -51,8 +51,8 @@ from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset, loader_options
 from models import LCKD, LCKDConfig
 from utils import distributed, speed
-from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, non_finite,
-                              save_checkpoint, set_rng_state, state_mismatch, unwrap)
+from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch, non_finite,
+                              save_checkpoint, set_rng_state, unwrap)
 from utils.cli import USER_ERRORS, UsageError, run_cli, str2bool, window_size
 from utils.election import append_history, elect, format_result, overlay_panel
 from utils.inference import AMP_DTYPES
@@ -509,10 +509,10 @@ def train(args, lists, dist_info, device):
         own = source == snapshot_dir / "last.pth"  # this folder's run, continued where it stopped
         if own:
             refuse_changed_settings(checkpoint["config"], config, snapshot_dir)
-        mismatch = state_mismatch(model.state_dict(), weights)
+        mismatch = network_mismatch(model, weights, f"--model_size {args.model_size} "
+                                                    f"--norm_cfg {args.norm_cfg}")
         if mismatch:
-            raise UsageError(f"{source} holds another network ({mismatch}); pass the model flags "
-                             "it was trained with (--model_size, --norm_cfg)")
+            raise UsageError(f"{source} holds another network {mismatch}")
         model.load_state_dict(weights)
         if "model" not in checkpoint:
             log(f"loaded weights from {source}")

@@ -1,4 +1,6 @@
+import argparse
 import contextlib
+import dataclasses
 import gzip
 import io
 import json
@@ -27,7 +29,7 @@ from utils import figures
 from utils.inference import predict_subsets
 from utils.lock import exclusive_lock
 from utils.modalities import ALL_SUBSETS, subset_name
-from utils.segment import load_model, segment as real_segment
+from utils.segment import add_model_args, load_model, segment as real_segment
 from utils.cli import UsageError, run_cli
 
 
@@ -784,6 +786,23 @@ def test_an_output_folder_that_is_a_file_is_one_line(segmentation_setup, tmp_pat
     assert cli(argv(root, tmp_path / "afile")) == (
         f"error: cannot write in {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a "
         "folder; choose another folder, or fix its permissions")
+
+
+def test_the_network_is_the_one_the_checkpoint_records(tmp_path):
+    # A network no model flag describes (deep_channels 16), trained with activation checkpointing.
+    config = models.LCKDConfig.small(deep_channels=16, checkpoint_encoder=True)
+    state = models.LCKD(config).state_dict()
+    torch.save({"model": state, "config": {"model_size": "small", "input_size": [32, 64, 64],
+                                           "model_config": config.to_dict()}}, tmp_path / "c.pth")
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    model, built, window = load_model(tmp_path / "c.pth", parser.parse_args([]), torch.device("cpu"))
+    assert built == dataclasses.replace(config, checkpoint_encoder=False) and window == (32, 64, 64)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # an explicit model flag replaces that part of the recorded network
+    _, built, _ = load_model(tmp_path / "c.pth", parser.parse_args(["--activation_cfg", "ReLU"]),
+                             torch.device("cpu"))
+    assert built.activation == "ReLU" and built.deep_channels == 16
 
 
 def test_a_checkpoint_of_another_network_is_one_line_naming_the_flags_it_fits(segmentation_setup, tmp_path):

@@ -248,8 +248,9 @@ def test_a_run_is_resumed_with_its_own_settings_or_refused(data, tmp_path):
     # --reload_path of another network (a stage 1 of another size): one line
     other = tmp_path / "other.pth"
     torch.save({"model": LCKD(LCKDConfig()).state_dict()}, other)
-    with pytest.raises(UsageError, match=rf"{other} holds another network \(.*\); pass the "
-                                         r"model flags it was trained with"):
+    with pytest.raises(UsageError, match=rf"{other} holds another network \(.*\); it holds a network "
+                                         r"of --model_size full --norm_cfg IN: pass those flags "
+                                         r"instead of --model_size small --norm_cfg IN$"):
         train.main(flags(data, tmp_path / "two", 10, 3, "--val_list", "", "--reload_path", str(other)))
 
 

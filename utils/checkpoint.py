@@ -16,6 +16,7 @@ A checkpoint is a dict (every value loadable by `torch.load(..., weights_only=Tr
 Nothing pickles code: numpy's and Python's RNG states are converted to lists and tensors.
 """
 import io
+import itertools
 import random
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models import LCKD, LCKDConfig
 from utils.io import write_bytes
 
 
@@ -113,6 +115,23 @@ def state_mismatch(expected, state):
     parts += [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in
               ((missing, "tensors missing"), (unexpected, "unexpected tensors")) if keys]
     return "; ".join(parts) or None
+
+
+def network_mismatch(model, state, given=""):
+    """What keeps `state` from loading into `model` (an LCKD), then the model flags of a network
+    it fits -> '(what); it holds …', one line, or None. given: the model flags of this command
+    (e.g. '--model_size full'), named as the ones to replace."""
+    problem = state_mismatch(model.state_dict(), state)
+    if problem is None:
+        return None
+    config = model.config
+    for size, norm in itertools.product(("full", "small"), ("IN", "BN")):
+        candidate = LCKDConfig.from_name(size, weight_std=config.weight_std, norm=norm,
+                                         activation=config.activation)
+        if candidate != config and not state_mismatch(LCKD(candidate).state_dict(), state):
+            return (f"({problem}); it holds a network of --model_size {size} --norm_cfg {norm}: "
+                    f"pass those flags{f' instead of {given}' if given else ''}")
+    return f"({problem}); is it a checkpoint of this repository's LCKD?"
 
 
 def save_checkpoint(checkpoint, path):

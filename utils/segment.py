@@ -5,10 +5,10 @@
 * the inference flags, checked when parsed, before any work;
 * a normalised case's label maps for one or several modality subsets (`segment`).
 """
-import itertools
+from dataclasses import replace
 
 from models import LCKD, LCKDConfig
-from utils.checkpoint import load_checkpoint, state_mismatch
+from utils.checkpoint import load_checkpoint, network_mismatch
 from utils.cli import (PUBLISHED_INPUT_SIZE, UsageError, overlap_fraction, positive_int, str2bool,
                        window_size)
 from utils.inference import AMP_DTYPES, predict_subsets
@@ -39,14 +39,19 @@ def add_inference_args(parser):
 
 # ------------------------------------------------------------------------------------- model
 def resolve_model_config(args, saved):
-    """Checkpoint config + explicit flags -> (LCKDConfig, window (d, h, w))."""
+    """Checkpoint config + explicit flags -> (LCKDConfig, window (d, h, w)).
+
+    The network is the one train.py recorded (`model_config`), each model flag given replacing
+    its part; `--model_size`, a bare state_dict or a config without it start from the named
+    size. The speed-only fields (activation checkpointing, the published encoder work) are off.
+    """
     pick = lambda flag, key, default: flag if flag is not None else saved.get(key, default)
-    config = LCKDConfig.from_name(
-        pick(args.model_size, "model_size", "full"),
-        weight_std=pick(args.weight_std, "weight_std", True),
-        norm=pick(args.norm_cfg, "norm_cfg", "IN"),
-        activation=pick(args.activation_cfg, "activation_cfg", "LeakyReLU"),
-    )
+    base = (LCKDConfig(**saved["model_config"]) if args.model_size is None and "model_config" in saved
+            else LCKDConfig.from_name(pick(args.model_size, "model_size", "full")))
+    config = replace(base, weight_std=pick(args.weight_std, "weight_std", True),
+                     norm=pick(args.norm_cfg, "norm_cfg", "IN"),
+                     activation=pick(args.activation_cfg, "activation_cfg", "LeakyReLU"),
+                     checkpoint_encoder=False, encode_all=False)
     if args.num_classes != config.num_classes:
         raise UsageError(f"--num_classes {args.num_classes}: the network predicts "
                          f"{config.num_classes} regions (ET, WT, TC)")
@@ -66,25 +71,13 @@ def load_model(path, args, device):
                     else (checkpoint, {}))
     config, window = resolve_model_config(args, saved)
     model = LCKD(config)
-    problem = state_mismatch(model.state_dict(), state)
-    if problem:
-        raise UsageError(f"checkpoint {path} does not fit the network built ({problem}); "
-                         + fitting_flags(state, config, args))
-    model.load_state_dict(state)
-    return model.to(device).eval(), config, window
-
-
-def fitting_flags(state, config, args):
-    """The hint for a checkpoint that does not fit: the model flags of a network it fits."""
     given = " ".join(f"--{k} {getattr(args, k)}" for k in ("model_size", "norm_cfg")
                      if getattr(args, k) is not None)
-    for size, norm in itertools.product(("full", "small"), ("IN", "BN")):
-        candidate = LCKDConfig.from_name(size, weight_std=config.weight_std, norm=norm,
-                                         activation=config.activation)
-        if candidate != config and not state_mismatch(LCKD(candidate).state_dict(), state):
-            return (f"it holds a network of --model_size {size} --norm_cfg {norm}: pass those "
-                    f"flags{f' instead of {given}' if given else ''}")
-    return "is it a checkpoint of this repository's LCKD?"
+    problem = network_mismatch(model, state, given)
+    if problem:
+        raise UsageError(f"checkpoint {path} does not fit the network built {problem}")
+    model.load_state_dict(state)
+    return model.to(device).eval(), config, window
 
 
 # ---------------------------------------------------------------------------------- predicting
