@@ -4,7 +4,7 @@
     python benchmarks/bench_model.py --model full --patch 16,32,32 --batch 2 --threads 1    # CPU
     python benchmarks/bench_model.py --model full --device cuda --patch 80,160,160 --batch 2 --amp bf16
 
-Prints the train step (forward, BCE + 0.1 * KD, backward, SGD step) and its peak memory
+Prints train.py's step (forward, Dice + BCE + 0.1 * KD, backward, SGD step) and its peak memory
 (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS), then the time to
 evaluate the batch under all 15 subsets (eval mode, no grad) three ways: forward_subsets
 (each modality encoded once), 15 calls of model(x, subset) (available modalities + the zero
@@ -12,19 +12,21 @@ image encoded per subset), and 15 forwards as the published code runs them (all 
 modalities encoded per subset). Times are medians over --steps runs after --warmup runs.
 """
 import argparse
+import dataclasses
 import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import LCKD, LCKDConfig  # noqa: E402
+from train import step  # noqa: E402
+from utils.inference import AMP_DTYPES, autocast  # noqa: E402
 from utils.modalities import ALL_SUBSETS, parse_subset  # noqa: E402
+from utils.speed import synchronize  # noqa: E402
 
 
 def parse_args():
@@ -33,7 +35,7 @@ def parse_args():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--patch", default="16,32,32", help="D,H,W (published training patch 80,160,160)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
     p.add_argument("--subset", default="0,1,2,3", help="available modalities in the train step")
     p.add_argument("--checkpoint_encoder", action="store_true")
     p.add_argument("--steps", type=int, default=5)
@@ -42,20 +44,15 @@ def parse_args():
     return p.parse_args()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_time(fn, device, steps, warmup):
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(steps):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -73,8 +70,6 @@ def main():
     config = LCKDConfig.from_name(args.model, checkpoint_encoder=args.checkpoint_encoder)
     torch.manual_seed(0)
     model = LCKD(config).to(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     subset = parse_subset(args.subset)
@@ -85,17 +80,8 @@ def main():
     print(f"model {args.model}: {params:,} parameters | device {device} | threads {torch.get_num_threads()} | "
           f"patch {patch} batch {args.batch} amp {args.amp} checkpoint_encoder {args.checkpoint_encoder}")
 
-    def published_forward(x, subset):  # all four channels encoded per subset
-        return model.decoder(*model.fuse(model.encode_subset(x, subset, all_channels=True), subset))
-
     def train_step():
-        with autocast():
-            logits, kd = model(x, subset, teachers=(0,))
-            loss = F.binary_cross_entropy_with_logits(logits.float(), target) + 0.1 * kd
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        step(model, optimizer, scaler, x, target, subset, (0,), AMP_DTYPES[args.amp], kd_weight=0.1)
 
     model.train()
     rss_before = peak_rss_mib()
@@ -109,14 +95,17 @@ def main():
     print(f"train step (subset {args.subset}): {step_time * 1000:.0f} ms/iteration | {memory}")
 
     model.eval()
-    with torch.no_grad(), autocast():
+    # The same weights run as the published code does: all four modalities encoded per subset.
+    published = LCKD(dataclasses.replace(config, encode_all=True)).to(device).eval()
+    published.load_state_dict(model.state_dict())
+    with torch.no_grad(), autocast(device, args.amp):
         reuse = median_time(lambda: model.forward_subsets(x, ALL_SUBSETS), device, args.steps, args.warmup)
         plain = median_time(lambda: [model(x, s) for s in ALL_SUBSETS], device, args.steps, args.warmup)
-        published = median_time(lambda: [published_forward(x, s) for s in ALL_SUBSETS], device,
-                                args.steps, args.warmup)
+        all_four = median_time(lambda: [published(x, s) for s in ALL_SUBSETS], device,
+                               args.steps, args.warmup)
     print(f"15-subset evaluation of the batch: forward_subsets {reuse * 1000:.0f} ms | "
           f"15 x model(x, subset) {plain * 1000:.0f} ms ({plain / reuse:.2f}x) | "
-          f"15 x published forward {published * 1000:.0f} ms ({published / reuse:.2f}x)")
+          f"15 x published forward {all_four * 1000:.0f} ms ({all_four / reuse:.2f}x)")
 
 
 if __name__ == "__main__":

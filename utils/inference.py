@@ -47,7 +47,8 @@ def gaussian_map(window, sigma_scale=1 / 8, device=None):
     return (g / g.max()).clamp_min(GAUSSIAN_FLOOR).float()
 
 
-def _autocast(device, amp):
+def autocast(device, amp):
+    """The autocast context of an --amp value ('off': a disabled one)."""
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
     dtype = AMP_DTYPES[amp]
@@ -105,7 +106,7 @@ def sliding_window(predict, image, window, overlap=1 / 3, gaussian=False, batch_
         x = torch.stack([image[(slice(None),) + sl] for sl in slices])
         pred = 0
         for axes in (MIRROR_AXES if mirror else ((),)):
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 y = predict(x.flip(axes) if axes else x)
             y = y.float()
             pred = pred + (y.flip(axes) if axes else y)
