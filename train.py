@@ -592,11 +592,26 @@ def train(args, lists, dist_info, device):
         return (f"{snapshot_dir / 'last.pth'} holds the state before iteration {iteration}, "
                 f"the last one checked to be finite")
 
-    def run_election(iteration):
+    def stop_early(signum, when):
+        """A stop signal: last.pth holds the last good state, then exit 128 + the signal."""
+        leave("after saving the interrupted run")
+        signum = signum or signal.SIGTERM  # another rank's signal
+        if main_rank:
+            again = ("the same command without --overwrite True" if args.overwrite
+                     else "the same command again")
+            print(f"stopped by {signal.Signals(signum).name} {when}: {snapshot_dir / 'last.pth'} "
+                  f"holds the state; run {again} to resume", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    def run_election(iteration, stop_signals):
+        """The teachers elected at `iteration`; a stop signal during the election stops the run
+        (the resumed run elects again)."""
         t_start = time.perf_counter()
         result = elect(unwrap(model), val_cases, args.patch_size, overlap=args.overlap,
                        batch_size=args.batch_size, amp=args.amp, device=device,
-                       dist_info=dist_info)
+                       dist_info=dist_info, stop_requested=lambda: stop_signals.signum is not None)
+        if result is None:
+            stop_early(stop_signals.signum, f"during the teacher election at iteration {iteration}")
         if main_rank:
             log(format_result(result, iteration) + f"  [{time.perf_counter() - t_start:.1f} s]")
             for name, per_region in result["dice"].items():
@@ -631,7 +646,7 @@ def train(args, lists, dist_info, device):
                 speed.synchronize(device)  # the window starts with no queued work (once per run)
                 timing_start, data_wait = time.perf_counter(), 0.0
             if val_cases and iteration % args.val_pred_every == 0 and elected_at != iteration:
-                teachers, elected_at = run_election(iteration), iteration
+                teachers, elected_at = run_election(iteration, stop_signals), iteration
                 good = snapshot(iteration)  # same weights, checked at the end of the last iteration
             if iteration % args.val_pred_every == 0 and iteration != start:
                 save_last(good)
@@ -695,15 +710,7 @@ def train(args, lists, dist_info, device):
             if done == stop:  # finished: nothing to stop or save early
                 break
             if stop_requested:
-                leave("after saving the interrupted run")
-                signum = stop_signals.signum or signal.SIGTERM  # another rank's signal
-                if main_rank:
-                    again = ("the same command without --overwrite True" if args.overwrite
-                             else "the same command again")
-                    print(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: "
-                          f"{snapshot_dir / 'last.pth'} holds the state; run {again} to resume",
-                          file=sys.stderr)
-                raise SystemExit(128 + signum)
+                stop_early(stop_signals.signum, f"after iteration {iteration}")
             if save_due and done % args.val_pred_every:  # (at a multiple, the next iteration saves)
                 save_last(good)
         progress.close()

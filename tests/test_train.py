@@ -27,7 +27,9 @@ from datasets.preprocess import preprocess
 from datasets.synthetic import generate
 from utils.checkpoint import load_checkpoint, non_finite, set_rng_state
 from utils.cli import UsageError
+from utils import election
 from utils.election import append_history, elect, overlay, winners
+from utils.inference import predict_subsets
 from utils.lock import LockError
 from utils.modalities import FULL, sample_subset, subset_name
 
@@ -356,6 +358,71 @@ def test_sigterm_saves_and_the_rerun_ends_bit_identical(data, tmp_path):
     assert_same_tensors(a["model"], b["model"])
     assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
     assert a["teachers"] == b["teachers"] and a["iteration"] == b["iteration"] == 16
+
+
+def test_sigterm_during_an_election_abandons_it_saves_and_the_rerun_elects_again(
+        data, tmp_path, monkeypatch, capsys):
+    val = tmp_path / "val.csv"  # two validation cases: the stop is checked after the first
+    val.write_text("".join(f"{data / 'data' / name}\n" for name in ("Synth_0003", "Synth_0004")))
+    command = lambda name: flags(data, tmp_path / name, 8, 4, "--val_list", str(val), "--mode", "random")
+    train.main(command("straight"))
+
+    predicted = []
+
+    def predict_then_signal(*args, **kwargs):
+        predicted.append(len(predicted))
+        if len(predicted) == 3:  # the first case of the election at iteration 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return predict_subsets(*args, **kwargs)
+
+    monkeypatch.setattr(election, "predict_subsets", predict_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(command("stopped"))
+    assert stopped.value.code == 143 and len(predicted) == 3  # the second case was never predicted
+    assert re.search(r"stopped by SIGTERM during the teacher election at iteration 4: .*last.pth "
+                     r"holds the state; run the same command again to resume", capsys.readouterr().err)
+    saved = load_checkpoint(tmp_path / "stopped" / "last.pth")
+    assert (saved["iteration"], saved["elected_at"]) == (4, 0)
+    history = json.loads((tmp_path / "stopped" / "teachers.json").read_text())
+    assert [h["iteration"] for h in history] == [0]  # the abandoned election left no entry
+
+    monkeypatch.undo()
+    train.main(command("stopped"))  # elects again at 4, then trains on
+    a = load_checkpoint(tmp_path / "straight" / "final.pth")
+    b = load_checkpoint(tmp_path / "stopped" / "final.pth")
+    assert_same_tensors(a["model"], b["model"])
+    assert a["teachers"] == b["teachers"] and a["elected_at"] == b["elected_at"] == 4
+    assert ((tmp_path / "stopped" / "teachers.json").read_text()
+            == (tmp_path / "straight" / "teachers.json").read_text())
+
+
+def test_sigterm_to_rank_0_during_an_election_under_torchrun_stops_both_ranks(data, tmp_path):
+    """Three validation cases over two ranks (rank 0 predicts two, rank 1 one): both check for
+    a stop after each round and abandon the election together, rank 0 saves."""
+    val = tmp_path / "val.csv"
+    val.write_text("".join(f"{data / 'data' / f'Synth_000{k}'}\n" for k in (2, 3, 4)))
+    wrapper = tmp_path / "signal_in_election.py"
+    wrapper.write_text(
+        "import os, signal\nimport train\nfrom utils import election\nfrom utils.cli import run_cli\n"
+        "predict, calls = election.predict_subsets, []\n"
+        "def predict_then_signal(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if os.environ['RANK'] == '0' and len(calls) == 3:  # the election at iteration 2\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return predict(*args, **kwargs)\n"
+        "election.predict_subsets = predict_then_signal\n"
+        "run_cli(train.main, train.TRAIN_ERRORS)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(32500 + os.getpid() % 1000), str(wrapper),
+           *flags(data, tmp_path / "ddp", 6, 2, "--val_list", str(val))]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    output = run.stdout + run.stderr
+    assert run.returncode != 124, output[-3000:]  # not hung in mismatched collectives
+    assert len(re.findall(r"stopped by SIGTERM during the teacher election at iteration 2: ", output)) == 1
+    assert "error:" not in output and "Connection" not in output, output[-3000:]
+    saved = load_checkpoint(tmp_path / "ddp" / "last.pth")
+    assert (saved["iteration"], saved["elected_at"]) == (2, 0)
 
 
 def test_sigterm_under_torchrun_stops_every_rank_together(data, tmp_path):

@@ -38,7 +38,7 @@ def teacher_set(winning):
 
 
 def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=None,
-          dist_info=distributed.Dist()):
+          dist_info=distributed.Dist(), stop_requested=None):
     """Run the election on `cases` (datasets.preprocess.CachedCase: .name, .normalized() the
     image float32 (4,D,H,W), .full_label() the label map (D,H,W)).
 
@@ -46,12 +46,23 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
     Returns dict: dice {modality: {region: summed Dice}}, winners {region: modality},
     teachers [indices], num_cases, and `sample` (rank 0's first case: a (4, H, W) image slice,
     the ground truth and every modality's predicted regions on it) for the TensorBoard overlay.
+
+    stop_requested: a callable asked after every case (a stop signal): when it says True on
+    any rank, every rank abandons the election and gets None. An election of the full model
+    takes minutes, longer than a scheduler's or torchrun's grace period after SIGTERM.
     """
     if device is None:
         device = next(model.parameters()).device
     sums = torch.zeros(len(SINGLE_SUBSETS), len(REGIONS), dtype=torch.float64, device=device)
     sample = None
-    for case in cases[dist_info.rank::dist_info.world_size]:
+    mine = cases[dist_info.rank::dist_info.world_size]
+    rounds = -(-len(cases) // dist_info.world_size)  # the same count of stop checks on every rank
+    for index in range(rounds):
+        if stop_requested is not None and index > 0 and _any_rank(stop_requested(), device, dist_info):
+            return None
+        if index == len(mine):  # this rank's share is done; it still joins the checks
+            continue
+        case = mine[index]
         label = case.full_label()
         if label is None:
             raise ValueError(f"validation case {case.name} has no segmentation: the teacher "
@@ -75,6 +86,10 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
         "num_cases": num_cases,
         "sample": sample,
     }
+
+
+def _any_rank(flag, device, dist_info):
+    return bool(distributed.all_reduce_sum(torch.tensor([float(flag)], device=device), dist_info).item())
 
 
 def _slice_sample(name, image, probs, target):
