@@ -147,6 +147,8 @@ def case_folders(args):
             raise UsageError("give --input or --data_list, not both")
         folders, source = find_cases(args.input), args.input
     else:
+        if args.data_list == "":
+            raise UsageError("--data_list '' names no list: give a datalist, or --input DIR")
         source = resolve_list(args.data_list or PUBLISHED_DATA_LIST, args.data_dir)
         folders = read_datalist(source, args.data_root)
     refuse_duplicates(folders, source)  # two masks would go to the same file

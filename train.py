@@ -75,8 +75,8 @@ def get_parser():
     g.add_argument("--val_list", default="datalist/BraTS18/BraTS18_val.csv",
                    help="labelled cases for the teacher election ('' = no election)")
     g.add_argument("--data_root", default="", help="re-base the lists' case paths onto this folder")
-    g.add_argument("--cache_dir", default="", help="preprocessed-case cache "
-                   "(default: cache/<name of the train list's folder>)")
+    g.add_argument("--cache_dir", default="", help="preprocessed-case cache (default%(default)s: "
+                   "cache/<name of the train list's folder>)")  # '%(default)s' (empty): no '(default: )' added
     g.add_argument("--input_size", default="80,160,160", help="patch D,H,W")
     g.add_argument("--batch_size", type=int, default=2, help="per process")
     g.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers per process "
@@ -240,8 +240,10 @@ def validate_args(args):
 def read_lists(args):
     """The training and validation case folders; an empty list is a mistake, named here."""
     lists = []
+    if not args.train_list:
+        raise UsageError("--train_list '' names no list: give the list of training cases")
     for flag, path in (("--train_list", args.train_list), ("--val_list", args.val_list)):
-        if not path:
+        if not path:  # --val_list '': no election
             lists.append(None)
             continue
         path = resolve_list(path, args.data_dir)
@@ -388,8 +390,8 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            self.log(f"{signal.Signals(signum).name}: stopping after this iteration and saving "
-                     f"last.pth (Ctrl-C again quits at once, without saving)")
+            self.log(f"{signal.Signals(signum).name}: saving last.pth and stopping"
+                     + (" (Ctrl-C again quits at once, without saving)" if signum == signal.SIGINT else ""))
 
 
 def ignore_stop_signals(worker_id):
@@ -441,10 +443,11 @@ def main(argv=None):
     lists = read_lists(args)
     dist_info, device = distributed.init(args.device, args.dist_timeout_min)
     try:
-        # One run per snapshot folder: rank 0 holds the lock until the run ends (released by
-        # the kernel if the process dies).
-        with (exclusive_lock(args.snapshot_dir, "snapshot folder") if dist_info.is_main
-              else contextlib.nullcontext()):
+        with contextlib.ExitStack() as held:
+            # One run per snapshot folder: rank 0 holds the lock until the run ends (released by
+            # the kernel if the process dies); a refusal stops every rank.
+            distributed.on_main_rank(lambda: held.enter_context(
+                exclusive_lock(args.snapshot_dir, "snapshot folder")), dist_info)
             return train(args, lists, dist_info, device)
     finally:
         distributed.cleanup(dist_info)
@@ -470,15 +473,18 @@ def train(args, lists, dist_info, device):
     train_list, val_list = lists
     cache_dir = Path(args.cache_dir or Path("cache") / train_list.parent.name)
     data_root = args.data_root or None
-    for rank_turn in (True, False):  # rank 0 writes the cache, the others then re-use it
-        if main_rank == rank_turn:
-            workers = None if args.num_workers < 0 else max(1, args.num_workers)
-            # Both lists need labels: a missing seg file is named here, before any training.
-            train_cases = preprocess(train_list, cache_dir, data_root, workers, progress=main_rank,
-                                     require_label=True)
-            val_cases = (preprocess(val_list, cache_dir, data_root, workers, progress=main_rank,
-                                    require_label=True) if val_list else [])
-        distributed.barrier(dist_info, "after preprocessing")
+
+    def open_cases():
+        workers = None if args.num_workers < 0 else max(1, args.num_workers)
+        # Both lists need labels: a missing seg file is named here, before any training.
+        return [preprocess(data_list, cache_dir, data_root, workers, progress=main_rank,
+                           require_label=True) if data_list else []
+                for data_list in (train_list, val_list)]
+
+    # Rank 0 builds the cache (an error there stops every rank), then the others open it.
+    cases = distributed.on_main_rank(open_cases, dist_info, "preprocessing")
+    train_cases, val_cases = cases if main_rank else open_cases()
+    distributed.barrier(dist_info, "after preprocessing")
     world_batches = args.num_steps * dist_info.world_size * args.batch_size
     dataset = PatchDataset(train_cases, args.patch_size, random_scale=args.random_scale,
                            random_mirror=args.random_mirror, seed=args.random_seed,
@@ -551,17 +557,20 @@ def train(args, lists, dist_info, device):
         sampler=IterationSampler(start, stop, args.batch_size, dist_info.rank, dist_info.world_size),
         **loader_options(args.num_workers, device), worker_init_fn=ignore_stop_signals)
 
-    writer = None
-    if main_rank:
+    # Rank 0 writes every file; each write runs under on_main_rank, so that its failure (a
+    # full disk) stops the other ranks at once instead of in their next collective.
+    def open_log():
         write_text(snapshot_dir / "config.json", json.dumps(config, indent=2) + "\n")
-        # A resumed run hides what the interrupted one logged after `start` (it logs it again;
-        # the election at `start` happened before the checkpoint, so it stays).
-        writer = SummaryWriter(str(snapshot_dir), purge_step=start + 1 if source is not None else None)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"LCKD ({args.model_size}, {n_params / 1e6:.2f} M parameters) on {device} x "
             f"{dist_info.world_size}; {len(train_cases)} training / {len(val_cases)} validation "
             f"cases; iterations {start} -> {args.num_steps}; mode {args.mode}; amp {args.amp}, "
             + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in speed_options.items()))
+        # A resumed run hides what the interrupted one logged after `start` (it logs it again;
+        # the election at `start` happened before the checkpoint, so it stays).
+        return SummaryWriter(str(snapshot_dir), purge_step=start + 1 if source is not None else None)
+
+    writer = distributed.on_main_rank(open_log, dist_info, "writing config.json")
 
     def snapshot(iteration):
         """Rank 0's copy of the whole training state on the device (a later step cannot
@@ -574,11 +583,11 @@ def train(args, lists, dist_info, device):
 
     last_saved = time.monotonic()
 
-    def save_last(state):
+    def save_last(state):  # on every rank
         nonlocal last_saved
-        if main_rank:
-            save_checkpoint(state, snapshot_dir / "last.pth")
-            last_saved = time.monotonic()
+        distributed.on_main_rank(lambda: save_checkpoint(state, snapshot_dir / "last.pth"),
+                                 dist_info, "writing last.pth")
+        last_saved = time.monotonic()
 
     def leave(where):
         """Before stopping early: rank 0 writes the last good state; every rank waits for it."""
@@ -612,20 +621,23 @@ def train(args, lists, dist_info, device):
                        dist_info=dist_info, stop_requested=lambda: stop_signals.signum is not None)
         if result is None:
             stop_early(stop_signals.signum, f"during the teacher election at iteration {iteration}")
-        if main_rank:
-            log(format_result(result, iteration) + f"  [{time.perf_counter() - t_start:.1f} s]")
-            for name, per_region in result["dice"].items():
-                for region in REGIONS:
-                    writer.add_scalar(f"val/dice/{name}/{region}",
-                                      per_region[region] / max(result["num_cases"], 1), iteration)
-            for m, name in enumerate(MODALITIES):
-                writer.add_scalar(f"teachers/{name}", float(m in result["teachers"]), iteration)
-            writer.add_text("teachers", ", ".join(MODALITIES[t] for t in result["teachers"]), iteration)
-            if result["sample"] is not None:
-                writer.add_image("val/overlay", overlay_panel(result["sample"]), iteration,
-                                 dataformats="HWC")
-            append_history(snapshot_dir / "teachers.json", result, iteration)
+        distributed.on_main_rank(lambda: report_election(result, iteration, time.perf_counter() - t_start),
+                                 dist_info, "writing teachers.json")
         return tuple(result["teachers"])
+
+    def report_election(result, iteration, seconds):
+        log(format_result(result, iteration) + f"  [{seconds:.1f} s]")
+        for name, per_region in result["dice"].items():
+            for region in REGIONS:
+                writer.add_scalar(f"val/dice/{name}/{region}",
+                                  per_region[region] / max(result["num_cases"], 1), iteration)
+        for m, name in enumerate(MODALITIES):
+            writer.add_scalar(f"teachers/{name}", float(m in result["teachers"]), iteration)
+        writer.add_text("teachers", ", ".join(MODALITIES[t] for t in result["teachers"]), iteration)
+        if result["sample"] is not None:
+            writer.add_image("val/overlay", overlay_panel(result["sample"]), iteration,
+                             dataformats="HWC")
+        append_history(snapshot_dir / "teachers.json", result, iteration)
 
     # ---- the loop. The host reads the device only at check points (every --log_every
     # iterations, before every checkpoint and at the end): there the loss parts of the
@@ -721,8 +733,8 @@ def train(args, lists, dist_info, device):
                   "data_wait_seconds": data_wait if timed else 0.0}
         distributed.check_replicas_equal(model, dist_info)
         if stop == args.num_steps:
-            if main_rank:
-                save_checkpoint(good, snapshot_dir / "final.pth")
+            distributed.on_main_rank(lambda: save_checkpoint(good, snapshot_dir / "final.pth"),
+                                     dist_info, "writing final.pth")
 
     seconds = time.perf_counter() - t0
     if main_rank:
@@ -736,7 +748,7 @@ def train(args, lists, dist_info, device):
 
 
 # User mistakes and outside conditions: one line `error: ...`, exit status 1 (UsageError: 2).
-TRAIN_ERRORS = (*USER_ERRORS, FloatingPointError, CheckpointError, distributed.RankTimeoutError)
+TRAIN_ERRORS = (*USER_ERRORS, FloatingPointError, CheckpointError)
 
 if __name__ == "__main__":
     run_cli(main, TRAIN_ERRORS)

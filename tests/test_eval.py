@@ -788,6 +788,14 @@ def test_an_output_folder_that_is_a_file_is_one_line(segmentation_setup, tmp_pat
         "folder; choose another folder, or fix its permissions")
 
 
+def test_an_empty_data_list_flag_is_refused_not_replaced_by_the_default(segmentation_setup, tmp_path):
+    root, _ = segmentation_setup
+    flags = argv(root, tmp_path / "out")
+    flags[flags.index("--data_list") + 1] = ""
+    assert cli(flags) == "error: --data_list '' names no list: give a datalist, or --input DIR"
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_network_is_the_one_the_checkpoint_records(tmp_path):
     # A network no model flag describes (deep_channels 16), trained with activation checkpointing.
     config = models.LCKDConfig.small(deep_channels=16, checkpoint_encoder=True)

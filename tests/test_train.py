@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from utils.cli import UsageError
 from utils import election
 from utils.election import append_history, elect, overlay, winners
 from utils.inference import predict_subsets
-from utils.lock import LockError
+from utils.lock import LockError, exclusive_lock
 from utils.modalities import FULL, sample_subset, subset_name
 
 from test_shell import copy_scripts
@@ -425,6 +426,48 @@ def test_sigterm_to_rank_0_during_an_election_under_torchrun_stops_both_ranks(da
     assert (saved["iteration"], saved["elected_at"]) == (2, 0)
 
 
+def test_under_torchrun_rank_0_refusing_or_failing_to_write_stops_rank_1_without_a_word(data, tmp_path):
+    """What rank 0 does alone (the lock, preprocessing, writing checkpoints) stops rank 1 too when
+    it fails: one line, rank 0's, instead of rank 1's gloo traceback or a timeout message."""
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(
+        "import errno, os, sys\nimport train\nfrom utils.cli import run_cli\nfrom utils.io import DiskFullError\n"
+        "save = train.save_checkpoint\n"
+        "def full(state, path):\n"
+        "    if os.environ.get('FULL') and path.name == 'last.pth':\n"
+        "        raise DiskFullError(errno.ENOSPC, f'no space left on device while writing {path}')\n"
+        "    save(state, path)\n"
+        "train.save_checkpoint = full\n"
+        "run_cli(train.main, train.TRAIN_ERRORS)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+    def torchrun(snapshot, *extra, **more_env):
+        cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(33500 + os.getpid() % 1000), str(wrapper),
+               *flags(data, snapshot, 4, 2, "--val_list", "", *extra)]
+        run = subprocess.run(cmd, cwd=tmp_path, env={**env, **more_env}, capture_output=True,
+                             text=True, timeout=150)
+        output = run.stdout + run.stderr
+        # torchrun ends with its own ChildFailedError traceback; the ranks must not add theirs
+        assert run.returncode not in (0, 124) and "[rank" not in output and "Connection" not in output, \
+            output[-3000:]
+        return [line for line in output.splitlines() if line.startswith("error:")]
+
+    snapshot = tmp_path / "locked"
+    with exclusive_lock(snapshot, "snapshot folder"):
+        errors = torchrun(snapshot)
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: snapshot folder {snapshot} is in use by pid {os.getpid()} on host {socket.gethostname()}")
+    assert torchrun(tmp_path / "full", FULL="1") == [
+        f"error: no space left on device while writing {tmp_path / 'full' / 'last.pth'}"]
+    bad = tmp_path / "bad"
+    shutil.copytree(data / "data", bad)
+    (bad / "Synth_0001" / "Synth_0001_t1.nii.gz").write_bytes(b"not a nifti")
+    errors = torchrun(tmp_path / "bad_data", "--train_list", str(bad / "train.csv"),
+                      "--cache_dir", str(tmp_path / "cache"))
+    assert len(errors) == 1 and "Synth_0001_t1.nii.gz" in errors[0], errors
+
+
 def test_sigterm_under_torchrun_stops_every_rank_together(data, tmp_path):
     """torchrun forwards SIGTERM to both ranks; they agree at the next check point (every 2
     iterations here), rank 0 saves, both leave together."""
@@ -506,6 +549,7 @@ EMPTY = "empty.csv"
     (["--reload_path", "nope.pth"], "--reload_path nope.pth does not exist"),
     (["--amp", "bf16"], "--amp bf16 trains on a GPU only: .*use --amp off on a CPU"),
     (["--train_list", EMPTY], "--train_list .*empty.csv lists no cases"),
+    (["--train_list", ""], "--train_list '' names no list: give the list of training cases"),
     (["--val_list", EMPTY], "--val_list .*empty.csv lists no cases"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(data, tmp_path, bad, message):

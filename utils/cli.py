@@ -7,7 +7,7 @@ from fractions import Fraction
 
 from datasets.brats import DataError
 from models.lckd import MULTIPLES_RULE, PATCH_MULTIPLES
-from utils.distributed import DeviceError, MainRankFailed, PeerFailed
+from utils.distributed import DeviceError, MainRankFailed, PeerFailed, RankTimeoutError
 from utils.io import DiskFullError, NotWritableError
 from utils.lock import LockError
 
@@ -91,7 +91,8 @@ def _raise_terminated(signum, frame):
 
 
 # Mistakes in the data or outside conditions every script reports in one line.
-USER_ERRORS = (DataError, LockError, DiskFullError, NotWritableError, DeviceError, PeerFailed)
+USER_ERRORS = (DataError, LockError, DiskFullError, NotWritableError, DeviceError, PeerFailed,
+               RankTimeoutError)
 # A stop signal's exit status is 128 + the signal, the shell's convention (train.py's loop too).
 TERMINATED, INTERRUPTED = 128 + signal.SIGTERM, 128 + signal.SIGINT
 STOPPED = {TERMINATED: "terminated", INTERRUPTED: "interrupted"}  # what run_cli prints for them

@@ -7,6 +7,7 @@ not arrive.
 """
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -122,26 +123,42 @@ class MainRankFailed(Exception):
         self.error_type = error_type
 
 
-def on_main_rank(fn, info: Dist):
-    """fn() on rank 0 alone -> its result on rank 0, None on the other ranks.
+def on_main_rank(fn, info: Dist, what="rank 0's checks"):
+    """fn() on rank 0 alone -> its result on rank 0, None on the other ranks, which wait for it.
 
-    For the checks made once before any work: when fn raises, rank 0 raises its error and every
-    other rank MainRankFailed, instead of waiting for rank 0 at the next collective until the
-    timeout.
+    For what rank 0 does alone (checks before any work, writing files): when fn raises, rank 0
+    raises its error and every other rank MainRankFailed, instead of running on into the next
+    collective, which fails with the backend's traceback or waits until the timeout. `what`
+    fn does, for the other ranks' message when rank 0 never answers.
     """
     if not info.enabled:
         return fn()
     if not info.is_main:
-        failed = broadcast_object(None, info)
+        started = time.monotonic()
+        try:
+            failed = broadcast_object(None, info)
+        except RuntimeError as error:  # gloo / NCCL: a timeout, or rank 0's connection closed
+            minutes = info.timeout.total_seconds() / 60
+            if time.monotonic() - started < 0.99 * info.timeout.total_seconds():
+                raise PeerFailed(f"rank {info.rank}: rank 0 stopped during {what}") from error
+            raise RankTimeoutError(f"rank {info.rank}: rank 0 did not finish {what} within "
+                                   f"--dist_timeout_min {minutes:g}") from error
         if failed is not None:
             raise MainRankFailed(failed)
         return None
     try:
         result = fn()
     except BaseException as error:  # Ctrl-C included: no rank may keep waiting
-        broadcast_object(type(error), info)  # the class: it pickles whatever its arguments
+        try:
+            broadcast_object(type(error), info)  # the class: it pickles whatever its arguments
+        except RuntimeError:
+            pass  # the others are gone already: rank 0's own error is the one to report
         raise
-    broadcast_object(None, info)
+    try:
+        broadcast_object(None, info)
+    except RuntimeError as error:
+        raise PeerFailed(f"rank 0: another process of this run stopped while rank 0 was busy with "
+                         f"{what} (its message is printed with this one)") from error
     return result
 
 

@@ -1,0 +1,48 @@
+"""utils/distributed.py under torchrun (2 CPU processes, gloo): what the other ranks say when
+rank 0 is slow or fails in on_main_rank."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import sys, time
+from utils import distributed
+from utils.cli import run_cli
+
+def main(argv):
+    info, _ = distributed.init("cpu", timeout_min=float(argv[1]))
+    try:
+        def rank_0():
+            if argv[0] == "slow":
+                time.sleep(20)
+            else:
+                raise distributed.DeviceError("rank 0 cannot go on")
+        distributed.on_main_rank(rank_0, info, "the test's work")
+    finally:
+        distributed.cleanup(info)
+
+run_cli(main, argv=sys.argv[1:])
+"""
+
+
+def torchrun(tmp_path, *args):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    cmd = ["timeout", "60", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(34500 + os.getpid() % 1000), str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
+
+
+def test_rank_0_failing_is_reported_once_by_rank_0(tmp_path):
+    assert torchrun(tmp_path, "fail", "1") == ["error: rank 0 cannot go on"]
+
+
+def test_rank_0_slower_than_the_timeout_is_named_by_the_others(tmp_path):
+    # (torchrun then stops rank 0, which says nothing more)
+    assert torchrun(tmp_path, "slow", "0.05") == [
+        "error: rank 1: rank 0 did not finish the test's work within --dist_timeout_min 0.05"]
