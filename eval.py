@@ -370,7 +370,7 @@ def check(args, info, rank_device, held):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = distributed.before_init(lambda: parse_args(argv))
     # Under torchrun each process takes cuda:LOCAL_RANK (NCCL), or the CPU with --device cpu
     # (gloo); a plain run's device is --device as given, resolved in check().
     plain = distributed.launched_world_size() == 1
@@ -380,9 +380,9 @@ def main(argv=None):
             # The checks run once, on rank 0, and a refusal there stops every rank. Rank 0 then
             # holds the output folder's lock for the whole run and has cleared a previous
             # evaluation before any rank writes; the others load the checkpoint it found sound.
-            checked = distributed.on_main_rank(lambda: check(args, info, device, held), info)
-            if info.is_main:
-                mode, folders, device, (model, _, window), record, cases, done = checked
+            def check_and_record():
+                checked = check(args, info, device, held)
+                _, folders, _, _, record, cases, done = checked
                 write_text(args.output_dir / "eval_config.json", json.dumps(record, indent=2))
                 with atomic_path(args.output_dir / "cases.csv") as tmp:
                     cases.to_csv(tmp, index=False)
@@ -390,6 +390,11 @@ def main(argv=None):
                     print(f"--resume: {len(done)} of {len(folders)} cases already exported in "
                           f"{args.output_dir} (scored from their masks), {len(folders) - len(done)} "
                           "to predict")
+                return checked
+
+            checked = distributed.on_main_rank(check_and_record, info)
+            if info.is_main:
+                mode, folders, device, (model, _, window), _, cases, done = checked
             else:
                 model, _, window = load_model(args.restore_from, args, device)
             mode, folders, done = distributed.broadcast_object(

@@ -439,8 +439,11 @@ def build_model(args, device):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    lists = read_lists(args)
+    def read_flags():
+        args = parse_args(argv)
+        return args, read_lists(args)
+
+    args, lists = distributed.before_init(read_flags)
     dist_info, device = distributed.init(args.device, args.dist_timeout_min)
     try:
         with contextlib.ExitStack() as held:

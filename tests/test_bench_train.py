@@ -118,7 +118,7 @@ def test_too_few_cases_for_an_election_is_refused(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--patch", "16,30,32"], "train.py refuses these settings: --input_size must be D,H,W"),
+    (["--patch", "16,30,32"], "train.py refuses these settings: --input_size: 16,30,32: D must be a multiple of 16"),
     (["--batch", "0"], "train.py refuses these settings: --batch_size must be >= 1, got 0"),
 ])
 def test_settings_train_py_refuses_are_one_usage_error(capsys, flags, message):

@@ -46,3 +46,14 @@ def test_rank_0_slower_than_the_timeout_is_named_by_the_others(tmp_path):
     # (torchrun then stops rank 0, which says nothing more)
     assert torchrun(tmp_path, "slow", "0.05") == [
         "error: rank 1: rank 0 did not finish the test's work within --dist_timeout_min 0.05"]
+
+
+def test_a_flag_mistake_is_printed_once_per_machine_not_once_per_process(tmp_path):
+    for script, flags in (("train.py", ["--num_steps", "0"]), ("eval.py", ["--overlap", "2"])):
+        cmd = ["timeout", "60", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(35500 + os.getpid() % 1000), str(REPO / script), "--device", "cpu",
+               *flags]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+        errors = [line for line in (run.stdout + run.stderr).splitlines() if "error:" in line]
+        assert len(errors) == 1 and "--" + flags[0].strip("-") in errors[0], run.stderr[-2000:]

@@ -5,7 +5,9 @@ gloo on CPUs. Every collective gives up after a timeout (a stopped rank would ot
 others forever); the barriers are gloo's monitored barrier, whose error names the ranks that did
 not arrive.
 """
+import contextlib
 import datetime
+import io
 import os
 import time
 from dataclasses import dataclass
@@ -114,13 +116,26 @@ def broadcast_object(obj, info: Dist):
 
 
 class MainRankFailed(Exception):
-    """Raised on the other ranks when rank 0 failed in `on_main_rank`. Rank 0 reports its error;
-    the others leave quietly with the same exit status (utils.cli.run_cli), so a refusal is
-    printed once, not once per process."""
+    """Raised on the other ranks when rank 0 failed in `on_main_rank` (or local rank 0 in
+    `before_init`). Rank 0 reports its error; the others leave quietly with the same exit
+    status (utils.cli.run_cli), so a refusal is printed once, not once per process."""
 
     def __init__(self, error_type):
         super().__init__(f"rank 0 stopped with {error_type.__name__}")
         self.error_type = error_type
+
+
+def before_init(fn):
+    """fn() before the process group exists (flags, lists): every process of a machine gets the
+    same result, so local rank 0 alone reports a failure (argparse's own errors included); the
+    others exit with its status without a word, instead of printing it once per GPU."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return fn()
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return fn()
+        except Exception as error:
+            raise MainRankFailed(type(error)) from error
 
 
 def on_main_rank(fn, info: Dist, what="rank 0's checks"):
