@@ -51,8 +51,8 @@ from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset, loader_options
 from models import LCKD, LCKDConfig
 from utils import distributed, speed
-from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch, non_finite,
-                              save_checkpoint, set_rng_state, unwrap)
+from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
+                              non_finite, save_checkpoint, set_rng_state, unwrap)
 from utils.cli import USER_ERRORS, UsageError, run_cli, str2bool, window_size
 from utils.election import append_history, elect, format_result, overlay_panel
 from utils.inference import AMP_DTYPES
@@ -75,8 +75,9 @@ def get_parser():
     g.add_argument("--val_list", default="datalist/BraTS18/BraTS18_val.csv",
                    help="labelled cases for the teacher election ('' = no election)")
     g.add_argument("--data_root", default="", help="re-base the lists' case paths onto this folder")
+    # '%(default)s' (empty) keeps argparse from appending '(default: )'
     g.add_argument("--cache_dir", default="", help="preprocessed-case cache (default%(default)s: "
-                   "cache/<name of the train list's folder>)")  # '%(default)s' (empty): no '(default: )' added
+                   "cache/<name of the train list's folder>)")
     g.add_argument("--input_size", default="80,160,160", help="patch D,H,W")
     g.add_argument("--batch_size", type=int, default=2, help="per process")
     g.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers per process "
@@ -390,8 +391,8 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            self.log(f"{signal.Signals(signum).name}: saving last.pth and stopping"
-                     + (" (Ctrl-C again quits at once, without saving)" if signum == signal.SIGINT else ""))
+            again = " (Ctrl-C again quits at once, without saving)" if signum == signal.SIGINT else ""
+            self.log(f"{signal.Signals(signum).name}: saving last.pth and stopping{again}")
 
 
 def ignore_stop_signals(worker_id):
@@ -624,8 +625,9 @@ def train(args, lists, dist_info, device):
                        dist_info=dist_info, stop_requested=lambda: stop_signals.signum is not None)
         if result is None:
             stop_early(stop_signals.signum, f"during the teacher election at iteration {iteration}")
-        distributed.on_main_rank(lambda: report_election(result, iteration, time.perf_counter() - t_start),
-                                 dist_info, "writing teachers.json")
+        seconds = time.perf_counter() - t_start
+        distributed.on_main_rank(lambda: report_election(result, iteration, seconds), dist_info,
+                                 "writing teachers.json")
         return tuple(result["teachers"])
 
     def report_election(result, iteration, seconds):
