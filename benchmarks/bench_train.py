@@ -16,25 +16,30 @@ each stage (--mode 0,1,2,3, then --mode random, both distilling from FLAIR) and 
         count): it/s over the last --steps (train.py's steady-state window), and
         the share of that window spent waiting for the DataLoader (host time in
         next(batches): an upper bound of the device's idle time for data).
+The bare step is timed on the very subsets the loop's timed window draws (stage 2: k = 1, 2, 3
+from train.py's seeded stream), so both do the same work.
 FLOPs: the conv/matmul FLOPs of one step (forward + backward), counted by
 torch.utils.flop_counter on an eager fp32 copy; in stage 2 they depend on the number of
-available modalities: GFLOP/it and the loop's MFU use the mean over 1, 2, 3 (drawn uniformly
-in training), the step's MFU its own subsets. MFU = FLOPs x it/s / the device's dense peak for
-the row's precision (printed); n/a on a CPU or an unknown GPU. Peak memory:
-max_memory_allocated over each measurement (CUDA only). wall s: the row's whole measurement,
-compilation and cuDNN autotuning included (what a row costs on a lent GPU).
+available modalities: GFLOP/it and MFU use the mean over the timed window's subsets. MFU =
+FLOPs x it/s / the device's dense peak for the row's precision (printed); n/a on a CPU, a MIG
+slice or an unknown GPU. Peak memory: max_memory_allocated over each timed measurement, after
+the warm-up (CUDA only; compare rows of one run). warm-up s: the bare step's warm-up
+(compilation and cuDNN autotuning of every shape). wall s: the row's whole measurement (what a
+row costs on a lent GPU).
   election  (stage 2 rows) the teacher election with the variant's network on the validation
         case(s), once to warm up (eval-mode compilation), then timed: seconds per case.
 At the end, for each variant measured in both stages: the projected wall time of the published
 recipe (run.sh: 80 000 iterations of stage 1, 35 000 of stage 2, an election every 5 000 on
 the 57 cases of datalist/BraTS18/BraTS18_val.csv) from the loop rates and the election time.
 
-Rows are printed as they are measured (a run stopped at a time limit keeps the rows so far);
-a row whose measurement fails prints FAILED with the error, the others still run, and the
-exit status is 1.
+Rows are printed as they are measured (a run stopped at a time limit keeps the rows so far):
+first the first two variants (the targets: the published step and run.sh's default) in both
+stages, then their projection, then the other variants. A row whose measurement fails prints
+FAILED with the error, the others still run, and the exit status is 1.
 
 Variants (rows): published = the published step: all four modalities encoded per forward,
-fp16 autocast with a loss scaler (as apex O1), NCDHW, eager (on a CPU in fp32: the published
+fp16 autocast with a loss scaler (as apex O1), NCDHW, eager, torch's default SGD (whose loss
+scaler reads the overflow flag on the host every step) (on a CPU in fp32: the published
 code needs a GPU, and CPU fp16 autocast runs ~10x slower than fp32); fp32 = this repository's
 step before the speed options; fp32_cl = fp32 + channels-last (the one option a CPU might
 use); bf16 = bf16 autocast; bf16_cl = + channels-last; bf16_compile = bf16 + torch.compile;
@@ -89,8 +94,26 @@ RECIPE_VAL_EVERY = 5000
 RECIPE_ELECTIONS = sum(len(range(start, stop, RECIPE_VAL_EVERY)) for start, stop in RECIPE_STEPS.values())
 RECIPE_VAL_LIST = Path(__file__).resolve().parents[1] / "datalist" / "BraTS18" / "BraTS18_val.csv"
 
-# Dense peaks by the vendor's datasheet, TFLOP/s: H100 SXM and H200 share the compute die.
-PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0}
+# Dense peaks by the vendors' datasheets (half their sparsity figures), TFLOP/s.
+PEAK_TFLOPS = {
+    "H100 SXM, H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.0},
+    "H100 NVL, H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+}
+
+
+def card_family(name):
+    """A CUDA device name -> its PEAK_TFLOPS key, or None (another card, or a MIG slice: a
+    fraction of the card's units)."""
+    if "MIG" in name:
+        return None
+    if "NVL" in name and ("H100" in name or "H200" in name):
+        return "H100 NVL, H200 NVL"
+    if "H100" in name and "PCIe" in name:
+        return "H100 PCIe"
+    if "H200" in name or ("H100" in name and ("HBM3" in name or "SXM" in name)):
+        return "H100 SXM, H200"
+    return None
 
 
 def add_common_arguments(p):
@@ -162,13 +185,15 @@ def peak_tflops(device, amp):
     if device.type != "cuda":
         return None, "n/a on a CPU"
     name = torch.cuda.get_device_name(device)
-    if not ("H200" in name or ("H100" in name and ("HBM3" in name or "SXM" in name))) or "NVL" in name:
+    family = card_family(name)
+    if family is None:
         return None, f"n/a: no datasheet peak here for {name}"
     if amp in ("bf16", "fp16"):
         precision = amp
     else:  # convolutions run on TF32 tensor cores unless cuDNN is told otherwise
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
-    return PEAK_TFLOPS[precision], f"{precision} {PEAK_TFLOPS[precision]:g} TFLOP/s dense ({name}, datasheet)"
+    peak = PEAK_TFLOPS[family][precision]
+    return peak, f"{precision} {peak:g} TFLOP/s dense ({name}: {family}, datasheet)"
 
 
 def variant_flags(variant, device_type):
@@ -190,18 +215,16 @@ def train_flags(args, work, stage, variant, warmup=None):
             *variant_flags(variant, args.device)]
 
 
-def loop_warmup(targs, warmup):
-    """The loop's warm-up, lengthened until it has drawn every modality count: each count is
-    an encoder shape that compiles (or cuDNN autotunes) once, which the timed window must not
-    contain. train.main draws the subsets from this stream."""
-    if targs.mode_parsed != "random":
-        return warmup
+def loop_subsets(targs, warmup, steps):
+    """(warm-up iterations, the subsets of the timed window) of train.main's loop: the subsets
+    come from its seeded stream; in stage 2 the warm-up is lengthened until it has drawn every
+    modality count (each is an encoder shape that compiles, or cuDNN autotunes, once, which the
+    timed window must not contain)."""
     rng = random.Random(train.derived_seed(targs.random_seed, targs.start_iters))
-    seen, drawn = set(), 0
-    while drawn < warmup or len(seen) < len(SUBSETS_BY_COUNT):
-        seen.add(len(train.draw_subset(targs.mode_parsed, rng, 1.0)))
-        drawn += 1
-    return drawn
+    drawn = []
+    while len(drawn) < warmup or len({len(s) for s in drawn}) < len(count_subsets(targs)):
+        drawn.append(train.draw_subset(targs.mode_parsed, rng, 1.0))
+    return len(drawn), [train.draw_subset(targs.mode_parsed, rng, 1.0) for _ in range(steps)]
 
 
 def pipeline_batch(targs, device):
@@ -211,12 +234,6 @@ def pipeline_batch(targs, device):
     batch = torch.utils.data.default_collate([dataset[i] for i in range(targs.batch_size)])
     image, regions = dataset.to_device(batch, device)
     return augment_batch(image, regions, seed=targs.random_seed)
-
-
-def subsets_for(mode, steps, seed=0):
-    """Subsets of `steps` iterations as training draws them (stage 2: k = 1, 2, 3 uniformly)."""
-    rng = random.Random(seed)
-    return [train.draw_subset(mode, rng, 1.0) for _ in range(steps)]
 
 
 def reset_peak(device):
@@ -276,8 +293,12 @@ def warmed_step(targs, device, batch, warmup):
 
 def bare_step(targs, device, batch, timed, warmup):
     """Step the configured network on one batch, once per subset of `timed` after the warm-up;
-    returns (it/s, peak GiB)."""
+    returns (it/s, peak GiB, warm-up seconds)."""
+    speed.synchronize(device)
+    start = time.perf_counter()
     step, _ = warmed_step(targs, device, batch, warmup)
+    speed.synchronize(device)
+    warmup_seconds = time.perf_counter() - start
     reset_peak(device)
     speed.synchronize(device)
     start = time.perf_counter()
@@ -287,7 +308,7 @@ def bare_step(targs, device, batch, timed, warmup):
     rate = len(timed) / (time.perf_counter() - start)
     memory = peak_gib(device)
     del step  # the network and its optimiser, before the next measurement
-    return rate, memory
+    return rate, memory, warmup_seconds
 
 
 def step_flops(targs, device, batch):
@@ -324,19 +345,34 @@ def election_seconds(targs, device, cases):
     return times[-1] / len(cases)
 
 
+@contextlib.contextmanager
+def optimizer_of(variant):
+    """The published row steps torch's default SGD, as the published code did (its loss scaler
+    then reads the overflow flag on the host every step); the others the SGD train.py picks."""
+    if variant != "published":
+        yield
+        return
+    picked = speed.sgd_implementation
+    speed.sgd_implementation = lambda device: {"fused": None, "foreach": None}
+    try:
+        yield
+    finally:
+        speed.sgd_implementation = picked
+
+
 def measure(args, work, stage, variant, device):
     t_start = time.perf_counter()
     targs = train.parse_args(train_flags(args, work, stage, variant))
-    flags = train_flags(args, work, stage, variant, loop_warmup(targs, args.warmup))
+    warmup, timed = loop_subsets(targs, args.warmup, args.steps)  # the same for every variant
+    flags = train_flags(args, work, stage, variant, warmup)
     batch = pipeline_batch(targs, device)
-    timed = subsets_for(targs.mode_parsed, args.steps)  # the same for every variant
-    step_rate, step_memory = bare_step(targs, device, batch, timed, args.warmup)
+    with optimizer_of(variant):
+        step_rate, step_memory, warmup_seconds = bare_step(targs, device, batch, timed, args.warmup)
     flops_by_count = step_flops(targs, device, batch)
-    flops = statistics.mean(flops_by_count.values())  # the loop's expectation: k uniform
-    flops_step = statistics.mean(flops_by_count[len(s)] for s in timed)
+    flops = statistics.mean(flops_by_count[len(s)] for s in timed)  # the timed window's work
     reset_peak(device)
     fresh_compiler(targs, device)
-    with contextlib.redirect_stdout(sys.stderr):  # its log lines, away from the tables
+    with contextlib.redirect_stdout(sys.stderr), optimizer_of(variant):  # its log lines, away from the tables
         result = train.main(flags)
     loop_rate = result["steady_iterations"] / result["steady_seconds"]
     loop_memory = peak_gib(device)
@@ -350,8 +386,8 @@ def measure(args, work, stage, variant, device):
             "wait": result["data_wait_seconds"] / result["steady_seconds"],
             "mem_loop": loop_memory, "mem_step": step_memory, "gflop": flops / 1e9,
             "mfu_loop": flops * loop_rate / (peak * 1e12) if peak else None,
-            "mfu_step": flops_step * step_rate / (peak * 1e12) if peak else None,
-            "election": election, "wall": time.perf_counter() - t_start}
+            "mfu_step": flops * step_rate / (peak * 1e12) if peak else None,
+            "election": election, "warmup": warmup_seconds, "wall": time.perf_counter() - t_start}
 
 
 def measure_row(args, work, stage, variant, device):
@@ -367,7 +403,7 @@ def measure_row(args, work, stage, variant, device):
 
 COLUMNS = ("variant", "amp", "loop it/s", "step it/s", "loop/step", "data wait", "loop x published",
            "step x published", "peak GiB loop", "peak GiB step", "GFLOP/it", "MFU loop", "MFU step",
-           "election s/case", "wall s")
+           "election s/case", "warm-up s", "wall s")
 
 
 def format_row(r, ref):
@@ -387,7 +423,7 @@ def format_row(r, ref):
         pct(r["wait"]), num(r["loop"] / ref["loop"] if ref else None),
         num(r["step"] / ref["step"] if ref else None), num(r["mem_loop"]), num(r["mem_step"]),
         num(r["gflop"], ".1f"), pct(r["mfu_loop"]), pct(r["mfu_step"]), num(r["election"], ".3f"),
-        num(r["wall"], ".0f"),
+        num(r["warmup"], ".0f"), num(r["wall"], ".0f"),
     ])
 
 
@@ -438,24 +474,28 @@ def main(argv=None):
     amps = [train.parse_args(variant_flags(v, device.type)).amp for v in args.variants]
     for amp in dict.fromkeys(amps):
         print(f"MFU peak for amp {amp}: {peak_tflops(device, amp)[1]}", flush=True)
-    rows = []
+    rows, refs = [], {}  # refs: each stage's published row, for the ratios
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.work_dir or tmp)
         if not (work / "data" / "train.csv").exists():
             generate(work / "data", args.cases, shape_xyz=tuple(int(s) for s in args.shape.split(",")))
-        for stage in args.stages:  # each row as soon as it is measured
-            print(f"\n{stage} (--mode {STAGES[stage]}):")
-            print("  " + " | ".join(COLUMNS), flush=True)
-            ref = None
-            for variant in args.variants:
-                row = measure_row(args, work, stage, variant, device)
-                if variant == "published" and "error" not in row:
-                    ref = row
-                print("  " + format_row(row, ref), flush=True)
-                rows.append(row)
-    projection = format_projection(rows)
-    if projection:
-        print("\n" + "\n  ".join(projection), flush=True)
+        # The targets first (the first two variants, both stages, their projection): a run
+        # stopped at a lent GPU's time limit keeps them. Each row is printed when measured.
+        for group in (args.variants[:2], args.variants[2:]):
+            group_rows = []
+            for stage in args.stages if group else ():
+                print(f"\n{stage} (--mode {STAGES[stage]}){' continued' if rows else ''}:")
+                print("  " + " | ".join(COLUMNS), flush=True)
+                for variant in group:
+                    row = measure_row(args, work, stage, variant, device)
+                    if variant == "published" and "error" not in row:
+                        refs[stage] = row
+                    print("  " + format_row(row, refs.get(stage)), flush=True)
+                    group_rows.append(row)
+            projection = format_projection(group_rows)
+            if projection:
+                print("\n" + "\n  ".join(projection), flush=True)
+            rows += group_rows
     return rows
 
 

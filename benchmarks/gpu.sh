@@ -22,7 +22,8 @@
 #   PROFILE_STAGE, and WORK, a folder to keep bench_train's synthetic cases and cache in for a
 #   re-run (default: a temporary folder; 4 cases of 240x240x155 take ~0.1 GB).
 #   WHEELS: a folder of wheels (default .whl) installed into a private folder first when the
-#   python lacks nibabel, for a machine without a package index.
+#   python lacks nibabel, for a machine without a package index (the lent GPUs): where there is
+#   one, `python -m pip download --no-deps --only-binary=:all: --python-version 3.12 nibabel -d .whl`.
 # A time-limited run (a lent GPU): the train part prints each row as soon as it is measured,
 # the targets first, so what a cut-off run measured is in OUT_DIR/train.txt.
 set -uo pipefail

@@ -17,7 +17,9 @@ from benchmarks import profile_train
     ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<float, float, int, 512, true, 1>", "normalisation"),
     ("void at::native::batch_norm_collect_statistics_kernel<InvStd, float, float, float, int>", "normalisation"),
     ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>", "layout conversion"),
-    ("triton_poi_fused_add_leaky_relu_native_group_norm_3", "normalisation"),
+    # Inductor's kernels are the compiled share whatever ops they fuse
+    ("triton_poi_fused_add_leaky_relu_native_group_norm_3", "compiled (triton)"),
+    ("triton_poi_fused_convolution_0", "compiled (triton)"),
     ("triton_red_fused_mul_sum_12", "compiled (triton)"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedSgdMathFunctor>", "optimiser"),
     ("Memcpy DtoD (Device -> Device)", "copy"),
