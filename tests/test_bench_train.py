@@ -90,12 +90,14 @@ def test_recipe_seconds_by_hand():
     assert len(bench_train.datalist_entries(bench_train.RECIPE_VAL_LIST)) == 57  # BraTS18_val.csv
 
 
-def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+def fake_measurements(monkeypatch, fails=()):
+    """bench_train.main with made-up rows (2 it/s loop, 4 it/s step, 0.5 s/case elections):
+    -> the (stage, variant) pairs in the order measured. `fails`: pairs that raise."""
     measured = []
 
     def fake_measure(args, work, stage, variant, device):
         measured.append((stage, variant))
-        if variant == "fp32" and stage == "stage 1":
+        if (stage, variant) in fails:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
         return {"stage": stage, "variant": variant, "amp": "off", "timed": 2, "loop": 2.0, "step": 4.0,
                 "wait": 0.05, "mem_loop": None, "mem_step": None, "gflop": 1.0, "mfu_loop": None,
@@ -104,6 +106,11 @@ def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(bench_train, "measure", fake_measure)
     monkeypatch.setattr(bench_train, "generate", lambda *a, **k: None)
+    return measured
+
+
+def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    measured = fake_measurements(monkeypatch, fails={("stage 1", "fp32")})
     rows = bench_train.main(["--device", "cpu", "--variants", "published,fp32", "--work_dir", str(tmp_path)])
     captured = capsys.readouterr()
     assert measured == [(s, v) for s in ("stage 1", "stage 2") for v in ("published", "fp32")]
@@ -116,17 +123,7 @@ def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, monkeypatc
 
 
 def test_the_targets_come_first_with_their_projection(tmp_path, monkeypatch, capsys):
-    measured = []
-
-    def fake_measure(args, work, stage, variant, device):
-        measured.append((stage, variant))
-        return {"stage": stage, "variant": variant, "amp": "off", "timed": 2, "loop": 2.0, "step": 4.0,
-                "wait": 0.05, "mem_loop": None, "mem_step": None, "gflop": 1.0, "mfu_loop": None,
-                "mfu_step": None, "election": 0.5 if stage == "stage 2" else None, "warmup": 1.0,
-                "wall": 3.0}
-
-    monkeypatch.setattr(bench_train, "measure", fake_measure)
-    monkeypatch.setattr(bench_train, "generate", lambda *a, **k: None)
+    measured = fake_measurements(monkeypatch)
     bench_train.main(["--device", "cpu", "--variants", "published,fp32,fp32_cl", "--work_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert measured == [("stage 1", "published"), ("stage 1", "fp32"), ("stage 2", "published"),
