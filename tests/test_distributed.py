@@ -57,3 +57,23 @@ def test_a_flag_mistake_is_printed_once_per_machine_not_once_per_process(tmp_pat
         run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
         errors = [line for line in (run.stdout + run.stderr).splitlines() if "error:" in line]
         assert len(errors) == 1 and "--" + flags[0].strip("-") in errors[0], run.stderr[-2000:]
+
+
+def test_a_flag_mistake_is_never_lost(tmp_path):
+    # Local rank 0 slower to start: the other process holds its report back, so rank 0's line
+    # comes first and torchrun stops the other one (before, nobody printed it).
+    wrapper = tmp_path / "slow_rank0.py"
+    wrapper.write_text("import os, time\nimport train\nfrom utils.cli import run_cli\n"
+                       "time.sleep(1 if os.environ['LOCAL_RANK'] == '0' else 0)\n"
+                       "run_cli(train.main, train.TRAIN_ERRORS)\n")
+    cmd = ["timeout", "60", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(36500 + os.getpid() % 1000), str(wrapper), "--device", "cpu",
+           "--num_steps", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--num_steps 0" in errors[0], run.stderr[-2000:]
+    # A plain run whose environment holds a launcher's LOCAL_RANK is a world of one: it reports.
+    plain = subprocess.run([sys.executable, str(REPO / "train.py"), "--device", "cpu", "--num_steps", "0"],
+                           cwd=tmp_path, env={**env, "LOCAL_RANK": "1"}, capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stderr.startswith("error: --num_steps 0")

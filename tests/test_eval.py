@@ -811,6 +811,17 @@ def test_the_network_is_the_one_the_checkpoint_records(tmp_path):
     _, built, _ = load_model(tmp_path / "c.pth", parser.parse_args(["--activation_cfg", "ReLU"]),
                              torch.device("cpu"))
     assert built.activation == "ReLU" and built.deep_channels == 16
+    # a recorded BN / ReLU network without the flag keys is built as recorded
+    bn = models.LCKDConfig.small(norm="BN", activation="ReLU")
+    torch.save({"model": models.LCKD(bn).state_dict(), "config": {"model_config": bn.to_dict()}},
+               tmp_path / "bn.pth")
+    assert load_model(tmp_path / "bn.pth", parser.parse_args([]), torch.device("cpu"))[1] == bn
+    # settings of a later version: one line, not a TypeError
+    torch.save({"model": state, "config": {"model_config": {**config.to_dict(), "stem_channels": 32}}},
+               tmp_path / "newer.pth")
+    with pytest.raises(UsageError, match=r"newer.pth records network settings this version does not "
+                                         r"know \(stem_channels\): evaluate it with the version"):
+        load_model(tmp_path / "newer.pth", parser.parse_args([]), torch.device("cpu"))
 
 
 def test_a_checkpoint_of_another_network_is_one_line_naming_the_flags_it_fits(segmentation_setup, tmp_path):

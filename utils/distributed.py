@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import io
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -107,35 +108,45 @@ def barrier(info: Dist, where):
 
 
 def broadcast_object(obj, info: Dist):
-    """Rank 0's value of a picklable object, on every rank."""
+    """Rank 0's value of a picklable object, on every rank. Through the gloo group: a wait for
+    rank 0 (its preprocessing) that times out is an error here, not NCCL's watchdog abort."""
     if not info.enabled:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=info.monitor)
     return box[0]
 
 
 class MainRankFailed(Exception):
-    """Raised on the other ranks when rank 0 failed in `on_main_rank` (or local rank 0 in
-    `before_init`). Rank 0 reports its error; the others leave quietly with the same exit
-    status (utils.cli.run_cli), so a refusal is printed once, not once per process."""
+    """Raised on the other ranks when rank 0 failed in `on_main_rank`. Rank 0 reports its error;
+    the others leave quietly with the same exit status (utils.cli.run_cli), so a refusal is
+    printed once, not once per process."""
 
     def __init__(self, error_type):
         super().__init__(f"rank 0 stopped with {error_type.__name__}")
         self.error_type = error_type
 
 
+# How long the other processes of a machine hold back a failure before_init found: local rank
+# 0 reports the same one, and torchrun (checking its workers every 0.1 s) then stops the rest.
+REPORT_DELAY_S = 5.0
+
+
 def before_init(fn):
     """fn() before the process group exists (flags, lists): every process of a machine gets the
-    same result, so local rank 0 alone reports a failure (argparse's own errors included); the
-    others exit with its status without a word, instead of printing it once per GPU."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    same result, so local rank 0 reports a failure (argparse's own errors included) and the
+    others, stopped by torchrun meanwhile, do not repeat it: they report it only if they are
+    still running REPORT_DELAY_S later (local rank 0 slower to start, or not failing)."""
+    if launched_world_size() == 1 or int(os.environ.get("LOCAL_RANK", "0")) == 0:
         return fn()
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
             return fn()
-        except Exception as error:
-            raise MainRankFailed(type(error)) from error
+    except (Exception, SystemExit):  # SystemExit: argparse's errors
+        time.sleep(REPORT_DELAY_S)
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 def on_main_rank(fn, info: Dist, what="rank 0's checks"):

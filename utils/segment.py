@@ -5,7 +5,7 @@
 * the inference flags, checked when parsed, before any work;
 * a normalised case's label maps for one or several modality subsets (`segment`).
 """
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from models import LCKD, LCKDConfig
 from utils.checkpoint import load_checkpoint, network_mismatch
@@ -38,20 +38,29 @@ def add_inference_args(parser):
 
 
 # ------------------------------------------------------------------------------------- model
-def resolve_model_config(args, saved):
+def resolve_model_config(args, saved, path):
     """Checkpoint config + explicit flags -> (LCKDConfig, window (d, h, w)).
 
     The network is the one train.py recorded (`model_config`), each model flag given replacing
     its part; `--model_size`, a bare state_dict or a config without it start from the named
-    size. The speed-only fields (activation checkpointing, the published encoder work) are off.
+    size and the config's flags. The speed-only fields (activation checkpointing, the published
+    encoder work) are off.
     """
     pick = lambda flag, key, default: flag if flag is not None else saved.get(key, default)
-    base = (LCKDConfig(**saved["model_config"]) if args.model_size is None and "model_config" in saved
-            else LCKDConfig.from_name(pick(args.model_size, "model_size", "full")))
-    config = replace(base, weight_std=pick(args.weight_std, "weight_std", True),
-                     norm=pick(args.norm_cfg, "norm_cfg", "IN"),
-                     activation=pick(args.activation_cfg, "activation_cfg", "LeakyReLU"),
-                     checkpoint_encoder=False, encode_all=False)
+    if args.model_size is None and "model_config" in saved:
+        unknown = sorted(set(saved["model_config"]) - {f.name for f in fields(LCKDConfig)})
+        if unknown:
+            raise UsageError(f"checkpoint {path} records network settings this version does not "
+                             f"know ({', '.join(unknown)}): evaluate it with the version that trained it")
+        base = LCKDConfig(**saved["model_config"])
+    else:
+        base = LCKDConfig.from_name(pick(args.model_size, "model_size", "full"),
+                                    weight_std=saved.get("weight_std", True),
+                                    norm=saved.get("norm_cfg", "IN"),
+                                    activation=saved.get("activation_cfg", "LeakyReLU"))
+    explicit = {field: value for field, value in (("weight_std", args.weight_std), ("norm", args.norm_cfg),
+                                                  ("activation", args.activation_cfg)) if value is not None}
+    config = replace(base, **explicit, checkpoint_encoder=False, encode_all=False)
     if args.num_classes != config.num_classes:
         raise UsageError(f"--num_classes {args.num_classes}: the network predicts "
                          f"{config.num_classes} regions (ET, WT, TC)")
@@ -69,7 +78,7 @@ def load_model(path, args, device):
     # A bare state_dict (no "model" key) carries no config: the flags / published defaults apply.
     state, saved = ((checkpoint["model"], checkpoint.get("config", {})) if "model" in checkpoint
                     else (checkpoint, {}))
-    config, window = resolve_model_config(args, saved)
+    config, window = resolve_model_config(args, saved, path)
     model = LCKD(config)
     given = " ".join(f"--{k} {getattr(args, k)}" for k in ("model_size", "norm_cfg")
                      if getattr(args, k) is not None)
