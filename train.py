@@ -509,20 +509,29 @@ def train(args, lists, dist_info, device):
     teachers, elected_at = parse_teachers(args.teachers), None
     subset_rng = random.Random(derived_seed(args.random_seed, start))
     random_start = start
-    if source is not None:
-        checkpoint = load_checkpoint(source)
+    own = source == snapshot_dir / "last.pth"  # this folder's run, continued where it stopped
+
+    def checked(checkpoint):
+        """The checkpoint to start from, refused when it cannot continue this run."""
         weights = checkpoint.get("model", checkpoint)  # a bare state_dict: weights only
         bad = non_finite(weights)
         if bad:
             raise FloatingPointError(f"{source} holds non-finite weights ({len(bad)}/{len(weights)} "
                                      f"tensors, first {bad[0]}): start from another checkpoint")
-        own = source == snapshot_dir / "last.pth"  # this folder's run, continued where it stopped
         if own:
             refuse_changed_settings(checkpoint["config"], config, snapshot_dir)
         mismatch = network_mismatch(model, weights, f"--model_size {args.model_size} "
                                                     f"--norm_cfg {args.norm_cfg}")
         if mismatch:
             raise UsageError(f"{source} holds another network {mismatch}")
+        return checkpoint
+
+    if source is not None:
+        # The same file on every rank: rank 0 checks it (and alone reports what is wrong).
+        checkpoint = distributed.on_main_rank(lambda: checked(load_checkpoint(source)), dist_info,
+                                              f"checking {source}")
+        checkpoint = checkpoint if main_rank else load_checkpoint(source)
+        weights = checkpoint.get("model", checkpoint)
         model.load_state_dict(weights)
         if "model" not in checkpoint:
             log(f"loaded weights from {source}")

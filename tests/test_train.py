@@ -468,6 +468,19 @@ def test_under_torchrun_rank_0_refusing_or_failing_to_write_stops_rank_1_without
     assert len(errors) == 1 and "Synth_0001_t1.nii.gz" in errors[0], errors
 
 
+def test_under_torchrun_a_refused_resume_is_one_line(data, tmp_path):
+    snapshot = tmp_path / "one_process"
+    train.main(flags(data, snapshot, 4, 2, "--val_list", "", "--stop_at", "3"))  # last.pth at 2
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(37500 + os.getpid() % 1000), str(REPO / "train.py"),
+           *flags(data, snapshot, 4, 2, "--val_list", "")]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "holds a run with processes 1 (this command: 2)" in errors[0], \
+        (run.stdout + run.stderr)[-3000:]
+
+
 def test_sigterm_under_torchrun_stops_every_rank_together(data, tmp_path):
     """torchrun forwards SIGTERM to both ranks; they agree at the next check point (every 2
     iterations here), rank 0 saves, both leave together."""
