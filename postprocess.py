@@ -44,8 +44,8 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_files, require_modalities,
-                            to_nifti_order)
+from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_files,
+                            require_modalities, to_nifti_order)
 from utils.cli import UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
 from utils.io import check_writable
