@@ -11,8 +11,11 @@
 # script was signalled (`kill PID`, a scheduler that signals the job's first process), and a
 # scheduler that sees the script gone may kill COMMAND in the middle of saving.
 logged() {
-    local log=$1 stop='' status job
+    local log=$1 stop='' status job=''
     shift
+    # The traps come first: a stop that arrives while the job starts is passed on just after.
+    trap 'stop=TERM; if [ -n "$job" ]; then kill -s TERM -- "-$job" 2>/dev/null || true; fi' TERM
+    trap 'stop=INT; if [ -n "$job" ]; then kill -s INT -- "-$job" 2>/dev/null || true; fi' INT
     # Job control, for this one job only, puts COMMAND in its own process group, where a
     # signal comes from here alone: a terminal's Ctrl-C reaches this shell, not COMMAND twice
     # (twice would make train.py quit without saving). Without it bash would also start the
@@ -29,8 +32,7 @@ logged() {
     ) &
     job=$!  # the job's first process: it leads the job's process group
     set +m
-    trap 'stop=TERM; kill -s TERM -- "-$job" 2>/dev/null || true' TERM
-    trap 'stop=INT; kill -s INT -- "-$job" 2>/dev/null || true' INT
+    if [ -n "$stop" ]; then kill -s "$stop" -- "-$job" 2>/dev/null || true; fi
     # A trapped signal interrupts `wait` (status > 128) while the job still runs: wait again;
     # once it has ended, `wait` gives its status.
     while kill -0 "$job" 2>/dev/null; do
