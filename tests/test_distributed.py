@@ -1,8 +1,10 @@
 """utils/distributed.py under torchrun (2 CPU processes, gloo): what the other ranks say when
 rank 0 is slow or fails in on_main_rank."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,6 +17,9 @@ from utils.cli import run_cli
 def main(argv):
     info, _ = distributed.init("cpu", timeout_min=float(argv[1]))
     try:
+        if argv[0] == "wait":  # for a stop signal
+            open(f"ready{info.rank}", "w").close()
+            time.sleep(60)
         def rank_0():
             if argv[0] == "slow":
                 time.sleep(20)
@@ -46,6 +51,27 @@ def test_rank_0_slower_than_the_timeout_is_named_by_the_others(tmp_path):
     # (torchrun then stops rank 0, which says nothing more)
     assert torchrun(tmp_path, "slow", "0.05") == [
         "error: rank 1: rank 0 did not finish the test's work within --dist_timeout_min 0.05"]
+
+
+def test_a_stop_signal_is_reported_once_by_rank_0(tmp_path):
+    # A scheduler's SIGTERM reaches torchrun, which passes it on to every process.
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(37500 + os.getpid() % 1000), str(script), "wait", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{rank}").exists() for rank in (0, 1)):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.1)
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert [line for line in (out + err).splitlines() if "terminated" in line] == ["terminated"]
 
 
 def test_a_flag_mistake_is_printed_once_per_machine_not_once_per_process(tmp_path):

@@ -7,7 +7,8 @@ from fractions import Fraction
 
 from datasets.brats import DataError
 from models.lckd import MULTIPLES_RULE, PATCH_MULTIPLES
-from utils.distributed import DeviceError, MainRankFailed, PeerFailed, RankTimeoutError
+from utils.distributed import (DeviceError, MainRankFailed, PeerFailed, RankTimeoutError,
+                               launched_rank)
 from utils.io import DiskFullError, NotWritableError
 from utils.lock import LockError
 
@@ -113,7 +114,7 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
     exits 130 and SIGTERM 143; anything else is a bug and keeps its traceback. Under torchrun,
     the ranks that rank 0's failure stopped (MainRankFailed) exit with its status without a
-    word: rank 0 reports it."""
+    word: rank 0 reports it; so it does a stop signal."""
     # Without a handler SIGTERM ends the process on the spot, skipping every `finally`. A
     # handler can only be set from the main thread (a test may call this from another).
     previous = None
@@ -125,7 +126,10 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
         sys.exit(exit_status(stopped.error_type, user_errors) or 1)
     except (KeyboardInterrupt, UsageError, *user_errors) as error:
         status = exit_status(type(error), user_errors)
-        print(STOPPED.get(status, f"error: {error}"), file=sys.stderr)
+        # A stop signal reaches every process of a torchrun job (the scheduler's, or torchrun
+        # passing its own on): rank 0 says it once.
+        if status not in STOPPED or launched_rank() == 0:
+            print(STOPPED.get(status, f"error: {error}"), file=sys.stderr)
         sys.exit(status)
     finally:
         if previous is not None:  # None: not set here, or set outside Python

@@ -73,6 +73,11 @@ def launched_world_size():
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank():
+    """This process's rank in torchrun's world, 0 for a plain `python` (whatever RANK says)."""
+    return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
+
+
 def init(device_name="auto", timeout_min=30.0):
     """Join the torchrun process group if launched by torchrun. Returns (Dist, device)."""
     world_size = launched_world_size()
