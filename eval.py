@@ -52,7 +52,6 @@ and with --figures:
     figures/<case>.png       a slice through the tumour of each modality, one row per subset
     dice.png                 the summary table as a chart (labelled cases only)
 """
-import argparse
 import contextlib
 import json
 from collections import deque
@@ -69,7 +68,7 @@ from datasets.brats import (
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
-from utils.cli import UsageError, positive_int, run_cli
+from utils.cli import ArgumentParser, UsageError, positive_int, run_cli
 from utils.export import read_mask, save_labels
 from utils.io import atomic_path, file_sha256, is_temp, remove_stale_temps, write_text
 from utils.lock import exclusive_lock
@@ -96,7 +95,7 @@ MASK_SETTINGS = ("checkpoint_sha256", "model", "window", "subsets", "overlap", "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     g = p.add_argument_group("data")
     g.add_argument("--input", type=Path, default=None,
                    help="a folder of case folders, or one case folder (instead of a datalist)")

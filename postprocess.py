@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_files,
                             require_modalities, to_nifti_order)
-from utils.cli import UsageError, int_at_least, run_cli
+from utils.cli import ArgumentParser, UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
 from utils.io import check_writable
 from utils.modalities import MODALITIES, parse_subset
@@ -341,7 +341,8 @@ def _overlap(a, b):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="postprocess.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input_dir", type=Path, default=DEFAULT_INPUT_DIR,
                         help="folder of <case>.nii.gz masks, or eval output with one folder per "
                              "subset (default %(default)s: eval.sh's output)")

@@ -25,7 +25,7 @@ from datasets.brats import brats_like_warnings, nifti_stem, read_files
 from datasets.normalize import normalize_case
 from postprocess import Rules, orientation_warning, postprocess_label
 from utils import figures
-from utils.cli import UsageError, run_cli
+from utils.cli import ArgumentParser, UsageError, run_cli
 from utils.export import save_labels
 from utils.io import check_writable
 from utils.modalities import MODALITIES, subset_name
@@ -37,7 +37,8 @@ NETWORK_SLICE_AXIS = 0  # network order (D, H, W): D is the NIfTI z axis
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="predict.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the case: at least one modality (NIfTI, .nii or .nii.gz)")
     for modality in MODALITIES:
         g.add_argument(f"--{modality}", type=Path, default=None)

@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -53,7 +54,7 @@ from models import LCKD, LCKDConfig
 from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
-from utils.cli import USER_ERRORS, UsageError, run_cli, str2bool, window_size
+from utils.cli import USER_ERRORS, ArgumentParser, UsageError, run_cli, str2bool, window_size
 from utils.election import append_history, elect, format_result, overlay_panel
 from utils.inference import AMP_DTYPES
 from utils.io import remove_stale_temps, write_text
@@ -64,8 +65,8 @@ from utils.regions import REGIONS
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="", help="JSON file of flag defaults (e.g. a run's "
                    "config.json); flags on the command line override it")
     g = p.add_argument_group("data (published flag names)")
@@ -369,6 +370,12 @@ def refuse_changed_settings(saved, config, folder):
                              f"--overwrite True to start over, or choose another --snapshot_dir")
 
 
+# A second SIGINT this soon after the first stop signal is the same request reaching the process
+# twice (a sender that signals every process of the job, and run.sh passing it on), not a
+# second Ctrl-C.
+SAME_REQUEST_S = 1.0
+
+
 class StopSignals:
     """SIGTERM (what schedulers send before preemption) and SIGINT (Ctrl-C) during the loop
     only ask the run to stop: it finishes the iteration, saves last.pth and exits 128 + signal.
@@ -377,7 +384,7 @@ class StopSignals:
     as SIGINT from the terminal, then SIGTERM from torchrun)."""
 
     def __init__(self, log):
-        self.log, self.signum = log, None
+        self.log, self.signum, self.since = log, None, None
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -389,10 +396,13 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.signum is None:
-            self.signum = signum
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self.signum, self.since = signum, time.monotonic()
             again = " (Ctrl-C again quits at once, without saving)" if signum == signal.SIGINT else ""
             self.log(f"{signal.Signals(signum).name}: saving last.pth and stopping{again}")
+        elif signum == signal.SIGINT and time.monotonic() - self.since >= SAME_REQUEST_S:
+            # killed by the signal, as without a handler: no unwinding, no save
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def ignore_stop_signals(worker_id):

@@ -22,7 +22,6 @@ Every path reads files the OS has already cached (each runs a warm-up patch firs
 ratios are lower bounds for a cold disk, where the raw path reads 5 full volumes per patch.
 Default format .nii, as the BraTS 2018 release; .nii.gz adds decompression to the raw path.
 """
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from datasets.normalize import normalize, normalize_published
 from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset, PatchSampler, foreground_locations
 from utils.modalities import MODALITIES
+from utils.cli import ArgumentParser
 from utils.regions import labels_to_regions
 
 PATCH = (80, 160, 160)
@@ -97,7 +97,7 @@ def best_time(fn, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_cases", type=int, default=4)
     parser.add_argument("--patches", type=int, default=200, help="patches timed from the cache")
     parser.add_argument("--raw_patches", type=int, default=6, help="patches timed from raw NIfTI")

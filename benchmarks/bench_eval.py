@@ -10,7 +10,6 @@ the probabilities into label maps; mask writing and metrics cost the same in bot
 not timed. Prints seconds per case, cases per minute and the speed-up, and the speed-up of
 the network alone (sliding window to probabilities).
 """
-import argparse
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from datasets.normalize import normalize_image  # noqa: E402
 from datasets.synthetic import generate  # noqa: E402
 from models import LCKD, LCKDConfig  # noqa: E402
 from utils.regions import regions_to_labels  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.inference import AMP_DTYPES, predict_subsets  # noqa: E402
 from utils.modalities import ALL_SUBSETS  # noqa: E402
 
@@ -34,7 +34,7 @@ def sizes(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=int, default=2)
     p.add_argument("--shape", type=sizes, default=(96, 96, 64), help="synthetic X,Y,Z")
     p.add_argument("--patch", type=sizes, default=(32, 64, 64), help="window D,H,W")

@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import LCKD, LCKDConfig  # noqa: E402
 from train import step  # noqa: E402
 from utils.inference import AMP_DTYPES, autocast  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.modalities import ALL_SUBSETS, parse_subset  # noqa: E402
 from utils.speed import synchronize  # noqa: E402
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["full", "small"], default="full")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--patch", default="16,32,32", help="D,H,W (published training patch 80,160,160)")

@@ -68,7 +68,7 @@ from datasets.preprocess import preprocess  # noqa: E402
 from datasets.sampling import PatchDataset  # noqa: E402
 from datasets.synthetic import generate, split_counts  # noqa: E402
 from utils import distributed, speed  # noqa: E402
-from utils.cli import UsageError  # noqa: E402
+from utils.cli import ArgumentParser, UsageError  # noqa: E402
 from utils.election import elect  # noqa: E402
 from utils.inference import AMP_DTYPES  # noqa: E402
 from utils.losses import segmentation_loss  # noqa: E402
@@ -139,7 +139,7 @@ def resolve_defaults(args, defaults=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(p)
     p.add_argument("--variants", help="comma-separated rows from: " + ", ".join(VARIANTS))
     p.add_argument("--stages", default="stage 1,stage 2", help="comma-separated: stage 1, stage 2")

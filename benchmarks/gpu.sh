@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures in the README's performance section, on one card:
 #   bash benchmarks/gpu.sh OUT_DIR [PART ...]      PARTS: checks train profile eval model (default: all)
-# checks   tests/test_speed.py: the speed options' numerics and, on CUDA, that a training
-#          iteration (data path, augmentation, step) never synchronises the host and that
-#          bf16 conv gradients match fp32 (on a CPU they do not: train.py refuses bf16 there);
+# checks   tests/test_speed.py and tests/test_normalize.py: the speed options' numerics and, on
+#          CUDA, that a training iteration (data path, augmentation, step) never synchronises
+#          the host, that bf16 conv gradients match fp32 (on a CPU they do not: train.py refuses
+#          bf16 there) and that crops normalised on the device equal the CPU's bit for bit;
 # train    bench_train.py: full model, 80x160x160, batch 2, stage 1 and stage 2, the real
 #          train.py loop and the bare step per variant (published step, + torch.compile with
 #          channels-last and bf16, bf16, + channels-last, fp32): it/s, data-wait share, peak
@@ -89,7 +90,8 @@ run() {
 for part in "${PARTS[@]}"; do
   case $part in
     checks)
-      run checks "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_speed.py
+      run checks "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_speed.py \
+        tests/test_normalize.py
       ;;
     train)
       work=()

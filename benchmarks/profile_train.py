@@ -31,6 +31,7 @@ import train  # noqa: E402
 from benchmarks import bench_train  # noqa: E402
 from datasets.synthetic import generate  # noqa: E402
 from utils import speed  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 
 # (category, pattern on the lower-cased kernel or operator name), first match wins: Triton's
@@ -87,7 +88,7 @@ def format_categories(totals, wall_us, on_device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_train.add_common_arguments(p)
     p.add_argument("--variant", choices=tuple(bench_train.VARIANTS),
                    help="default: bf16_cl_compile (run.sh's GPU step) on CUDA, fp32 on a CPU")

@@ -134,11 +134,14 @@ def test_the_targets_come_first_with_their_projection(tmp_path, monkeypatch, cap
 
 def test_the_published_row_steps_torchs_default_sgd():
     cuda = torch.device("cuda")
+    default = {"fused": None, "foreach": None}
+    fused = speed.sgd_implementation(cuda)
+    assert fused != default
     with bench_train.optimizer_of("published"):
-        assert speed.sgd_implementation(cuda) == {"fused": None, "foreach": None}
+        assert speed.sgd_implementation(cuda) == default
+    assert speed.sgd_implementation(cuda) == fused  # restored
     with bench_train.optimizer_of("bf16"):
-        assert speed.sgd_implementation(cuda) != {"fused": None, "foreach": None}
-    assert speed.sgd_implementation is bench_train.speed.sgd_implementation
+        assert speed.sgd_implementation(cuda) == fused
 
 
 def test_too_few_cases_for_an_election_is_refused(capsys):

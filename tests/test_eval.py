@@ -283,11 +283,14 @@ def test_duplicate_cases_are_refused(segmentation_setup, tmp_path):
     (["--overlap", "1"], "--overlap: must be in [0, 1)"),
     (["--input_size", "30,64,64"], "D must be a multiple of 16"),
     (["--input_size", "32,64"], "expected D,H,W"),
+    (["--hd95", "mean"], "--hd95: invalid choice: 'mean'"),
 ])
 def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
     with pytest.raises(SystemExit) as info:
         evaluate.main(["--restore_from", "missing.pth", *flags])
-    assert info.value.code == 2 and expected in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.splitlines()  # one line, no usage block
+    assert info.value.code == 2 and line.startswith("error: argument ") and expected in line
+    assert line.endswith(" (see eval.py --help)")
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -176,17 +176,21 @@ def test_normalize_case_leaves_missing_modalities_zero():
         normalize_case(case)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="training crops are normalised on CUDA: GPU only"))])
 @pytest.mark.parametrize("corner", [0, 20000])
-def test_apply_to_int16_crops_equals_the_whole_volume(corner):
-    """The cache stores int16 source values and PARAMS; any crop normalised in torch must be
-    bit for bit the same crop of the normalised whole volume."""
+def test_apply_to_int16_crops_equals_the_whole_volume(corner, device):
+    """The cache stores int16 source values and PARAMS; any crop normalised in torch, on the
+    training device, must be bit for bit the same crop of the whole volume normalised on the
+    CPU (by the published formula)."""
     volumes = np.stack([brats_like(s) for s in (1, 2)])  # (2, D, H, W) int16
     volumes[:, 0, 0, 0] = corner
     params = np.stack([normalization_params(v) for v in volumes])
     whole = normalize_image(volumes, normalize_published)
     for crop in [np.s_[:, 5:30, 0:48, 7:9], np.s_[:, 0:1, 0:1, 0:1], np.s_[:, 20:40, 40:48, 30:36]]:
-        x = torch.from_numpy(volumes[crop]).float()
-        out = apply_normalization(x, torch.from_numpy(params)).numpy()  # (2, ...) with (2, 4)
+        x = torch.from_numpy(volumes[crop]).float().to(device)
+        out = apply_normalization(x, torch.from_numpy(params).to(device)).cpu().numpy()  # (2, ...) with (2, 4)
         assert same_bits(out, whole[crop])
     batch = torch.from_numpy(np.stack([volumes, volumes[::-1]])).float()  # (B, C, D, H, W)
     params_batch = torch.from_numpy(np.stack([params, params[::-1]]))  # (B, C, 4)

@@ -190,6 +190,17 @@ def test_a_failing_command_stops_the_script_with_its_status(tmp_path, script):
 
 
 @pytest.mark.parametrize("script", ["run.sh", "eval.sh"])
+def test_a_launcher_that_is_not_installed_stops_the_script(tmp_path, script):
+    copy_scripts(tmp_path, script)
+    env = dict(os.environ, LAUNCH="no_such_launcher --nproc_per_node 2")
+    done = subprocess.run(["bash", script, "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 127, done.stdout + done.stderr  # the shell's "command not found"
+    (log,) = (tmp_path / "logs").glob("*.log")  # run.sh did not go on to stage 2
+    assert "no_such_launcher" in log.read_text() and "not found" in log.read_text()
+
+
+@pytest.mark.parametrize("script", ["run.sh", "eval.sh"])
 def test_a_stop_is_the_scripts_status_when_the_launcher_exits_1(tmp_path, script):
     # torchrun stops its workers on SIGTERM, then exits 1 (its SignalException): the script
     # still says it was stopped (143), as a scheduler expects, and goes no further.

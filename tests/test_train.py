@@ -502,14 +502,39 @@ def test_sigterm_under_torchrun_stops_every_rank_together(data, tmp_path):
     assert load_checkpoint(snapshot / "last.pth")["iteration"] == int(stopped[0]) + 1 < 200
 
 
-def test_stop_signals_ask_once_and_a_second_ctrl_c_quits():
+def test_stop_signals_ask_once():
     previous = signal.getsignal(signal.SIGINT)
     with train.StopSignals(log=lambda message: None) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # forwarded again (torchrun, schedulers): ignored
         assert stop.signum == signal.SIGTERM
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the next Ctrl-C kills
     assert signal.getsignal(signal.SIGINT) == previous
+
+
+# In a process of its own: SIGINT twice at once (a sender signalling every process of the job,
+# run.sh passing it on) is one request; a Ctrl-C SAME_REQUEST_S later kills the process.
+SECOND_CTRL_C = """
+import os, signal, sys, time
+import train
+with train.StopSignals(log=print) as stop:
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    print("still running after", signal.Signals(stop.signum).name, flush=True)
+    time.sleep(train.SAME_REQUEST_S)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+print("not stopped")
+"""
+
+
+def test_a_second_ctrl_c_quits_at_once_unless_it_is_the_same_request():
+    run = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == -signal.SIGINT, run.stdout + run.stderr
+    assert run.stdout.splitlines() == [
+        "SIGINT: saving last.pth and stopping (Ctrl-C again quits at once, without saving)",
+        "still running after SIGINT"]
 
 
 def test_time_based_checkpoint(data, tmp_path):
@@ -617,6 +642,13 @@ def test_cli_prints_one_line_and_exits_2_on_bad_flags(tmp_path):
     assert run.returncode == 2
     assert run.stderr.splitlines() == ["error: --num_steps 0 leaves nothing to train (it must be "
                                        "greater than --start_iters 0)"]
+    assert not (tmp_path / "run").exists()
+    # argparse's own refusals too: one line, not its usage block
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), "--amp", "fp8", "--snapshot_dir",
+                          str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == ["error: argument --amp: invalid choice: 'fp8' (choose from "
+                                       "'off', 'bf16', 'fp16') (see train.py --help)"]
     assert not (tmp_path / "run").exists()
 
 

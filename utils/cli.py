@@ -13,6 +13,14 @@ from utils.io import DiskFullError, NotWritableError
 from utils.lock import LockError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, whose errors are one line as every other mistake a user makes (`error: ...`,
+    exit status 2) instead of the usage block that buries the message."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def str2bool(text):
     """Published boolean flags take a value: `--weight_std True`, `--random_mirror=False`.
 
