@@ -62,7 +62,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from datasets.brats import (
-    Case, CaseError, available_subset, case_files, find_cases, load_case, open_files,
+    Case, CaseError, available_subset, case_files, check_grid, find_cases, load_case, open_files,
     read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
     to_network_order,
 )
@@ -280,14 +280,19 @@ def saved_case(case_dir):
 
 
 def score_saved(case, folder, subset, output_dir, hd95_method):
-    """The metric rows of the mask an earlier run wrote into `folder` (--resume)."""
+    """The metric rows of the mask an earlier run wrote into `folder` (--resume). A mask that
+    cannot be read, or lies on another grid than its case (saved_case read its first modality),
+    stops the run: scored, it would be scored wrong."""
     if case.label is None:
         return []
     path = mask_path(output_dir, folder, case.name)
-    label, _ = read_mask(path)
-    if label.shape != case.shape_xyz:
-        raise CaseError(case.name, path, f"a mask of shape {label.shape} for a case of shape "
-                                         f"{case.shape_xyz}; remove it, or run with --overwrite")
+    reference = case.files[MODALITIES[case.available[0]]], case.shape_xyz, case.affine
+    try:
+        label, image = read_mask(path)
+        check_grid(case.name, path, image.shape, image.affine, reference)
+    except CaseError as err:
+        raise CaseError(err.case, err.path, f"{err.problem}; remove it (--resume then predicts "
+                        "the case again), or run with --overwrite") from None
     return metric_rows(case, subset, to_network_order(label), hd95_method)
 
 

@@ -302,6 +302,15 @@ def _check_label(case, path, data, scheme):
     return label
 
 
+def read_label_map(case, path, img, scheme="brats2018"):
+    """The voxels of a label map (img: the file opened by open_files) -> uint8 (X, Y, Z) in
+    {0, 1, 2, 4}, checked by _check_label. Read as stored (no scaling to float) to check the
+    exact values, the whole .gz stream checked (_in_memory). Raises CaseError naming the file."""
+    loaded = _guarded(case, path, lambda: _in_memory(path, img))
+    data = _guarded(case, path, lambda: np.asanyarray(loaded.dataobj))
+    return _check_label(case, path, data, scheme)
+
+
 def open_files(case, files):
     """{part: Path} -> {part: nibabel image}, checked from the headers alone (no voxel is
     read, so a whole list can be checked before any work): every file readable and 3-D, with
@@ -313,20 +322,28 @@ def open_files(case, files):
         if len(img.shape) != 3:
             raise CaseError(case, path, f"expected a 3-D volume, got shape {img.shape}")
         if reference is None:
-            reference = path, img
-        elif img.shape != reference[1].shape:
-            raise CaseError(case, path, f"shape {img.shape} differs from "
-                                        f"{reference[0].name} {reference[1].shape}")
-        elif not np.allclose(img.affine, reference[1].affine, rtol=0, atol=AFFINE_TOLERANCE):
-            difference = np.abs(img.affine - reference[1].affine).max()
-            raise CaseError(  # one line: the affines as nested lists
-                case, path,
-                f"affine differs from {reference[0].name} by up to {difference:.3g} (more than "
-                f"{AFFINE_TOLERANCE}): {img.affine.round(4).tolist()} vs "
-                f"{reference[1].affine.round(4).tolist()}",
-            )
+            reference = path, img.shape, img.affine
+        check_grid(case, path, img.shape, img.affine, reference)
         images[part] = img
     return images
+
+
+def check_grid(case, path, shape, affine, reference):
+    """Raise CaseError naming `path` unless a volume of this shape and affine lies on the grid
+    of `reference`, the (path, shape, affine) of a file of the same case: the same shape, and
+    affines equal within AFFINE_TOLERANCE."""
+    reference_path, reference_shape, reference_affine = reference
+    if tuple(shape) != tuple(reference_shape):
+        raise CaseError(case, path, f"shape {tuple(shape)} differs from "
+                                    f"{Path(reference_path).name} {tuple(reference_shape)}")
+    if not np.allclose(affine, reference_affine, rtol=0, atol=AFFINE_TOLERANCE):
+        difference = np.abs(affine - reference_affine).max()
+        raise CaseError(  # one line: the affines as nested lists
+            case, path,
+            f"affine differs from {Path(reference_path).name} by up to {difference:.3g} (more "
+            f"than {AFFINE_TOLERANCE}): {affine.round(4).tolist()} vs "
+            f"{reference_affine.round(4).tolist()}",
+        )
 
 
 def case_files(case_dir, require_label=False, allow_missing=False):
@@ -356,12 +373,10 @@ def read_files(case, files):
     image = np.zeros((len(MODALITIES), z, x, y), dtype=np.float32)  # network order
     label = None
     for part, path in files.items():
-        img = _guarded(case, path, lambda: _in_memory(path, images[part]))
         if part == "seg":
-            # Labels are read as stored (no scaling to float) to check the exact values.
-            data = _guarded(case, path, lambda: np.asanyarray(img.dataobj))
-            label = to_network_order(_check_label(case, path, data, _scheme_of(files)))
+            label = to_network_order(read_label_map(case, path, images[part], _scheme_of(files)))
             continue
+        img = _guarded(case, path, lambda: _in_memory(path, images[part]))
         data = _guarded(case, path, lambda: img.get_fdata(dtype=np.float32))
         if not np.isfinite(data).all():
             raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels")

@@ -472,15 +472,45 @@ def test_resume_of_unlabelled_cases_reads_no_voxel_of_the_cases_done(segmentatio
     assert not (out / "metrics.csv").exists()
 
 
-def test_resume_names_a_mask_it_cannot_read(segmentation_setup, tmp_path):
+def reoriented(path):
+    """The mask at `path` rewritten by a tool that reorients to RAS: same shape, another grid."""
+    mask = nib.load(path)
+    canonical = nib.as_closest_canonical(mask)
+    assert canonical.shape == mask.shape and not np.allclose(canonical.affine, mask.affine)
+    nib.save(canonical, path)
+    return canonical
+
+
+def flipped_near_the_end(path):
+    """The byte 12 from the end of a .nii.gz flipped: only a read of the whole stream sees it."""
+    data = bytearray(path.read_bytes())
+    data[-12] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path: path.write_bytes(path.read_bytes()[:60]), "unreadable NIfTI ("),  # a full disk
+    (flipped_near_the_end, "unreadable NIfTI ("),
+    (reoriented, "affine differs from {case}_flair.nii.gz by up to 63 (more than 0.001): "),
+], ids=["truncated", "flipped", "reoriented"])
+def test_resume_stops_at_a_mask_it_cannot_read_or_on_another_grid(segmentation_setup, tmp_path,
+                                                                  damage, problem):
     root, cases = segmentation_setup
     out = tmp_path / "out"
     run(root, out, "--mode", "t1ce")
     path = out / "t1ce" / f"{cases[1].name}.nii.gz"
-    path.write_bytes(path.read_bytes()[:60])  # e.g. copied from a full disk
+    good = path.read_bytes()
+    damage(path)
+    (out / "metrics.csv").unlink()
     message = cli(argv(root, out, "--mode", "t1ce", "--resume")).splitlines()[-1]  # after tqdm's
-    assert message.startswith(f"error: {path}: cannot read the mask")
+    assert message.startswith(f"error: case {cases[1].name}: {path}: "
+                              + problem.format(case=cases[1].name))
+    assert message.endswith("; remove it (--resume then predicts the case again), or run with "
+                            "--overwrite")
     assert not (out / "metrics.csv").exists()
+    path.unlink()  # as the message says: the case is predicted again, as it was the first time
+    run(root, out, "--mode", "t1ce", "--resume")
+    assert path.read_bytes() == good
 
 
 def many_cases(cases, folder, n=16):

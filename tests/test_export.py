@@ -1,9 +1,10 @@
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
-from datasets.brats import to_network_order
-from utils.export import save_labels
+from datasets.brats import CaseError, to_network_order
+from utils.export import read_mask, save_labels, write_mask
 from utils.regions import labels_to_regions, regions_to_labels
 
 
@@ -88,3 +89,40 @@ def test_orientation_preserved_for_a_permuted_flipped_affine(tmp_path):
     # qform and sform both describe the same grid (viewers pick either)
     np.testing.assert_allclose(saved.header.get_qform(), reference.affine, atol=1e-5)
     np.testing.assert_allclose(saved.header.get_sform(), reference.affine, atol=1e-5)
+
+
+def damaged(path, offset):
+    """`path` with the byte at `offset` flipped (a bad disk, an interrupted copy)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("offset, problem", [  # the gzip trailer: CRC-32, then the length
+    (-8, "BadGzipFile: CRC check failed"),
+    (-2, "BadGzipFile: Incorrect length of data produced"),
+])
+def test_a_mask_damaged_at_the_end_of_its_gzip_stream_is_refused(tmp_path, offset, problem):
+    # nibabel reads only the bytes the voxels need and would return the mask without a word.
+    path = tmp_path / "Brats18_X.nii.gz"
+    write_mask(random_labels((20, 20, 20)), np.eye(4), nib.Nifti1Header(), path)
+    damaged(path, offset)
+    with pytest.raises(CaseError) as error:
+        read_mask(path)
+    assert str(error.value) == f"case Brats18_X: {path}: unreadable NIfTI ({problem})"
+
+
+def test_read_mask_errors_are_one_short_line(tmp_path):
+    truncated = tmp_path / "cut.nii"
+    write_mask(np.zeros((20, 20, 20), np.uint8), np.eye(4), nib.Nifti1Header(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(CaseError) as error:
+        read_mask(truncated)
+    assert str(error.value) == (f"case cut: {truncated}: unreadable NIfTI (OSError: Expected 8000 "
+                                f"bytes, got 648 bytes from {truncated} - could the file be damaged?)")
+
+    image = tmp_path / "Brats18_X_t1.nii.gz"  # an image put among the masks
+    write_input(image, np.arange(8000).reshape(20, 20, 20), np.eye(4))
+    with pytest.raises(CaseError) as error:
+        read_mask(image)
+    assert str(error.value) == f"case Brats18_X_t1: {image}: labels outside (0, 1, 2, 4): min 0, max 7999"

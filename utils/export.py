@@ -4,12 +4,13 @@ reading them back (eval.py --resume, postprocess.py).
 A mask is written on the grid of the case's input images: same shape, affine and orientation
 (the input header is copied), integer labels {0, 1, 2, 4} stored as uint8.
 """
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 
-from datasets.brats import READ_ERRORS, DataError, to_nifti_order
+from datasets.brats import nifti_stem, open_files, read_label_map, to_nifti_order
 from utils.io import atomic_path
-from utils.regions import LABELS
 
 
 def save_labels(label, affine, header, path):
@@ -40,17 +41,10 @@ def write_mask(data, affine, header, path):
 
 
 def read_mask(path):
-    """Read a label mask -> (uint8 array in NIfTI order, nibabel image). Errors name the file."""
-    try:
-        image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
-    except READ_ERRORS as error:
-        raise DataError(f"{path}: cannot read the mask: {error}") from error
-    if data.ndim != 3:
-        raise DataError(f"{path}: expected a 3-D label mask, got shape {data.shape}")
-    values = np.unique(data)
-    if not np.isin(values, LABELS).all():
-        raise DataError(
-            f"{path}: labels {sorted(set(values.tolist()) - set(LABELS))} outside {{0, 1, 2, 4}}"
-        )
-    return data.astype(np.uint8), image
+    """Read a label mask -> (uint8 array in NIfTI order, nibabel image), checked as a case's label
+    map is. Raises CaseError naming the case (the file's name, as save_labels is given it) and
+    the file."""
+    path = Path(path)
+    case = nifti_stem(path)
+    image = open_files(case, {"seg": path})["seg"]
+    return read_label_map(case, path, image), image
