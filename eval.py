@@ -70,7 +70,8 @@ from datasets.normalize import normalize_case
 from utils import distributed, figures
 from utils.cli import ArgumentParser, UsageError, positive_int, run_cli
 from utils.export import read_mask, save_labels
-from utils.io import atomic_path, file_sha256, is_temp, remove_stale_temps, write_text
+from utils.io import (atomic_path, check_file_writable, file_sha256, is_temp,
+                      remove_stale_temps, write_text)
 from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
 from utils.modalities import ALL_SUBSETS, MODALITIES, parse_mode, subset_name
@@ -361,6 +362,8 @@ def check(args, info, rank_device, held):
     output_dir = args.output_dir
     held.enter_context(exclusive_lock(output_dir, "output folder"))
     found = previous_run(output_dir)
+    for path in found:  # a folder under one of eval.py's names: named now, not after the work
+        check_file_writable(path)
     if args.resume:
         done = resumed_cases(output_dir, found, record, cases, mode, args.figures)
         return mode, folders, device, loaded, record, cases, done

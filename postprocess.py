@@ -48,7 +48,7 @@ from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_
                             require_modalities, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
-from utils.io import check_writable
+from utils.io import check_file_writable
 from utils.modalities import MODALITIES, parse_subset
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
@@ -397,7 +397,8 @@ def main(argv=None):
             else [None] * len(sources))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))
             for s, t in zip(sources, t1ce)]
-    check_writable(output_dir)  # named now, not by the first worker or a deletion
+    for job in jobs:  # named now, not by a worker once the masks before it are written
+        check_file_writable(job[1])
     clear_other_masks(output_dir, {job[1] for job in jobs}, args)
 
     progress = dict(total=len(jobs), desc="postprocess", unit="case")

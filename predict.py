@@ -27,7 +27,7 @@ from postprocess import Rules, orientation_warning, postprocess_label
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, run_cli
 from utils.export import save_labels
-from utils.io import check_writable
+from utils.io import check_file_writable
 from utils.modalities import MODALITIES, subset_name
 from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
@@ -70,13 +70,13 @@ def check_args(args):
         raise UsageError(f"-o {args.output} is one of the inputs")
     if args.kmeans_necrosis and not args.postprocess:
         raise UsageError("--kmeans_necrosis is a post-processing rule: add --postprocess")
-    existing = [path for path in (args.output, figure_path(args)) if path and path.exists()]
+    outputs = [path for path in (args.output, figure_path(args)) if path]
+    for path in outputs:
+        check_file_writable(path)  # found now, not after the prediction
+    existing = [path for path in outputs if path.exists()]
     if existing and not args.overwrite:
         raise UsageError(f"{existing[0]} exists (an earlier prediction?); pass --overwrite to "
                          "replace it, or choose another -o")
-    for path in (args.output, figure_path(args)):
-        if path:
-            check_writable(path.parent)  # found now, not after the prediction
     return files
 
 

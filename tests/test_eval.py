@@ -821,6 +821,18 @@ def test_an_output_folder_that_is_a_file_is_one_line(segmentation_setup, tmp_pat
         "folder; choose another folder, or fix its permissions")
 
 
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_a_folder_in_place_of_a_mask_is_one_line_before_any_work(segmentation_setup, tmp_path,
+                                                                 monkeypatch, flag):
+    root, cases = segmentation_setup
+    folder = tmp_path / "out" / "t1ce" / f"{cases[0].name}.nii.gz"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(evaluate, "segment", lambda *a: pytest.fail("predicted"))
+    assert cli(argv(root, tmp_path / "out", "--mode", "t1ce", flag)) == (
+        f"error: cannot write {folder}: it is a folder; remove it, or choose another name")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "t1ce"]
+
+
 def test_an_empty_data_list_flag_is_refused_not_replaced_by_the_default(segmentation_setup, tmp_path):
     root, _ = segmentation_setup
     flags = argv(root, tmp_path / "out")

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from utils.io import DiskFullError, NotWritableError, atomic_path, check_writable, remove_stale_temps
+from utils.io import (DiskFullError, NotWritableError, atomic_path, check_file_writable,
+                      check_writable, remove_stale_temps)
 from utils.lock import LockError, exclusive_lock
 
 
@@ -35,6 +36,22 @@ def test_remove_stale_temps_only_removes_temporaries_of_that_file(tmp_path):
     assert remove_stale_temps(target) == 2
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in others) and target.read_bytes() == b"good"
+
+
+def test_a_file_whose_place_a_folder_takes_is_named(tmp_path):
+    # os.replace would refuse it only at the end of the work that made the file.
+    (tmp_path / "m.nii.gz").mkdir()
+    with pytest.raises(NotWritableError) as error:
+        check_file_writable(tmp_path / "m.nii.gz")
+    assert str(error.value) == (f"cannot write {tmp_path / 'm.nii.gz'}: it is a folder; remove it, "
+                                "or choose another name")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotWritableError, match="afile is a file, not a folder"):
+        check_file_writable(tmp_path / "afile" / "m.nii.gz")
+    (tmp_path / "old.nii.gz").write_text("x")  # an existing file is replaced, not refused
+    check_file_writable(tmp_path / "old.nii.gz")
+    check_file_writable(tmp_path / "new" / "m.nii.gz")
+    assert not (tmp_path / "new").exists()
 
 
 def test_disk_full_names_the_file_and_keeps_the_previous_one(tmp_path):

@@ -15,6 +15,7 @@ import postprocess
 from datasets.brats import CaseError, DataError
 from postprocess import Rules, postprocess_label, relabel_small_et, remove_components
 from utils.cli import UsageError
+from utils.io import NotWritableError
 
 SHAPE = (20, 20, 40)  # (X, Y, Z) NIfTI order; z = slice axis
 
@@ -200,6 +201,18 @@ def test_truncated_mask_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:60])  # gzip stream cut inside the data
     with pytest.raises(DataError, match=r"case cut: .*cut\.nii\.gz: unreadable NIfTI"):
         postprocess.read_mask(path)
+
+
+def test_a_folder_in_place_of_an_output_mask_is_refused_before_any_is_written(tmp_path):
+    for case in ("Brats18_A", "Brats18_B"):
+        _write(tmp_path / "in" / "flair" / f"{case}.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    folder = tmp_path / "out" / "flair" / "Brats18_B.nii.gz"
+    folder.mkdir(parents=True)
+    with pytest.raises(NotWritableError) as error:
+        postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                          "--num_workers", "0", "--overwrite"])
+    assert str(error.value) == f"cannot write {folder}: it is a folder; remove it, or choose another name"
+    assert [p for p in (tmp_path / "out").rglob("*") if p != folder] == [folder.parent]
 
 
 def _die(job):

@@ -1,6 +1,7 @@
 """predict.py: one case from explicit files, the same mask as eval.py, checks and warnings."""
 import nibabel as nib
 import numpy as np
+import pytest
 
 import eval as evaluate
 import predict
@@ -119,3 +120,18 @@ def test_an_existing_mask_is_replaced_only_with_overwrite(segmentation_setup, tm
     np.testing.assert_array_equal(mask(out), mask(tmp_path / "f.nii.gz"))
     assert not np.array_equal(mask(out), before)
     assert not (tmp_path / "m.png").exists()
+
+
+def test_a_folder_in_place_of_the_mask_or_figure_is_refused_before_predicting(
+        segmentation_setup, tmp_path, monkeypatch):
+    root, cases = segmentation_setup
+    monkeypatch.setattr(predict, "load_model", lambda *a: pytest.fail("predicted"))
+    common = [*files_of(cases[0], "flair"), "--checkpoint", str(root / "final.pth"), "--device",
+              "cpu", "--overwrite"]
+    folder = tmp_path / "P.nii.gz"
+    folder.mkdir()
+    assert cli([*common, "-o", str(folder)]) == (
+        f"error: cannot write {folder}: it is a folder; remove it, or choose another name")
+    assert cli([*common, "-o", str(tmp_path / "m.nii.gz"), "--figure", str(folder)]) == (
+        f"error: cannot write {folder}: it is a folder; remove it, or choose another name")
+    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())

@@ -67,7 +67,8 @@ def atomic_path(path):
 
 
 class NotWritableError(OSError):
-    """A folder that cannot be created or written in (a file in its way, no permission)."""
+    """A folder that cannot be created or written in (a file in its way, no permission), or a
+    file whose place a folder takes."""
 
     def __str__(self):
         return self.strerror
@@ -100,6 +101,16 @@ def check_writable(folder):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def check_file_writable(path):
+    """check_writable for the file `path` and its folder: a folder in the file's place is
+    refused too, which os.replace would do only once the file is made. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise NotWritableError(errno.EISDIR, f"cannot write {path}: it is a folder; remove it, "
+                               "or choose another name")
+    check_writable(path.parent)
 
 
 def make_folder(folder):
