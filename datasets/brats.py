@@ -114,6 +114,10 @@ def datalist_entries(list_path):
         lines = Path(list_path).read_text(encoding="utf-8-sig").splitlines()
     except OSError as err:
         raise DataError(f"cannot read datalist {list_path}: {err}") from err
+    except UnicodeDecodeError as err:  # UTF-16 (Windows' "Unicode"), Latin-1, ...
+        line = err.object[:err.start].count(b"\n") + 1
+        raise DataError(f"cannot read datalist {list_path}: line {line} is not UTF-8 text (byte "
+                        f"0x{err.object[err.start]:02x}); save the list as UTF-8 text") from None
     return [(number, line.strip()) for number, line in enumerate(lines, 1)
             if line.strip() and not line.strip().startswith("#")]
 

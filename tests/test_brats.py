@@ -410,6 +410,18 @@ def test_a_list_saved_with_a_byte_order_mark_reads_its_first_entry(tmp_path):
     assert read_datalist(tmp_path / "list.csv") == [tmp_path / "Brats18_A"]
 
 
+@pytest.mark.parametrize("text, encoding, line, byte", [
+    ("Brats18_A\r\n", "utf-16", 1, 0xff),  # Windows' "Unicode", with its byte-order mark
+    ("Brats18_A\nBrats18_\xe9\n", "latin-1", 2, 0xe9),
+])
+def test_a_list_that_is_not_utf8_is_named(tmp_path, text, encoding, line, byte):
+    (tmp_path / "list.csv").write_bytes(text.encode(encoding))
+    with pytest.raises(DataError) as error:
+        read_datalist(tmp_path / "list.csv")
+    assert str(error.value) == (f"cannot read datalist {tmp_path / 'list.csv'}: line {line} is not "
+                                f"UTF-8 text (byte 0x{byte:02x}); save the list as UTF-8 text")
+
+
 def test_one_folder_under_two_names_is_refused(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_A")
     (tmp_path / "Alias").symlink_to(folder)

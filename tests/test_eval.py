@@ -242,6 +242,15 @@ def test_available_mode_groups_the_table_by_each_cases_subset(segmentation_setup
     assert sorted(masks(tmp_path / "one" / "t1ce")) == [f"{cases[1].name}.nii.gz"]
 
 
+def test_a_list_that_is_not_utf8_is_one_line(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    (tmp_path / "l.csv").write_bytes(f"{cases[1].name}\r\n".encode("utf-16"))
+    message = cli(["--data_list", str(tmp_path / "l.csv"), "--restore_from",
+                   str(root / "final.pth"), "--output_dir", str(tmp_path / "out")])
+    assert message == (f"error: cannot read datalist {tmp_path / 'l.csv'}: line 1 is not UTF-8 "
+                       "text (byte 0xff); save the list as UTF-8 text")
+
+
 def _other_shape(case, modality):
     path = case / f"{case.name}_{modality}.nii.gz"
     image = nib.load(path)
