@@ -306,21 +306,30 @@ def _check_label(case, path, data, scheme):
     return label
 
 
+def _grid_shape(case, path, img):
+    """A volume's (X, Y, Z): its shape less trailing dimensions of size 1 (some converters
+    store a 3-D volume as (X, Y, Z, 1)). Anything else is refused, naming the file."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+        raise CaseError(case, path, f"expected a 3-D volume, got shape {img.shape}; give each "
+                        "modality as one 3-D volume (split a 4-D file, e.g. with fslsplit)")
+    return shape[:3]
+
+
 def open_files(case, files):
     """{part: Path} -> {part: nibabel image}, checked from the headers alone (no voxel is
-    read, so a whole list can be checked before any work): every file readable and 3-D, with
-    the shape and affine (within 1e-3) of the first one. Raises CaseError naming the file."""
+    read, so a whole list can be checked before any work): every file readable and 3-D (see
+    _grid_shape), with the shape and affine (within 1e-3) of the first one. Raises CaseError
+    naming the file."""
     images = {}
     reference = None
     for part, path in files.items():
         img = _guarded(case, path, lambda: nib.load(path))
-        if len(img.shape) != 3:
-            raise CaseError(case, path, f"expected a 3-D volume, got shape {img.shape}")
+        shape = _grid_shape(case, path, img)
         if reference is None:
-            reference = path, img
-        elif img.shape != reference[1].shape:
-            raise CaseError(case, path, f"shape {img.shape} differs from "
-                                        f"{reference[0].name} {reference[1].shape}")
+            reference, grid = (path, img), shape
+        elif shape != grid:
+            raise CaseError(case, path, f"shape {shape} differs from {reference[0].name} {grid}")
         elif not np.allclose(img.affine, reference[1].affine, rtol=0, atol=AFFINE_TOLERANCE):
             difference = np.abs(img.affine - reference[1].affine).max()
             raise CaseError(  # one line: the affines as nested lists
@@ -356,17 +365,18 @@ def read_files(case, files):
         raise CaseError(case, next(iter(files.values()), Path(case)), "no modality file given")
     images = open_files(case, files)
     reference = images[MODALITIES[available[0]]]
-    x, y, z = reference.shape
+    grid = reference.shape[:3]  # open_files checked that any further dimensions are 1
+    x, y, z = grid
     image = np.zeros((len(MODALITIES), z, x, y), dtype=np.float32)  # network order
     label = None
     for part, path in files.items():
         img = _guarded(case, path, lambda: _in_memory(path, images[part]))
         if part == "seg":
             # Labels are read as stored (no scaling to float) to check the exact values.
-            data = _guarded(case, path, lambda: np.asanyarray(img.dataobj))
+            data = _guarded(case, path, lambda: np.asanyarray(img.dataobj)).reshape(grid)
             label = to_network_order(_check_label(case, path, data, _scheme_of(files)))
             continue
-        data = _guarded(case, path, lambda: img.get_fdata(dtype=np.float32))
+        data = _guarded(case, path, lambda: img.get_fdata(dtype=np.float32)).reshape(grid)
         if not np.isfinite(data).all():
             raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels")
         image[MODALITIES.index(part)] = to_network_order(data)
@@ -380,7 +390,7 @@ def read_files(case, files):
         label=None if label is None else np.ascontiguousarray(label),
         affine=np.asarray(reference.affine, dtype=np.float64),
         header=header,
-        shape_xyz=tuple(int(s) for s in reference.shape),
+        shape_xyz=tuple(int(s) for s in grid),
         spacing=(zooms[2], zooms[0], zooms[1]),  # (X, Y, Z) -> network order (D, H, W)
         available=available,
     )

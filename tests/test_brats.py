@@ -22,6 +22,7 @@ from datasets.brats import (
     to_network_order,
     to_nifti_order,
 )
+from utils.export import save_labels
 from utils.modalities import MODALITIES
 
 SHAPE = (24, 20, 16)  # (X, Y, Z)
@@ -211,6 +212,28 @@ def test_affine_within_tolerance_accepted(tmp_path):
     affine[0, 3] = 5e-4
     save(make_volumes()["t1"], part_path(folder, "t1"), affine)
     assert load_case(folder).image.shape[0] == 4
+
+
+def test_trailing_dimensions_of_size_1_are_dropped(tmp_path):
+    # Some converters write a 3-D volume as (X, Y, Z, 1); the mask is written 3-D, on its grid.
+    folder, volumes = write_case(tmp_path, "Brats18_X")
+    for part, extra in (("flair", (1,)), ("seg", (1, 1))):
+        nib.save(nib.Nifti1Image(volumes[part].reshape(*SHAPE, *extra), AFFINE),
+                 part_path(folder, part))
+    case = load_case(folder, require_label=True)
+    assert case.shape_xyz == SHAPE
+    np.testing.assert_array_equal(case.image[0], to_network_order(volumes["flair"]))
+    np.testing.assert_array_equal(case.label, to_network_order(volumes["seg"]))
+    save_labels(case.label, case.affine, case.header, tmp_path / "mask.nii.gz")
+    assert nib.load(tmp_path / "mask.nii.gz").shape == SHAPE
+    # Several volumes in one file are not one modality.
+    path = part_path(folder, "t2")
+    nib.save(nib.Nifti1Image(np.stack([volumes["t2"]] * 2, axis=-1), AFFINE), path)
+    with pytest.raises(CaseError) as error:
+        load_case(folder)
+    assert str(error.value) == (
+        f"case Brats18_X: {path}: expected a 3-D volume, got shape (24, 20, 16, 2); give each "
+        "modality as one 3-D volume (split a 4-D file, e.g. with fslsplit)")
 
 
 def test_2023_label_4_is_unexpected(tmp_path):
