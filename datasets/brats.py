@@ -122,6 +122,13 @@ def datalist_entries(list_path):
             if line.strip() and not line.strip().startswith("#")]
 
 
+def named_folder(folder):
+    """A case folder under its own name: '.' or '..' names it only once resolved (other folders
+    keep their path, so a symlinked case keeps the name it is listed under). -> Path"""
+    folder = Path(folder)
+    return folder.resolve() if folder.name in ("", ".", "..") else folder
+
+
 def read_datalist(list_path, data_root=None):
     """Datalist file (one case folder per line) -> list of existing case folders (Path).
 
@@ -129,7 +136,8 @@ def read_datalist(list_path, data_root=None):
     current directory. With data_root, each entry is re-based under data_root: its leading
     '../' and './' are dropped, then its leading components one at a time
     (data_root/data/BraTS-2018/.../HGG/X, ..., data_root/HGG/X, data_root/X); the first
-    that exists wins. So the published lists work wherever the data lives.
+    that exists wins. So the published lists work wherever the data lives. An entry such as
+    '.' is resolved (named_folder): the case is named after the folder.
     """
     list_path = Path(list_path)
     folders = []
@@ -142,7 +150,7 @@ def read_datalist(list_path, data_root=None):
                 f"{list_path}:{number}: case folder {entry!r} not found; tried "
                 + ", ".join(str(path) for path in tried) + hint
             )
-        folders.append(found)
+        folders.append(named_folder(found))
     return folders
 
 
@@ -152,7 +160,7 @@ def find_cases(folder):
     `folder` is one case when it directly holds NIfTI files; otherwise every sub-folder not
     starting with '.' is a case (an empty one then fails to load, naming itself).
     """
-    folder = Path(folder)
+    folder = named_folder(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]

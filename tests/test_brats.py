@@ -402,6 +402,16 @@ def test_find_cases_and_duplicates(tmp_path):
         refuse_duplicates([Path("HGG/A"), Path("B"), Path("LGG/A")], "list.csv")
 
 
+def test_the_current_folder_is_named_after_itself(tmp_path, monkeypatch):
+    # `--input .` from inside a case folder, or a list entry '.': Path('.').name is ''.
+    folder, _ = write_case(tmp_path, "Brats18_A")
+    (folder / "list.csv").write_text(".\n")
+    monkeypatch.chdir(folder)
+    assert [f.name for f in find_cases(".")] == ["Brats18_A"]
+    assert [f.name for f in read_datalist("list.csv")] == ["Brats18_A"]
+    assert load_case(find_cases(".")[0]).name == "Brats18_A"
+
+
 def test_brats_like_warnings(tmp_path):
     folder, volumes = write_case(tmp_path, "Brats18_X")
     # ZOOMS (1, 1.5, 2) mm: not the 1 mm BraTS is resampled to

@@ -242,6 +242,15 @@ def test_available_mode_groups_the_table_by_each_cases_subset(segmentation_setup
     assert sorted(masks(tmp_path / "one" / "t1ce")) == [f"{cases[1].name}.nii.gz"]
 
 
+def test_input_dot_names_the_case_after_its_folder(segmentation_setup, tmp_path, monkeypatch):
+    root, cases = segmentation_setup
+    monkeypatch.chdir(cases[1])
+    evaluate.main(["--input", ".", "--mode", "t1ce", "--restore_from", str(root / "final.pth"),
+                   "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    assert pd.read_csv(tmp_path / "out" / "cases.csv")["case"].tolist() == [cases[1].name]
+    assert sorted(masks(tmp_path / "out" / "t1ce")) == [f"{cases[1].name}.nii.gz"]
+
+
 def test_a_list_that_is_not_utf8_is_one_line(segmentation_setup, tmp_path):
     root, cases = segmentation_setup
     (tmp_path / "l.csv").write_bytes(f"{cases[1].name}\r\n".encode("utf-16"))
