@@ -154,19 +154,31 @@ def read_datalist(list_path, data_root=None):
     return folders
 
 
+def _holds_nifti(folder):
+    return any(_split_name(p) for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def find_cases(folder):
     """A folder of case folders, or one case folder -> list of case folders (Path, sorted).
 
     `folder` is one case when it directly holds NIfTI files; otherwise every sub-folder not
-    starting with '.' is a case (an empty one then fails to load, naming itself).
+    starting with '.' is a case (an empty one then fails to load, naming itself). NIfTI files
+    beside case folders (sub-folders holding NIfTI files) are refused: which was meant is
+    unclear.
     """
     folder = named_folder(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-    if any(p.is_file() and _split_name(p) for p in entries):
-        return [folder]
+    loose = [p for p in entries if not p.is_dir() and _split_name(p)]
     cases = [p for p in entries if p.is_dir()]
+    if loose:
+        nested = [p for p in cases if _holds_nifti(p)]
+        if nested:
+            raise DataError(f"{folder}: NIfTI files {[p.name for p in loose]} lie beside case "
+                            f"folders (e.g. {nested[0].name}): move them out, or point --input at "
+                            "one case folder")
+        return [folder]
     if not cases:
         raise DataError(f"{folder}: holds neither NIfTI files nor case folders")
     return cases

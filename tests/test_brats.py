@@ -402,6 +402,21 @@ def test_find_cases_and_duplicates(tmp_path):
         refuse_duplicates([Path("HGG/A"), Path("B"), Path("LGG/A")], "list.csv")
 
 
+def test_nifti_files_beside_case_folders_are_refused(tmp_path):
+    # A template left at the top of a folder of cases made the whole folder one case.
+    for name in ("A", "B"):
+        write_case(tmp_path / "root", name)
+    save(make_volumes()["t1"], tmp_path / "root" / "mni152_t1.nii.gz")
+    with pytest.raises(DataError) as error:
+        find_cases(tmp_path / "root")
+    assert str(error.value) == (
+        f"{tmp_path / 'root'}: NIfTI files ['mni152_t1.nii.gz'] lie beside case folders (e.g. A): "
+        "move them out, or point --input at one case folder")
+    # A sub-folder without NIfTI files (figures, notes) leaves a case folder one case.
+    (tmp_path / "root" / "A" / "figures").mkdir()
+    assert find_cases(tmp_path / "root" / "A") == [tmp_path / "root" / "A"]
+
+
 def test_the_current_folder_is_named_after_itself(tmp_path, monkeypatch):
     # `--input .` from inside a case folder, or a list entry '.': Path('.').name is ''.
     folder, _ = write_case(tmp_path, "Brats18_A")
