@@ -14,6 +14,7 @@ Every problem with a case raises CaseError naming the case and the file.
 """
 import dataclasses
 import gzip
+import os
 import zlib
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def find_cases(folder):
     `folder` is one case when it directly holds NIfTI files; otherwise every sub-folder not
     starting with '.' is a case (an empty one then fails to load, naming itself). NIfTI files
     beside case folders (sub-folders holding NIfTI files) are refused: which was meant is
-    unclear.
+    unclear. So is a dead link among the cases: skipped, the case would silently go missing.
     """
     folder = named_folder(folder)
     if not folder.is_dir():
@@ -179,6 +180,10 @@ def find_cases(folder):
                             f"folders (e.g. {nested[0].name}): move them out, or point --input at "
                             "one case folder")
         return [folder]
+    dead = [p for p in entries if p.is_symlink() and not p.exists()]
+    if dead:
+        raise CaseError(dead[0].name, dead[0], f"a dead link (to {os.readlink(dead[0])}): mount "
+                        "the data or remove the link")
     if not cases:
         raise DataError(f"{folder}: holds neither NIfTI files nor case folders")
     return cases

@@ -417,6 +417,15 @@ def test_nifti_files_beside_case_folders_are_refused(tmp_path):
     assert find_cases(tmp_path / "root" / "A") == [tmp_path / "root" / "A"]
 
 
+def test_a_case_folder_that_is_a_dead_link_is_named(tmp_path):
+    write_case(tmp_path / "root", "A")
+    (tmp_path / "root" / "B").symlink_to(tmp_path / "unmounted" / "B")
+    with pytest.raises(CaseError) as error:
+        find_cases(tmp_path / "root")
+    assert str(error.value) == (f"case B: {tmp_path / 'root' / 'B'}: a dead link (to "
+                                f"{tmp_path / 'unmounted' / 'B'}): mount the data or remove the link")
+
+
 def test_the_current_folder_is_named_after_itself(tmp_path, monkeypatch):
     # `--input .` from inside a case folder, or a list entry '.': Path('.').name is ''.
     folder, _ = write_case(tmp_path, "Brats18_A")
