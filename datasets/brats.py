@@ -14,6 +14,7 @@ Every problem with a case raises CaseError naming the case and the file.
 """
 import dataclasses
 import gzip
+import os
 import zlib
 from pathlib import Path
 
@@ -114,8 +115,19 @@ def datalist_entries(list_path):
         lines = Path(list_path).read_text(encoding="utf-8-sig").splitlines()
     except OSError as err:
         raise DataError(f"cannot read datalist {list_path}: {err}") from err
+    except UnicodeDecodeError as err:  # UTF-16 (Windows' "Unicode"), Latin-1, ...
+        line = err.object[:err.start].count(b"\n") + 1
+        raise DataError(f"cannot read datalist {list_path}: line {line} is not UTF-8 text (byte "
+                        f"0x{err.object[err.start]:02x}); save the list as UTF-8 text") from None
     return [(number, line.strip()) for number, line in enumerate(lines, 1)
             if line.strip() and not line.strip().startswith("#")]
+
+
+def named_folder(folder):
+    """A case folder under its own name: '.' or '..' names it only once resolved (other folders
+    keep their path, so a symlinked case keeps the name it is listed under). -> Path"""
+    folder = Path(folder)
+    return folder.resolve() if folder.name in ("", ".", "..") else folder
 
 
 def read_datalist(list_path, data_root=None):
@@ -125,7 +137,8 @@ def read_datalist(list_path, data_root=None):
     current directory. With data_root, each entry is re-based under data_root: its leading
     '../' and './' are dropped, then its leading components one at a time
     (data_root/data/BraTS-2018/.../HGG/X, ..., data_root/HGG/X, data_root/X); the first
-    that exists wins. So the published lists work wherever the data lives.
+    that exists wins. So the published lists work wherever the data lives. An entry such as
+    '.' is resolved (named_folder): the case is named after the folder.
     """
     list_path = Path(list_path)
     folders = []
@@ -138,23 +151,39 @@ def read_datalist(list_path, data_root=None):
                 f"{list_path}:{number}: case folder {entry!r} not found; tried "
                 + ", ".join(str(path) for path in tried) + hint
             )
-        folders.append(found)
+        folders.append(named_folder(found))
     return folders
+
+
+def _holds_nifti(folder):
+    return any(_split_name(p) for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def find_cases(folder):
     """A folder of case folders, or one case folder -> list of case folders (Path, sorted).
 
     `folder` is one case when it directly holds NIfTI files; otherwise every sub-folder not
-    starting with '.' is a case (an empty one then fails to load, naming itself).
+    starting with '.' is a case (an empty one then fails to load, naming itself). NIfTI files
+    beside case folders (sub-folders holding NIfTI files) are refused: which was meant is
+    unclear. So is a dead link among the cases: skipped, the case would silently go missing.
     """
-    folder = Path(folder)
+    folder = named_folder(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-    if any(p.is_file() and _split_name(p) for p in entries):
-        return [folder]
+    loose = [p for p in entries if not p.is_dir() and _split_name(p)]
     cases = [p for p in entries if p.is_dir()]
+    if loose:
+        nested = [p for p in cases if _holds_nifti(p)]
+        if nested:
+            raise DataError(f"{folder}: NIfTI files {[p.name for p in loose]} lie beside case "
+                            f"folders (e.g. {nested[0].name}): move them out, or point --input at "
+                            "one case folder")
+        return [folder]
+    dead = [p for p in entries if p.is_symlink() and not p.exists()]
+    if dead:
+        raise CaseError(dead[0].name, dead[0], f"a dead link (to {os.readlink(dead[0])}): mount "
+                        "the data or remove the link")
     if not cases:
         raise DataError(f"{folder}: holds neither NIfTI files nor case folders")
     return cases
@@ -302,28 +331,39 @@ def _check_label(case, path, data, scheme):
     return label
 
 
+def _grid_shape(case, path, img):
+    """A volume's (X, Y, Z): its shape less trailing dimensions of size 1 (some converters
+    store a 3-D volume as (X, Y, Z, 1)). Anything else is refused, naming the file."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+        raise CaseError(case, path, f"expected a 3-D volume, got shape {img.shape}; give each "
+                        "modality as one 3-D volume (split a 4-D file, e.g. with fslsplit)")
+    return shape[:3]
+
+
 def read_label_map(case, path, img, scheme="brats2018"):
     """The voxels of a label map (img: the file opened by open_files) -> uint8 (X, Y, Z) in
     {0, 1, 2, 4}, checked by _check_label. Read as stored (no scaling to float) to check the
     exact values, the whole .gz stream checked (_in_memory). Raises CaseError naming the file."""
     loaded = _guarded(case, path, lambda: _in_memory(path, img))
-    data = _guarded(case, path, lambda: np.asanyarray(loaded.dataobj))
+    grid = img.shape[:3]  # open_files checked that any further dimensions are 1
+    data = _guarded(case, path, lambda: np.asanyarray(loaded.dataobj)).reshape(grid)
     return _check_label(case, path, data, scheme)
 
 
 def open_files(case, files):
     """{part: Path} -> {part: nibabel image}, checked from the headers alone (no voxel is
-    read, so a whole list can be checked before any work): every file readable and 3-D, with
-    the shape and affine (within 1e-3) of the first one. Raises CaseError naming the file."""
+    read, so a whole list can be checked before any work): every file readable and 3-D (see
+    _grid_shape), with the shape and affine (within 1e-3) of the first one. Raises CaseError
+    naming the file."""
     images = {}
     reference = None
     for part, path in files.items():
         img = _guarded(case, path, lambda: nib.load(path))
-        if len(img.shape) != 3:
-            raise CaseError(case, path, f"expected a 3-D volume, got shape {img.shape}")
+        shape = _grid_shape(case, path, img)
         if reference is None:
-            reference = path, img.shape, img.affine
-        check_grid(case, path, img.shape, img.affine, reference)
+            reference = path, shape, img.affine
+        check_grid(case, path, shape, img.affine, reference)
         images[part] = img
     return images
 
@@ -369,7 +409,8 @@ def read_files(case, files):
         raise CaseError(case, next(iter(files.values()), Path(case)), "no modality file given")
     images = open_files(case, files)
     reference = images[MODALITIES[available[0]]]
-    x, y, z = reference.shape
+    grid = reference.shape[:3]  # open_files checked that any further dimensions are 1
+    x, y, z = grid
     image = np.zeros((len(MODALITIES), z, x, y), dtype=np.float32)  # network order
     label = None
     for part, path in files.items():
@@ -377,7 +418,7 @@ def read_files(case, files):
             label = to_network_order(read_label_map(case, path, images[part], _scheme_of(files)))
             continue
         img = _guarded(case, path, lambda: _in_memory(path, images[part]))
-        data = _guarded(case, path, lambda: img.get_fdata(dtype=np.float32))
+        data = _guarded(case, path, lambda: img.get_fdata(dtype=np.float32)).reshape(grid)
         if not np.isfinite(data).all():
             raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels")
         image[MODALITIES.index(part)] = to_network_order(data)
@@ -391,7 +432,7 @@ def read_files(case, files):
         label=None if label is None else np.ascontiguousarray(label),
         affine=np.asarray(reference.affine, dtype=np.float64),
         header=header,
-        shape_xyz=tuple(int(s) for s in reference.shape),
+        shape_xyz=tuple(int(s) for s in grid),
         spacing=(zooms[2], zooms[0], zooms[1]),  # (X, Y, Z) -> network order (D, H, W)
         available=available,
     )

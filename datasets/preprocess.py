@@ -149,12 +149,6 @@ def case_folder(cache_dir, name):
     return Path(cache_dir) / name
 
 
-def _named_folder(folder):
-    """A datalist folder under its own name: an entry such as '..' names it only once resolved
-    (other folders keep their path, so a symlinked case keeps the name it is listed under)."""
-    return folder.resolve() if folder.name in ("", ".", "..") else folder
-
-
 # ------------------------------------------------------------------------- source fingerprints
 @contextlib.contextmanager
 def _reading_source(name, path):
@@ -482,7 +476,7 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
     case without a label (seg) file is such an error (training and its validation list).
     """
     cache_dir = Path(cache_dir)
-    folders = [_named_folder(folder) for folder in read_datalist(list_path, data_root)]
+    folders = read_datalist(list_path, data_root)
     refuse_duplicates(folders, list_path)  # one cache folder per case name
     names = [folder.name for folder in folders]
     jobs = [(folder, case_folder(cache_dir, name), require_label) for folder, name in zip(folders, names)]

@@ -22,6 +22,7 @@ from datasets.brats import (
     to_network_order,
     to_nifti_order,
 )
+from utils.export import save_labels
 from utils.modalities import MODALITIES
 
 SHAPE = (24, 20, 16)  # (X, Y, Z)
@@ -213,6 +214,28 @@ def test_affine_within_tolerance_accepted(tmp_path):
     assert load_case(folder).image.shape[0] == 4
 
 
+def test_trailing_dimensions_of_size_1_are_dropped(tmp_path):
+    # Some converters write a 3-D volume as (X, Y, Z, 1); the mask is written 3-D, on its grid.
+    folder, volumes = write_case(tmp_path, "Brats18_X")
+    for part, extra in (("flair", (1,)), ("seg", (1, 1))):
+        nib.save(nib.Nifti1Image(volumes[part].reshape(*SHAPE, *extra), AFFINE),
+                 part_path(folder, part))
+    case = load_case(folder, require_label=True)
+    assert case.shape_xyz == SHAPE
+    np.testing.assert_array_equal(case.image[0], to_network_order(volumes["flair"]))
+    np.testing.assert_array_equal(case.label, to_network_order(volumes["seg"]))
+    save_labels(case.label, case.affine, case.header, tmp_path / "mask.nii.gz")
+    assert nib.load(tmp_path / "mask.nii.gz").shape == SHAPE
+    # Several volumes in one file are not one modality.
+    path = part_path(folder, "t2")
+    nib.save(nib.Nifti1Image(np.stack([volumes["t2"]] * 2, axis=-1), AFFINE), path)
+    with pytest.raises(CaseError) as error:
+        load_case(folder)
+    assert str(error.value) == (
+        f"case Brats18_X: {path}: expected a 3-D volume, got shape (24, 20, 16, 2); give each "
+        "modality as one 3-D volume (split a 4-D file, e.g. with fslsplit)")
+
+
 def test_2023_label_4_is_unexpected(tmp_path):
     folder, _ = write_case(tmp_path, "BraTS-GLI-00001-000", "2023")
     seg = make_volumes()["seg"]  # holds 4, which 2023 files never use
@@ -379,6 +402,40 @@ def test_find_cases_and_duplicates(tmp_path):
         refuse_duplicates([Path("HGG/A"), Path("B"), Path("LGG/A")], "list.csv")
 
 
+def test_nifti_files_beside_case_folders_are_refused(tmp_path):
+    # A template left at the top of a folder of cases made the whole folder one case.
+    for name in ("A", "B"):
+        write_case(tmp_path / "root", name)
+    save(make_volumes()["t1"], tmp_path / "root" / "mni152_t1.nii.gz")
+    with pytest.raises(DataError) as error:
+        find_cases(tmp_path / "root")
+    assert str(error.value) == (
+        f"{tmp_path / 'root'}: NIfTI files ['mni152_t1.nii.gz'] lie beside case folders (e.g. A): "
+        "move them out, or point --input at one case folder")
+    # A sub-folder without NIfTI files (figures, notes) leaves a case folder one case.
+    (tmp_path / "root" / "A" / "figures").mkdir()
+    assert find_cases(tmp_path / "root" / "A") == [tmp_path / "root" / "A"]
+
+
+def test_a_case_folder_that_is_a_dead_link_is_named(tmp_path):
+    write_case(tmp_path / "root", "A")
+    (tmp_path / "root" / "B").symlink_to(tmp_path / "unmounted" / "B")
+    with pytest.raises(CaseError) as error:
+        find_cases(tmp_path / "root")
+    assert str(error.value) == (f"case B: {tmp_path / 'root' / 'B'}: a dead link (to "
+                                f"{tmp_path / 'unmounted' / 'B'}): mount the data or remove the link")
+
+
+def test_the_current_folder_is_named_after_itself(tmp_path, monkeypatch):
+    # `--input .` from inside a case folder, or a list entry '.': Path('.').name is ''.
+    folder, _ = write_case(tmp_path, "Brats18_A")
+    (folder / "list.csv").write_text(".\n")
+    monkeypatch.chdir(folder)
+    assert [f.name for f in find_cases(".")] == ["Brats18_A"]
+    assert [f.name for f in read_datalist("list.csv")] == ["Brats18_A"]
+    assert load_case(find_cases(".")[0]).name == "Brats18_A"
+
+
 def test_brats_like_warnings(tmp_path):
     folder, volumes = write_case(tmp_path, "Brats18_X")
     # ZOOMS (1, 1.5, 2) mm: not the 1 mm BraTS is resampled to
@@ -408,6 +465,18 @@ def test_a_list_saved_with_a_byte_order_mark_reads_its_first_entry(tmp_path):
     write_case(tmp_path, "Brats18_A")
     (tmp_path / "list.csv").write_bytes("\ufeffBrats18_A\r\n".encode())
     assert read_datalist(tmp_path / "list.csv") == [tmp_path / "Brats18_A"]
+
+
+@pytest.mark.parametrize("text, encoding, line, byte", [
+    ("Brats18_A\r\n", "utf-16", 1, 0xff),  # Windows' "Unicode", with its byte-order mark
+    ("Brats18_A\nBrats18_\xe9\n", "latin-1", 2, 0xe9),
+])
+def test_a_list_that_is_not_utf8_is_named(tmp_path, text, encoding, line, byte):
+    (tmp_path / "list.csv").write_bytes(text.encode(encoding))
+    with pytest.raises(DataError) as error:
+        read_datalist(tmp_path / "list.csv")
+    assert str(error.value) == (f"cannot read datalist {tmp_path / 'list.csv'}: line {line} is not "
+                                f"UTF-8 text (byte 0x{byte:02x}); save the list as UTF-8 text")
 
 
 def test_one_folder_under_two_names_is_refused(tmp_path):

@@ -242,6 +242,38 @@ def test_available_mode_groups_the_table_by_each_cases_subset(segmentation_setup
     assert sorted(masks(tmp_path / "one" / "t1ce")) == [f"{cases[1].name}.nii.gz"]
 
 
+def test_input_names_a_nifti_file_beside_the_case_folders(segmentation_setup, tmp_path):
+    # A template at the top of a folder of cases: the whole folder was predicted as one case.
+    root, cases = segmentation_setup
+    folder = copy_cases(cases, tmp_path / "data")
+    shutil.copy(cases[0] / f"{cases[0].name}_t1.nii.gz", folder / "mni152_t1.nii.gz")
+    out = tmp_path / "out"
+    message = cli(["--input", str(folder), "--mode", "available", "--restore_from",
+                   str(root / "final.pth"), "--device", "cpu", "--output_dir", str(out)])
+    assert message == (f"error: {folder}: NIfTI files ['mni152_t1.nii.gz'] lie beside case "
+                       f"folders (e.g. {cases[0].name}): move them out, or point --input at one "
+                       "case folder")
+    assert not out.exists()
+
+
+def test_input_dot_names_the_case_after_its_folder(segmentation_setup, tmp_path, monkeypatch):
+    root, cases = segmentation_setup
+    monkeypatch.chdir(cases[1])
+    evaluate.main(["--input", ".", "--mode", "t1ce", "--restore_from", str(root / "final.pth"),
+                   "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    assert pd.read_csv(tmp_path / "out" / "cases.csv")["case"].tolist() == [cases[1].name]
+    assert sorted(masks(tmp_path / "out" / "t1ce")) == [f"{cases[1].name}.nii.gz"]
+
+
+def test_a_list_that_is_not_utf8_is_one_line(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    (tmp_path / "l.csv").write_bytes(f"{cases[1].name}\r\n".encode("utf-16"))
+    message = cli(["--data_list", str(tmp_path / "l.csv"), "--restore_from",
+                   str(root / "final.pth"), "--output_dir", str(tmp_path / "out")])
+    assert message == (f"error: cannot read datalist {tmp_path / 'l.csv'}: line 1 is not UTF-8 "
+                       "text (byte 0xff); save the list as UTF-8 text")
+
+
 def _other_shape(case, modality):
     path = case / f"{case.name}_{modality}.nii.gz"
     image = nib.load(path)
