@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_brats import make_volumes, part_path, save, write_case
 
 import datasets.preprocess as preprocess_module
@@ -18,7 +19,7 @@ from datasets import synthetic
 from datasets.brats import CaseError, load_case
 from datasets.normalize import normalize_image, normalize_published
 from datasets.preprocess import CacheInvalid, load_cached, main, preprocess
-from datasets.sampling import foreground_locations
+from datasets.sampling import PatchDataset, foreground_locations
 import utils.io
 from utils.io import DiskFullError
 
@@ -191,6 +192,22 @@ def test_sources_that_are_not_int16_are_cached_as_float32(dataset):
     assert cached.raw.dtype == np.float32
     case = load_case(data / "Brats18_A")
     assert same_bits(cached.normalized(), normalize_image(case.image, normalize_published))
+
+
+def test_a_case_without_tumour_is_cached_and_sampled(dataset):
+    """An all-zero label map (no tumour) has no locations: the cache stores three empty lists
+    and the sampler falls back to random crops (as published for an empty region)."""
+    data, lst, cache = dataset
+    folder = data / "Brats18_A"
+    save(np.zeros_like(make_volumes()["seg"]), part_path(folder, "seg"))
+    cached = preprocess(lst, cache, num_workers=1)[0]
+    assert (cache / "Brats18_A" / "meta.json").is_file() and cached.meta["locations_count"] == [0, 0, 0]
+    assert [loc.shape for loc in cached.locations] == [(0, 3)] * 3 and not cached.label.any()
+    assert preprocess(lst, cache, num_workers=1)[0].meta == cached.meta  # re-used as it is
+    dataset = PatchDataset([cached], (8, 16, 16), length=8)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(8)])
+    image, regions = dataset.to_device(batch, torch.device("cpu"))
+    assert image.shape == (8, 4, 8, 16, 16) and image.any() and not regions.any()
 
 
 def test_format_1_cache_is_rebuilt_with_a_message_never_mixed(dataset, capsys):
