@@ -19,8 +19,9 @@ for a whole volume or any crop of it on any device (the training GPU normalises 
 patch), with the same float32 operations in the same order.
 
 All work in float32 (the dtype `datasets.brats.load_case` returns); other inputs are cast
-first. Inputs on which the published code would crash or produce NaN (non-finite values,
-max < 1 so zero bins, no bin with 50 voxels, constant foreground) raise NormalizationError.
+first. Inputs on which the published code would crash, run out of memory or produce NaN
+(non-finite values, max < 1 so zero bins, max > MAX_BINS, no bin with 50 voxels, constant
+foreground) raise NormalizationError.
 """
 import numpy as np
 import torch
@@ -32,6 +33,10 @@ NAME = "published-histogram-zscore"
 VERSION = 1
 MIN_COUNT = 50  # published: a bin needs this many voxels to count as signal
 PARAMS = ("top", "background", "mean", "std")  # per volume, see normalization_params
+# Most one-unit histogram bins allowed (int16 MRI needs at most 32 767). Above 2**24, float32
+# values lie more than one unit apart, so numpy refuses one-unit bins, and a single spike of
+# 2e9 asked for 7.45 GiB; at 2**24, normalize takes ~40 MB more than at 1 000 (240x240x155).
+MAX_BINS = 2**24
 
 
 class NormalizationError(ValueError):
@@ -46,6 +51,12 @@ def _num_bins(vmin, vmax):
         raise NormalizationError(
             f"volume maximum {vmax} < 1: the published histogram would have int(max) = "
             f"{int(vmax)} bins (an empty or all-background modality?)"
+        )
+    if int(vmax) > MAX_BINS:
+        raise NormalizationError(
+            f"volume maximum {vmax:.8g} is above {MAX_BINS} (2**24), the most one-unit histogram "
+            "bins allowed: a stray bright voxel, or intensities not on the scanner's scale? "
+            "Check the file, or rescale it to the scanner's range (BraTS: int16)"
         )
     return int(vmax)
 

@@ -8,6 +8,7 @@ import torch
 
 from datasets.brats import CaseError
 from datasets.normalize import (
+    MAX_BINS,
     NormalizationError,
     _bin_indices,
     _top_bin,
@@ -148,6 +149,27 @@ def test_degenerate_volumes_raise_in_both(v):
     for fn in (normalize_published, normalize):
         with pytest.raises(NormalizationError):
             fn(v)
+
+
+@pytest.mark.parametrize("spike, shown", [(3e7, "30000000"), (2e9, "2e+09"), (3e38, "3e+38")])
+def test_a_spike_beyond_the_histogram_bound_is_refused_in_both(spike, shown):
+    # numpy refused 3e7 ('Too many bins') and 3e38 ('Maximum allowed size'); 2e9 asked for 7.45 GiB.
+    v = brats_like(0).astype(np.float32)
+    v[5, 5, 5] = spike
+    message = (f"volume maximum {shown} is above 16777216 (2**24), the most one-unit histogram "
+               "bins allowed: a stray bright voxel, or intensities not on the scanner's scale? "
+               "Check the file, or rescale it to the scanner's range (BraTS: int16)")
+    for fn in (normalize_published, normalize, normalization_params):
+        with pytest.raises(NormalizationError) as info:
+            fn(v)
+        assert str(info.value) == message
+
+
+def test_a_spike_at_the_histogram_bound_is_normalised_as_published():
+    v = brats_like(0).astype(np.float32)
+    v[5, 5, 5] = MAX_BINS  # 2**24 one-unit bins: the most allowed
+    reference = normalize_published(v)
+    assert same_bits(normalize(v), reference) and same_bits(applied(v), reference)
 
 
 def test_normalize_image_per_modality():

@@ -456,6 +456,25 @@ def test_cli_errors_are_one_line(dataset):
     assert "Traceback" not in run.stderr and "missing t2 file" in run.stderr
 
 
+def test_cli_names_a_spike_beyond_the_histogram_bound(dataset):
+    data, lst, cache = dataset
+    flair = part_path(data / "Brats18_A", "flair")
+    volume = make_volumes(seed=1)["flair"].astype(np.float32)
+    volume[8, 8, 8] = 3e7  # one voxel: 3e7 one-unit bins, more than the 2**24 allowed
+    save(volume, flair)
+    run = subprocess.run([sys.executable, "-m", "datasets.preprocess", "--data_list", str(lst),
+                          "--cache_dir", str(cache), "--num_workers", "1"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        f"error: case Brats18_A: {flair}: cannot normalise: volume maximum 30000000 is above "
+        "16777216 (2**24), the most one-unit histogram bins allowed: a stray bright voxel, or "
+        "intensities not on the scanner's scale? Check the file, or rescale it to the scanner's "
+        "range (BraTS: int16)")
+    assert not (cache / "Brats18_A" / "meta.json").exists()
+
+
 def test_an_array_edited_in_place_at_the_same_size_is_rebuilt(dataset, capsys):
     # Its size, dtype and shape still check out; its record (stat, SHA-256) does not.
     data, lst, cache = dataset
