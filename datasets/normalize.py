@@ -61,9 +61,14 @@ def _num_bins(vmin, vmax):
     return int(vmax)
 
 
-def _check_foreground(fg):
+def _check_foreground(fg, top):
     if fg.size == 0:
-        raise NormalizationError("every voxel equals the corner (background) value after clipping")
+        raise NormalizationError(
+            f"clipped at {top:g} as published (the last intensity level holding {MIN_COUNT} "
+            "voxels), every voxel equals the background: no level above the background holds "
+            f"{MIN_COUNT} voxels (e.g. a float image scaled to [0, 1]); use the scanner's "
+            "intensities (as BraTS's int16 files), not a rescaled image"
+        )
 
 
 def normalize_published(v):
@@ -79,7 +84,7 @@ def normalize_published(v):
     background = v[(0,) * v.ndim]
     mask = v != background
     fg = v[mask]
-    _check_foreground(fg)
+    _check_foreground(fg, top)
     mean, std = fg.mean(), fg.std()
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
@@ -153,7 +158,7 @@ def _parameters_and_foreground(v):
         background = top
         mask = v < top
         fg = v[mask]
-    _check_foreground(fg)
+    _check_foreground(fg, top)
     mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")

@@ -198,6 +198,25 @@ def test_normalize_case_leaves_missing_modalities_zero():
         normalize_case(case)
 
 
+def test_an_image_without_a_level_of_50_voxels_is_explained():
+    # Scaled to [0, 1]: one histogram bin, so the published clip value is 0 and every voxel
+    # becomes background.
+    v = brats_like(0).astype(np.float32)
+    v /= v.max()
+    case = SimpleNamespace(name="X", image=np.stack([v] * 4), available=(0,),
+                           files={"flair": Path("X_flair.nii.gz")})
+    message = ("case X: X_flair.nii.gz: cannot normalise: clipped at 0 as published (the last "
+               "intensity level holding 50 voxels), every voxel equals the background: no level "
+               "above the background holds 50 voxels (e.g. a float image scaled to [0, 1]); use "
+               "the scanner's intensities (as BraTS's int16 files), not a rescaled image")
+    with pytest.raises(CaseError) as info:
+        normalize_case(case)
+    assert str(info.value) == message
+    with pytest.raises(NormalizationError) as info:
+        normalize_published(v)
+    assert f"cannot normalise: {info.value}" == message.split(": ", 2)[2]
+
+
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="training crops are normalised on CUDA: GPU only"))])

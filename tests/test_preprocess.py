@@ -134,7 +134,7 @@ def test_worker_errors_name_case_and_file(dataset):
     save(np.ones((24, 20, 16), np.int16), constant)
     corrupt = part_path(data / "Brats18_C", "flair")
     corrupt.write_bytes(corrupt.read_bytes()[:100])
-    for case, path, problem in (("Brats18_A", constant, "every voxel equals the corner"),
+    for case, path, problem in (("Brats18_A", constant, "every voxel equals the background"),
                                 ("Brats18_C", corrupt, "unreadable NIfTI")):
         lst.write_text(f"data/{case}\ndata/BraTS-GLI-00002-000\n")
         with pytest.raises(CaseError, match=problem) as info:
