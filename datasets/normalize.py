@@ -19,8 +19,9 @@ for a whole volume or any crop of it on any device (the training GPU normalises 
 patch), with the same float32 operations in the same order.
 
 All work in float32 (the dtype `datasets.brats.load_case` returns); other inputs are cast
-first. Inputs on which the published code would crash or produce NaN (non-finite values,
-max < 1 so zero bins, no bin with 50 voxels, constant foreground) raise NormalizationError.
+first. Inputs on which the published code would crash, run out of memory or produce NaN
+(non-finite values, max < 1 so zero bins, max > MAX_BINS, no bin with 50 voxels, constant
+foreground) raise NormalizationError.
 """
 import numpy as np
 import torch
@@ -32,6 +33,10 @@ NAME = "published-histogram-zscore"
 VERSION = 1
 MIN_COUNT = 50  # published: a bin needs this many voxels to count as signal
 PARAMS = ("top", "background", "mean", "std")  # per volume, see normalization_params
+# Most one-unit histogram bins allowed (int16 MRI needs at most 32 767). Above 2**24, float32
+# values lie more than one unit apart, so numpy refuses one-unit bins, and a single spike of
+# 2e9 asked for 7.45 GiB; at 2**24, normalize takes ~40 MB more than at 1 000 (240x240x155).
+MAX_BINS = 2**24
 
 
 class NormalizationError(ValueError):
@@ -47,12 +52,23 @@ def _num_bins(vmin, vmax):
             f"volume maximum {vmax} < 1: the published histogram would have int(max) = "
             f"{int(vmax)} bins (an empty or all-background modality?)"
         )
+    if int(vmax) > MAX_BINS:
+        raise NormalizationError(
+            f"volume maximum {vmax:.8g} is above {MAX_BINS} (2**24), the most one-unit histogram "
+            "bins allowed: a stray bright voxel, or intensities not on the scanner's scale? "
+            "Check the file, or rescale it to the scanner's range (BraTS: int16)"
+        )
     return int(vmax)
 
 
-def _check_foreground(fg):
+def _check_foreground(fg, top):
     if fg.size == 0:
-        raise NormalizationError("every voxel equals the corner (background) value after clipping")
+        raise NormalizationError(
+            f"clipped at {top:g} as published (the last intensity level holding {MIN_COUNT} "
+            "voxels), every voxel equals the background: no level above the background holds "
+            f"{MIN_COUNT} voxels (e.g. a float image scaled to [0, 1]); use the scanner's "
+            "intensities (as BraTS's int16 files), not a rescaled image"
+        )
 
 
 def normalize_published(v):
@@ -68,7 +84,7 @@ def normalize_published(v):
     background = v[(0,) * v.ndim]
     mask = v != background
     fg = v[mask]
-    _check_foreground(fg)
+    _check_foreground(fg, top)
     mean, std = fg.mean(), fg.std()
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
@@ -142,7 +158,7 @@ def _parameters_and_foreground(v):
         background = top
         mask = v < top
         fg = v[mask]
-    _check_foreground(fg)
+    _check_foreground(fg, top)
     mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")

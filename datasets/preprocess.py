@@ -341,7 +341,9 @@ def _save_npy(path, array):
     array = np.ascontiguousarray(array)
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
-    write_bytes(path, header.getbuffer(), memoryview(array).cast("B"))
+    # The bytes as a numpy view, not memoryview.cast, which refuses an empty array (the
+    # locations of a case without tumour).
+    write_bytes(path, header.getbuffer(), array.reshape(-1).view(np.uint8))
 
 
 def _build(case_dir, case_cache, sources):

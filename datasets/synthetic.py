@@ -11,11 +11,12 @@ Each case: a brain (ellipsoid with a smoothly deformed surface) of white matter,
 (outer ribbon), CSF (lateral ventricles and a thin outer shell) and one tumour: edema (label 2)
 around a tumour core made of an enhancing rim (label 4) and, in most cases, a necrotic centre
 (label 1); every structure is a randomly rotated, stretched and deformed blob. Each modality
-shows each tissue the way real MRI does (table `_CONTRAST`), then a per-case intensity scale, a
-smooth multiplicative bias field per modality and Rician noise are applied. The contrasts are
-designed so that the most informative single modality is T1ce for ET and TC (bright rim, dark
-necrosis) and FLAIR, then T2, for WT (edema brightest on FLAIR; on T2, CSF is as bright as
-the tumour), while edema looks like normal tissue on T1ce and T1 shows the tumour only weakly.
+shows each tissue the way real MRI does (table `_CONTRAST`), then a per-case intensity scale
+(smaller for small brains, see `_BRAIN_VOXELS_PER_SCALE`), a smooth multiplicative bias field
+per modality and Rician noise are applied. The contrasts are designed so that the most
+informative single modality is T1ce for ET and TC (bright rim, dark necrosis) and FLAIR, then
+T2, for WT (edema brightest on FLAIR; on T2, CSF is as bright as the tumour), while edema looks
+like normal tissue on T1ce and T1 shows the tumour only weakly.
 
 Images are int16 (non-negative, background exactly 0, brain voxels >= 1), labels uint8 in
 {0, 1, 2, 4}, 1 mm isotropic, affine diag(-1, -1, 1) with origin (0, Y-1, 0) like BraTS.
@@ -52,6 +53,11 @@ _CONTRAST = np.array([
 _TUMOUR_TEXTURE = {"ED": 0.1, "ET": 0.1, "NCR": 0.12}
 _P_NO_NECROSIS = 0.25
 _SOFT_EDGE = 0.5  # voxels: width of the partial-volume transition at structure borders
+# The intensity scale is at most (brain voxels) / this: a small brain spread over ~1 000
+# intensity levels leaves no level with the 50 voxels the published normalisation needs to
+# clip at. 64 keeps the commonest level above ~65 voxels down to 16^3 volumes, and leaves the
+# demo's 96 x 96 x 64 cases (brains of over 76 800 voxels) and larger ones as they were.
+_BRAIN_VOXELS_PER_SCALE = 64
 
 
 def affine_for(shape_xyz):
@@ -250,9 +256,10 @@ def _synth_case(rng, shape_xyz):
     contrast = _CONTRAST * rng.uniform(0.95, 1.05, _CONTRAST.shape).astype(np.float32)
     clean = contrast @ weights  # (4, n)
     images = {}
+    max_scale = len(r_b) / _BRAIN_VOXELS_PER_SCALE
     for m, name in enumerate(MODALITIES):
         bias = np.exp(0.15 * _smooth_field(rng, bshape, 3)[brain])
-        scale = np.float32(rng.uniform(300, 1200))
+        scale = np.float32(min(rng.uniform(300, 1200), max_scale))
         sigma = np.float32(rng.uniform(0.04, 0.08) * contrast[m, 0])
         # Rician noise: magnitude of a complex signal with Gaussian noise on both channels.
         re = clean[m] * bias + sigma * rng.standard_normal(len(r_b), dtype=np.float32)

@@ -8,6 +8,7 @@ import torch
 
 from datasets.brats import CaseError
 from datasets.normalize import (
+    MAX_BINS,
     NormalizationError,
     _bin_indices,
     _top_bin,
@@ -150,6 +151,27 @@ def test_degenerate_volumes_raise_in_both(v):
             fn(v)
 
 
+@pytest.mark.parametrize("spike, shown", [(3e7, "30000000"), (2e9, "2e+09"), (3e38, "3e+38")])
+def test_a_spike_beyond_the_histogram_bound_is_refused_in_both(spike, shown):
+    # numpy refused 3e7 ('Too many bins') and 3e38 ('Maximum allowed size'); 2e9 asked for 7.45 GiB.
+    v = brats_like(0).astype(np.float32)
+    v[5, 5, 5] = spike
+    message = (f"volume maximum {shown} is above 16777216 (2**24), the most one-unit histogram "
+               "bins allowed: a stray bright voxel, or intensities not on the scanner's scale? "
+               "Check the file, or rescale it to the scanner's range (BraTS: int16)")
+    for fn in (normalize_published, normalize, normalization_params):
+        with pytest.raises(NormalizationError) as info:
+            fn(v)
+        assert str(info.value) == message
+
+
+def test_a_spike_at_the_histogram_bound_is_normalised_as_published():
+    v = brats_like(0).astype(np.float32)
+    v[5, 5, 5] = MAX_BINS  # 2**24 one-unit bins: the most allowed
+    reference = normalize_published(v)
+    assert same_bits(normalize(v), reference) and same_bits(applied(v), reference)
+
+
 def test_normalize_image_per_modality():
     image = np.stack([brats_like(s) for s in range(4)]).astype(np.float32)
     image[2] *= 3  # modalities are normalised independently
@@ -174,6 +196,25 @@ def test_normalize_case_leaves_missing_modalities_zero():
     case.available, case.files["t1"] = (0, 1, 2), Path("X_t1.nii.gz")  # an all-zero T1 file
     with pytest.raises(CaseError, match="case X: X_t1.nii.gz: cannot normalise: volume maximum 0.0 < 1"):
         normalize_case(case)
+
+
+def test_an_image_without_a_level_of_50_voxels_is_explained():
+    # Scaled to [0, 1]: one histogram bin, so the published clip value is 0 and every voxel
+    # becomes background.
+    v = brats_like(0).astype(np.float32)
+    v /= v.max()
+    case = SimpleNamespace(name="X", image=np.stack([v] * 4), available=(0,),
+                           files={"flair": Path("X_flair.nii.gz")})
+    message = ("case X: X_flair.nii.gz: cannot normalise: clipped at 0 as published (the last "
+               "intensity level holding 50 voxels), every voxel equals the background: no level "
+               "above the background holds 50 voxels (e.g. a float image scaled to [0, 1]); use "
+               "the scanner's intensities (as BraTS's int16 files), not a rescaled image")
+    with pytest.raises(CaseError) as info:
+        normalize_case(case)
+    assert str(info.value) == message
+    with pytest.raises(NormalizationError) as info:
+        normalize_published(v)
+    assert f"cannot normalise: {info.value}" == message.split(": ", 2)[2]
 
 
 @pytest.mark.parametrize("device", [

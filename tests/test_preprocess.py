@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_brats import make_volumes, part_path, save, write_case
 
 import datasets.preprocess as preprocess_module
@@ -18,7 +19,7 @@ from datasets import synthetic
 from datasets.brats import CaseError, load_case
 from datasets.normalize import normalize_image, normalize_published
 from datasets.preprocess import CacheInvalid, load_cached, main, preprocess
-from datasets.sampling import foreground_locations
+from datasets.sampling import PatchDataset, foreground_locations
 import utils.io
 from utils.io import DiskFullError
 
@@ -133,7 +134,7 @@ def test_worker_errors_name_case_and_file(dataset):
     save(np.ones((24, 20, 16), np.int16), constant)
     corrupt = part_path(data / "Brats18_C", "flair")
     corrupt.write_bytes(corrupt.read_bytes()[:100])
-    for case, path, problem in (("Brats18_A", constant, "every voxel equals the corner"),
+    for case, path, problem in (("Brats18_A", constant, "every voxel equals the background"),
                                 ("Brats18_C", corrupt, "unreadable NIfTI")):
         lst.write_text(f"data/{case}\ndata/BraTS-GLI-00002-000\n")
         with pytest.raises(CaseError, match=problem) as info:
@@ -191,6 +192,22 @@ def test_sources_that_are_not_int16_are_cached_as_float32(dataset):
     assert cached.raw.dtype == np.float32
     case = load_case(data / "Brats18_A")
     assert same_bits(cached.normalized(), normalize_image(case.image, normalize_published))
+
+
+def test_a_case_without_tumour_is_cached_and_sampled(dataset):
+    """An all-zero label map (no tumour) has no locations: the cache stores three empty lists
+    and the sampler falls back to random crops (as published for an empty region)."""
+    data, lst, cache = dataset
+    folder = data / "Brats18_A"
+    save(np.zeros_like(make_volumes()["seg"]), part_path(folder, "seg"))
+    cached = preprocess(lst, cache, num_workers=1)[0]
+    assert (cache / "Brats18_A" / "meta.json").is_file() and cached.meta["locations_count"] == [0, 0, 0]
+    assert [loc.shape for loc in cached.locations] == [(0, 3)] * 3 and not cached.label.any()
+    assert preprocess(lst, cache, num_workers=1)[0].meta == cached.meta  # re-used as it is
+    dataset = PatchDataset([cached], (8, 16, 16), length=8)
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(8)])
+    image, regions = dataset.to_device(batch, torch.device("cpu"))
+    assert image.shape == (8, 4, 8, 16, 16) and image.any() and not regions.any()
 
 
 def test_format_1_cache_is_rebuilt_with_a_message_never_mixed(dataset, capsys):
@@ -437,6 +454,25 @@ def test_cli_errors_are_one_line(dataset):
     assert run.returncode == 1
     assert run.stderr.splitlines()[-1].startswith("error: case Brats18_A: ")
     assert "Traceback" not in run.stderr and "missing t2 file" in run.stderr
+
+
+def test_cli_names_a_spike_beyond_the_histogram_bound(dataset):
+    data, lst, cache = dataset
+    flair = part_path(data / "Brats18_A", "flair")
+    volume = make_volumes(seed=1)["flair"].astype(np.float32)
+    volume[8, 8, 8] = 3e7  # one voxel: 3e7 one-unit bins, more than the 2**24 allowed
+    save(volume, flair)
+    run = subprocess.run([sys.executable, "-m", "datasets.preprocess", "--data_list", str(lst),
+                          "--cache_dir", str(cache), "--num_workers", "1"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        f"error: case Brats18_A: {flair}: cannot normalise: volume maximum 30000000 is above "
+        "16777216 (2**24), the most one-unit histogram bins allowed: a stray bright voxel, or "
+        "intensities not on the scanner's scale? Check the file, or rescale it to the scanner's "
+        "range (BraTS: int16)")
+    assert not (cache / "Brats18_A" / "meta.json").exists()
 
 
 def test_an_array_edited_in_place_at_the_same_size_is_rebuilt(dataset, capsys):
