@@ -379,7 +379,8 @@ SAME_REQUEST_S = 1.0
 class StopSignals:
     """SIGTERM (what schedulers send before preemption) and SIGINT (Ctrl-C) during the loop
     only ask the run to stop: it finishes the iteration, saves last.pth and exits 128 + signal.
-    A second Ctrl-C quits at once, without saving. A repeated SIGTERM is ignored: torchrun and
+    A second Ctrl-C, SAME_REQUEST_S or more later, quits at once, without saving (one sooner
+    is the same request arriving twice). A repeated SIGTERM is ignored: torchrun and
     schedulers forward the same request to every process (Ctrl-C under torchrun also arrives
     as SIGINT from the terminal, then SIGTERM from torchrun)."""
 
@@ -397,7 +398,8 @@ class StopSignals:
     def _handle(self, signum, frame):
         if self.signum is None:
             self.signum, self.since = signum, time.monotonic()
-            again = " (Ctrl-C again quits at once, without saving)" if signum == signal.SIGINT else ""
+            again = (" (Ctrl-C again, a second or more later, quits at once, without saving)"
+                     if signum == signal.SIGINT else "")
             self.log(f"{signal.Signals(signum).name}: saving last.pth and stopping{again}")
         elif signum == signal.SIGINT and time.monotonic() - self.since >= SAME_REQUEST_S:
             # killed by the signal, as without a handler: no unwinding, no save

@@ -97,7 +97,7 @@ def best_time(fn, repeats):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n")[0])
     parser.add_argument("--num_cases", type=int, default=4)
     parser.add_argument("--patches", type=int, default=200, help="patches timed from the cache")
     parser.add_argument("--raw_patches", type=int, default=6, help="patches timed from raw NIfTI")

@@ -112,14 +112,18 @@ def datalist_entries(list_path):
     """A datalist's entries as written: [(line number, entry)], blank and '#' lines skipped."""
     try:
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would be part of the first entry
-        lines = Path(list_path).read_text(encoding="utf-8-sig").splitlines()
+        text = Path(list_path).read_text(encoding="utf-8-sig")
     except OSError as err:
         raise DataError(f"cannot read datalist {list_path}: {err}") from err
     except UnicodeDecodeError as err:  # UTF-16 (Windows' "Unicode"), Latin-1, ...
         line = err.object[:err.start].count(b"\n") + 1
         raise DataError(f"cannot read datalist {list_path}: line {line} is not UTF-8 text (byte "
                         f"0x{err.object[err.start]:02x}); save the list as UTF-8 text") from None
-    return [(number, line.strip()) for number, line in enumerate(lines, 1)
+    if "\0" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with NUL bytes
+        line = text[:text.index("\0")].count("\n") + 1
+        raise DataError(f"cannot read datalist {list_path}: line {line} holds NUL bytes (UTF-16 "
+                        "text?); save the list as UTF-8 text")
+    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
             if line.strip() and not line.strip().startswith("#")]
 
 
@@ -163,9 +167,11 @@ def find_cases(folder):
     """A folder of case folders, or one case folder -> list of case folders (Path, sorted).
 
     `folder` is one case when it directly holds NIfTI files; otherwise every sub-folder not
-    starting with '.' is a case (an empty one then fails to load, naming itself). NIfTI files
-    beside case folders (sub-folders holding NIfTI files) are refused: which was meant is
-    unclear. So is a dead link among the cases: skipped, the case would silently go missing.
+    starting with '.' is a case (an empty one then fails to load, naming itself). Loose NIfTI
+    files beside case folders (sub-folders holding NIfTI files) are refused unless they are
+    a case themselves (two parts or more, e.g. a case with a backup sub-folder): a template at
+    the top of a folder of cases is not. So is a dead link among the cases: skipped, the case
+    would silently go missing.
     """
     folder = named_folder(folder)
     if not folder.is_dir():
@@ -175,18 +181,27 @@ def find_cases(folder):
     cases = [p for p in entries if p.is_dir()]
     if loose:
         nested = [p for p in cases if _holds_nifti(p)]
-        if nested:
+        if nested and len(_parts_found(folder)) < 2:
             raise DataError(f"{folder}: NIfTI files {[p.name for p in loose]} lie beside case "
-                            f"folders (e.g. {nested[0].name}): move them out, or point --input at "
-                            "one case folder")
+                            f"folders (e.g. {nested[0].name}) and are not a case: move them out, "
+                            "or point --input at one case folder")
         return [folder]
-    dead = [p for p in entries if p.is_symlink() and not p.exists()]
+    # a dead link named like a case (no extension): a name_mapping.csv link is not one
+    dead = [p for p in entries if p.is_symlink() and not p.exists() and not p.suffix]
     if dead:
         raise CaseError(dead[0].name, dead[0], f"a dead link (to {os.readlink(dead[0])}): mount "
                         "the data or remove the link")
     if not cases:
         raise DataError(f"{folder}: holds neither NIfTI files nor case folders")
     return cases
+
+
+def _parts_found(folder):
+    """The parts (modalities, seg) find_case_files recognises in `folder`; none if it cannot."""
+    try:
+        return find_case_files(folder, allow_missing=True)
+    except CaseError:
+        return {}
 
 
 def refuse_duplicates(folders, source):
@@ -336,8 +351,8 @@ def _grid_shape(case, path, img):
     store a 3-D volume as (X, Y, Z, 1)). Anything else is refused, naming the file."""
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
-        raise CaseError(case, path, f"expected a 3-D volume, got shape {img.shape}; give each "
-                        "modality as one 3-D volume (split a 4-D file, e.g. with fslsplit)")
+        raise CaseError(case, path, f"expected a 3-D volume, got shape {img.shape}; store each "
+                        "volume as a 3-D file of its own (split a 4-D file, e.g. with fslsplit)")
     return shape[:3]
 
 

@@ -52,6 +52,8 @@ def _num_bins(vmin, vmax):
             f"volume maximum {vmax} < 1: the published histogram would have int(max) = "
             f"{int(vmax)} bins (an empty or all-background modality?)"
         )
+    if vmin == vmax:
+        raise NormalizationError(f"every voxel is {vmax:g}: a constant volume (an empty modality?)")
     if int(vmax) > MAX_BINS:
         raise NormalizationError(
             f"volume maximum {vmax:.8g} is above {MAX_BINS} (2**24), the most one-unit histogram "

@@ -232,8 +232,8 @@ def test_trailing_dimensions_of_size_1_are_dropped(tmp_path):
     with pytest.raises(CaseError) as error:
         load_case(folder)
     assert str(error.value) == (
-        f"case Brats18_X: {path}: expected a 3-D volume, got shape (24, 20, 16, 2); give each "
-        "modality as one 3-D volume (split a 4-D file, e.g. with fslsplit)")
+        f"case Brats18_X: {path}: expected a 3-D volume, got shape (24, 20, 16, 2); store each "
+        "volume as a 3-D file of its own (split a 4-D file, e.g. with fslsplit)")
 
 
 def test_2023_label_4_is_unexpected(tmp_path):
@@ -410,10 +410,13 @@ def test_nifti_files_beside_case_folders_are_refused(tmp_path):
     with pytest.raises(DataError) as error:
         find_cases(tmp_path / "root")
     assert str(error.value) == (
-        f"{tmp_path / 'root'}: NIfTI files ['mni152_t1.nii.gz'] lie beside case folders (e.g. A): "
-        "move them out, or point --input at one case folder")
-    # A sub-folder without NIfTI files (figures, notes) leaves a case folder one case.
+        f"{tmp_path / 'root'}: NIfTI files ['mni152_t1.nii.gz'] lie beside case folders (e.g. A) "
+        "and are not a case: move them out, or point --input at one case folder")
+    # A sub-folder without NIfTI files (figures, notes) leaves a case folder one case; so does
+    # one with NIfTI files (a backup of the scans) beside the case's own files.
     (tmp_path / "root" / "A" / "figures").mkdir()
+    assert find_cases(tmp_path / "root" / "A") == [tmp_path / "root" / "A"]
+    write_case(tmp_path / "root" / "A", "orig")
     assert find_cases(tmp_path / "root" / "A") == [tmp_path / "root" / "A"]
 
 
@@ -424,6 +427,10 @@ def test_a_case_folder_that_is_a_dead_link_is_named(tmp_path):
         find_cases(tmp_path / "root")
     assert str(error.value) == (f"case B: {tmp_path / 'root' / 'B'}: a dead link (to "
                                 f"{tmp_path / 'unmounted' / 'B'}): mount the data or remove the link")
+    # A dead link to a file (BraTS 2020's name_mapping.csv) is not a case folder.
+    (tmp_path / "root" / "B").unlink()
+    (tmp_path / "root" / "name_mapping.csv").symlink_to(tmp_path / "unmounted" / "name_mapping.csv")
+    assert find_cases(tmp_path / "root") == [tmp_path / "root" / "A"]
 
 
 def test_the_current_folder_is_named_after_itself(tmp_path, monkeypatch):
@@ -477,6 +484,14 @@ def test_a_list_that_is_not_utf8_is_named(tmp_path, text, encoding, line, byte):
         read_datalist(tmp_path / "list.csv")
     assert str(error.value) == (f"cannot read datalist {tmp_path / 'list.csv'}: line {line} is not "
                                 f"UTF-8 text (byte 0x{byte:02x}); save the list as UTF-8 text")
+
+
+def test_a_list_in_utf16_without_a_byte_order_mark_is_named(tmp_path):
+    (tmp_path / "list.csv").write_bytes("Brats18_A\r\nBrats18_B\r\n".encode("utf-16-le"))
+    with pytest.raises(DataError) as error:
+        read_datalist(tmp_path / "list.csv")
+    assert str(error.value) == (f"cannot read datalist {tmp_path / 'list.csv'}: line 1 holds NUL "
+                                "bytes (UTF-16 text?); save the list as UTF-8 text")
 
 
 def test_one_folder_under_two_names_is_refused(tmp_path):

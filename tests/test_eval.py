@@ -251,8 +251,8 @@ def test_input_names_a_nifti_file_beside_the_case_folders(segmentation_setup, tm
     message = cli(["--input", str(folder), "--mode", "available", "--restore_from",
                    str(root / "final.pth"), "--device", "cpu", "--output_dir", str(out)])
     assert message == (f"error: {folder}: NIfTI files ['mni152_t1.nii.gz'] lie beside case "
-                       f"folders (e.g. {cases[0].name}): move them out, or point --input at one "
-                       "case folder")
+                       f"folders (e.g. {cases[0].name}) and are not a case: move them out, or "
+                       "point --input at one case folder")
     assert not out.exists()
 
 

@@ -151,6 +151,13 @@ def test_degenerate_volumes_raise_in_both(v):
             fn(v)
 
 
+def test_a_constant_volume_is_named_as_such():
+    for fn in (normalize_published, normalize):
+        with pytest.raises(NormalizationError) as error:
+            fn(np.full((24, 20, 16), 300, np.int16))
+        assert str(error.value) == "every voxel is 300: a constant volume (an empty modality?)"
+
+
 @pytest.mark.parametrize("spike, shown", [(3e7, "30000000"), (2e9, "2e+09"), (3e38, "3e+38")])
 def test_a_spike_beyond_the_histogram_bound_is_refused_in_both(spike, shown):
     # numpy refused 3e7 ('Too many bins') and 3e38 ('Maximum allowed size'); 2e9 asked for 7.45 GiB.

@@ -533,7 +533,8 @@ def test_a_second_ctrl_c_quits_at_once_unless_it_is_the_same_request():
                          text=True, timeout=60)
     assert run.returncode == -signal.SIGINT, run.stdout + run.stderr
     assert run.stdout.splitlines() == [
-        "SIGINT: saving last.pth and stopping (Ctrl-C again quits at once, without saving)",
+        "SIGINT: saving last.pth and stopping (Ctrl-C again, a second or more later, quits at "
+        "once, without saving)",
         "still running after SIGINT"]
 
 
