@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
+from utils import metrics
 from utils.metrics import (
     HD95_ONE_EMPTY, _surface, dice, hd95, region_metrics, sensitivity, specificity,
 )
@@ -165,3 +166,21 @@ def test_region_metrics_speed_on_full_size_case():
     assert time.perf_counter() - start < 3 * 1.0  # budget: < 1 s per region
     # A pure translation by 3 voxels moves every surface voxel 3 mm: the bound is exact.
     assert 0.0 < out["TC"]["hd95"] <= 3.0
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])  # a compact mask (the tree's case), a noisy one
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 1.0, 1.2)])
+def test_both_surface_distance_methods_agree(noise, spacing, monkeypatch):
+    rng = np.random.default_rng(1)
+    z, y, x = np.ogrid[:20, :24, :28]
+    gt = (z - 10) ** 2 + (y - 12) ** 2 + (x - 14) ** 2 < 36
+    pred = np.roll(gt, 2, axis=1) | (rng.random(gt.shape) < noise)
+    results = {}
+    for name, voxels_per_point in (("tree", 0), ("transform", float("inf"))):
+        monkeypatch.setattr(metrics, "EDT_VOXELS_PER_POINT", voxels_per_point)
+        results[name] = metrics.surface_distances(pred, gt, spacing)
+    for tree, transform in zip(results["tree"], results["transform"]):
+        assert tree.shape == transform.shape and tree.size > 0
+        np.testing.assert_allclose(transform, tree, rtol=1e-12)
+        if spacing == (1.0, 1.0, 1.0):
+            assert np.array_equal(transform, tree)  # integer offsets: the same floats

@@ -128,13 +128,12 @@ def test_errors_name_case_and_file(dataset):
 
 def test_worker_errors_name_case_and_file(dataset):
     data, lst, cache = dataset
-    # A constant modality, which the published normalisation cannot handle (every voxel
-    # equals the corner value after clipping), and a truncated file.
+    # A constant modality, which the published normalisation cannot handle, and a truncated file.
     constant = part_path(data / "Brats18_A", "t1")
     save(np.ones((24, 20, 16), np.int16), constant)
     corrupt = part_path(data / "Brats18_C", "flair")
     corrupt.write_bytes(corrupt.read_bytes()[:100])
-    for case, path, problem in (("Brats18_A", constant, "every voxel equals the background"),
+    for case, path, problem in (("Brats18_A", constant, "every voxel is 1: a constant volume"),
                                 ("Brats18_C", corrupt, "unreadable NIfTI")):
         lst.write_text(f"data/{case}\ndata/BraTS-GLI-00002-000\n")
         with pytest.raises(CaseError, match=problem) as info:
