@@ -12,7 +12,6 @@ ratio, which one the rule picks, and whether the two returned the same distances
 import time
 
 import numpy as np
-from scipy import ndimage
 
 from utils import metrics
 from utils.cli import ArgumentParser
@@ -46,13 +45,12 @@ def main(argv=None):
     print(f"{'noise':>6} | surface/box | k-d tree | distance transform | tree/transform | rule picks | same")
     for noise in NOISE:
         pred = np.roll(gt, 3, axis=1) | (rng.random(SHAPE) < noise)
-        box = ndimage.find_objects((pred | gt).astype(np.uint8))[0]
-        points = sum(np.count_nonzero(metrics._surface(m[box])) for m in (pred, gt))
-        share = points / pred[box].size
+        surfaces = metrics.surfaces_in_box(pred, gt)
+        share = sum(np.count_nonzero(surface) for surface in surfaces) / surfaces[0].size
         tree, by_tree = timed(pred, gt, 0, args.repeats)
         transform, by_transform = timed(pred, gt, float("inf"), args.repeats)
         same = all(np.array_equal(a, b) for a, b in zip(by_tree, by_transform))
-        picks = "transform" if points * metrics.EDT_VOXELS_PER_POINT > pred[box].size else "tree"
+        picks = "transform" if metrics.by_distance_transform(*surfaces) else "tree"
         print(f"{noise:>6} | {share:11.4f} | {tree:7.2f}s | {transform:17.2f}s | "
               f"{tree / transform:14.2f} | {picks:>10} | {same}")
 

@@ -94,6 +94,19 @@ def _surface(mask):
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
+def surfaces_in_box(pred, gt):
+    """The surfaces of two non-empty boolean masks, cut to the bounding box of both."""
+    box = ndimage.find_objects((pred | gt).astype(np.uint8))[0]
+    return _surface(pred[box]), _surface(gt[box])
+
+
+def by_distance_transform(pred_surface, gt_surface):
+    """Whether surface_distances measures these surfaces (surfaces_in_box) by distance
+    transform: when they fill more than 1/EDT_VOXELS_PER_POINT of the box."""
+    points = np.count_nonzero(pred_surface) + np.count_nonzero(gt_surface)
+    return points * EDT_VOXELS_PER_POINT > pred_surface.size
+
+
 def surface_distances(pred, gt, spacing):
     """Directed surface distances in mm: (pred surface -> gt surface, gt surface -> pred surface).
 
@@ -114,10 +127,8 @@ def surface_distances(pred, gt, spacing):
     if not pred.any() or not gt.any():
         raise ValueError("surface distances need two non-empty masks")
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (pred.ndim,))
-    box = ndimage.find_objects((pred | gt).astype(np.uint8))[0]
-    pred_surface, gt_surface = _surface(pred[box]), _surface(gt[box])
-    points = np.count_nonzero(pred_surface) + np.count_nonzero(gt_surface)
-    if points * EDT_VOXELS_PER_POINT > pred_surface.size:
+    pred_surface, gt_surface = surfaces_in_box(pred, gt)
+    if by_distance_transform(pred_surface, gt_surface):
         return (ndimage.distance_transform_edt(~gt_surface, sampling=spacing)[pred_surface],
                 ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[gt_surface])
     pred_points = np.argwhere(pred_surface) * spacing
