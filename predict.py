@@ -111,8 +111,9 @@ def main(argv=None):
                       if t1ce is not None else "; K-means rule skipped: no T1ce")
         print(f"post-processing: {info['components_removed']} components removed, ET "
               f"{'relabelled as NCR' if info['et_relabelled'] else 'kept'}{kmeans}")
-    if args.output.exists() and args.figure is None:  # replacing a mask (--overwrite): its
-        args.output.with_name(f"{name}.png").unlink(missing_ok=True)  # old figure would mislead
+    old_figure = args.output.with_name(f"{name}.png")
+    if args.output.exists() and args.figure is None and old_figure.is_file():
+        old_figure.unlink()  # replacing a mask (--overwrite): its old figure would mislead
     save_labels(label, case.affine, case.header, args.output)
     counts = np.bincount(label.ravel(), minlength=5)
     print(f"mask from {subset_name(case.available)} written to {args.output}: "

@@ -63,6 +63,16 @@ def _num_bins(vmin, vmax):
     return int(vmax)
 
 
+def _too_many_bins(error, vmin, vmax):
+    """numpy's 'Too many bins' (one-unit bins narrower than float32 spacing) as a
+    NormalizationError."""
+    return NormalizationError(
+        f"intensities span only [{vmin:.8g}, {vmax:.8g}]: the published histogram's "
+        f"{int(vmax)} bins of that range are finer than float32 can tell apart ({error}); "
+        "use the scanner's intensities (as BraTS's int16 files), not a rescaled image"
+    )
+
+
 def _check_foreground(fg, top):
     if fg.size == 0:
         raise NormalizationError(
@@ -76,8 +86,12 @@ def _check_foreground(fg, top):
 def normalize_published(v):
     """Reference: the published formula, literally. v (D,H,W) -> float32 (D,H,W)."""
     v = np.asarray(v, dtype=np.float32)
-    _num_bins(v.min(), v.max())
-    hist, _ = np.histogram(v, int(v.max()))
+    vmin, vmax = v.min(), v.max()
+    nbins = _num_bins(vmin, vmax)  # int(v.max())
+    try:
+        hist, _ = np.histogram(v, nbins)
+    except ValueError as error:
+        raise _too_many_bins(error, vmin, vmax) from None
     full = np.nonzero(hist >= MIN_COUNT)[0]
     if full.size == 0:
         raise NormalizationError(f"no histogram bin holds {MIN_COUNT} voxels")
@@ -145,8 +159,10 @@ def _parameters_and_foreground(v):
     volume, each computed exactly as `normalize_published` computes it."""
     vmin, vmax = v.min(), v.max()
     nbins = _num_bins(vmin, vmax)
-    # Same edges (and same 'too many bins' error) as np.histogram(v, nbins).
-    edges = np.histogram_bin_edges(v, nbins, range=(vmin, vmax))
+    try:  # the same edges, and the same refusal, as np.histogram(v, nbins)
+        edges = np.histogram_bin_edges(v, nbins, range=(vmin, vmax))
+    except ValueError as error:
+        raise _too_many_bins(error, vmin, vmax) from None
     top = np.float32(_top_bin(v.reshape(-1), edges))
     corner = v[(0,) * v.ndim]
     if corner < top:

@@ -172,6 +172,19 @@ def test_a_spike_beyond_the_histogram_bound_is_refused_in_both(spike, shown):
         assert str(info.value) == message
 
 
+def test_a_narrow_range_far_from_zero_is_refused_in_both():
+    # int(max) = 5000 bins over [5000, 5000.5]: narrower than float32's spacing there, which
+    # numpy refused with a bare ValueError ('Too many bins for data range').
+    v = (5000 + np.random.default_rng(0).random((20, 20, 20)) * 0.5).astype(np.float32)
+    for fn in (normalize_published, normalize, normalization_params):
+        with pytest.raises(NormalizationError) as info:
+            fn(v)
+        assert str(info.value).startswith(
+            f"intensities span only [{v.min():.8g}, {v.max():.8g}]: the published histogram's "
+            "5000 bins of that range are finer than float32 can tell apart (Too many bins")
+        assert str(info.value).endswith("not a rescaled image")
+
+
 def test_a_spike_at_the_histogram_bound_is_normalised_as_published():
     v = brats_like(0).astype(np.float32)
     v[5, 5, 5] = MAX_BINS  # 2**24 one-unit bins: the most allowed

@@ -120,6 +120,12 @@ def test_an_existing_mask_is_replaced_only_with_overwrite(segmentation_setup, tm
     np.testing.assert_array_equal(mask(out), mask(tmp_path / "f.nii.gz"))
     assert not np.array_equal(mask(out), before)
     assert not (tmp_path / "m.png").exists()
+    # a folder of that name is no figure: left alone (unlink crashed on it after predicting)
+    (tmp_path / "m.png").mkdir()
+    (tmp_path / "m.png" / "kept").write_text("x")
+    predict.main([*files_of(case, "flair", "t1ce"), *common, "--overwrite"])
+    np.testing.assert_array_equal(mask(out), before)
+    assert (tmp_path / "m.png" / "kept").read_text() == "x"
 
 
 def test_a_folder_in_place_of_the_mask_or_figure_is_refused_before_predicting(
