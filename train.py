@@ -147,8 +147,8 @@ def get_parser():
     g.add_argument("--dist_timeout_min", type=float, default=30.0, help="DDP: a rank that does "
                    "not answer within this many minutes stops the run with an error (also bounds "
                    "the wait for rank 0's first preprocessing)")
-    g.add_argument("--stop_at", type=int, default=0, help="testing: stop before this iteration "
-                   "without writing final.pth, as if the run were killed")
+    g.add_argument("--stop_at", type=int, default=0, help="testing: stop before this iteration, "
+                   "as if the run were killed (final.pth only when it is --num_steps)")
     g.add_argument("--timing_warmup", type=int, default=0, help="benchmarks: iterations left "
                    "out of the returned steady-state timing (benchmarks/bench_train.py)")
     return p
@@ -358,9 +358,9 @@ def refuse_changed_settings(saved, config, folder):
     network = lambda c: {k: v for k, v in c.get("model_config", {}).items() if k not in SPEED_FIELDS}
     old, new = network(saved), network(config)
     if old != new:
-        field = next(k for k in new if old.get(k) != new.get(k))
+        field = next(k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k))
         raise UsageError(f"{folder} holds a run of another network ({field} {old.get(field)}, this "
-                         f"command {new[field]}): pass the model flags it was trained with "
+                         f"command {new.get(field)}): pass the model flags it was trained with "
                          f"(its config.json), --overwrite True to start over, or another --snapshot_dir")
     for key in RUN_SETTINGS:
         if key in saved and saved[key] != config[key]:

@@ -67,15 +67,12 @@ class AugmentConfig:
     gamma_range: tuple = (0.7, 1.5)
     p_mirror_axis: float = 0.5
 
-    @classmethod
-    def disabled(cls):
-        """Every probability 0: augment_batch returns its inputs unchanged."""
-        return cls(**{f.name: 0.0 for f in fields(cls) if f.name.startswith("p_")})
-
     def only(self, *names):
         """This config with every probability 0 except the named ones (set to 1), for tests
-        and ablations, e.g. AugmentConfig().only("p_rotation")."""
-        return replace(self.disabled(), **{n: 1.0 for n in names})
+        and ablations, e.g. AugmentConfig().only("p_rotation"); with no name, augment_batch
+        returns its inputs unchanged."""
+        off = {f.name: 0.0 for f in fields(self) if f.name.startswith("p_") and f.name not in names}
+        return replace(self, **off, **{n: 1.0 for n in names})  # a wrong name: TypeError
 
 
 def _gaussian_matrix(n, sigma, mode, device):

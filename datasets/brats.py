@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from utils import metrics
 from utils.modalities import FULL, MODALITIES, subset_name
 
 EXTENSIONS = (".nii.gz", ".nii")
@@ -490,8 +491,7 @@ def brats_like_warnings(case):
         if reference is None:
             reference = path, brain
             continue
-        dice = 2 * np.count_nonzero(brain & reference[1]) / (
-            np.count_nonzero(brain) + np.count_nonzero(reference[1]))
+        dice = metrics.dice(brain, reference[1])
         if dice < MIN_BRAIN_DICE:
             warnings.append(f"case {case.name}: {path.name}: its non-zero voxels (the brain) "
                             f"overlap those of {reference[0].name} with a Dice of only {dice:.2f}; "

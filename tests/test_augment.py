@@ -1,6 +1,6 @@
 """Batch augmentation: binary aligned labels, zero padding, identity, zero channels, seeds."""
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -47,9 +47,15 @@ def dice(a, b):
 
 def test_identity_when_all_probabilities_zero():
     image, regions = cube_batch()
-    out_image, out_regions = augment_batch(image, regions, seed=3, config=AugmentConfig.disabled())
+    out_image, out_regions = augment_batch(image, regions, seed=3, config=AugmentConfig().only())
     assert out_image.dtype == torch.float32 and out_regions.dtype == torch.float32
     assert torch.equal(out_image, image) and torch.equal(out_regions, regions.float())
+
+
+def test_only_keeps_the_configs_other_settings():
+    config = AugmentConfig(elastic_alpha=(600.0, 900.0), p_gamma=0.3).only("p_elastic")
+    assert config.elastic_alpha == (600.0, 900.0)  # only() rebuilt from the defaults: (0, 900)
+    assert (config.p_elastic, config.p_gamma, config.p_rotation) == (1.0, 0.0, 0.0)
 
 
 def test_defaults_are_published():
@@ -68,7 +74,7 @@ def test_defaults_are_published():
 @pytest.mark.parametrize("names", [(n,) for n in SPATIAL] + [SPATIAL])
 def test_spatial_transforms_keep_labels_binary_and_aligned(names):
     image, regions = cube_batch()
-    config = replace(AugmentConfig().only(*names), elastic_alpha=(600.0, 900.0))
+    config = AugmentConfig(elastic_alpha=(600.0, 900.0)).only(*names)
     for seed in range(3):
         out_image, out_regions = augment_batch(image, regions, seed, config)
         assert set(out_regions.unique().tolist()) <= {0.0, 1.0}
@@ -87,7 +93,7 @@ def test_unit_scaling_is_the_identity_grid():
     """Scale 1, no rotation: the grid hits voxel centres, so the output equals the input
     (checks the (d, h, w) -> (x, y, z) order and the normalisation on an anisotropic patch)."""
     image, regions = cube_batch()
-    config = replace(AugmentConfig().only("p_scale"), scale_range=(1.0, 1.0))
+    config = AugmentConfig(scale_range=(1.0, 1.0)).only("p_scale")
     out_image, out_regions = augment_batch(image, regions, 0, config)
     torch.testing.assert_close(out_image, image, atol=1e-4, rtol=0)  # float32 grid rounding
     assert torch.equal(out_regions, regions.float())
@@ -96,7 +102,7 @@ def test_unit_scaling_is_the_identity_grid():
 def test_zoom_out_pads_with_zeros():
     image = torch.ones((2, 4, *SHAPE))
     regions = torch.ones((2, 3, *SHAPE))
-    config = replace(AugmentConfig().only("p_scale"), scale_range=(1.25, 1.25))
+    config = AugmentConfig(scale_range=(1.25, 1.25)).only("p_scale")
     out_image, out_regions = augment_batch(image, regions, 0, config)
     # coordinates x1.25 about the centre: the outer ~10 % of each side samples outside
     assert (out_image[:, :, 0] == 0).all() and (out_image[:, :, :, :, -1] == 0).all()
@@ -152,7 +158,7 @@ def test_intensity_formulas():
     gen = torch.Generator().manual_seed(1)
     image = torch.rand((1, 4, 8, 16, 16), generator=gen) + 1
     regions = torch.zeros((1, 3, 8, 16, 16))
-    mult = replace(AugmentConfig().only("p_brightness_mult"), brightness_mult_range=(2.0, 2.0))
+    mult = AugmentConfig(brightness_mult_range=(2.0, 2.0)).only("p_brightness_mult")
     torch.testing.assert_close(augment_batch(image, regions, 0, mult)[0], 2 * image)
     gamma = augment_batch(image, regions, 0, AugmentConfig().only("p_gamma"))[0]
     torch.testing.assert_close(gamma.mean((2, 3, 4)), image.mean((2, 3, 4)), atol=1e-4, rtol=0)
@@ -160,7 +166,7 @@ def test_intensity_formulas():
     contrast = augment_batch(image, regions, 0, AugmentConfig().only("p_contrast"))[0]
     assert (contrast.amin((2, 3, 4)) >= image.amin((2, 3, 4))).all()
     assert (contrast.amax((2, 3, 4)) <= image.amax((2, 3, 4))).all()
-    noise = replace(AugmentConfig().only("p_noise"), noise_variance=(0.09, 0.09))
+    noise = AugmentConfig(noise_variance=(0.09, 0.09)).only("p_noise")
     residual = augment_batch(image, regions, 0, noise)[0] - image
     assert abs(residual.std().item() - 0.3) < 0.01
 

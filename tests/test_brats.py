@@ -1,5 +1,6 @@
 """Case discovery, NIfTI reading, validation errors and datalist re-basing (datasets/brats.py)."""
 import gzip
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -465,6 +466,11 @@ def test_brats_like_warnings(tmp_path):
         f"case Brats18_X: Brats18_X_t2.nii.gz: its non-zero voxels (the brain) overlap those of "
         f"Brats18_X_flair.nii.gz with a Dice of only {dice:.2f}; not co-registered, or "
         "skull-stripped differently?"]
+    # two empty modalities: nothing to compare (numpy warned of 0/0 and the NaN said nothing)
+    case.image[:] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert brats_like_warnings(case) == []
 
 
 def test_a_list_saved_with_a_byte_order_mark_reads_its_first_entry(tmp_path):

@@ -257,6 +257,14 @@ def test_a_run_is_resumed_with_its_own_settings_or_refused(data, tmp_path):
         train.main(flags(data, tmp_path / "two", 10, 3, "--val_list", "", "--reload_path", str(other)))
 
 
+def test_a_network_field_this_version_lacks_is_named():
+    # the run's config has a field the current LCKDConfig lacks (another version's checkpoint)
+    saved = {"model_config": {"blocks": [1, 1], "stem": 32}}
+    with pytest.raises(UsageError, match=r"^run holds a run of another network \(stem 32, this "
+                                         r"command None\)"):
+        train.refuse_changed_settings(saved, {"model_config": {"blocks": [1, 1]}}, "run")
+
+
 def test_a_stage_2_rerun_resumes_its_own_checkpoint_without_the_reload_path(data, tmp_path):
     # Stage 1's final.pth moved or deleted after stage 2 started: stage 2 no longer needs it.
     stage1 = tmp_path / "stage1.pth"

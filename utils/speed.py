@@ -32,8 +32,8 @@ def resolve(flag, device):
 
 
 def resolve_compile(flag, device):
-    """Like resolve(); 'auto' also needs nn.Module.compile (torch >= 2.2) and Triton."""
-    if flag == "auto" and (not hasattr(torch.nn.Module, "compile") or importlib.util.find_spec("triton") is None):
+    """Like resolve(); 'auto' also needs Triton."""
+    if flag == "auto" and importlib.util.find_spec("triton") is None:
         return False
     return resolve(flag, device)
 
@@ -49,8 +49,6 @@ def compile_network(model):
     with a symbolic batch size, failed to compile this encoder (torch 2.13 Inductor,
     ValueRangeError), and static shapes give the best kernels; each shape compiles once.
     """
-    if not hasattr(torch.nn.Module, "compile"):
-        raise RuntimeError("--compile on needs torch >= 2.2 (nn.Module.compile)")
     from torch import _dynamo  # here, not at the top: importing it costs 1.5 s, for compiled runs only
 
     config = _dynamo.config
