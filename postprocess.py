@@ -20,7 +20,7 @@ Rules, applied in this order to each case (all thresholds are flags):
   2. Opt-in (--kmeans_necrosis), the released script's extra rule, for each kept component of a
      case whose ET is a small part of the tumour: the component's edema is split by the T1ce
      intensity into dark, middle and bright groups (K-means, 3 clusters) and the middle group
-     becomes necrosis (1). See `relabel_edema_as_necrosis` for the trigger. It reads each case's
+     becomes necrosis (1). See utils/postprocessing.py for the trigger. It reads each case's
      raw T1ce, so it runs only on masks predicted with T1ce among the modalities.
   3. If fewer than --et_threshold voxels of enhancing tumour (4) remain, ET is relabelled as
      necrosis (1): a false ET on a case without ET scores Dice 0, an empty one scores 1.
@@ -35,13 +35,10 @@ import argparse
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
-from scipy import ndimage
 from tqdm import tqdm
 
 from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_files,
@@ -49,208 +46,13 @@ from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_
 from utils.cli import ArgumentParser, UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
 from utils.io import check_file_writable
-from utils.modalities import MODALITIES, parse_subset
+from utils.modalities import T1CE, parse_subset
+from utils.postprocessing import Rules, orientation_warning, postprocess_label
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
 DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")
-T1CE = MODALITIES.index("t1ce")
 CASES_RECORD = "cases.csv"  # eval.py's record of each case's folder
-
-
-@dataclass(frozen=True)
-class Rules:
-    """Thresholds of the published rules (defaults = published values)."""
-
-    min_component: int = 2000  # voxels
-    min_fraction: float = 0.1  # of the largest component
-    bottom_slices: int = 25  # along the slice axis, from index 0
-    et_threshold: int = 500  # ET voxels in the whole case
-    # The K-means rule's trigger (released script; see relabel_edema_as_necrosis).
-    kmeans_case_et_ratio: float = 0.12  # ET voxels / tumour voxels of the case, below
-    kmeans_component_et_share: float = 0.05  # 4 nET / (nNCR + 2 nED + 4 nET), below
-    kmeans_et_value_sum: int = 450  # 4 nET of the component, below (113 ET voxels or more stop it)
-    kmeans_max_ncr: int = 10000  # NCR voxels of the case, below
-
-
-def bottom_rule_applies(shape, rules=Rules(), slice_axis=2):
-    """False on a volume too thin for the bottom-slice rule: every component would lie in it."""
-    return shape[slice_axis] > rules.bottom_slices
-
-
-def _components(label, rules, slice_axis):
-    """Whole-tumour components of `label` and which of them rule 1 drops.
-
-    Components: label > 0, 6-connected (face neighbours), as published: skimage's
-    label(neighbors=4) means connectivity 1 in 3D. A component is dropped if its size <
-    min(rules.min_component, rules.min_fraction * largest size), or if all its voxels have
-    index < rules.bottom_slices along `slice_axis` (skipped when not bottom_rule_applies).
-    Returns (components: int array like label, 0 outside; drop: bool per component index).
-    """
-    components, count = ndimage.label(label > 0, structure=ndimage.generate_binary_structure(label.ndim, 1))
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
-    sizes[0] = 0
-    drop = sizes < min(rules.min_component, rules.min_fraction * sizes.max())
-    if bottom_rule_applies(label.shape, rules, slice_axis):
-        # A component reaching any slice at or above bottom_slices is not bottom-only.
-        upper = np.take(components, np.arange(rules.bottom_slices, label.shape[slice_axis]), axis=slice_axis)
-        reaches_up = np.zeros(count + 1, dtype=bool)
-        reaches_up[np.unique(upper)] = True
-        drop |= ~reaches_up
-    drop[0] = False  # background stays background
-    return components, drop
-
-
-def remove_components(label, rules=Rules(), slice_axis=2):
-    """Drop small or bottom-only whole-tumour components (see _components).
-    label (X, Y, Z) uint8 -> (cleaned copy, number of components removed)."""
-    components, drop = _components(label, rules, slice_axis)
-    cleaned = label.copy()
-    cleaned[drop[components]] = 0
-    return cleaned, int(drop.sum())
-
-
-def three_means(values, weights):
-    """1-D k-means with k = 3, solved exactly: the split of sorted scalars into 3 runs of
-    consecutive values with the least weighted squared error around their means (k-means'
-    clusters of scalars are such runs). The released script approximates it with cv2.kmeans
-    (3 random starts of at most 10 Lloyd steps), whose answer depends on the draw.
-
-    values (n,) sorted, distinct, n >= 3; weights (n,) > 0 -> (i, j): the runs are
-    values[:i], values[i:j], values[j:]. Costs O(n^2): n is the number of distinct T1ce
-    intensities of one component's edema, a few thousand at most for BraTS's integer images.
-    """
-    if len(values) < 3:
-        raise ValueError(f"3 clusters need 3 distinct values, got {values}")
-    # Prefix sums give any run's weighted squared error in O(1): sum w v^2 - (sum w v)^2 / sum w.
-    w, wv, wvv = (np.concatenate([[0.0], np.cumsum(x)])
-                  for x in (weights, weights * values, weights * values * values))
-    sse = lambda a, b: wvv[b] - wvv[a] - (wv[b] - wv[a]) ** 2 / (w[b] - w[a])
-    n = len(values)
-    best = (np.inf, 0, 0)
-    for i in range(1, n - 1):
-        j = np.arange(i + 1, n)
-        error = sse(0, i) + sse(i, j) + sse(j, n)
-        k = int(error.argmin())
-        if error[k] < best[0]:
-            best = (error[k], i, int(j[k]))
-    return best[1], best[2]
-
-
-def _middle_edema(t1ce_edema, outside):
-    """Which edema voxels fall in the middle of 3 T1ce clusters -> bool (n,), or None when
-    there are fewer than 3 distinct intensities to cluster.
-
-    The released script clusters the whole volume with every voxel outside the edema set to 0;
-    the same clustering, done on the distinct values weighted by their counts (0 weighing
-    `outside` voxels more), costs the edema's size instead of the volume's. Its brightest
-    cluster is discarded and the next one, the middle, kept.
-    """
-    values, inverse = np.unique(np.append(t1ce_edema.astype(np.float64), 0.0), return_inverse=True)
-    if len(values) < 3:
-        return None
-    weights = np.bincount(inverse, np.append(np.ones(len(t1ce_edema)), outside))
-    i, j = three_means(values, weights)
-    return (inverse[:-1] >= i) & (inverse[:-1] < j)
-
-
-def relabel_edema_as_necrosis(label, cleaned, t1ce, rules=Rules(), slice_axis=2):
-    """The released script's K-means rule (step 2 of the module doc), made deterministic.
-
-    label: the mask before remove_components; cleaned: after it; t1ce: the case's raw T1ce on
-    the same grid. The released loop visits the components of `label` in raster-scan order
-    (skimage's and scipy's labelling order); for each component kept by rule 1 it fires when
-    all of these hold:
-      * the case's ET voxels / tumour voxels (of `label`, before rule 1) < kmeans_case_et_ratio;
-      * the component's ET share, as the script computes it from label values (4 per ET voxel,
-        2 per edema voxel, 1 per NCR voxel), 4 nET / (nNCR + 2 nED + 4 nET), < kmeans_component_et_share;
-      * 4 nET < kmeans_et_value_sum (so fewer than 113 ET voxels with the published 450);
-      * the NCR voxels of the case so far (rule 1's removals of earlier components and the
-        relabelling of earlier components counted, as in the script's running label) < kmeans_max_ncr.
-    It then clusters the T1ce of the component's edema (and 0 for every other voxel, as the
-    script does) into 3 groups and relabels the middle group's edema voxels as NCR (1).
-    Unlike the released script the clustering is solved exactly (three_means), so the result
-    depends on no random draw, and a component without edema, or with fewer than 3 distinct
-    intensities to cluster, is left unchanged (the script then relabels every voxel of its
-    middle cluster: the whole volume when there is no edema, all centres being 0).
-    Returns (new cleaned, voxels relabelled).
-    """
-    tumour = np.count_nonzero(label)
-    if tumour == 0 or np.count_nonzero(label == 4) / tumour >= rules.kmeans_case_et_ratio:
-        return cleaned, 0
-    components, drop = _components(label, rules, slice_axis)
-    ncr = np.count_nonzero(label == 1)
-    out = cleaned.copy()
-    relabelled = 0
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        part = components[box] == index
-        counts = np.bincount(label[box][part], minlength=5)
-        if drop[index]:
-            ncr -= counts[1]
-            continue
-        value_sum = counts[1] + 2 * counts[2] + 4 * counts[4]
-        if not (4 * counts[4] / value_sum < rules.kmeans_component_et_share
-                and 4 * counts[4] < rules.kmeans_et_value_sum and ncr < rules.kmeans_max_ncr):
-            continue
-        edema = part & (label[box] == 2)
-        if not edema.any():
-            continue
-        middle = _middle_edema(t1ce[box][edema], label.size - np.count_nonzero(edema))
-        if middle is None:
-            continue
-        window = out[box]  # a view: writing it writes `out`
-        window[tuple(axis[middle] for axis in np.nonzero(edema))] = 1
-        relabelled += int(middle.sum())
-        ncr += int(middle.sum())
-    return out, relabelled
-
-
-def relabel_small_et(label, rules=Rules()):
-    """ET (4) -> NCR (1) when the case has fewer than rules.et_threshold ET voxels.
-
-    Returns (new label, whether ET was relabelled). A case without ET is returned unchanged.
-    """
-    et = label == 4
-    et_voxels = int(et.sum())
-    if et_voxels == 0 or et_voxels >= rules.et_threshold:
-        return label.copy(), False
-    cleaned = label.copy()
-    cleaned[et] = 1
-    return cleaned, True
-
-
-def postprocess_label(label, rules=Rules(), slice_axis=2, t1ce=None, name="mask"):
-    """The rules in the published order. label uint8 in {0,1,2,4} (slice_axis: the one whose
-    index 0 is the lowest slice; 2 for NIfTI order (X, Y, Z)); t1ce: the raw T1ce on the same
-    grid to apply the K-means rule, None to skip it; name: for the warnings.
-
-    Returns (label, info): info counts what each rule did and lists warnings (a skipped
-    bottom-slice rule, all tumour removed).
-    """
-    warnings = []
-    if rules.bottom_slices and not bottom_rule_applies(label.shape, rules, slice_axis):
-        warnings.append(f"{name}: {label.shape[slice_axis]} slices, not more than the "
-                        f"{rules.bottom_slices} bottom slices: the bottom-slice rule is skipped "
-                        "(it would remove every component)")
-    cleaned, removed = remove_components(label, rules, slice_axis)
-    necrosis = 0
-    if t1ce is not None:
-        cleaned, necrosis = relabel_edema_as_necrosis(label, cleaned, t1ce, rules, slice_axis)
-    cleaned, et_relabelled = relabel_small_et(cleaned, rules)
-    if label.any() and not cleaned.any():
-        warnings.append(f"{name}: all {np.count_nonzero(label)} tumour voxels removed "
-                        f"({removed} component(s) too small or in the lowest "
-                        f"{rules.bottom_slices} slices)")
-    return cleaned, {"components_removed": removed, "necrosis_relabelled": necrosis,
-                     "et_relabelled": et_relabelled, "warnings": warnings}
-
-
-def orientation_warning(affine, name):
-    """A warning (str) when the z axis of `affine` does not point superior, else None."""
-    if nib.aff2axcodes(affine)[2] == "S":
-        return None
-    return (f"{name}: z axis is not inferior->superior; the bottom-slice rule removes "
-            "components at the smallest z index regardless")
 
 
 def read_t1ce(case, path, shape):
@@ -390,9 +192,7 @@ def main(argv=None):
     sources = find_masks(input_dir)
     if not sources:
         raise UsageError(f"no {' or '.join(EXTENSIONS)} masks found under {args.input_dir}")
-    rules = Rules(args.min_component, args.min_fraction, args.bottom_slices, args.et_threshold,
-                  args.kmeans_case_et_ratio, args.kmeans_component_et_share,
-                  args.kmeans_et_value_sum, args.kmeans_max_ncr)
+    rules = Rules(**{field.name: getattr(args, field.name) for field in fields(Rules)})
     t1ce = (t1ce_files(sources, input_dir, args.images) if args.kmeans_necrosis
             else [None] * len(sources))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))

@@ -21,19 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import brats_like_warnings, nifti_stem, read_files
+from datasets.brats import (brats_like_warnings, nifti_stem, read_files, to_network_order,
+                            to_nifti_order)
 from datasets.normalize import normalize_case
-from postprocess import Rules, orientation_warning, postprocess_label
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, run_cli
 from utils.export import save_labels
 from utils.io import check_file_writable
-from utils.modalities import MODALITIES, subset_name
+from utils.modalities import MODALITIES, T1CE, subset_name
+from utils.postprocessing import Rules, orientation_warning, postprocess_label
 from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
-T1CE = MODALITIES.index("t1ce")
-NETWORK_SLICE_AXIS = 0  # network order (D, H, W): D is the NIfTI z axis
 
 
 def parse_args(argv=None):
@@ -84,7 +83,12 @@ def figure_path(args):
     """Where --figure writes (None without it): the given PNG, or the mask's name with .png."""
     if args.figure is None:
         return None
-    return Path(args.figure) if args.figure else args.output.with_name(f"{nifti_stem(args.output)}.png")
+    return Path(args.figure) if args.figure else mask_figure(args.output)
+
+
+def mask_figure(mask):
+    """The figure's default path: the mask's, with .png."""
+    return mask.with_name(f"{nifti_stem(mask)}.png")
 
 
 def main(argv=None):
@@ -97,12 +101,16 @@ def main(argv=None):
         print(f"warning: {warning}", file=sys.stderr)
     model, _, window = load_model(args.checkpoint, args, device)
 
-    # The K-means rule reads the raw T1ce, as published; the network the normalised image.
-    t1ce = case.image[T1CE].copy() if args.kmeans_necrosis and T1CE in case.available else None
+    # The K-means rule reads the raw T1ce, as published (normalize_case returns a new array);
+    # the network the normalised image.
+    t1ce = (to_nifti_order(case.image[T1CE]) if args.kmeans_necrosis and T1CE in case.available
+            else None)
     case.image = normalize_case(case)
     label = segment(model, case.image, [case.available], window, args, device)[0]
     if args.postprocess:
-        label, info = postprocess_label(label, Rules(), NETWORK_SLICE_AXIS, t1ce=t1ce, name=name)
+        # in NIfTI order, as postprocess.py: the K-means rule's result depends on the order
+        label, info = postprocess_label(to_nifti_order(label), Rules(), t1ce=t1ce, name=name)
+        label = to_network_order(label)
         for warning in filter(None, [orientation_warning(case.affine, name), *info["warnings"]]):
             print(f"warning: {warning}", file=sys.stderr)
         kmeans = ""
@@ -111,9 +119,8 @@ def main(argv=None):
                       if t1ce is not None else "; K-means rule skipped: no T1ce")
         print(f"post-processing: {info['components_removed']} components removed, ET "
               f"{'relabelled as NCR' if info['et_relabelled'] else 'kept'}{kmeans}")
-    old_figure = args.output.with_name(f"{name}.png")
-    if args.output.exists() and args.figure is None and old_figure.is_file():
-        old_figure.unlink()  # replacing a mask (--overwrite): its old figure would mislead
+    if args.output.exists() and args.figure is None and mask_figure(args.output).is_file():
+        mask_figure(args.output).unlink()  # replacing a mask (--overwrite): its old figure would mislead
     save_labels(label, case.affine, case.header, args.output)
     counts = np.bincount(label.ravel(), minlength=5)
     print(f"mask from {subset_name(case.available)} written to {args.output}: "

@@ -13,9 +13,10 @@ import pytest
 
 import postprocess
 from datasets.brats import CaseError, DataError
-from postprocess import Rules, postprocess_label, relabel_small_et, remove_components
 from utils.cli import UsageError
 from utils.io import NotWritableError
+from utils.postprocessing import (Rules, postprocess_label, relabel_small_et, remove_components,
+                                   three_means)
 
 SHAPE = (20, 20, 40)  # (X, Y, Z) NIfTI order; z = slice axis
 
@@ -322,7 +323,7 @@ def test_three_means_is_the_optimum():
         weights = rng.integers(1, 50, len(values)).astype(float)
         if trial % 2:
             weights[0] = 1e5  # like the released script's zero-filled volume
-        i, j = postprocess.three_means(values, weights)
+        i, j = three_means(values, weights)
         groups = [set(values[:i].tolist()), set(values[i:j].tolist()), set(values[j:].tolist())]
         assert groups == optimal_partition(values, weights)
 

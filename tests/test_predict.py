@@ -5,10 +5,11 @@ import pytest
 
 import eval as evaluate
 import predict
-from postprocess import Rules, postprocess_label
 from test_eval import cli_error, copy_cases
+from datasets.brats import to_network_order
 from test_figures import read_png
 from utils import figures
+from utils.postprocessing import Rules, postprocess_label
 
 
 def files_of(case, *modalities):
@@ -55,13 +56,42 @@ def test_postprocess_is_the_published_rules_on_the_mask(segmentation_setup, tmp_
     t1ce = nib.load(case / f"{case.name}_t1ce.nii.gz").get_fdata(dtype=np.float32)
     # computed in NIfTI order (z = axis 2) by postprocess.py's function, independently of
     # predict.py's network order
-    expected, _ = postprocess_label(raw, Rules(), slice_axis=2, t1ce=t1ce)
+    expected, _ = postprocess_label(raw, Rules(), t1ce=t1ce)
     np.testing.assert_array_equal(mask(tmp_path / "post.nii.gz"), expected)
     assert "post-processing:" in capsys.readouterr().out
 
     predict.main([*files_of(case, "flair"), "--checkpoint", str(root / "final.pth"), "--device",
                   "cpu", "-o", str(tmp_path / "flair.nii.gz"), "--postprocess", "--kmeans_necrosis"])
     assert "K-means rule skipped: no T1ce" in capsys.readouterr().out
+
+
+def test_the_kmeans_rule_visits_components_in_nifti_order_as_postprocess_py(
+        segmentation_setup, tmp_path, monkeypatch):
+    # Two components of 4 700 NCR voxels each: the first the rule visits takes the case's NCR
+    # count past kmeans_max_ncr (10 000), so it alone is relabelled. In NIfTI order (X, Y, Z)
+    # A comes first; in the network's (Z, X, Y) B did, so predict.py and postprocess.py
+    # gave different masks.
+    root, _ = segmentation_setup
+    label = np.zeros((50, 24, 60), np.uint8)
+    a, b = np.s_[2:20, 2:20, 30:50], np.s_[30:48, 2:20, 10:30]
+    for box in (a, b):
+        part = label[box]  # a view
+        part[:] = 2
+        part[np.unravel_index(np.arange(4700), part.shape)] = 1
+        part[-1, -1, -1] = 4
+    t1ce = np.where(label == 2, np.random.default_rng(0).choice([100, 200, 300], label.shape), 0)
+    (tmp_path / "P").mkdir()
+    for modality in ("flair", "t1ce"):
+        nib.save(nib.Nifti1Image(t1ce.astype(np.int16), np.eye(4)), tmp_path / "P" / f"P_{modality}.nii.gz")
+    monkeypatch.setattr(predict, "segment", lambda *args: [to_network_order(label)])
+    out = tmp_path / "P.nii.gz"
+    predict.main([*files_of(tmp_path / "P", "flair", "t1ce"), "--checkpoint",
+                  str(root / "final.pth"), "--device", "cpu", "-o", str(out), "--postprocess",
+                  "--kmeans_necrosis"])
+    expected, info = postprocess_label(label, Rules(), t1ce=t1ce.astype(np.float32))
+    relabelled = (expected == 1) & (label == 2)
+    assert relabelled[a].sum() == info["necrosis_relabelled"] > 0 and not relabelled[b].any()
+    np.testing.assert_array_equal(mask(out), expected)
 
 
 def test_input_that_does_not_look_like_brats_is_warned_about(segmentation_setup, tmp_path, capsys):

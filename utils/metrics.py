@@ -151,7 +151,8 @@ def hd95(pred, gt, spacing=(1.0, 1.0, 1.0), method=DEFAULT_HD95_METHOD):
                so this is the closest to the challenge's number we can tell. (DeepMind weights
                surface elements by area; we count surface voxels, like MONAI.)
       "pooled" p95 of the distances of both directions pooled together: MedPy's
-               `medpy.metric.binary.hd95`. Never larger than "max".
+               `medpy.metric.binary.hd95`. Usually below "max", not always (linear
+               interpolation: directed distances [1, 0] and [1, 0] give 0.95 max, 1.0 pooled).
     Percentiles use numpy's default linear interpolation (as MedPy and MONAI).
     Surface voxels: mask minus its erosion by the 6-neighbour (face) cross, as MedPy and MONAI.
 

@@ -9,6 +9,7 @@ import random
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of every image tensor
 FULL = tuple(range(len(MODALITIES)))
+T1CE = MODALITIES.index("t1ce")  # the image the released K-means post-processing rule reads
 
 # The 15 non-empty subsets: singles first, then pairs, triples and the full set.
 ALL_SUBSETS = tuple(
