@@ -55,7 +55,8 @@ from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
 from utils.cli import USER_ERRORS, ArgumentParser, UsageError, run_cli, str2bool, window_size
-from utils.election import append_history, elect, format_result, overlay_panel
+from utils.election import append_history, elect, format_result
+from utils.figures import overlay_panel
 from utils.inference import AMP_DTYPES
 from utils.io import remove_stale_temps, write_text
 from utils.lock import exclusive_lock

@@ -4,9 +4,9 @@ import pandas as pd
 from matplotlib.image import imread
 
 from utils import figures
-from utils.election import overlay
+from utils.figures import overlay
 
-# (R - B, G - B) of a panel pixel for each label, from utils.election.overlay's blending with
+# (R - B, G - B) of a panel pixel for each label, from utils.figures.overlay's blending with
 # alpha 0.5 in the order WT green (0, 200, 0), TC yellow (255, 220, 0), ET red (255, 0, 0)
 # over a grey pixel: background stays grey (0, 0); edema (WT) (0, 100); necrosis (WT, TC)
 # (127.5, 160); enhancing tumour (WT, TC, ET) (191.25, 80).

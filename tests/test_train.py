@@ -29,7 +29,8 @@ from datasets.synthetic import generate
 from utils.checkpoint import load_checkpoint, non_finite, set_rng_state
 from utils.cli import UsageError
 from utils import election
-from utils.election import append_history, elect, overlay, winners
+from utils.election import append_history, elect, winners
+from utils.figures import overlay
 from utils.inference import predict_subsets
 from utils.lock import LockError, exclusive_lock
 from utils.modalities import FULL, sample_subset, subset_name

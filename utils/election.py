@@ -7,7 +7,8 @@ region the modality with the largest sum wins (ties: the lower index, as publish
 teacher set is the sorted union of the winners.
 
 `elect` evaluates this rank's shard of the cases and sums over ranks, so every rank gets the
-same result. The pure core (`winners`, `teacher_set`, `overlay`) is array-in, array-out.
+same result. The pure core, `winners`, is array-in, array-out; the TensorBoard overlay of a
+validation slice is `figures.overlay_panel`.
 """
 import json
 from pathlib import Path
@@ -15,26 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import distributed
+from utils import distributed, figures
 from utils.inference import predict_subsets
 from utils.io import write_text
 from utils.losses import soft_dice
 from utils.modalities import MODALITIES, SINGLE_SUBSETS
 from utils.regions import REGIONS, labels_to_regions
 
-# Overlay colours (RGB) in drawing order: later regions paint over earlier ones, like export.
-REGION_COLOURS = (("WT", (0, 200, 0)), ("TC", (255, 220, 0)), ("ET", (255, 0, 0)))
-OVERLAY_ALPHA = 0.5
-
-
 def winners(dice_sums):
     """dice_sums (S, R) -> list of R winning modality indices (argmax over S; first on ties)."""
     dice_sums = np.asarray(dice_sums)
     return [int(SINGLE_SUBSETS[s][0]) for s in dice_sums.argmax(axis=0)]
-
-
-def teacher_set(winning):
-    return sorted(set(winning))
 
 
 def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=None,
@@ -73,7 +65,7 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
         target = torch.from_numpy(labels_to_regions(label)).to(device)
         sums += soft_dice(probs, target.expand_as(probs)).double()  # (S, 3)
         if sample is None:
-            sample = _slice_sample(case.name, image, probs, target)
+            sample = _slice_sample(case.name, image, label, probs, target)
     distributed.all_reduce_sum(sums, dist_info)
     num_cases = len(cases)
     sums = sums.cpu().numpy()
@@ -82,7 +74,7 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
         "dice": {MODALITIES[s[0]]: {r: float(sums[i, j]) for j, r in enumerate(REGIONS)}
                  for i, s in enumerate(SINGLE_SUBSETS)},
         "winners": {r: MODALITIES[m] for r, m in zip(REGIONS, winning)},
-        "teachers": teacher_set(winning),
+        "teachers": sorted(set(winning)),
         "num_cases": num_cases,
         "sample": sample,
     }
@@ -92,9 +84,9 @@ def _any_rank(flag, device, dist_info):
     return bool(distributed.all_reduce_sum(torch.tensor([float(flag)], device=device), dist_info).item())
 
 
-def _slice_sample(name, image, probs, target):
-    """The axial slice (along D) with the most whole tumour, for the overlay."""
-    d = int(target[REGIONS.index("WT")].flatten(1).sum(1).argmax())
+def _slice_sample(name, image, label, probs, target):
+    """The axial slice (along D) with the most tumour, for the overlay."""
+    d = figures.tumour_slice(label)
     return {
         "name": name,
         "slice": d,
@@ -102,32 +94,6 @@ def _slice_sample(name, image, probs, target):
         "truth": target[:, d].cpu().numpy().astype(bool),  # (3, H, W)
         "pred": (probs[:, :, d] > 0.5).cpu().numpy(),  # (S, 3, H, W)
     }
-
-
-def overlay(image, regions):
-    """Normalised slice (H, W) + region masks (3, H, W) in ET, WT, TC order -> RGB uint8
-    (H, W, 3): the background (exactly 0) black, the brain grey from 5 % to white between its
-    0.5 and 99.5 percentiles (z-scores would put the background mid-grey), the regions
-    blended over it."""
-    image = np.asarray(image, dtype=np.float32)
-    brain = image != 0
-    grey = np.zeros(image.shape, np.float32)
-    if brain.any():
-        lo, hi = np.percentile(image[brain], (0.5, 99.5))
-        grey[brain] = (np.clip((image[brain] - lo) / max(hi - lo, 1e-6), 0, 1) * 0.95 + 0.05) * 255
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    for region, colour in REGION_COLOURS:
-        mask = np.asarray(regions[REGIONS.index(region)], dtype=bool)
-        rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)
-    return rgb.astype(np.uint8)
-
-
-def overlay_panel(sample):
-    """One row: ground truth on FLAIR, then each modality's prediction on that modality."""
-    panels = [overlay(sample["image"][0], sample["truth"])]
-    for i, subset in enumerate(SINGLE_SUBSETS):
-        panels.append(overlay(sample["image"][subset[0]], sample["pred"][i]))
-    return np.concatenate(panels, axis=1)
 
 
 def format_result(result, iteration):
