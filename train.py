@@ -57,7 +57,7 @@ from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint,
 from utils.cli import USER_ERRORS, ArgumentParser, UsageError, run_cli, str2bool, window_size
 from utils.election import append_history, elect, format_result
 from utils.figures import overlay_panel
-from utils.inference import AMP_DTYPES
+from utils.inference import AMP_DTYPES, autocast
 from utils.io import remove_stale_temps, write_text
 from utils.lock import exclusive_lock
 from utils.losses import segmentation_loss
@@ -424,10 +424,10 @@ def set_backends(device):
         torch.use_deterministic_algorithms(True)
 
 
-def step(model, optimizer, scaler, image, regions, subset, teachers, autocast_dtype, kd_weight):
+def step(model, optimizer, scaler, image, regions, subset, teachers, amp, kd_weight):
     """One optimisation step on a batch (also bench_train.py's bare step). Returns the loss
     and its parts, still on the device (reading them would synchronise)."""
-    with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with autocast(image.device, amp):
         logits, kd = model(image, subset=subset, teachers=teachers)
     loss, parts = segmentation_loss(logits, regions, kd, kd_weight)
     optimizer.zero_grad(set_to_none=True)
@@ -511,7 +511,6 @@ def train(args, lists, dist_info, device):
     model, optimizer, speed_options = build_model(args, device)
     model_config = model.config
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    autocast_dtype = AMP_DTYPES[args.amp]
     config = {k: v for k, v in vars(args).items()  # overwrite: a fed-back config must not delete
               if k not in ("patch_size", "mode_parsed", "overwrite")}
     config.update(model_config=model_config.to_dict(), world_size=dist_info.world_size,
@@ -704,7 +703,7 @@ def train(args, lists, dist_info, device):
                     image, regions, seed=derived_seed(args.random_seed, iteration, dist_info.rank))
 
             loss, parts = step(model, optimizer, scaler, image, regions, subset, teachers,
-                               autocast_dtype, args.kd_weight)
+                               args.amp, args.kd_weight)
             window.append(torch.stack([loss, parts["dice"], parts["bce"], parts["kd"]]).detach().float())
             window_subsets.append(subset)
             progress.update(1)

@@ -82,7 +82,7 @@ def main():
           f"patch {patch} batch {args.batch} amp {args.amp} checkpoint_encoder {args.checkpoint_encoder}")
 
     def train_step():
-        step(model, optimizer, scaler, x, target, subset, (0,), AMP_DTYPES[args.amp], kd_weight=0.1)
+        step(model, optimizer, scaler, x, target, subset, (0,), args.amp, kd_weight=0.1)
 
     model.train()
     rss_before = peak_rss_mib()

@@ -70,7 +70,6 @@ from datasets.synthetic import generate, split_counts  # noqa: E402
 from utils import distributed, speed  # noqa: E402
 from utils.cli import ArgumentParser, UsageError  # noqa: E402
 from utils.election import elect  # noqa: E402
-from utils.inference import AMP_DTYPES  # noqa: E402
 from utils.losses import segmentation_loss  # noqa: E402
 from utils.modalities import FULL, parse_teachers  # noqa: E402
 
@@ -278,12 +277,11 @@ def warmed_step(targs, device, batch, warmup):
     model, optimizer, options = train.build_model(targs, device)
     model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=targs.amp == "fp16")
-    dtype = AMP_DTYPES[targs.amp]
     teachers = parse_teachers(targs.teachers)
     image, regions = batch
 
     def step(subset):
-        train.step(model, optimizer, scaler, image, regions, subset, teachers, dtype, targs.kd_weight)
+        train.step(model, optimizer, scaler, image, regions, subset, teachers, targs.amp, targs.kd_weight)
 
     warm = count_subsets(targs)
     for i in range(max(warmup, len(warm))):

@@ -140,7 +140,7 @@ def test_the_training_iteration_never_waits_for_the_device():
         image, regions = dataset.to_device(batch, CUDA)
         image, regions = augment_batch(image, regions, seed=i)
         return step(model, optimizer, scaler, image, regions, ((0, 2), (1,), (0, 1, 2, 3))[i % 3], (2,),
-                    torch.bfloat16, 0.1)
+                    "bf16", 0.1)
 
     iteration(0, batches[0])  # allocations, cuDNN and pinned-memory caches
     torch.cuda.synchronize()
