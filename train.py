@@ -58,7 +58,7 @@ from utils.cli import USER_ERRORS, ArgumentParser, UsageError, run_cli, str2bool
 from utils.election import append_history, elect, format_result
 from utils.figures import overlay_panel
 from utils.inference import AMP_DTYPES, autocast
-from utils.io import remove_stale_temps, write_text
+from utils.io import remove_stale_temps, write_text, writing_in
 from utils.lock import exclusive_lock
 from utils.losses import segmentation_loss
 from utils.modalities import FULL, MODALITIES, parse_mode, parse_teachers, sample_subset, subset_name
@@ -299,6 +299,25 @@ class IterationSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return (self.stop - self.start) * self.batch_size
+
+
+class EventWriter:
+    """TensorBoard's SummaryWriter into `folder`, whose failures (a full disk) are reported as
+    every other write's: DiskFullError or NotWritableError naming the folder. Its thread meets
+    them first; the next call raises them here."""
+
+    def __init__(self, folder, **options):
+        self.folder = folder
+        with writing_in(folder):
+            self.writer = SummaryWriter(str(folder), **options)
+
+    def __getattr__(self, name):  # add_scalar, add_image, close...
+        method = getattr(self.writer, name)
+
+        def call(*args, **kwargs):
+            with writing_in(self.folder):
+                return method(*args, **kwargs)
+        return call
 
 
 # What a run writes into its snapshot folder (with TensorBoard's events.out.tfevents.*).
@@ -593,7 +612,7 @@ def train(args, lists, dist_info, device):
             + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in speed_options.items()))
         # A resumed run hides what the interrupted one logged after `start` (it logs it again;
         # the election at `start` happened before the checkpoint, so it stays).
-        return SummaryWriter(str(snapshot_dir), purge_step=start + 1 if source is not None else None)
+        return EventWriter(snapshot_dir, purge_step=start + 1 if source is not None else None)
 
     writer = distributed.on_main_rank(open_log, dist_info, "writing config.json")
 

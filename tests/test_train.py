@@ -554,6 +554,31 @@ def test_time_based_checkpoint(data, tmp_path):
     assert load_checkpoint(snapshot / "last.pth")["iteration"] == 4  # the last check point
 
 
+def test_disk_full_while_writing_tensorboard_events_is_one_line(data, tmp_path):
+    # The events file's writes fail with ENOSPC from the 5th on, as on a disk that fills up:
+    # TensorBoard's writer thread printed its traceback, then train.py its own.
+    code = ("import errno, runpy, sys\n"
+            "from tensorboard.compat.tensorflow_stub.io import gfile\n"
+            "append, calls = gfile.LocalFileSystem.append, []\n"
+            "def full(*args, **kwargs):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) >= 5:\n"
+            "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "    return append(*args, **kwargs)\n"
+            "gfile.LocalFileSystem.append = full\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    snapshot = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-c", code, str(REPO / "train.py"),
+                          *flags(data, snapshot, 12, 100, "--val_list", "", "--log_every", "1")],
+                         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines()[-1] == (f"error: no space left on device while writing in "
+                                           f"{snapshot}; free some space and run again")
+    assert "Traceback" not in run.stderr
+
+
 def test_disk_full_while_checkpointing_is_one_line(data, tmp_path):
     # train.py as a script, every checkpoint written into /dev/full, whose writes fail with
     # ENOSPC as on a full disk (torch's own zip writer reported it without an errno)

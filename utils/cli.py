@@ -9,7 +9,7 @@ from datasets.brats import DataError
 from models.lckd import MULTIPLES_RULE, PATCH_MULTIPLES
 from utils.distributed import (DeviceError, MainRankFailed, PeerFailed, RankTimeoutError,
                                launched_rank)
-from utils.io import DiskFullError, NotWritableError
+from utils.io import DiskFullError, NotWritableError, is_disk_full
 from utils.lock import LockError
 
 
@@ -117,6 +117,14 @@ def exit_status(error_type, user_errors=USER_ERRORS):
     return None
 
 
+def _thread_exception(args):
+    """threading.excepthook under run_cli: a full disk in a writer thread (TensorBoard's event
+    writer) is raised again in the main thread, which reports it in one line; the thread's own
+    traceback would only bury that line."""
+    if not is_disk_full(args.exc_value):
+        threading.__excepthook__(args)
+
+
 def run_cli(main, user_errors=USER_ERRORS, argv=None):
     """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
@@ -125,9 +133,10 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     word: rank 0 reports it; so it does a stop signal."""
     # Without a handler SIGTERM ends the process on the spot, skipping every `finally`. A
     # handler can only be set from the main thread (a test may call this from another).
-    previous = None
+    previous, thread_hook = None, threading.excepthook
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    threading.excepthook = _thread_exception
     try:
         return main(argv)
     except MainRankFailed as stopped:
@@ -140,5 +149,6 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
             print(STOPPED.get(status, f"error: {error}"), file=sys.stderr)
         sys.exit(status)
     finally:
+        threading.excepthook = thread_hook
         if previous is not None:  # None: not set here, or set outside Python
             signal.signal(signal.SIGTERM, previous)

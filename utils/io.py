@@ -59,7 +59,7 @@ def atomic_path(path):
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if _is_disk_full(error):
+        if is_disk_full(error):
             previous = "the previous file is intact" if path.exists() else "nothing was written"
             raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; "
                                 f"{previous}; free some space and run again") from error
@@ -82,7 +82,7 @@ def writing_in(folder):
         yield
     except OSError as error:
         folder = Path(folder)
-        if _is_disk_full(error):
+        if is_disk_full(error):
             raise DiskFullError(errno.ENOSPC, f"no space left on device while writing in {folder}; "
                                 "free some space and run again") from error
         blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
@@ -128,7 +128,7 @@ class DiskFullError(OSError):
         return self.strerror
 
 
-def _is_disk_full(error):
+def is_disk_full(error):
     """ENOSPC/EDQUOT anywhere in the chain (torch.save wraps it in a RuntimeError)."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
