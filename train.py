@@ -354,11 +354,24 @@ def claim_snapshot_dir(args, folder, log):
                 f"--reload_path {reload})")
         return "resume", last
     elif existing:  # stopped before its first checkpoint: nothing to resume, nothing to lose
+        if not _holds_run_config(folder / "config.json"):  # unless the files are not a run's
+            raise UsageError(f"{folder} holds {', '.join(p.name for p in existing)} but no "
+                             f"train.py run (no config.json of one): choose another "
+                             f"--snapshot_dir, or --overwrite True to delete them")
         for path in existing:
             path.unlink()
         log(f"{folder} holds a run stopped before its first last.pth; starting it again "
             f"(deleted {', '.join(p.name for p in existing)})")
     return ("resume", reload) if reload is not None else ("start", None)
+
+
+def _holds_run_config(path):
+    """Whether `path` is a config.json train.py wrote (the first file a run writes)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_config" in config
 
 
 # What a resumed run shares with the run it continues (the exact resume); the device, the
@@ -386,7 +399,7 @@ def refuse_changed_settings(saved, config, folder):
         if key in saved and saved[key] != config[key]:
             setting = {"patch_size": "--input_size", "world_size": "processes"}.get(key, f"--{key}")
             raise UsageError(f"{folder} holds a run with {setting} {saved[key]} (this command: "
-                             f"{config[key]}); resume it with the same settings (its config.json), "
+                             f"{config[key]}); run it with the same settings (its config.json), "
                              f"--overwrite True to start over, or choose another --snapshot_dir")
 
 
@@ -456,14 +469,27 @@ def step(model, optimizer, scaler, image, regions, subset, teachers, amp, kd_wei
     return loss, parts
 
 
-def build_model(args, device):
-    """The network and its SGD as the flags configure them (also used by bench_train.py).
-    Returns (model, optimizer, {speed option: on/off})."""
-    model_config = LCKDConfig.from_name(
+def network_config(args):
+    """The LCKDConfig the flags describe."""
+    return LCKDConfig.from_name(
         args.model_size, num_classes=args.num_classes, weight_std=args.weight_std,
         norm=args.norm_cfg, activation=args.activation_cfg,
         checkpoint_encoder=args.checkpoint_encoder, encode_all=args.encode_all_modalities)
-    model = LCKD(model_config).to(device)
+
+
+def run_config(args, world_size, cache_dir):
+    """What config.json and every checkpoint record: the flags and what they resolve to."""
+    config = {k: v for k, v in vars(args).items()  # overwrite: a fed-back config must not delete
+              if k not in ("patch_size", "mode_parsed", "overwrite")}
+    config.update(model_config=network_config(args).to_dict(), world_size=world_size,
+                  patch_size=list(args.patch_size), cache_dir_resolved=str(cache_dir))
+    return config
+
+
+def build_model(args, device):
+    """The network and its SGD as the flags configure them (also used by bench_train.py).
+    Returns (model, optimizer, {speed option: on/off})."""
+    model = LCKD(network_config(args)).to(device)
     options = speed.prepare_model(model, device, args.channels_last, args.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=args.momentum,
                                 nesterov=True, weight_decay=args.weight_decay,
@@ -493,10 +519,16 @@ def train(args, lists, dist_info, device):
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *a, **k: None)
     snapshot_dir = Path(args.snapshot_dir)
+    train_list, val_list = lists
+    cache_dir = Path(args.cache_dir or Path("cache") / train_list.parent.name)
+    config = run_config(args, dist_info.world_size, cache_dir)
     # Decided on rank 0; a refusal there stops every rank at once (no wait for the timeout).
     decision, source = distributed.broadcast_object(distributed.on_main_rank(
         lambda: claim_snapshot_dir(args, snapshot_dir, log), dist_info), dist_info)
     if decision == "finished":
+        # A finished run with other settings (more --num_steps, another patch) is not this one.
+        distributed.on_main_rank(lambda: refuse_changed_settings(
+            load_checkpoint(source)["config"], config, snapshot_dir), dist_info, f"checking {source}")
         log(f"{source} exists: this run is finished, nothing to do (--overwrite True starts it over)")
         return None
 
@@ -506,8 +538,6 @@ def train(args, lists, dist_info, device):
     set_backends(device)
 
     # ---- data: preprocess once (rank 0), then every rank opens the memory-mapped cache
-    train_list, val_list = lists
-    cache_dir = Path(args.cache_dir or Path("cache") / train_list.parent.name)
     data_root = args.data_root or None
 
     def open_cases():
@@ -528,12 +558,7 @@ def train(args, lists, dist_info, device):
 
     # ---- model, optimiser
     model, optimizer, speed_options = build_model(args, device)
-    model_config = model.config
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    config = {k: v for k, v in vars(args).items()  # overwrite: a fed-back config must not delete
-              if k not in ("patch_size", "mode_parsed", "overwrite")}
-    config.update(model_config=model_config.to_dict(), world_size=dist_info.world_size,
-                  patch_size=list(args.patch_size), cache_dir_resolved=str(cache_dir))
 
     # ---- resume: weights, optimiser, scaler, iteration, teachers, RNG streams
     start = args.start_iters

@@ -205,6 +205,9 @@ def test_rerun_resumes_and_never_restarts_a_run(data, tmp_path, capsys):
     # a finished run is not repeated; --overwrite deletes it and starts over
     assert train.main(command) is None
     assert "this run is finished" in capsys.readouterr().out
+    # ... unless this command's settings differ (run.sh with a larger STAGE1_STEPS): refused
+    with pytest.raises(UsageError, match=r"holds a run with --num_steps 12 \(this command: 20\)"):
+        train.main([*command, "--num_steps", "20"])
     assert (snapshot / "final.pth").read_bytes() == final
     train.main(flags(data, snapshot, 2, 3, "--overwrite", "True"))
     assert not (snapshot / "last.pth").exists()
@@ -295,6 +298,17 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(data, tmp_path, 
     assert_same_tensors(load_checkpoint(snapshot / "final.pth")["model"],
                         load_checkpoint(tmp_path / "fresh" / "final.pth")["model"])
     assert not old_events.exists()
+
+
+@pytest.mark.parametrize("foreign", ["config.json", "events.out.tfevents.1.host"])
+def test_a_folder_with_files_of_no_run_is_refused_not_emptied(data, tmp_path, foreign):
+    snapshot = tmp_path / "run"
+    snapshot.mkdir()
+    (snapshot / foreign).write_text('{"my": "settings"}')
+    with pytest.raises(UsageError, match=rf"^{snapshot} holds {foreign} but no train.py run .*"
+                                         r"--overwrite True to delete them$"):
+        train.main(flags(data, snapshot, 10, 5))
+    assert (snapshot / foreign).read_text() == '{"my": "settings"}'
 
 
 def test_huge_learning_rate_after_resume_saves_the_last_good_state(data, tmp_path):
