@@ -567,8 +567,14 @@ def train(args, lists, dist_info, device):
     random_start = start
     own = source == snapshot_dir / "last.pth"  # this folder's run, continued where it stopped
 
-    def checked(checkpoint):
+    def checked():
         """The checkpoint to start from, refused when it cannot continue this run."""
+        try:
+            checkpoint = load_checkpoint(source)
+        except CheckpointError as error:
+            if own:  # written atomically, so damaged since: the run cannot be continued
+                raise CheckpointError(f"{error}; --overwrite True starts the run over") from error
+            raise
         weights = checkpoint.get("model", checkpoint)  # a bare state_dict: weights only
         bad = non_finite(weights)
         if bad:
@@ -584,8 +590,7 @@ def train(args, lists, dist_info, device):
 
     if source is not None:
         # The same file on every rank: rank 0 checks it (and alone reports what is wrong).
-        checkpoint = distributed.on_main_rank(lambda: checked(load_checkpoint(source)), dist_info,
-                                              f"checking {source}")
+        checkpoint = distributed.on_main_rank(checked, dist_info, f"checking {source}")
         checkpoint = checkpoint if main_rank else load_checkpoint(source)
         weights = checkpoint.get("model", checkpoint)
         model.load_state_dict(weights)

@@ -26,7 +26,7 @@ from models import LCKD, LCKDConfig
 from datasets.brats import CaseError
 from datasets.preprocess import preprocess
 from datasets.synthetic import generate
-from utils.checkpoint import load_checkpoint, non_finite, set_rng_state
+from utils.checkpoint import CheckpointError, load_checkpoint, non_finite, set_rng_state
 from utils.cli import UsageError
 from utils import election
 from utils.election import append_history, elect, winners
@@ -298,6 +298,16 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(data, tmp_path, 
     assert_same_tensors(load_checkpoint(snapshot / "final.pth")["model"],
                         load_checkpoint(tmp_path / "fresh" / "final.pth")["model"])
     assert not old_events.exists()
+
+
+def test_a_damaged_last_pth_is_named_with_what_to_do(data, tmp_path):
+    snapshot = tmp_path / "run"
+    train.main(flags(data, snapshot, 10, 3, "--val_list", "", "--stop_at", "5"))
+    last = snapshot / "last.pth"
+    last.write_bytes(last.read_bytes()[:len(last.read_bytes()) // 2])  # truncated since
+    with pytest.raises(CheckpointError, match=rf"^cannot read checkpoint {last}: .*damaged file\?\); "
+                                              r"--overwrite True starts the run over$"):
+        train.main(flags(data, snapshot, 10, 3, "--val_list", ""))
 
 
 @pytest.mark.parametrize("foreign", ["config.json", "events.out.tfevents.1.host"])
