@@ -640,9 +640,14 @@ def train(args, lists, dist_info, device):
             f"{dist_info.world_size}; {len(train_cases)} training / {len(val_cases)} validation "
             f"cases; iterations {start} -> {args.num_steps}; mode {args.mode}; amp {args.amp}, "
             + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in speed_options.items()))
-        # A resumed run hides what the interrupted one logged after `start` (it logs it again;
-        # the election at `start` happened before the checkpoint, so it stays).
-        return EventWriter(snapshot_dir, purge_step=start + 1 if source is not None else None)
+        # A resumed run hides what the interrupted one logged after `start` (it logs it again),
+        # and at `start` too when it elects there again (a stop during or just after that
+        # election); an election at `start` the checkpoint holds stays.
+        purge = start if election_due(start) else start + 1
+        return EventWriter(snapshot_dir, purge_step=purge if source is not None else None)
+
+    def election_due(iteration):
+        return bool(val_cases) and iteration % args.val_pred_every == 0 and elected_at != iteration
 
     writer = distributed.on_main_rank(open_log, dist_info, "writing config.json")
 
@@ -732,7 +737,7 @@ def train(args, lists, dist_info, device):
             if iteration == start + args.timing_warmup:
                 speed.synchronize(device)  # the window starts with no queued work (once per run)
                 timing_start, data_wait = time.perf_counter(), 0.0
-            if val_cases and iteration % args.val_pred_every == 0 and elected_at != iteration:
+            if election_due(iteration):
                 teachers, elected_at = run_election(iteration, stop_signals), iteration
                 good = snapshot(iteration)  # same weights, checked at the end of the last iteration
             if iteration % args.val_pred_every == 0 and iteration != start:

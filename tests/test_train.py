@@ -421,7 +421,14 @@ def test_sigterm_during_an_election_abandons_it_saves_and_the_rerun_elects_again
     assert [h["iteration"] for h in history] == [0]  # the abandoned election left no entry
 
     monkeypatch.undo()
+    # a re-run that elects at 4 and logs it, then is killed before its next last.pth
+    time.sleep(1.1)  # event files are read in name order, whose first field is the second
+    train.main([*command("stopped"), "--stop_at", "5"])
+    assert load_checkpoint(tmp_path / "stopped" / "last.pth")["elected_at"] == 0
+    time.sleep(1.1)
     train.main(command("stopped"))  # elects again at 4, then trains on
+    events = EventAccumulator(str(tmp_path / "stopped"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("val/dice/t1ce/ET")] == [0, 4]  # 4 logged twice before
     a = load_checkpoint(tmp_path / "straight" / "final.pth")
     b = load_checkpoint(tmp_path / "stopped" / "final.pth")
     assert_same_tensors(a["model"], b["model"])
