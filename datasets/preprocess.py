@@ -28,7 +28,10 @@ SHA-256 of the content: an in-place edit that keeps the size and mtime still cha
 so it is caught without re-reading unchanged files. Anything else is rebuilt with a message. Each case is built under a lock
 (CACHE/<case>/.lock) by one process at a time, files are written atomically and meta.json last
 (after removing the old one), and temporary files of killed writers are removed on the next
-run. Case folders are confined to the cache folder.
+run. Case folders are confined to the cache folder. preprocess() opens each case under its lock
+too (so no writer swaps the arrays between meta.json and them) and refuses, with a CaseError,
+a case that another process sharing the cache folder rebuilt meanwhile from other content
+(e.g. another dataset with the same case names): its arrays are not this list's.
 """
 import base64
 import contextlib
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import normalize as norm
@@ -93,7 +97,9 @@ class CachedCase:
         keep = label != 0 if label is not None else np.zeros(shape, bool)
         for channel, p in zip(image, params):  # one channel at a time: one extra mask in memory
             keep |= norm.foreground(torch.from_numpy(channel), torch.from_numpy(p))[1].numpy()
-        box = _bounding_box(keep)
+        # keep's bounding box: that of label 1. keep is never empty (every modality that the
+        # normalisation accepted has a foreground), else find_objects returns no box.
+        box = ndimage.find_objects(keep.view(np.uint8))[0]
         raw = image[(slice(None), *box)]
         info = np.iinfo(np.int16)
         if info.min <= raw.min() and raw.max() <= info.max:
@@ -130,15 +136,6 @@ class CachedCase:
         label = np.zeros(self.shape, np.uint8)
         label[self.box] = self.label
         return label
-
-
-def _bounding_box(mask):
-    """Slices of the smallest box holding every True voxel of a non-empty mask (D, H, W)."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def case_folder(cache_dir, name):
@@ -388,8 +385,9 @@ def _build(case_dir, case_cache, sources):
 
 
 def _process(job):
-    """Worker: bring one case's cache up to date -> (name, None if it was re-used, else why it
-    was built: '' for a case never (completely) cached, else the CacheInvalid message)."""
+    """Worker: bring one case's cache up to date -> (name, why it was built: None if it was
+    re-used, '' for a case never (completely) cached, else the CacheInvalid message; the
+    fingerprints of the sources its cache now holds)."""
     case_dir, case_cache, require_label = job
     name = case_cache.name
     # One writer per case; a second preprocessor waits here, then finds the case fresh.
@@ -410,11 +408,32 @@ def _process(job):
                     with contextlib.suppress(OSError):  # stat: recorded to save hashing it again
                         write_text(case_cache / META, json.dumps(
                             {**meta, "sources": sources, "arrays": arrays}, indent=1))
-                return name, None
+                return name, None, sources
             except CacheInvalid as err:
                 reason = str(err)
-        _build(case_dir, case_cache, fingerprint(name, files))
-        return name, reason
+        sources = fingerprint(name, files)
+        _build(case_dir, case_cache, sources)
+        return name, reason, sources
+
+
+def _open_own(cache_dir, name, sources):
+    """load_cached under the case's lock, refusing a case whose sources differ in content
+    (size, SHA-256, as for re-use) from `sources`, those preprocess checked or built it from:
+    another process sharing the cache folder rebuilt it in between from other data under the
+    same case name, and returning its arrays would silently swap datasets."""
+    case_cache = case_folder(cache_dir, name)
+    with exclusive_lock(case_cache, f"cache of case {name}", wait=True):
+        case = load_cached(cache_dir, name)
+
+    def content(records):
+        return {part: (r.get("size"), r.get("sha256")) for part, r in records.items()}
+
+    theirs = case.meta["sources"]
+    if content(theirs) != content(sources):
+        raise CaseError(name, case_cache, "rebuilt meanwhile by another process from other source "
+                        f"files ({next(iter(theirs.values()), {}).get('path')}); give each dataset "
+                        "its own cache folder (--cache_dir)")
+    return case
 
 
 def default_workers():
@@ -474,8 +493,10 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
     Valid, fresh cases are re-used; missing, broken, outdated or stale ones are (re)built over
     num_workers processes (1 = in this process), each rebuild of an existing case announced
     on stderr with its reason. Returns once every case is valid; the first case that fails
-    raises (CaseError naming the case and the file) and stops the others. require_label: a
-    case without a label (seg) file is such an error (training and its validation list).
+    raises (CaseError naming the case and the file) and stops the others; so does a case that
+    another process sharing cache_dir rebuilt meanwhile from other sources (other data under
+    the same case name). require_label: a case without a label (seg) file is such an error
+    (training and its validation list).
     """
     cache_dir = Path(cache_dir)
     folders = read_datalist(list_path, data_root)
@@ -484,10 +505,10 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
     jobs = [(folder, case_folder(cache_dir, name), require_label) for folder, name in zip(folders, names)]
     num_workers = default_workers() if num_workers is None else num_workers
     bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
-    built = []
+    built, sources = [], {}
 
     def done(result):
-        name, reason = result
+        name, reason, sources[name] = result
         if reason:
             tqdm.write(f"{reason}; rebuilt", file=sys.stderr)
         if reason is not None:
@@ -499,7 +520,7 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
         bar.set_postfix(built=len(built), reused=len(jobs) - len(built))
     finally:
         bar.close()
-    return [load_cached(cache_dir, name) for name in names]
+    return [_open_own(cache_dir, name, sources[name]) for name in names]
 
 
 def main(argv=None):

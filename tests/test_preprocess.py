@@ -22,6 +22,7 @@ from datasets.preprocess import CacheInvalid, load_cached, main, preprocess
 from datasets.sampling import PatchDataset, foreground_locations
 import utils.io
 from utils.io import DiskFullError
+from utils.lock import LockError, exclusive_lock
 
 
 @pytest.fixture
@@ -506,3 +507,66 @@ def test_a_cache_without_array_records_is_recorded_not_rebuilt(dataset, monkeypa
     assert json.loads(meta_path.read_text())["arrays"] == recorded
     changed = {p for p in mtimes(cache) if mtimes(cache)[p] != before[p]}
     assert changed == {Path("Brats18_A/meta.json")}
+
+
+def rebuild_between_check_and_open(monkeypatch, other_case):
+    """Simulate another process sharing the cache: once this preprocess has checked or built its
+    cases, that process rebuilds the first case's cache from `other_case` before it is opened."""
+    real_run = preprocess_module._run
+
+    def run_then_rebuild(jobs, *args):
+        real_run(jobs, *args)
+        case_cache = jobs[0][1]
+        (case_cache / "meta.json").unlink()  # rebuilt, not only re-recorded, whatever its sources
+        assert preprocess_module._process((other_case, case_cache, False))[1] == ""
+
+    monkeypatch.setattr(preprocess_module, "_run", run_then_rebuild)
+
+
+@pytest.mark.parametrize("reused", [True, False])
+def test_a_case_rebuilt_meanwhile_from_other_sources_is_refused(dataset, monkeypatch, reused):
+    """Two datasets with the same case names in one cache folder: this process must not return
+    the other's arrays, whether it re-used its case or built it."""
+    data, lst, cache = dataset
+    if reused:
+        preprocess(lst, cache, num_workers=1)
+    other, _ = write_case(data.parent / "other", "Brats18_A", seed=9)
+    rebuild_between_check_and_open(monkeypatch, other)
+    with pytest.raises(CaseError) as info:
+        preprocess(lst, cache, num_workers=1)
+    message = str(info.value)
+    assert info.value.case == "Brats18_A" and info.value.path == cache / "Brats18_A"
+    assert "\n" not in message and "another process" in message and "--cache_dir" in message
+    assert str(other.resolve()) in message  # the other dataset's files are named
+
+
+def test_a_case_rebuilt_meanwhile_from_the_same_content_is_used(dataset, monkeypatch):
+    """Another process with a copy of the same data (other paths, same content) rebuilt the
+    case: its arrays are this list's, so preprocess carries on."""
+    data, lst, cache = dataset
+    copy = data.parent / "copy" / "Brats18_A"
+    copy.mkdir(parents=True)
+    for path in (data / "Brats18_A").iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    rebuild_between_check_and_open(monkeypatch, copy)
+    cases = preprocess(lst, cache, num_workers=1)
+    assert cases[0].meta["sources"]["flair"]["path"] == str(part_path(copy, "flair").resolve())
+    np.testing.assert_array_equal(cases[0].full_label(), load_case(data / "Brats18_A").label)
+
+
+def test_cached_arrays_are_opened_under_the_case_lock(dataset, monkeypatch):
+    """Else another writer could replace the arrays between reading meta.json and them."""
+    _, lst, cache = dataset
+    preprocess(lst, cache, num_workers=1)
+    real_load, opened = np.load, []
+
+    def load_under_lock(path, *args, **kwargs):
+        with pytest.raises(LockError):  # held by preprocess: this second open file cannot take it
+            with exclusive_lock(Path(path).parent, wait=False):
+                pass
+        opened.append(Path(path).name)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", load_under_lock)
+    preprocess(lst, cache, num_workers=1)
+    assert opened.count("image.npy") == 2 * 3  # checked for re-use, then opened, each case
