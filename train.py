@@ -54,7 +54,8 @@ from models import LCKD, LCKDConfig
 from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
-from utils.cli import USER_ERRORS, ArgumentParser, UsageError, run_cli, str2bool, window_size
+from utils.cli import (PUBLISHED_INPUT_SIZE, USER_ERRORS, ArgumentParser, UsageError, run_cli,
+                       str2bool, window_size)
 from utils.election import append_history, elect, format_result
 from utils.figures import overlay_panel
 from utils.inference import AMP_DTYPES, autocast
@@ -80,7 +81,7 @@ def get_parser():
     # '%(default)s' (empty) keeps argparse from appending '(default: )'
     g.add_argument("--cache_dir", default="", help="preprocessed-case cache (default%(default)s: "
                    "cache/<name of the train list's folder>)")
-    g.add_argument("--input_size", default="80,160,160", help="patch D,H,W")
+    g.add_argument("--input_size", default=PUBLISHED_INPUT_SIZE, help="patch D,H,W")
     g.add_argument("--batch_size", type=int, default=2, help="per process")
     g.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers per process "
                    "(-1: sized from the machine, see datasets.sampling.loader_options); also "

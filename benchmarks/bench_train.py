@@ -68,7 +68,7 @@ from datasets.preprocess import preprocess  # noqa: E402
 from datasets.sampling import PatchDataset  # noqa: E402
 from datasets.synthetic import generate, split_counts  # noqa: E402
 from utils import distributed, speed  # noqa: E402
-from utils.cli import ArgumentParser, UsageError  # noqa: E402
+from utils.cli import PUBLISHED_INPUT_SIZE, ArgumentParser, UsageError  # noqa: E402
 from utils.election import elect  # noqa: E402
 from utils.losses import segmentation_loss  # noqa: E402
 from utils.modalities import FULL, parse_teachers  # noqa: E402
@@ -129,7 +129,7 @@ def resolve_defaults(args, defaults=None):
     """args.device becomes 'cuda' or 'cpu'; flags left unset take their (CUDA, CPU) default."""
     cuda = distributed.device_kind(args.device) == "cuda"
     args.device = "cuda" if cuda else "cpu"
-    defaults = {"model": ("full", "small"), "patch": ("80,160,160", "32,64,64"),
+    defaults = {"model": ("full", "small"), "patch": (PUBLISHED_INPUT_SIZE, "32,64,64"),
                 "shape": ("240,240,155", "96,96,64"), **(defaults or {})}
     for name, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, name) is None:
