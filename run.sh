@@ -13,8 +13,8 @@
 #   bash run.sh demo [extra train.py flags]       the whole pipeline on synthetic data (below)
 #
 # Re-running the same command after a crash, a kill, SIGTERM or Ctrl-C continues where it
-# stopped: a stage whose final.pth exists is skipped, and train.py resumes a stage from its
-# own last.pth exactly.
+# stopped: train.py resumes a stage from its own last.pth exactly, and does nothing for a
+# finished one (final.pth), unless the settings differ: then it stops with one line.
 # Logs: logs/<date>_train_<stage>.log (also printed). Settings below can be overridden from
 # the environment.
 #
@@ -31,7 +31,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . utils/logged.sh
 
-GPU=${1:?usage: bash run.sh GPU_ID|cpu [extra train.py flags]}
+if [ $# -eq 0 ]; then
+    echo "usage: bash run.sh GPU_ID|cpu|demo [extra train.py flags]" >&2
+    exit 2
+fi
+GPU=$1
 shift
 
 if [ "$GPU" = demo ]; then
@@ -95,17 +99,15 @@ common=(--device "$DEVICE" --amp "$AMP" --model_size "$MODEL_SIZE" --input_size 
         --random_scale True --weight_std True --kd_weight 0.1)
 if [ -n "$DATA_ROOT" ]; then common+=(--data_root "$DATA_ROOT"); fi
 
-# stage NAME [train.py flags]: run one stage unless finished (train.py resumes it from its
-# own last.pth). After Ctrl-C or a scheduler's SIGTERM, this script waits for train.py to save
-# last.pth and exits with its status (130, 143) without starting the next step (`logged`).
+# stage NAME [train.py flags]: run one stage; train.py resumes it from its own last.pth, and
+# checks a finished one's settings before saying there is nothing to do (a re-run that changed
+# them, e.g. STAGE1_STEPS, must not go on from the old stage silently). After Ctrl-C or a
+# scheduler's SIGTERM, this script waits for train.py to save last.pth and exits with its
+# status (130, 143) without starting the next step (`logged`).
 stage() {
     local name=$1
     shift
     local dir=snapshots/$name
-    if [ -f "$dir/final.pth" ]; then
-        echo "$dir/final.pth exists: $name is done, skipping"
-        return
-    fi
     mkdir -p logs
     local log
     log=logs/$(date "+%Y%m%d-%H%M%S")_train_$name.log

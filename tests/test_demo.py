@@ -73,3 +73,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
                            text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "demo_stage2/final.pth exists" in again.stdout and "demo finished" in again.stdout
+    # ... and with a longer stage 1, stopped at once: the finished stage is not that run
+    longer = subprocess.run(["bash", "run.sh", "demo"], cwd=repo, env=dict(env, STAGE1_STEPS="6"),
+                            capture_output=True, text=True, timeout=600)
+    assert longer.returncode == 2, longer.stdout[-3000:] + longer.stderr[-3000:]
+    assert ("error: snapshots/demo_stage1 holds a run with --num_steps 4 (this command: 6); run it "
+            "with the same settings (its config.json), --overwrite True to start over, or choose "
+            "another --snapshot_dir\n") in longer.stdout + longer.stderr
