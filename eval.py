@@ -74,11 +74,10 @@ from utils.io import (atomic_path, check_file_writable, file_sha256, is_temp,
                       remove_stale_temps, write_text)
 from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
-from utils.modalities import ALL_SUBSETS, MODALITIES, parse_mode, subset_name
+from utils.modalities import ALL_SUBSETS, AVAILABLE, MODALITIES, parse_mode, subset_name
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
 PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
-AVAILABLE = "available"  # --mode available, and its mask folder
 TABLE_REGIONS = ("ET", "TC", "WT")  # the paper's column order
 TABLE_MODALITIES = ("FLAIR", "T1", "T1ce", "T2")  # MODALITIES as the paper writes them
 PRESENT, ABSENT = "●", "○"

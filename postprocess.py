@@ -8,6 +8,8 @@
 --input_dir is either a folder of <case>.nii.gz masks or eval.py's output folder with one
 sub-folder per modality subset; every mask found below it is written to the same relative
 path under --output_dir (which must not overlap --input_dir: the input is never modified).
+An eval.py folder whose evaluation did not finish (a mask folder lacking a case its cases.csv
+lists) is refused: finish it with eval.py --resume first.
 The defaults follow eval.sh run with its defaults (NAME=LCKD) from the repository root, which
 writes outputs/LCKD/<subset>/<case>.nii.gz; relative paths are taken from the current folder.
 
@@ -45,8 +47,9 @@ from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_
                             require_modalities, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
-from utils.io import check_file_writable
-from utils.modalities import T1CE, parse_subset
+from utils.io import check_file_writable, remove_temps_below
+from utils.lock import exclusive_lock
+from utils.modalities import AVAILABLE, T1CE, parse_subset
 from utils.postprocessing import Rules, orientation_warning, postprocess_label
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
@@ -86,6 +89,43 @@ def find_masks(input_dir):
     )
 
 
+def read_cases_record(input_dir):
+    """eval.py's cases.csv in input_dir (case, folder, available), or None without one."""
+    if not (input_dir / CASES_RECORD).is_file():
+        return None
+    return pd.read_csv(input_dir / CASES_RECORD, dtype=str, keep_default_na=False)  # '007' stays
+
+
+def is_mask_folder(name):
+    """Whether eval.py could have written masks into a folder of this name."""
+    if name == AVAILABLE:
+        return True
+    try:
+        parse_subset(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_complete(input_dir, sources, args):
+    """Refuse a stopped evaluation: eval.py writes cases.csv before any mask, listing every case
+    of the run, so a mask folder without one of them would be uploaded incomplete. Only the
+    folders present are checked (a run of one --mode writes one); a folder without cases.csv
+    is a folder of one's own masks, not checked."""
+    record = read_cases_record(input_dir)
+    if record is None:
+        return
+    found = {(s.parent.name, nifti_stem(s)) for s in sources if s.parent.parent == input_dir}
+    missing = [f"{folder.name}/{case}" for folder in sorted(input_dir.iterdir())
+               if folder.is_dir() and is_mask_folder(folder.name)
+               for case in record["case"] if (folder.name, case) not in found]
+    if missing:
+        raise UsageError(f"--input_dir {args.input_dir} is an evaluation that did not finish: "
+                         f"{len(missing)} mask(s) of the cases its {CASES_RECORD} lists are missing "
+                         f"(e.g. {missing[0]}.nii.gz); finish it with the same eval.py command "
+                         "and --resume, then post-process again")
+
+
 def t1ce_files(sources, input_dir, images):
     """For the K-means rule: each mask's T1ce file, or None when its subset lacks T1ce.
 
@@ -94,10 +134,10 @@ def t1ce_files(sources, input_dir, images):
     folder of one's own) the modalities present in the case folder. Case folders are
     --images/<case>, else those eval.py recorded in --input_dir/cases.csv.
     """
+    record = read_cases_record(input_dir)
     if images is not None:
         folder_of = {}
-    elif (input_dir / CASES_RECORD).is_file():
-        record = pd.read_csv(input_dir / CASES_RECORD, dtype=str, keep_default_na=False)  # '007' stays
+    elif record is not None:
         folder_of = dict(zip(record["case"], record["folder"]))
     else:
         raise UsageError(f"--kmeans_necrosis reads each case's T1ce: pass --images (the folder of "
@@ -190,6 +230,7 @@ def main(argv=None):
         raise UsageError(f"--output_dir {args.output_dir} must not be, contain or lie inside "
                          f"--input_dir {args.input_dir}: the input masks are never overwritten")
     sources = find_masks(input_dir)
+    check_complete(input_dir, sources, args)
     if not sources:
         raise UsageError(f"no {' or '.join(EXTENSIONS)} masks found under {args.input_dir}")
     rules = Rules(**{field.name: getattr(args, field.name) for field in fields(Rules)})
@@ -199,16 +240,21 @@ def main(argv=None):
             for s, t in zip(sources, t1ce)]
     for job in jobs:  # named now, not by a worker once the masks before it are written
         check_file_writable(job[1])
-    clear_other_masks(output_dir, {job[1] for job in jobs}, args)
-
-    progress = dict(total=len(jobs), desc="postprocess", unit="case")
-    if args.num_workers == 0:
-        infos = [process_file(job) for job in tqdm(jobs, **progress)]
-    else:
-        # An executor, not multiprocessing.Pool: a worker that dies (killed for memory)
-        # raises BrokenProcessPool here instead of hanging the run.
-        with ProcessPoolExecutor(min(args.num_workers, len(jobs))) as pool:
-            infos = list(tqdm(pool.map(process_file, jobs), **progress))
+    # Locked, as eval.py's: a second run would have its masks deleted (--overwrite) and its
+    # temporaries taken for stale ones.
+    with exclusive_lock(output_dir, "output folder"):
+        clear_other_masks(output_dir, {job[1] for job in jobs}, args)
+        stale = remove_temps_below(output_dir)
+        if stale:
+            print(f"deleted {stale} temporary file(s) left in {args.output_dir} by interrupted writes")
+        progress = dict(total=len(jobs), desc="postprocess", unit="case")
+        if args.num_workers == 0:
+            infos = [process_file(job) for job in tqdm(jobs, **progress)]
+        else:
+            # An executor, not multiprocessing.Pool: a worker that dies (killed for memory)
+            # raises BrokenProcessPool here instead of hanging the run.
+            with ProcessPoolExecutor(min(args.num_workers, len(jobs))) as pool:
+                infos = list(tqdm(pool.map(process_file, jobs), **progress))
 
     for info in infos:
         for warning in info["warnings"]:

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -143,4 +144,8 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     # Root passes any permission check, so a read-only folder is what os.access says it is.
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(NotWritableError, match=f"cannot write in {tmp_path / 'new'}: Permission denied"):
+        check_writable(tmp_path / "new")
+    # ... and on a read-only mount access() says no too, for root as well: named as the mount
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(NotWritableError, match=f"cannot write in {tmp_path / 'new'}: Read-only file system"):
         check_writable(tmp_path / "new")

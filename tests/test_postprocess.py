@@ -3,6 +3,8 @@ import hashlib
 import itertools
 import os
 import signal
+import subprocess
+import sys
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
@@ -412,10 +414,11 @@ def test_script_kmeans_reads_t1ce_only_for_subsets_that_had_it(tmp_path, capsys)
     # eval.py's cases.csv says where the cases are; a subset with T1ce needs the file
     (masks / "cases.csv").write_text(f"case,folder,available\nA,{images / 'A'},flair+t1ce\n"
                                      f"B,{images / 'B'},flair\n")
-    _write(masks / "flair+t1ce" / "B.nii.gz", label, np.eye(4))
+    for path in ("flair/B", "flair+t1ce/B"):  # every folder has every listed case
+        _write(masks / f"{path}.nii.gz", label, np.eye(4))
     with pytest.raises(CaseError, match=f"case B: {images / 'B' / 'B_t1ce.nii.gz'}: missing t1ce"):
         postprocess.main([*flags, "--output_dir", str(tmp_path / "out2")])
-    (masks / "flair+t1ce" / "B.nii.gz").unlink()
+    _images(images, "B", label, t1ce)
     postprocess.main([*flags, "--output_dir", str(tmp_path / "out3")])
     np.testing.assert_array_equal(
         np.asanyarray(nib.load(tmp_path / "out3" / "flair+t1ce" / "A.nii.gz").dataobj), kmeans)
@@ -447,7 +450,7 @@ def test_masks_of_an_earlier_run_are_refused_or_deleted_never_uploaded_with_the_
     postprocess.main([*flags, "--overwrite"])
     assert "--overwrite: deleted 2 mask(s) of an earlier run" in capsys.readouterr().out
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        "flair/A.nii.gz", "notes.txt", "t2/A.nii.gz"]
+        ".lock", "flair/A.nii.gz", "notes.txt", "t2/A.nii.gz"]
 
 
 def test_kmeans_finds_cases_whose_names_are_numbers(tmp_path):
@@ -470,3 +473,73 @@ def test_a_negative_worker_count_is_a_usage_error(capsys):
         postprocess.parse_args(["--num_workers", "-1"])
     assert exit_.value.code == 2
     assert "--num_workers: must be at least 0, got -1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------- stopped evaluations, stale temporaries
+def _eval_folder(folder, cases, masks):
+    """An eval.py output folder: cases.csv lists `cases` (written before any mask), `masks` the
+    <subset>/<case> written so far."""
+    folder.mkdir(parents=True)
+    (folder / "cases.csv").write_text("case,folder,available\n" + "".join(
+        f"{case},/data/{case},flair+t1+t1ce+t2\n" for case in cases))
+    for path in masks:
+        _write(folder / f"{path}.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+
+
+def test_a_stopped_evaluation_is_refused_before_anything_is_written(tmp_path):
+    # eval.py --mode all stopped after case A: every subset folder lacks B and C.
+    inp, out = tmp_path / "eval", tmp_path / "post"
+    _eval_folder(inp, ["A", "B", "C"], ["flair/A", "flair+t1ce/A", "available/A"])
+    with pytest.raises(UsageError) as error:
+        postprocess.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers", "0"])
+    assert str(error.value) == (
+        f"--input_dir {inp} is an evaluation that did not finish: 6 mask(s) of the cases its "
+        "cases.csv lists are missing (e.g. available/B.nii.gz); finish it with the same eval.py "
+        "command and --resume, then post-process again")
+    assert not out.exists()
+
+
+def test_a_finished_evaluation_of_one_subset_is_post_processed(tmp_path):
+    # --mode flair,t1ce writes one folder: the 14 others are not required; figures/ is no masks'.
+    inp, out = tmp_path / "eval", tmp_path / "post"
+    _eval_folder(inp, ["A", "007"], ["flair+t1ce/A", "flair+t1ce/007"])
+    (inp / "figures").mkdir()
+    (inp / "figures" / "A.png").write_bytes(b"png")
+    infos = postprocess.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers", "0"])
+    assert len(infos) == 2 and (out / "flair+t1ce" / "007.nii.gz").is_file()
+
+
+def test_stale_temporaries_in_the_output_folder_are_deleted(tmp_path, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _write(inp / "flair" / "A.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    flags = ["--input_dir", str(inp), "--output_dir", str(out), "--num_workers", "0"]
+    postprocess.main(flags)
+    # left by killed writes (atomic_path's names), of a mask this run writes and of one it does not
+    stale = [out / "flair" / ".A.nii.gz.k3j4.tmp.nii.gz", out / ".Synth_0000.nii.gz.k3j4.tmp.nii.gz"]
+    mine = [out / ".notes.tmp", out / "flair" / ".A.nii.gz.k3j4.tmp.npy"]  # not atomic_path's
+    for path in stale + mine:
+        path.write_bytes(b"partial")
+    postprocess.main(flags)
+    assert "deleted 2 temporary file(s) left in" in capsys.readouterr().out
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in mine)
+    stale[0].write_bytes(b"partial")
+    postprocess.main([*flags, "--overwrite"])
+    assert not stale[0].exists()
+
+
+def test_a_read_only_output_folder_is_named_as_such(tmp_path):
+    # A real read-only mount (a private mount namespace): os.access cannot say why it refuses.
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    mount = (f"mount --bind {readonly} {readonly} && mount -o remount,ro,bind {readonly} {readonly}")
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && ! touch {readonly}/x"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot mount a read-only folder here (needs unshare and mount privileges)")
+    _write(tmp_path / "in" / "flair" / "A.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    command = (f"{mount} && exec {sys.executable} postprocess.py --input_dir {tmp_path / 'in'} "
+               f"--output_dir {readonly / 'post'} --num_workers 0")
+    run = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True,
+                         cwd=Path(postprocess.__file__).parent)
+    assert run.returncode != 0
+    assert f"cannot write in {readonly / 'post' / 'flair'}: Read-only file system" in run.stderr

@@ -3,6 +3,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -33,10 +34,26 @@ def remove_stale_temps(path):
     return removed
 
 
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[^.]+\.tmp(?P<suffix>.*)")
+
+
 def is_temp(path):
-    """Whether `path` is named as atomic_path names its temporaries (.<name>.<random>.tmp<suffix>)."""
-    name = Path(path).name
-    return name.startswith(".") and ".tmp" in name
+    """Whether `path` is named as atomic_path names its temporaries: .<name>.<random>.tmp<suffix>,
+    the suffix being <name>'s ('.Synth_0000.nii.gz.k3j4.tmp.nii.gz'); another hidden file is not."""
+    match = _TEMP_NAME.fullmatch(Path(path).name)
+    return match is not None and match["suffix"] == "".join(Path(match["name"]).suffixes)
+
+
+def remove_temps_below(folder):
+    """remove_stale_temps for every file in `folder` and its sub-folders, those of files that
+    no longer exist included (a killed first write). Same precondition. Returns the number removed."""
+    removed = 0
+    for tmp in Path(folder).rglob(".*"):
+        if tmp.is_file() and is_temp(tmp):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -100,7 +117,10 @@ def check_writable(folder):
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            # access() only says no: a read-only mount is named as such (as a failed mkdir
+            # would), not as permissions to fix
+            code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code))
 
 
 def check_file_writable(path):

@@ -16,6 +16,8 @@ ALL_SUBSETS = tuple(
     s for k in range(1, len(MODALITIES) + 1) for s in itertools.combinations(FULL, k)
 )
 SINGLE_SUBSETS = tuple(s for s in ALL_SUBSETS if len(s) == 1)
+# eval.py --mode available (each case with the modalities it has), and its mask folder
+AVAILABLE = "available"
 
 
 def parse_subset(text):
