@@ -27,6 +27,7 @@ from utils.regions import regions_to_labels  # noqa: E402
 from utils.cli import ArgumentParser  # noqa: E402
 from utils.inference import AMP_DTYPES, predict_subsets  # noqa: E402
 from utils.modalities import ALL_SUBSETS  # noqa: E402
+from utils.speed import synchronize  # noqa: E402
 
 
 def sizes(text):
@@ -55,13 +56,11 @@ def main(argv=None):
     run = lambda image, subsets: [regions_to_labels(p > 0.5) for p in predict(image, subsets)]
 
     def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for image in images:
             fn(image)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return (time.perf_counter() - start) / len(images)
 
     run(images[0], [ALL_SUBSETS[0]])  # warm-up (kernel selection, allocator)

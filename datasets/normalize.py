@@ -229,7 +229,11 @@ def apply_normalization(x, params):
 
 
 def normalize_image(image, fn=normalize):
-    """Normalise each modality of image (C,D,H,W) independently -> float32 (C,D,H,W)."""
+    """Normalise each modality of image (C,D,H,W) independently -> float32 (C,D,H,W).
+
+    Every channel must be a normalisable volume (a case with a missing modality:
+    `normalize_case`). fn is the per-volume function: fn=normalize_published is the literal
+    reference the tests compare the cache and the training crops with."""
     return np.stack([fn(channel) for channel in image])
 
 

@@ -44,16 +44,16 @@ AUTO_WORKERS_MAX = 4  # auto sizing: one worker cuts crops far faster than a GPU
 IN_FLIGHT_BATCHES = 8  # auto sizing: batches prepared ahead, over all workers
 
 
-def foreground_locations(label, max_per_region=10000, rng=None):
+def foreground_locations(label, max_per_region=10000):
     """Sampled voxel coordinates of each region, to centre crops without scanning the volume.
 
     label: uint8 (D, H, W) with values {0, 1, 2, 4} (reads the whole map once).
     Returns a tuple of 3 int32 arrays (n_r, 3) of (d, h, w) coordinates, in ET, WT, TC order,
     n_r = min(voxels of the region, max_per_region) drawn without replacement (as nnU-Net
-    stores up to 10 000 locations per class). rng None = a fixed generator, so the result is
-    a function of the label alone.
+    stores up to 10 000 locations per class). The draws come from a generator seeded with 0,
+    one per call, so the result is a function of the label alone.
     """
-    rng = np.random.default_rng(0) if rng is None else rng
+    rng = np.random.default_rng(0)
     regions = labels_to_regions(np.asarray(label))
     locations = []
     for mask in regions:

@@ -291,6 +291,15 @@ def _write_nifti(array, affine, path):
                 f.write(data)
 
 
+def _volume_shape(sizes):
+    """Three sizes (ints or their strings) -> tuple of ints; ValueError unless all are >= 16
+    (generate's check, and main's for --shape)."""
+    shape = tuple(int(n) for n in sizes)
+    if len(shape) != 3 or min(shape) < 16:
+        raise ValueError(f"shape_xyz must be three sizes >= 16, got {shape}")
+    return shape
+
+
 def generate(out_dir, num_cases, shape_xyz=(240, 240, 155), seed=0, fmt="nii.gz"):
     """Write `num_cases` synthetic cases and the split lists into `out_dir`; return the case
     folders (Paths, in index order). Case k is drawn from np.random.default_rng([seed, k])."""
@@ -298,9 +307,7 @@ def generate(out_dir, num_cases, shape_xyz=(240, 240, 155), seed=0, fmt="nii.gz"
         raise ValueError(f"fmt must be 'nii' or 'nii.gz', got {fmt!r}")
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
-    shape_xyz = tuple(int(n) for n in shape_xyz)
-    if len(shape_xyz) != 3 or min(shape_xyz) < 16:
-        raise ValueError(f"shape_xyz must be three sizes >= 16, got {shape_xyz}")
+    shape_xyz = _volume_shape(shape_xyz)
     out_dir = Path(out_dir)
     affine = affine_for(shape_xyz)
     case_dirs = []
@@ -331,10 +338,8 @@ def main(argv=None):
     p.add_argument("--format", default="nii.gz", choices=("nii", "nii.gz"))
     args = p.parse_args(argv)
     try:
-        shape = tuple(int(s) for s in args.shape.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 16:
+        shape = _volume_shape(args.shape.split(","))
+    except ValueError:  # a size that is not an integer, or the check's own refusal
         p.error(f"--shape must be three comma-separated sizes >= 16, got {args.shape!r}")
     start = time.perf_counter()
     cases = generate(args.out_dir, args.num_cases, shape, args.seed, args.format)

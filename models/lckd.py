@@ -275,8 +275,8 @@ class LCKDConfig:
 
     @classmethod
     def from_name(cls, name, **overrides):
-        """'full' (or 'published') / 'small' -> config, with field overrides."""
-        builders = {"full": cls, "published": cls, "small": cls.small}
+        """'full' / 'small' -> config, with field overrides."""
+        builders = {"full": cls, "small": cls.small}
         if name not in builders:
             raise ValueError(f"unknown model {name!r}: use one of {', '.join(builders)}")
         return builders[name](**overrides)

@@ -1,5 +1,5 @@
-"""Fixtures shared by the tests of eval.py, predict.py and the figures, and a guard of torch's
-process-wide settings for every test."""
+"""Fixtures shared by the tests of eval.py, predict.py and the figures, a guard of torch's
+process-wide settings for every test, and one thread for the modules of tiny tensors."""
 import pytest
 import torch
 
@@ -23,6 +23,17 @@ def torch_settings():
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): one
+    thread is about as fast alone, and much faster when other processes share the cores (torch's
+    thread pool waits at every op's barrier, ~10x slower under contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -16,14 +16,7 @@ PROBABILITIES = tuple(f.name for f in fields(AugmentConfig) if f.name.startswith
 SHAPE = (16, 32, 28)  # anisotropic on purpose: catches axis-order mistakes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster, and much faster when other processes share the
-    cores (torch's thread pool degrades ~10x under contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def cube_batch(batch=2, shape=SHAPE):

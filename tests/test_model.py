@@ -8,14 +8,7 @@ from models.lckd import InstanceNorm3d, WSConv3d
 from utils.modalities import ALL_SUBSETS, FULL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These inputs are tiny: one thread is about as fast, and on a busy shared CPU several
-    threads spend most of their time waiting for each other at every op's barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def make_model(**overrides):

@@ -22,6 +22,7 @@ from datasets.normalize import (
 
 
 def same_bits(a, b):
+    """Both float32 and equal bit for bit (-0.0 is not 0.0); test_preprocess uses it too."""
     return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from test_brats import make_volumes, part_path, save, write_case
+from test_normalize import same_bits
 
 import datasets.preprocess as preprocess_module
 from datasets import synthetic
@@ -41,10 +42,6 @@ def mtimes(cache):
     """Modification times of the cached files (not of the .lock files, which name their holder)."""
     return {p.relative_to(cache): p.stat().st_mtime_ns for p in cache.rglob("*")
             if p.is_file() and p.name != ".lock"}
-
-
-def same_bits(a, b):
-    return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 def test_cache_contents(dataset):

@@ -21,7 +21,6 @@ import torch.distributed as dist
 class Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     timeout: datetime.timedelta = datetime.timedelta(minutes=30)
     monitor: object = None  # a gloo group for monitored barriers (NCCL has none)
 
@@ -48,7 +47,8 @@ def device_kind(name):
 
 def resolve_device(name, local_rank=None):
     """--device -> torch.device: 'auto' (a GPU if there is one, else the CPU), 'cpu', 'cuda' or
-    'cuda:N'. Under torchrun (local_rank given) a GPU is the one of LOCAL_RANK, made current."""
+    'cuda:N'. With local_rank given (init passes torchrun's LOCAL_RANK, or 0 for a single
+    process), a GPU is cuda:local_rank, made current, whatever index the name holds."""
     try:
         device = torch.device(device_kind(name))
     except RuntimeError:
@@ -91,7 +91,7 @@ def init(device_name="auto", timeout_min=30.0):
                             device_id=device if device.type == "cuda" else None)
     # A separate group: a timed-out gloo group is unusable afterwards.
     monitor = dist.new_group(backend="gloo", timeout=timeout)
-    return Dist(int(os.environ["RANK"]), world_size, local_rank, timeout, monitor), device
+    return Dist(int(os.environ["RANK"]), world_size, timeout, monitor), device
 
 
 class RankTimeoutError(RuntimeError):

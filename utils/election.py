@@ -56,6 +56,9 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
             continue
         case = mine[index]
         label = case.full_label()
+        # No CLI gets here with an unlabelled case (train.py preprocesses its validation list
+        # with require_label=True, bench_train elects on synthetic cases): a guard for other
+        # callers, whose None would otherwise fail in expand_as without naming the case.
         if label is None:
             raise ValueError(f"validation case {case.name} has no segmentation: the teacher "
                              "election needs labelled validation cases")

@@ -78,7 +78,8 @@ def case_layout(shape_hw, num_rows, num_columns):
 
 
 def panel_box(shape_hw, row, column):
-    """(top, left, bottom, right) pixel box of a panel in the written PNG (for tests/tools)."""
+    """(top, left, bottom, right) pixel box of a panel in the written PNG: where case_figure
+    pastes it and centres its titles, and where tests look for its colours."""
     _, _, panel_w, panel_h = case_layout(shape_hw, row + 1, column + 1)
     top = HEADER + row * (panel_h + GAP)
     left = ROW_TITLES + column * (panel_w + GAP)
@@ -123,12 +124,13 @@ def case_figure(path, title, images, columns, rows):
     images = np.asarray(images)
     shape_hw = images.shape[1:]
     scale = panel_scale(shape_hw)
-    width, height, panel_w, panel_h = case_layout(shape_hw, len(rows), len(columns))
+    width, height, _, _ = case_layout(shape_hw, len(rows), len(columns))
     mosaic = np.full((height - HEADER, width - ROW_TITLES, 3), 255, dtype=np.uint8)
     for r, (_, label) in enumerate(rows):
         for c, image in enumerate(images):
-            top, left = r * (panel_h + GAP), c * (panel_w + GAP)
-            mosaic[top:top + panel_h, left:left + panel_w] = _panel(image, label, scale)
+            top, left, bottom, right = panel_box(shape_hw, r, c)
+            mosaic[top - HEADER:bottom - HEADER, left - ROW_TITLES:right - ROW_TITLES] = \
+                _panel(image, label, scale)
     with _DRAWING:
         fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
         canvas = FigureCanvasAgg(fig)
@@ -137,11 +139,13 @@ def case_figure(path, title, images, columns, rows):
             fig.text(1 - (4 + 28 * k) / width, 1 - 4 / height, region, ha="right", va="top",
                      fontsize=9, fontweight="bold", color=np.array(colour) / 255)
         for c, name in enumerate(columns):
-            fig.text((ROW_TITLES + c * (panel_w + GAP) + panel_w / 2) / width,
-                     1 - (HEADER - 4) / height, name, ha="center", va="bottom", fontsize=9)
+            _, left, _, right = panel_box(shape_hw, 0, c)
+            fig.text((left + right) / 2 / width, 1 - (HEADER - 4) / height, name,
+                     ha="center", va="bottom", fontsize=9)
         for r, (row_title, _) in enumerate(rows):
-            fig.text(4 / width, 1 - (HEADER + r * (panel_h + GAP) + panel_h / 2) / height,
-                     row_title, ha="left", va="center", fontsize=8)
+            top, _, bottom, _ = panel_box(shape_hw, r, 0)
+            fig.text(4 / width, 1 - (top + bottom) / 2 / height, row_title,
+                     ha="left", va="center", fontsize=8)
         canvas.draw()
         picture = np.array(canvas.buffer_rgba())[..., :3]
     # The panels are pasted, not drawn: matplotlib would resample them (seconds per case).

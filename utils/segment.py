@@ -65,6 +65,8 @@ def resolve_model_config(args, saved, path):
         raise UsageError(f"--num_classes {args.num_classes}: the network predicts "
                          f"{config.num_classes} regions (ET, WT, TC)")
     size = pick(args.input_size, "input_size", PUBLISHED_INPUT_SIZE)
+    # The flag's parsed tuple or a saved list, as text: window_size checks 'D,H,W' text, and
+    # its messages quote a saved value in the form a user would type it.
     window = window_size(size if isinstance(size, str) else ",".join(map(str, size)))
     return config, window
 
