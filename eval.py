@@ -132,7 +132,7 @@ def parse_eval_mode(text):
     try:
         mode = parse_mode(text)
     except ValueError as error:
-        raise UsageError(f"--mode: {error}") from None
+        raise UsageError(f"--mode: {error}; or 'all' (the 15 subsets), 'available'") from None
     if mode == "random":
         raise UsageError("--mode random is a training mode: give a subset (e.g. 0,2), 'all' "
                          "or 'available'")
@@ -150,6 +150,8 @@ def case_folders(args):
             raise UsageError("--data_list '' names no list: give a datalist, or --input DIR")
         source = resolve_list(args.data_list or PUBLISHED_DATA_LIST, args.data_dir)
         folders = read_datalist(source, args.data_root)
+        if not folders:
+            raise UsageError(f"--data_list {source} lists no cases")
     refuse_duplicates(folders, source)  # two masks would go to the same file
     return folders
 

@@ -67,6 +67,13 @@ def check_args(args):
         raise UsageError(f"-o {args.output}: the mask is written as NIfTI, name it .nii.gz or .nii")
     if any(args.output.resolve() == path.resolve() for path in files.values()):
         raise UsageError(f"-o {args.output} is one of the inputs")
+    given = [path.resolve() for path in files.values()]
+    for modality, path in files.items():
+        if given.count(path.resolve()) > 1:
+            raise UsageError(f"--{modality} {path} is given for another modality too: each "
+                             "modality needs its own scan")
+    if args.figure and Path(args.figure).suffix.lower() != ".png":
+        raise UsageError(f"--figure {args.figure}: the figure is a PNG, name it .png")
     if args.kmeans_necrosis and not args.postprocess:
         raise UsageError("--kmeans_necrosis is a post-processing rule: add --postprocess")
     outputs = [path for path in (args.output, figure_path(args)) if path]
@@ -117,8 +124,9 @@ def main(argv=None):
         if args.kmeans_necrosis:
             kmeans = (f"; K-means rule: {info['necrosis_relabelled']} edema voxels -> NCR"
                       if t1ce is not None else "; K-means rule skipped: no T1ce")
-        print(f"post-processing: {info['components_removed']} components removed, ET "
-              f"{'relabelled as NCR' if info['et_relabelled'] else 'kept'}{kmeans}")
+        et = ("relabelled as NCR" if info["et_relabelled"] else "kept" if (label == 4).any()
+              else "none left")
+        print(f"post-processing: {info['components_removed']} components removed, ET {et}{kmeans}")
     if args.output.exists() and args.figure is None and mask_figure(args.output).is_file():
         mask_figure(args.output).unlink()  # replacing a mask (--overwrite): its old figure would mislead
     save_labels(label, case.affine, case.header, args.output)

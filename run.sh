@@ -45,7 +45,6 @@ if [ "$GPU" = demo ]; then
     NAME=${NAME:-demo}
     TRAIN_LIST=${TRAIN_LIST:-$DEMO_DATA/train.csv}
     VAL_LIST=${VAL_LIST:-$DEMO_DATA/val.csv}
-    CACHE_DIR=${CACHE_DIR:-cache/synthetic}
     MODEL_SIZE=${MODEL_SIZE:-small}
     PATCH=${PATCH:-32,64,64}
     STAGE1_STEPS=${STAGE1_STEPS:-600}
@@ -57,7 +56,7 @@ NAME=${NAME:-LCKD}                                  # snapshots/${NAME}_stage{1,
 DATA_ROOT=${DATA_ROOT:-}                            # '' = list entries as published (../data/...)
 TRAIN_LIST=${TRAIN_LIST:-datalist/BraTS18/BraTS18_train_all.csv}  # published: all 285 cases
 VAL_LIST=${VAL_LIST:-datalist/BraTS18/BraTS18_val.csv}             # teacher election
-CACHE_DIR=${CACHE_DIR:-cache/BraTS18}
+CACHE_DIR=${CACHE_DIR:-}                            # '' = train.py's cache/<train list's folder>
 MODEL_SIZE=${MODEL_SIZE:-full}
 PATCH=${PATCH:-80,160,160}
 BATCH=${BATCH:-2}
@@ -95,9 +94,10 @@ AMP=${AMP:-off}
 common=(--device "$DEVICE" --amp "$AMP" --model_size "$MODEL_SIZE" --input_size "$PATCH"
         --batch_size "$BATCH" --val_pred_every "$VAL_EVERY" --learning_rate 1e-2
         --num_classes 3 --num_workers "$NUM_WORKERS" --train_list "$TRAIN_LIST"
-        --val_list "$VAL_LIST" --cache_dir "$CACHE_DIR" --random_mirror True
+        --val_list "$VAL_LIST" --random_mirror True
         --random_scale True --weight_std True --kd_weight 0.1)
 if [ -n "$DATA_ROOT" ]; then common+=(--data_root "$DATA_ROOT"); fi
+if [ -n "$CACHE_DIR" ]; then common+=(--cache_dir "$CACHE_DIR"); fi
 
 # stage NAME [train.py flags]: run one stage; train.py resumes it from its own last.pth, and
 # checks a finished one's settings before saying there is nothing to do (a re-run that changed

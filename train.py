@@ -1,4 +1,4 @@
-"""Train LCKD (SPEC.md, "Training recipe"): Dice + BCE + 0.1 * KD, SGD with poly decay,
+"""Train LCKD with the published recipe: Dice + BCE + 0.1 * KD, SGD with poly decay,
 teacher election on the validation list at iteration 0 and every --val_pred_every iterations.
 
 Examples (from the repository root):

@@ -103,9 +103,13 @@ def _candidates(entry, list_dir, data_root):
 
 def resolve_list(path, data_dir):
     """A datalist path as given if it exists, else data_dir/path (published: --data_dir +
-    --train_list/--data_list, e.g. datalist/ + BraTS18/BraTS18_test.csv). -> Path"""
+    --train_list/--data_list, e.g. datalist/ + BraTS18/BraTS18_test.csv). -> Path; DataError
+    naming both when neither exists."""
     if Path(path).exists() or not data_dir:
         return Path(path)
+    if not (Path(data_dir) / path).exists():
+        raise DataError(f"datalist {path} not found, nor {Path(data_dir) / path} (--data_dir "
+                        f"{data_dir}); check the path")
     return Path(data_dir) / path
 
 

@@ -1,6 +1,6 @@
 """The published per-modality intensity normalisation, as a literal reference and a fast twin.
 
-Published formula (SPEC.md, Data), for one modality volume `v`:
+Published formula (the released preprocessing), for one modality volume `v`:
   1. histogram of `v` with `int(v.max())` bins over [v.min(), v.max()];
   2. `top` = index of the last bin holding at least 50 voxels, used directly as an intensity
      (BraTS volumes start at 0, so bins are one unit wide);

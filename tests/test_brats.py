@@ -304,7 +304,9 @@ def test_resolve_list_published_data_dir(tmp_path, monkeypatch):
     assert resolve_list("mine.csv", "datalist/") == Path("mine.csv")  # exists as given
     assert resolve_list("datalist/BraTS18/test.csv", "datalist/") == Path("datalist/BraTS18/test.csv")
     assert resolve_list("missing.csv", "") == Path("missing.csv")  # no data_dir: as given
-    assert resolve_list("missing.csv", "datalist/") == Path("datalist/missing.csv")
+    with pytest.raises(DataError, match=r"^datalist missing.csv not found, nor datalist/missing.csv "
+                                        r"\(--data_dir datalist/\); check the path$"):
+        resolve_list("missing.csv", "datalist/")
 
 
 def test_relative_entries_without_data_root(tmp_path, monkeypatch):

@@ -107,7 +107,7 @@ def test_unavailable_cuda_is_a_one_line_user_error(capsys):
     assert exit_.value.code == 1
     assert capsys.readouterr().err.splitlines() == [
         "error: --device cuda: CUDA is not available here (no GPU, no driver, or a CPU-only "
-        "PyTorch); use --device cpu"]
+        "PyTorch); use --device cpu (run.sh, eval.sh: cpu in place of the GPU id)"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

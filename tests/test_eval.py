@@ -871,6 +871,11 @@ def test_an_empty_data_list_flag_is_refused_not_replaced_by_the_default(segmenta
     flags[flags.index("--data_list") + 1] = ""
     assert cli(flags) == "error: --data_list '' names no list: give a datalist, or --input DIR"
     assert not (tmp_path / "out").exists()
+    # a list without cases (a synthetic split of 2 cases has no test case): 0 masks, exit 0 before
+    (tmp_path / "empty.csv").write_text("# no cases\n")
+    flags[flags.index("--data_list") + 1] = str(tmp_path / "empty.csv")
+    assert cli(flags) == f"error: --data_list {tmp_path / 'empty.csv'} lists no cases"
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_network_is_the_one_the_checkpoint_records(tmp_path):

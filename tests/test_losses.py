@@ -1,4 +1,4 @@
-"""Losses against hand-computed values (SPEC.md, "Training recipe")."""
+"""Losses of the published recipe against hand-computed values."""
 import math
 
 import pytest

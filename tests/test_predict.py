@@ -132,6 +132,18 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
         "folder; choose another folder, or fix its permissions")  # before predicting
 
 
+def test_one_scan_for_two_modalities_and_a_figure_not_png_are_refused(segmentation_setup, tmp_path):
+    root, cases = segmentation_setup
+    case = cases[0]
+    flair = case / f"{case.name}_flair.nii.gz"
+    common = ["--checkpoint", str(root / "final.pth"), "--device", "cpu", "-o", str(tmp_path / "m.nii.gz")]
+    assert cli(["--flair", str(flair), "--t1", str(flair), *common]) == (
+        f"error: --flair {flair} is given for another modality too: each modality needs its own scan")
+    assert cli([*files_of(case, "flair"), *common, "--figure", str(tmp_path / "fig")]) == (
+        f"error: --figure {tmp_path / 'fig'}: the figure is a PNG, name it .png")
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_existing_mask_is_replaced_only_with_overwrite(segmentation_setup, tmp_path):
     root, cases = segmentation_setup
     case = cases[0]
@@ -168,6 +180,9 @@ def test_a_folder_in_place_of_the_mask_or_figure_is_refused_before_predicting(
     folder.mkdir()
     assert cli([*common, "-o", str(folder)]) == (
         f"error: cannot write {folder}: it is a folder; remove it, or choose another name")
-    assert cli([*common, "-o", str(tmp_path / "m.nii.gz"), "--figure", str(folder)]) == (
-        f"error: cannot write {folder}: it is a folder; remove it, or choose another name")
-    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())
+    figure = tmp_path / "F.png"
+    figure.mkdir()
+    assert cli([*common, "-o", str(tmp_path / "m.nii.gz"), "--figure", str(figure)]) == (
+        f"error: cannot write {figure}: it is a folder; remove it, or choose another name")
+    assert sorted(tmp_path.iterdir()) == [figure, folder]
+    assert not any(folder.iterdir()) and not any(figure.iterdir())

@@ -59,7 +59,7 @@ def resolve_device(name, local_rank=None):
         return device
     if not torch.cuda.is_available():
         raise DeviceError(f"--device {name}: CUDA is not available here (no GPU, no driver, or a "
-                          "CPU-only PyTorch); use --device cpu")
+                          "CPU-only PyTorch); use --device cpu (run.sh, eval.sh: cpu in place of the GPU id)")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     if local_rank is not None:

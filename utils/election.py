@@ -1,4 +1,4 @@
-"""Teacher election (SPEC.md, "Teacher election"): which single modality segments each region best.
+"""Teacher election, as published: which single modality segments each region best.
 
 Every validation case is predicted with each modality alone (sliding window, logits averaged
 over windows, one encoder pass per window for the four singles); per case and region the soft

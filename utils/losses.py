@@ -1,4 +1,4 @@
-"""Segmentation losses of the published LCKD recipe (SPEC.md, "Training recipe").
+"""Segmentation losses of the published LCKD recipe.
 
     loss = dice_loss(logits, regions) + bce_loss(logits, regions) + kd_weight * kd
 
