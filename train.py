@@ -49,7 +49,7 @@ from tqdm import tqdm
 from datasets.augment import augment_batch
 from datasets.brats import read_datalist, resolve_list
 from datasets.preprocess import preprocess
-from datasets.sampling import PatchDataset, loader_options
+from datasets.sampling import IterationSampler, PatchDataset, loader_options
 from models import LCKD, LCKDConfig
 from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
@@ -282,24 +282,6 @@ def draw_subset(mode, rng, p_missing):
 def derived_seed(*values):
     """An int seed that is a pure function of the values (for per-iteration, per-rank streams)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class IterationSampler(torch.utils.data.Sampler):
-    """Patch indices for iterations [start, stop): iteration i, rank r, sample j gets item
-    (i * world_size + r) * batch_size + j. The patch stream is a function of the iteration,
-    so a resumed run draws exactly the patches the uninterrupted run would have drawn."""
-
-    def __init__(self, start, stop, batch_size, rank, world_size):
-        self.start, self.stop = start, stop
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-
-    def __iter__(self):
-        for i in range(self.start, self.stop):
-            first = (i * self.world_size + self.rank) * self.batch_size
-            yield from range(first, first + self.batch_size)
-
-    def __len__(self):
-        return (self.stop - self.start) * self.batch_size
 
 
 class EventWriter:

@@ -4,7 +4,8 @@ A DataLoader worker only cuts crops: `PatchDataset[i]` draws the crop (`PatchSam
 copies its source intensities and labels out of the memory-mapped cache (datasets.preprocess;
 only the crop is read). `PatchDataset.to_device` then normalises, resizes and flips the batch on
 the training device. Item i, and so the finished patch, is a pure function of (seed, i): a
-resumed run that continues the index reproduces the same patches.
+resumed run that continues the index reproduces the same patches; `IterationSampler` gives
+each iteration and rank its indices.
 
 Published sampler, per patch (all draws from the item's rng, in this order):
   1. crop size = patch × U(0.9, 1.1) with p = 0.5 (else the patch size), when random_scale;
@@ -156,6 +157,24 @@ class PatchSampler:
             combo = int(rng.integers(1, 8))  # bit k set = flip spatial axis k
             flips = tuple(bool(combo >> k & 1) for k in range(3))
         return Crop(tuple(starts), tuple(sizes), flips)
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """Patch indices for iterations [start, stop): iteration i, rank r, sample j gets item
+    (i * world_size + r) * batch_size + j. The patch stream is a function of the iteration,
+    so a resumed run draws exactly the patches the uninterrupted run would have drawn."""
+
+    def __init__(self, start, stop, batch_size, rank, world_size):
+        self.start, self.stop = start, stop
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __iter__(self):
+        for i in range(self.start, self.stop):
+            first = (i * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+
+    def __len__(self):
+        return (self.stop - self.start) * self.batch_size
 
 
 class PatchDataset(torch.utils.data.Dataset):

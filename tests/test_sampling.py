@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import datasets.sampling as sampling
 from datasets.normalize import normalization_params, normalize_image, normalize_published
 from datasets.preprocess import CachedCase
-from datasets.sampling import PatchDataset, PatchSampler, foreground_locations, loader_options
+from datasets.sampling import (IterationSampler, PatchDataset, PatchSampler, foreground_locations,
+                               loader_options)
 from utils.regions import labels_to_regions
 
 CPU = torch.device("cpu")
@@ -306,3 +307,9 @@ def test_loader_options_sized_from_the_machine(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert loader_options(-1, CPU) == {"num_workers": 0, "pin_memory": False}  # one CPU
     assert loader_options(3, CPU)["num_workers"] == 3  # an explicit count is kept
+
+
+def test_iteration_sampler_continues_the_stream():
+    full = list(IterationSampler(0, 4, batch_size=2, rank=1, world_size=2))
+    assert full == [2, 3, 6, 7, 10, 11, 14, 15]
+    assert list(IterationSampler(2, 4, 2, 1, 2)) == full[4:]

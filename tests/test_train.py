@@ -829,12 +829,6 @@ def test_elect_picks_the_modality_that_sees_each_region():
     assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
 
 
-def test_iteration_sampler_continues_the_stream():
-    full = list(train.IterationSampler(0, 4, batch_size=2, rank=1, world_size=2))
-    assert full == [2, 3, 6, 7, 10, 11, 14, 15]
-    assert list(train.IterationSampler(2, 4, 2, 1, 2)) == full[4:]
-
-
 def test_missing_schedule_and_subset_draws():
     assert train.missing_probability("off", 0, 0) == 1.0
     assert train.missing_probability("ramp:100", 150, 100) == pytest.approx(0.5)
