@@ -250,11 +250,16 @@ def _scheme_of(files):
 
 
 def expected_file(case_dir, files, part):
-    """The path `part` would have in this case folder, in the scheme and extension of the
-    files found (for messages about a missing file)."""
+    """The path `part` would have in this case folder, in the scheme, prefix and extension of
+    the files found (for messages about a missing file); without files, the folder's name."""
     case_dir = Path(case_dir)
-    ext = min((_split_name(p)[1] for p in files.values()), default=".nii.gz")
-    return case_dir / f"{case_dir.name}{SCHEMES[_scheme_of(files)][part]}{ext}"
+    scheme = SCHEMES[_scheme_of(files)]
+    found = sorted((_split_name(p), name) for name, p in files.items())
+    prefix, ext = case_dir.name, ".nii.gz"
+    if found:
+        (stem, ext), name = found[0]
+        prefix = stem[:len(stem) - len(scheme[name])]
+    return case_dir / f"{prefix}{scheme[part]}{ext}"
 
 
 def find_case_files(case_dir, allow_missing=False):

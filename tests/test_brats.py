@@ -332,6 +332,16 @@ def test_published_val_list_rebased(tmp_path):
 
 
 # ---------------------------------------------------------------- incomplete cases (inference)
+def test_a_missing_file_is_named_after_the_files_the_folder_holds(tmp_path):
+    # a case folder renamed (P01) holding Brats18_X_* files: the missing T1 is Brats18_X_t1
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    part_path(folder, "t1").unlink()
+    folder = folder.rename(tmp_path / "P01")
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value).startswith(f"case P01: {folder / 'Brats18_X_t1.nii.gz'}: missing t1 file")
+
+
 @pytest.mark.parametrize("scheme, ext, present", [
     ("2018", ".nii.gz", ("flair", "t1ce")),
     ("2018", ".nii", ("t2",)),
