@@ -34,7 +34,6 @@ from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
 
-
 def parse_args(argv=None):
     p = ArgumentParser(prog="predict.py", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -57,7 +57,7 @@ from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint,
 from utils.cli import (PUBLISHED_INPUT_SIZE, USER_ERRORS, ArgumentParser, UsageError, run_cli,
                        str2bool, window_size)
 from utils.election import append_history, elect, format_result
-from utils.figures import overlay_panel
+from utils.overlay import overlay_panel
 from utils.inference import AMP_DTYPES, autocast
 from utils.io import remove_stale_temps, write_text, writing_in
 from utils.lock import exclusive_lock
@@ -294,13 +294,21 @@ class EventWriter:
         with writing_in(folder):
             self.writer = SummaryWriter(str(folder), **options)
 
-    def __getattr__(self, name):  # add_scalar, add_image, close...
-        method = getattr(self.writer, name)
+    def add_scalar(self, *args, **kwargs):
+        with writing_in(self.folder):
+            self.writer.add_scalar(*args, **kwargs)
 
-        def call(*args, **kwargs):
-            with writing_in(self.folder):
-                return method(*args, **kwargs)
-        return call
+    def add_text(self, *args, **kwargs):
+        with writing_in(self.folder):
+            self.writer.add_text(*args, **kwargs)
+
+    def add_image(self, *args, **kwargs):
+        with writing_in(self.folder):
+            self.writer.add_image(*args, **kwargs)
+
+    def close(self):
+        with writing_in(self.folder):
+            self.writer.close()
 
 
 # What a run writes into its snapshot folder (with TensorBoard's events.out.tfevents.*).
@@ -363,14 +371,18 @@ RUN_SETTINGS = ("patch_size", "batch_size", "learning_rate", "power", "momentum"
                 "kd_weight", "mode", "missing_schedule", "teachers", "num_steps", "random_seed",
                 "random_mirror", "random_scale", "augment", "val_pred_every", "overlap", "amp",
                 "world_size")
+# A finished run is checked on what it trained: run.sh's next stage may use other processes
+# (LAUNCH), autocast (AMP) or election overlap without making the finished one another run.
+FINISHED_SETTINGS = tuple(k for k in RUN_SETTINGS if k not in ("world_size", "amp", "overlap"))
 # Network fields that change memory or work, not results.
 SPEED_FIELDS = ("checkpoint_encoder", "encode_all")
 
 
-def refuse_changed_settings(saved, config, folder):
-    """UsageError naming the first setting in which `config` (this command's) differs from the
-    run in `folder` (`saved`: its last.pth's config), before anything is written: continuing
-    it with other settings would silently give a run that neither command describes."""
+def refuse_changed_settings(saved, config, folder, settings=RUN_SETTINGS):
+    """UsageError naming the first of `settings` (or network field) in which `config` (this
+    command's) differs from the run in `folder` (`saved`: its checkpoint's config), before
+    anything is written: continuing it with other settings would silently give a run that
+    neither command describes."""
     network = lambda c: {k: v for k, v in c.get("model_config", {}).items() if k not in SPEED_FIELDS}
     old, new = network(saved), network(config)
     if old != new:
@@ -378,7 +390,7 @@ def refuse_changed_settings(saved, config, folder):
         raise UsageError(f"{folder} holds a run of another network ({field} {old.get(field)}, this "
                          f"command {new.get(field)}): pass the model flags it was trained with "
                          f"(its config.json), --overwrite True to start over, or another --snapshot_dir")
-    for key in RUN_SETTINGS:
+    for key in settings:
         if key in saved and saved[key] != config[key]:
             setting = {"patch_size": "--input_size", "world_size": "processes"}.get(key, f"--{key}")
             raise UsageError(f"{folder} holds a run with {setting} {saved[key]} (this command: "
@@ -510,8 +522,15 @@ def train(args, lists, dist_info, device):
         lambda: claim_snapshot_dir(args, snapshot_dir, log), dist_info), dist_info)
     if decision == "finished":
         # A finished run with other settings (more --num_steps, another patch) is not this one.
-        distributed.on_main_rank(lambda: refuse_changed_settings(
-            load_checkpoint(source)["config"], config, snapshot_dir), dist_info, f"checking {source}")
+        def check_finished():
+            try:
+                saved = load_checkpoint(source)["config"]
+            except CheckpointError as error:
+                raise CheckpointError(f"{error}; remove it to resume from last.pth, or "
+                                      "--overwrite True to start over") from error
+            refuse_changed_settings(saved, config, snapshot_dir, FINISHED_SETTINGS)
+
+        distributed.on_main_rank(check_finished, dist_info, f"checking {source}")
         log(f"{source} exists: this run is finished, nothing to do (--overwrite True starts it over)")
         return None
 

@@ -3,6 +3,7 @@ one-line errors."""
 import argparse
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -127,3 +128,13 @@ def test_devices_that_are_not_there_are_device_errors(name, expected):
     with pytest.raises(distributed.DeviceError) as error:
         distributed.resolve_device(name)
     assert str(error.value).startswith(expected)
+
+
+def test_run_cli_sets_the_thread_hook_from_the_main_thread_only_and_restores_it():
+    before, seen = threading.excepthook, []
+    run_cli(lambda argv: seen.append(threading.excepthook))
+    assert seen[0] is not before and threading.excepthook is before  # set, then restored
+    worker = threading.Thread(target=run_cli, args=(lambda argv: seen.append(threading.excepthook),))
+    worker.start()
+    worker.join()
+    assert seen[1] is before and threading.excepthook is before  # another thread: untouched

@@ -4,9 +4,9 @@ import pandas as pd
 from matplotlib.image import imread
 
 from utils import figures
-from utils.figures import overlay
+from utils.overlay import overlay, tumour_slice
 
-# (R - B, G - B) of a panel pixel for each label, from utils.figures.overlay's blending with
+# (R - B, G - B) of a panel pixel for each label, from utils.overlay.overlay's blending with
 # alpha 0.5 in the order WT green (0, 200, 0), TC yellow (255, 220, 0), ET red (255, 0, 0)
 # over a grey pixel: background stays grey (0, 0); edema (WT) (0, 100); necrosis (WT, TC)
 # (127.5, 160); enhancing tumour (WT, TC, ET) (191.25, 80).
@@ -73,10 +73,10 @@ def test_overlay_grey_levels_background_black_brain_stretched_once():
 
 def test_tumour_slice():
     label = np.zeros((6, 4, 4), np.uint8)
-    assert figures.tumour_slice(label) == 3  # no tumour: the middle slice
+    assert tumour_slice(label) == 3  # no tumour: the middle slice
     label[1, :2, :2] = 2
     label[4, :3, :3] = 1
-    assert figures.tumour_slice(label) == 4
+    assert tumour_slice(label) == 4
 
 
 def test_dice_chart(tmp_path):

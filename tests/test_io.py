@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from utils.io import (DiskFullError, NotWritableError, atomic_path, check_file_writable,
-                      check_writable, remove_stale_temps)
+                      check_writable, is_temp, remove_stale_temps)
 from utils.lock import LockError, exclusive_lock
 
 
@@ -37,6 +37,18 @@ def test_remove_stale_temps_only_removes_temporaries_of_that_file(tmp_path):
     assert remove_stale_temps(target) == 2
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in others) and target.read_bytes() == b"good"
+
+
+@pytest.mark.parametrize("name", ["a.tmp", "a.tmp.json", "metrics.tmp.csv", "x.tmpy",
+                                  "Brats18_2013_1.nii.gz", "last.pth", "case.v2.npy"])
+def test_is_temp_knows_every_temporary_of_atomic_path(tmp_path, name):
+    # the temporary as atomic_path names it, seen while the write is in progress
+    with atomic_path(tmp_path / name) as tmp:
+        tmp.write_bytes(b"")
+        assert is_temp(tmp)
+    assert not is_temp(tmp_path / name)
+    for other in (".notes.tmp", ".A.nii.gz.k3j4.tmp.npy", "._Case.nii.gz", ".tmp"):
+        assert not is_temp(tmp_path / other)
 
 
 def test_a_file_whose_place_a_folder_takes_is_named(tmp_path):
@@ -147,5 +159,5 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
         check_writable(tmp_path / "new")
     # ... and on a read-only mount access() says no too, for root as well: named as the mount
     monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=os.ST_RDONLY))
-    with pytest.raises(NotWritableError, match=f"cannot write in {tmp_path / 'new'}: Read-only file system"):
+    with pytest.raises(NotWritableError, match=f"cannot write in {tmp_path / 'new'}: Read-only file system; choose another folder$"):
         check_writable(tmp_path / "new")

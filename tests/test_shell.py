@@ -214,7 +214,6 @@ def test_a_stop_is_the_scripts_status_when_the_launcher_exits_1(tmp_path, script
     assert stdout.splitlines()[-1] == "saved after SIGTERM" and len(launched(record)) == 1
 
 
-
 def test_run_sh_without_arguments_prints_its_usage():
     run = subprocess.run(["bash", str(REPO / "run.sh")], capture_output=True, text=True, timeout=60)
     assert (run.returncode, run.stdout) == (2, "")

@@ -30,7 +30,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint, non_finite, set_r
 from utils.cli import UsageError
 from utils import election
 from utils.election import append_history, elect, winners
-from utils.figures import overlay
+from utils.overlay import overlay
 from utils.inference import predict_subsets
 from utils.lock import LockError, exclusive_lock
 from utils.modalities import FULL, sample_subset, subset_name
@@ -208,7 +208,12 @@ def test_rerun_resumes_and_never_restarts_a_run(data, tmp_path, capsys):
     # ... unless this command's settings differ (run.sh with a larger STAGE1_STEPS): refused
     with pytest.raises(UsageError, match=r"holds a run with --num_steps 12 \(this command: 20\)"):
         train.main([*command, "--num_steps", "20"])
+    assert train.main([*command, "--overlap", "0.5"]) is None  # the election's only: accepted
     assert (snapshot / "final.pth").read_bytes() == final
+    (snapshot / "final.pth").write_bytes(final[:len(final) // 2])  # damaged since
+    with pytest.raises(CheckpointError, match=r"damaged file\?\); remove it to resume from "
+                                              r"last.pth, or --overwrite True to start over$"):
+        train.main(command)
     train.main(flags(data, snapshot, 2, 3, "--overwrite", "True"))
     assert not (snapshot / "last.pth").exists()
     assert load_checkpoint(snapshot / "final.pth")["iteration"] == 2

@@ -133,10 +133,11 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     word: rank 0 reports it; so it does a stop signal."""
     # Without a handler SIGTERM ends the process on the spot, skipping every `finally`. A
     # handler can only be set from the main thread (a test may call this from another).
+    in_main = threading.current_thread() is threading.main_thread()
     previous, thread_hook = None, threading.excepthook
-    if threading.current_thread() is threading.main_thread():
+    if in_main:  # both hooks are the process's: set (and restored) by its main thread alone
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    threading.excepthook = _thread_exception
+        threading.excepthook = _thread_exception
     try:
         return main(argv)
     except MainRankFailed as stopped:
@@ -149,6 +150,7 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
             print(STOPPED.get(status, f"error: {error}"), file=sys.stderr)
         sys.exit(status)
     finally:
-        threading.excepthook = thread_hook
-        if previous is not None:  # None: not set here, or set outside Python
-            signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            threading.excepthook = thread_hook
+            if previous is not None:  # None: set outside Python
+                signal.signal(signal.SIGTERM, previous)

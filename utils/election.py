@@ -8,7 +8,7 @@ teacher set is the sorted union of the winners.
 
 `elect` evaluates this rank's shard of the cases and sums over ranks, so every rank gets the
 same result. The pure core, `winners`, is array-in, array-out; the TensorBoard overlay of a
-validation slice is `figures.overlay_panel`.
+validation slice is `overlay.overlay_panel`.
 """
 import json
 from pathlib import Path
@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import distributed, figures
+from utils import distributed
 from utils.inference import predict_subsets
 from utils.io import write_text
 from utils.losses import soft_dice
 from utils.modalities import MODALITIES, SINGLE_SUBSETS
+from utils.overlay import tumour_slice
 from utils.regions import REGIONS, labels_to_regions
+
 
 def winners(dice_sums):
     """dice_sums (S, R) -> list of R winning modality indices (argmax over S; first on ties)."""
@@ -89,7 +91,7 @@ def _any_rank(flag, device, dist_info):
 
 def _slice_sample(name, image, label, probs, target):
     """The axial slice (along D) with the most tumour, for the overlay."""
-    d = figures.tumour_slice(label)
+    d = tumour_slice(label)
     return {
         "name": name,
         "slice": d,

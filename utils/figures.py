@@ -2,8 +2,9 @@
 
 A case figure has one column per modality present (an axial slice through the tumour) and one
 row per modality subset evaluated (its predicted regions drawn over every column), with the
-ground truth as the first row when the case is labelled. Region colours (also the TensorBoard
-overlay of the teacher election's slice): WT green, TC yellow, ET red, half transparent.
+ground truth as the first row when the case is labelled. Region colours are utils.overlay's
+(also the TensorBoard overlay of the teacher election): WT green, TC yellow, ET red, half
+transparent.
 
 matplotlib's object API with the Agg renderer (no pyplot, no display) works on headless
 machines and in eval.py's writer threads; matplotlib is not thread-safe (its font cache is
@@ -17,8 +18,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from utils.io import atomic_path
-from utils.modalities import MODALITIES, SINGLE_SUBSETS, subset_name
-from utils.regions import REGIONS, labels_to_regions
+from utils.modalities import MODALITIES, subset_name
+from utils.overlay import REGION_COLOURS, overlay, tumour_slice
+from utils.regions import labels_to_regions
 
 DPI = 100
 PANEL = 192  # px: a slice is enlarged by a whole factor to about this size (nearest neighbour)
@@ -26,42 +28,6 @@ GAP = 2  # px between panels
 ROW_TITLES = 130  # px left of the panels, for the row titles
 HEADER = 44  # px above the panels: the figure title, then the column titles
 _DRAWING = threading.Lock()
-# Overlay colours (RGB) in drawing order: later regions paint over earlier ones, like export.
-REGION_COLOURS = (("WT", (0, 200, 0)), ("TC", (255, 220, 0)), ("ET", (255, 0, 0)))
-OVERLAY_ALPHA = 0.5
-
-
-def tumour_slice(label):
-    """Label map (D, H, W) -> index along D of the axial slice with the most tumour voxels
-    (the middle slice when there is none)."""
-    area = np.count_nonzero(np.asarray(label).reshape(len(label), -1), axis=1)
-    return int(area.argmax()) if area.any() else len(label) // 2
-
-
-def overlay(image, regions):
-    """Normalised slice (H, W) + region masks (3, H, W) in ET, WT, TC order -> RGB uint8
-    (H, W, 3): the background (exactly 0) black, the brain grey from 5 % to white between its
-    0.5 and 99.5 percentiles (z-scores would put the background mid-grey), the regions
-    blended over it."""
-    image = np.asarray(image, dtype=np.float32)
-    brain = image != 0
-    grey = np.zeros(image.shape, np.float32)
-    if brain.any():
-        lo, hi = np.percentile(image[brain], (0.5, 99.5))
-        grey[brain] = (np.clip((image[brain] - lo) / max(hi - lo, 1e-6), 0, 1) * 0.95 + 0.05) * 255
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    for region, colour in REGION_COLOURS:
-        mask = np.asarray(regions[REGIONS.index(region)], dtype=bool)
-        rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)
-    return rgb.astype(np.uint8)
-
-
-def overlay_panel(sample):
-    """One row: ground truth on FLAIR, then each modality's prediction on that modality."""
-    panels = [overlay(sample["image"][0], sample["truth"])]
-    for i, subset in enumerate(SINGLE_SUBSETS):
-        panels.append(overlay(sample["image"][subset[0]], sample["pred"][i]))
-    return np.concatenate(panels, axis=1)
 
 
 def panel_scale(shape_hw):

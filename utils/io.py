@@ -34,14 +34,17 @@ def remove_stale_temps(path):
     return removed
 
 
-_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[^.]+\.tmp(?P<suffix>.*)")
-
-
 def is_temp(path):
     """Whether `path` is named as atomic_path names its temporaries: .<name>.<random>.tmp<suffix>,
-    the suffix being <name>'s ('.Synth_0000.nii.gz.k3j4.tmp.nii.gz'); another hidden file is not."""
-    match = _TEMP_NAME.fullmatch(Path(path).name)
-    return match is not None and match["suffix"] == "".join(Path(match["name"]).suffixes)
+    the suffix being <name>'s ('.Synth_0000.nii.gz.k3j4.tmp.nii.gz'); another hidden file is not.
+    Every '.tmp' is tried: <name> may hold one ('.a.tmp.json.k3j4.tmp.tmp.json')."""
+    name = Path(path).name
+    for match in re.finditer(r"\.tmp", name):
+        target, _, random = name[1:match.start()].rpartition(".")
+        if (name.startswith(".") and target and random
+                and name[match.end():] == "".join(Path(target).suffixes)):
+            return True
+    return False
 
 
 def remove_temps_below(folder):
@@ -104,8 +107,9 @@ def writing_in(folder):
                                 "free some space and run again") from error
         blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         problem = f"{blocking} is a file, not a folder" if blocking else error.strerror
+        fix = "" if error.errno == errno.EROFS else ", or fix its permissions"
         raise NotWritableError(error.errno, f"cannot write in {folder}: {problem}; choose another "
-                               "folder, or fix its permissions") from error
+                               f"folder{fix}") from error
 
 
 def check_writable(folder):
