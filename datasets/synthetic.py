@@ -25,6 +25,7 @@ same bytes (gzip is written with mtime 0 and no file name in its header).
 """
 import argparse
 import gzip
+import sys
 import time
 from pathlib import Path
 
@@ -315,6 +316,10 @@ def generate(out_dir, num_cases, shape_xyz=(240, 240, 155), seed=0, fmt="nii.gz"
         name = case_name(k)
         images, label = _synth_case(np.random.default_rng([seed, k]), shape_xyz)
         case_dir = out_dir / name
+        # A case written before in the other format would leave two files per part.
+        other = "nii" if fmt == "nii.gz" else "nii.gz"
+        for part in (*images, "seg"):
+            (case_dir / f"{name}_{part}.{other}").unlink(missing_ok=True)
         for modality, vol in images.items():
             _write_nifti(vol, affine, case_dir / f"{name}_{modality}.{fmt}")
         _write_nifti(label, affine, case_dir / f"{name}_seg.{fmt}")
@@ -344,6 +349,13 @@ def main(argv=None):
     start = time.perf_counter()
     cases = generate(args.out_dir, args.num_cases, shape, args.seed, args.format)
     n_train, n_val, n_test = split_counts(len(cases))
+    earlier = sorted(p.name for p in Path(args.out_dir).glob(f"{CASE_PREFIX}*") if p.is_dir()
+                     and p not in cases)
+    if earlier:
+        print(f"warning: {args.out_dir} also holds {len(earlier)} case folder(s) of an earlier run "
+              f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}), in none of its "
+              "lists: delete them before reading the folder as a whole (eval.py --input)",
+              file=sys.stderr)
     print(f"wrote {len(cases)} cases of {'x'.join(map(str, shape))} to {args.out_dir} "
           f"(train {n_train}, val {n_val}, test {n_test}) in {time.perf_counter() - start:.1f} s")
 

@@ -35,6 +35,20 @@ def contrast_cases(tmp_path_factory):
     return [_read_case(d, "nii")[0] for d in dirs]
 
 
+def test_writing_over_an_earlier_dataset_leaves_one_file_per_part_and_names_extra_cases(
+        tmp_path, capsys):
+    synthetic.main(["--out_dir", str(tmp_path), "--num_cases", "3", "--shape", "16,16,16"])
+    capsys.readouterr()
+    synthetic.main(["--out_dir", str(tmp_path), "--num_cases", "2", "--shape", "16,16,16",
+                    "--format", "nii"])
+    for name in ("Synth_0000", "Synth_0001"):  # the .nii.gz files of the earlier run are gone
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(
+            f"{name}_{k}.nii" for k in FILES)
+    assert capsys.readouterr().err == (
+        f"warning: {tmp_path} also holds 1 case folder(s) of an earlier run (Synth_0002), in none "
+        "of its lists: delete them before reading the folder as a whole (eval.py --input)\n")
+
+
 def test_cli_writes_brats_layout(tmp_path):
     synthetic.main(["--out_dir", str(tmp_path), "--num_cases", "3", "--shape", "48,48,32",
                     "--seed", "1"])
