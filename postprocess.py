@@ -34,6 +34,7 @@ leaks information from a modality it did not have; rule 2 finds each case's T1ce
 --images or eval.py's cases.csv, and skips masks of subsets without T1ce.
 """
 import argparse
+import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -56,6 +57,7 @@ from utils.postprocessing import Rules, orientation_warning, postprocess_label
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
 DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")
 CASES_RECORD = "cases.csv"  # eval.py's record of each case's folder
+EVAL_RECORD = "eval_config.json"  # eval.py's settings, with the subsets it writes masks of
 
 
 def read_t1ce(case, path, shape):
@@ -107,18 +109,28 @@ def is_mask_folder(name):
     return True
 
 
+def mask_folders(input_dir):
+    """The mask folders of the evaluation in input_dir: those present, and those its
+    eval_config.json's subsets name (an evaluation stopped in its first case lacks some)."""
+    folders = {f.name for f in input_dir.iterdir() if f.is_dir() and is_mask_folder(f.name)}
+    try:
+        subsets = json.loads((input_dir / EVAL_RECORD).read_text())["subsets"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not eval.py's
+        return sorted(folders)
+    return sorted(folders | ({subsets} if isinstance(subsets, str) else set(subsets)))
+
+
 def check_complete(input_dir, sources, args):
     """Refuse a stopped evaluation: eval.py writes cases.csv before any mask, listing every case
-    of the run, so a mask folder without one of them would be uploaded incomplete. Only the
-    folders present are checked (a run of one --mode writes one); a folder without cases.csv
+    of the run, so a mask folder without one of them would be uploaded incomplete. The folders
+    of the evaluation are checked (a run of one --mode writes one); a folder without cases.csv
     is a folder of one's own masks, not checked."""
     record = read_cases_record(input_dir)
     if record is None:
         return
     found = {(s.parent.name, nifti_stem(s)) for s in sources if s.parent.parent == input_dir}
-    missing = [f"{folder.name}/{case}" for folder in sorted(input_dir.iterdir())
-               if folder.is_dir() and is_mask_folder(folder.name)
-               for case in record["case"] if (folder.name, case) not in found]
+    missing = [f"{folder}/{case}" for folder in mask_folders(input_dir)
+               for case in record["case"] if (folder, case) not in found]
     if missing:
         raise UsageError(f"--input_dir {args.input_dir} is an evaluation that did not finish: "
                          f"{len(missing)} mask(s) of the cases its {CASES_RECORD} lists are missing "

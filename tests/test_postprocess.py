@@ -500,6 +500,20 @@ def test_a_stopped_evaluation_is_refused_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+def test_an_evaluation_stopped_in_its_first_case_is_refused_too(tmp_path):
+    # eval.py --mode all stopped after writing flair/A: the other subsets' folders do not exist
+    # yet, but eval_config.json names them.
+    inp, out = tmp_path / "eval", tmp_path / "post"
+    _eval_folder(inp, ["A"], ["flair/A"])
+    (inp / "eval_config.json").write_text('{"subsets": ["flair", "flair+t1ce"]}')
+    with pytest.raises(UsageError, match=r"did not finish: 1 mask\(s\) .* \(e.g. flair\+t1ce/A.nii.gz\)"):
+        postprocess.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers", "0"])
+    (inp / "eval_config.json").write_text('{"subsets": "available"}')  # --mode available
+    _write(inp / "available" / "A.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    assert len(postprocess.main(["--input_dir", str(inp), "--output_dir", str(out),
+                                 "--num_workers", "0"])) == 2
+
+
 def test_a_finished_evaluation_of_one_subset_is_post_processed(tmp_path):
     # --mode flair,t1ce writes one folder: the 14 others are not required; figures/ is no masks'.
     inp, out = tmp_path / "eval", tmp_path / "post"
