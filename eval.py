@@ -74,7 +74,8 @@ from utils.io import (atomic_path, check_file_writable, file_sha256, is_temp,
                       remove_stale_temps, write_text)
 from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
-from utils.modalities import ALL_SUBSETS, AVAILABLE, MODALITIES, parse_mode, subset_name
+from utils.modalities import (ALL_SUBSETS, AVAILABLE, MASK_FOLDERS, MODALITIES, parse_mode,
+                              subset_name)
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
 PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
@@ -85,7 +86,6 @@ PRESENT, ABSENT = "●", "○"
 RECORD_FILES = ("eval_config.json", "cases.csv")  # written before any mask
 REPORT_FILES = ("metrics.csv", "summary.csv", "summary.md", "dice.png")  # written after the last
 RUN_FILES = RECORD_FILES + REPORT_FILES
-MASK_FOLDERS = tuple(subset_name(s) for s in ALL_SUBSETS) + (AVAILABLE,)
 FIGURE_FOLDER = "figures"
 # The settings of eval_config.json that shape the masks: --resume requires the first run's.
 # (--device, --batch_size, --workers, --hd95, --figures and where the cases are read from may

@@ -50,7 +50,7 @@ from utils.cli import ArgumentParser, UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
-from utils.modalities import AVAILABLE, T1CE, parse_subset
+from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
 from utils.postprocessing import Rules, orientation_warning, postprocess_label
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
@@ -98,21 +98,10 @@ def read_cases_record(input_dir):
     return pd.read_csv(input_dir / CASES_RECORD, dtype=str, keep_default_na=False)  # '007' stays
 
 
-def is_mask_folder(name):
-    """Whether eval.py could have written masks into a folder of this name."""
-    if name == AVAILABLE:
-        return True
-    try:
-        parse_subset(name)
-    except ValueError:
-        return False
-    return True
-
-
 def mask_folders(input_dir):
     """The mask folders of the evaluation in input_dir: those present, and those its
     eval_config.json's subsets name (an evaluation stopped in its first case lacks some)."""
-    folders = {f.name for f in input_dir.iterdir() if f.is_dir() and is_mask_folder(f.name)}
+    folders = {f.name for f in input_dir.iterdir() if f.is_dir() and f.name in MASK_FOLDERS}
     try:
         subsets = json.loads((input_dir / EVAL_RECORD).read_text())["subsets"]
     except (OSError, ValueError, KeyError, TypeError):  # none, or not eval.py's

@@ -61,6 +61,10 @@ def subset_name(subset):
     return "+".join(MODALITIES[i] for i in subset)
 
 
+# The folders eval.py writes masks into: one per subset, and --mode available's.
+MASK_FOLDERS = tuple(subset_name(s) for s in ALL_SUBSETS) + (AVAILABLE,)
+
+
 def sample_subset(rng: random.Random):
     """Published random-missing draw: k uniform in {1, 2, 3}, then k modalities uniformly."""
     k = rng.choice((1, 2, 3))
