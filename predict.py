@@ -64,11 +64,11 @@ def check_args(args):
             raise UsageError(f"--{modality} {path}: expected a NIfTI file (.nii or .nii.gz)")
     if nifti_stem(args.output) is None:
         raise UsageError(f"-o {args.output}: the mask is written as NIfTI, name it .nii.gz or .nii")
-    if any(args.output.resolve() == path.resolve() for path in files.values()):
-        raise UsageError(f"-o {args.output} is one of the inputs")
     given = [path.resolve() for path in files.values()]
-    for modality, path in files.items():
-        if given.count(path.resolve()) > 1:
+    if args.output.resolve() in given:
+        raise UsageError(f"-o {args.output} is one of the inputs")
+    for (modality, path), resolved in zip(files.items(), given):
+        if given.count(resolved) > 1:
             raise UsageError(f"--{modality} {path} is given for another modality too: each "
                              "modality needs its own scan")
     if args.figure and Path(args.figure).suffix.lower() != ".png":
@@ -126,8 +126,9 @@ def main(argv=None):
         et = ("relabelled as NCR" if info["et_relabelled"] else "kept" if (label == 4).any()
               else "none left")
         print(f"post-processing: {info['components_removed']} components removed, ET {et}{kmeans}")
-    if args.output.exists() and args.figure is None and mask_figure(args.output).is_file():
-        mask_figure(args.output).unlink()  # replacing a mask (--overwrite): its old figure would mislead
+    old_figure = mask_figure(args.output)
+    if args.output.exists() and args.figure is None and old_figure.is_file():
+        old_figure.unlink()  # replacing a mask (--overwrite): its old figure would mislead
     save_labels(label, case.affine, case.header, args.output)
     counts = np.bincount(label.ravel(), minlength=5)
     print(f"mask from {subset_name(case.available)} written to {args.output}: "

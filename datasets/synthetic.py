@@ -312,12 +312,12 @@ def generate(out_dir, num_cases, shape_xyz=(240, 240, 155), seed=0, fmt="nii.gz"
     out_dir = Path(out_dir)
     affine = affine_for(shape_xyz)
     case_dirs = []
+    other = "nii" if fmt == "nii.gz" else "nii.gz"  # an earlier run's format, to remove
     for k in range(num_cases):
         name = case_name(k)
         images, label = _synth_case(np.random.default_rng([seed, k]), shape_xyz)
         case_dir = out_dir / name
         # A case written before in the other format would leave two files per part.
-        other = "nii" if fmt == "nii.gz" else "nii.gz"
         for part in (*images, "seg"):
             (case_dir / f"{name}_{part}.{other}").unlink(missing_ok=True)
         for modality, vol in images.items():
