@@ -35,6 +35,14 @@ STAND_IN = textwrap.dedent("""\
     """)
 
 
+# Starts a command with SIGINT at its default. A process started in the background by a shell
+# without job control (`pytest ... &` in a script) has SIGINT ignored, and its children inherit
+# that; bash cannot trap a signal ignored on entry, so the scripts would not pass Ctrl-C on. A
+# terminal or a scheduler starts them with SIGINT at its default, as here.
+DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; "
+                  "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 def copy_scripts(folder, *scripts):
     """The shell scripts and the helper they source, into `folder` (they run from their own)."""
     for script in scripts:
@@ -59,8 +67,8 @@ def start(tmp_path, script, wait_s=30, **extra_env):
     record = tmp_path / "launched"
     env = dict(os.environ, LAUNCH=f"{sys.executable} {tmp_path / 'stand_in.py'}",
                LAUNCHED=str(record), STAND_IN_WAIT=str(wait_s), **extra_env)
-    process = subprocess.Popen(["bash", script, "cpu"], cwd=tmp_path, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([*DEFAULT_SIGINT, "bash", script, "cpu"], cwd=tmp_path, env=env,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
     deadline = time.monotonic() + 30
     while not launched(record) and time.monotonic() < deadline:
@@ -127,10 +135,11 @@ def test_run_sh_goes_on_to_stage_2_when_stage_1_ends_on_its_own(tmp_path):
 # Runs `bash SCRIPT cpu` on a new pseudo-terminal, as typed in a terminal; once the stand-in has
 # started, types Ctrl-C. Prints what the terminal showed, then the script's exit status.
 TERMINAL = textwrap.dedent("""\
-    import os, pty, select, sys, time
+    import os, pty, select, signal, sys, time
     script, record = sys.argv[1:]
     pid, fd = pty.fork()
     if pid == 0:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal's shell starts commands
         os.execvp("bash", ["bash", script, "cpu"])
     shown, typed = b"", False
     deadline = time.monotonic() + 60
