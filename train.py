@@ -32,6 +32,7 @@ while a run uses the folder. Exit status: 0 done (or already finished), 1 error,
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -242,20 +243,31 @@ def validate_args(args):
 
 
 def read_lists(args):
-    """The training and validation case folders; an empty list is a mistake, named here."""
+    """The training and validation lists -> [(path, case folders)] ((None, []) for
+    --val_list ''); an empty list is a mistake, named here."""
     lists = []
     if not args.train_list:
         raise UsageError("--train_list '' names no list: give the list of training cases")
     for flag, path in (("--train_list", args.train_list), ("--val_list", args.val_list)):
         if not path:  # --val_list '': no election
-            lists.append(None)
+            lists.append((None, []))
             continue
         path = resolve_list(path, args.data_dir)
-        if not read_datalist(path, args.data_root or None):
+        folders = read_datalist(path, args.data_root or None)
+        if not folders:
             raise UsageError(f"{flag} {path} lists no cases" +
                              (" (--val_list '' turns the election off)" if flag == "--val_list" else ""))
-        lists.append(path)
+        lists.append((path, folders))
     return lists
+
+
+def cases_summary(folders):
+    """What a run records of a list: its cases in order, by name (the sampler's draws and the
+    elections depend on them; a dataset moved to another root keeps them)."""
+    if not folders:
+        return "no cases"
+    names = "\n".join(folder.name for folder in folders).encode()
+    return f"{len(folders)} cases, names sha256 {hashlib.sha256(names).hexdigest()[:12]}"
 
 
 def poly_lr(base_lr, iteration, num_steps, power):
@@ -366,11 +378,12 @@ def _holds_run_config(path):
 
 
 # What a resumed run shares with the run it continues (the exact resume); the device, the
-# workers, the speed options, logging and where the data are read from may change.
+# workers, the speed options, logging and where the data are read from (not which cases) may
+# change.
 RUN_SETTINGS = ("patch_size", "batch_size", "learning_rate", "power", "momentum", "weight_decay",
                 "kd_weight", "mode", "missing_schedule", "teachers", "num_steps", "random_seed",
                 "random_mirror", "random_scale", "augment", "val_pred_every", "overlap", "amp",
-                "world_size")
+                "world_size", "train_cases", "val_cases")
 # A finished run is checked on what it trained: run.sh's next stage may use other processes
 # (LAUNCH), autocast (AMP) or election overlap without making the finished one another run.
 FINISHED_SETTINGS = tuple(k for k in RUN_SETTINGS if k not in ("world_size", "amp", "overlap"))
@@ -392,7 +405,9 @@ def refuse_changed_settings(saved, config, folder, settings=RUN_SETTINGS):
                          f"(its config.json), --overwrite True to start over, or another --snapshot_dir")
     for key in settings:
         if key in saved and saved[key] != config[key]:
-            setting = {"patch_size": "--input_size", "world_size": "processes"}.get(key, f"--{key}")
+            setting = {"patch_size": "--input_size", "world_size": "processes",
+                       "train_cases": "--train_list of", "val_cases": "--val_list of"
+                       }.get(key, f"--{key}")
             raise UsageError(f"{folder} holds a run with {setting} {saved[key]} (this command: "
                              f"{config[key]}); run it with the same settings (its config.json), "
                              f"--overwrite True to start over, or choose another --snapshot_dir")
@@ -472,12 +487,14 @@ def network_config(args):
         checkpoint_encoder=args.checkpoint_encoder, encode_all=args.encode_all_modalities)
 
 
-def run_config(args, world_size, cache_dir):
+def run_config(args, world_size, cache_dir, lists):
     """What config.json and every checkpoint record: the flags and what they resolve to."""
     config = {k: v for k, v in vars(args).items()  # overwrite: a fed-back config must not delete
               if k not in ("patch_size", "mode_parsed", "overwrite")}
+    (_, train_folders), (_, val_folders) = lists
     config.update(model_config=network_config(args).to_dict(), world_size=world_size,
-                  patch_size=list(args.patch_size), cache_dir_resolved=str(cache_dir))
+                  patch_size=list(args.patch_size), cache_dir_resolved=str(cache_dir),
+                  train_cases=cases_summary(train_folders), val_cases=cases_summary(val_folders))
     return config
 
 
@@ -514,9 +531,9 @@ def train(args, lists, dist_info, device):
     main_rank = dist_info.is_main
     log = tqdm.write if main_rank else (lambda *a, **k: None)
     snapshot_dir = Path(args.snapshot_dir)
-    train_list, val_list = lists
+    (train_list, _), (val_list, _) = lists
     cache_dir = Path(args.cache_dir or Path("cache") / train_list.parent.name)
-    config = run_config(args, dist_info.world_size, cache_dir)
+    config = run_config(args, dist_info.world_size, cache_dir, lists)
     # Decided on rank 0; a refusal there stops every rank at once (no wait for the timeout).
     decision, source = distributed.broadcast_object(distributed.on_main_rank(
         lambda: claim_snapshot_dir(args, snapshot_dir, log), dist_info), dist_info)

@@ -3,6 +3,7 @@
 Data: 5 synthetic cases of 64x64x32 voxels (3 train, 1 val), patch 16x32x32, batch 2; the
 election uses overlap 0 (8 windows per case) to keep it cheap.
 """
+import hashlib
 import json
 import os
 import random
@@ -253,9 +254,30 @@ def test_a_run_is_resumed_with_its_own_settings_or_refused(data, tmp_path):
         with pytest.raises(UsageError, match=message + ".*--overwrite True to start over"):
             train.main([*command, *changed])
         assert {p.name: p.read_bytes() for p in snapshot.iterdir() if p.is_file()} == kept
-    # what may change: the device's speed options, workers, logging, the stop point
+    # other cases: the training list in another order (the sampler draws by position), a
+    # validation list where the run had none (its elections would start mid-run)
+    names = lambda *cases: hashlib.sha256("\n".join(cases).encode()).hexdigest()[:12]
+    listed = tmp_path / "lists"
+    listed.mkdir()
+    (listed / "reordered.csv").write_text("Synth_0002\nSynth_0000\nSynth_0001\n")
+    run_cases = f"3 cases, names sha256 {names('Synth_0000', 'Synth_0001', 'Synth_0002')}"
+    for changed, message in (
+            (["--train_list", str(listed / "reordered.csv")],
+             f"--train_list of {run_cases} (this command: 3 cases, names sha256 "
+             f"{names('Synth_0002', 'Synth_0000', 'Synth_0001')})"),
+            (["--val_list", str(data / "data" / "val.csv")],
+             f"--val_list of no cases (this command: 1 cases, names sha256 {names('Synth_0003')})")):
+        with pytest.raises(UsageError, match=re.escape(f"holds a run with {message}; ")):
+            train.main([*command, "--data_root", str(data / "data"), *changed])
+        assert {p.name: p.read_bytes() for p in snapshot.iterdir() if p.is_file()} == kept
+    assert json.loads((snapshot / "config.json").read_text())["train_cases"] == run_cases
+    # what may change: the device's speed options, workers, logging, the stop point, where the
+    # same cases are listed and read from
+    (listed / "train.csv").write_text("Synth_0000\nSynth_0001\nSynth_0002\n")
     assert train.main([*command, "--log_every", "2", "--checkpoint_encoder", "True",
-                       "--channels_last", "on"])["iteration"] == 10
+                       "--channels_last", "on", "--train_list", str(listed / "train.csv"),
+                       "--data_root", str(data / "data"), "--stop_at", "7"])["iteration"] == 7
+    assert train.main([*command, "--log_every", "2"])["iteration"] == 10
 
     # --reload_path of another network (a stage 1 of another size): one line
     other = tmp_path / "other.pth"
