@@ -152,11 +152,26 @@ last = history[-1]
 print(f"\nelected teachers (iteration {last['iteration']}): " +
       ", ".join(f"{region} -> {modality}" for region, modality in last["winners"].items()) +
       f"; teacher set {last['teachers']}")
+
+
+def schedule(run):
+    """How a demo run trained (its stages' config.json), so that rows of other budgets are not
+    compared as equals; '?' once its snapshots are gone."""
+    try:
+        one, two = (json.loads(Path(f"snapshots/{run}_stage{i}/config.json").read_text())
+                    for i in (1, 2))
+    except (OSError, ValueError):
+        return "?"
+    return (f"{one['model_size']} {'x'.join(map(str, two['patch_size']))}, iterations "
+            f"{one['num_steps']}+{two['num_steps'] - one['num_steps']}, kd {two['kd_weight']:g}")
+
+
 print("\nDice (%) of every demo run so far (mean over the 15 subsets | all four modalities):")
 for summary in sorted(set(Path("outputs").glob("demo*/summary.csv")) | {Path(out, "summary.csv")}):
     table = pd.read_csv(summary).set_index("subset")
     row = lambda s: " ".join(f"{r} {table.loc[s, f'{r} Dice']:5.1f}" for r in ("ET", "TC", "WT"))
-    print(f"  {summary.parent.name:<16} {row('mean')} | {row('flair+t1+t1ce+t2')}")
+    run = summary.parent.name
+    print(f"  {run:<16} {row('mean')} | {row('flair+t1+t1ce+t2')}  ({schedule(run)})")
 print(f"""
 outputs:
   synthetic data      {data}/

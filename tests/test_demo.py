@@ -56,6 +56,12 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert list(table["subset"]) == [subset_name(s) for s in ALL_SUBSETS] + ["mean"]
     assert "| mean" in run.stdout
     assert "demo finished" in run.stdout
+    # ... and the run's line in the table of every demo run, with how it trained
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("  demo ")]
+    dice = table.set_index("subset").loc["mean", ["ET Dice", "TC Dice", "WT Dice"]]
+    assert line.split("|")[0].split()[1:] == [f for r, d in zip(("ET", "TC", "WT"), dice)
+                                              for f in (r, f"{d:.1f}")]
+    assert line.endswith("(small 16x32x32, iterations 4+4, kd 0.1)"), line
 
     # Pictures: one per test case (ground truth + 15 subset rows, 4 modality columns), the
     # Dice chart; and the one case segmented from its FLAIR and T1ce alone, with its figure.
