@@ -38,7 +38,6 @@ import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
@@ -51,7 +50,8 @@ from utils.export import read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
 from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
-from utils.postprocessing import Rules, orientation_warning, postprocess_label
+from utils.postprocessing import (add_threshold_args, orientation_warning, postprocess_label,
+                                  rules_from_args)
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
@@ -192,27 +192,13 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR,
                         help="where cleaned masks go (same relative paths); must not overlap "
                              "input_dir (default %(default)s)")
-    parser.add_argument("--min_component", type=int, default=Rules.min_component,
-                        help="drop components smaller than this many voxels ... (default %(default)s)")
-    parser.add_argument("--min_fraction", type=float, default=Rules.min_fraction,
-                        help="... or than this fraction of the largest, whichever is smaller (default %(default)s)")
-    parser.add_argument("--bottom_slices", type=int, default=Rules.bottom_slices,
-                        help="drop components entirely within this many lowest z slices (default %(default)s)")
-    parser.add_argument("--et_threshold", type=int, default=Rules.et_threshold,
-                        help="relabel ET as NCR when the case has fewer ET voxels (default %(default)s)")
     g = parser.add_argument_group("the released script's K-means rule (off by default)")
     g.add_argument("--kmeans_necrosis", action="store_true",
                    help="relabel the middle T1ce intensity group of a component's edema as necrosis")
     g.add_argument("--images", type=Path, default=None,
                    help="folder of the case folders (<images>/<case>/), for their T1ce "
                         "(default: the folders eval.py recorded in input_dir/cases.csv)")
-    for name, help_text in (("case_et_ratio", "case's ET / tumour voxels below"),
-                            ("component_et_share", "component's 4nET/(nNCR+2nED+4nET) below"),
-                            ("et_value_sum", "component's 4nET below"),
-                            ("max_ncr", "case's NCR voxels below")):
-        default = getattr(Rules, f"kmeans_{name}")
-        g.add_argument(f"--kmeans_{name}", type=type(default), default=default,
-                       help=f"fires when the {help_text} this (default %(default)s)")
+    add_threshold_args(parser, g)
     parser.add_argument("--num_workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1),
                         help="parallel processes; 0 = run in this process (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
@@ -234,7 +220,7 @@ def main(argv=None):
     check_complete(input_dir, sources, args)
     if not sources:
         raise UsageError(f"no {' or '.join(EXTENSIONS)} masks found under {args.input_dir}")
-    rules = Rules(**{field.name: getattr(args, field.name) for field in fields(Rules)})
+    rules = rules_from_args(args)
     t1ce = (t1ce_files(sources, input_dir, args.images) if args.kmeans_necrosis
             else [None] * len(sources))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))

@@ -11,9 +11,9 @@ otherwise); a warning is printed when they do not look like what a BraTS-trained
 trained on: about 1 mm isotropic, skull-stripped with a background of exactly 0, co-registered
 (the same brain voxels non-zero in every modality).
 
---postprocess applies the published rules (postprocess.py, published thresholds, for
-240x240x155 volumes), --kmeans_necrosis with it adds the released K-means rule when T1ce is
-given. --figure writes a PNG of a slice through the tumour (default: the mask's name, .png).
+--postprocess applies the published rules (postprocess.py; its threshold flags too, with the
+published defaults, for 240x240x155 volumes), --kmeans_necrosis with it adds the released
+K-means rule when T1ce is given. --figure writes a PNG of a slice through the tumour (default: the mask's name, .png).
 """
 import argparse
 import sys
@@ -29,7 +29,8 @@ from utils.cli import ArgumentParser, UsageError, run_cli
 from utils.export import save_labels
 from utils.io import check_file_writable
 from utils.modalities import MODALITIES, T1CE, subset_name
-from utils.postprocessing import Rules, orientation_warning, postprocess_label
+from utils.postprocessing import (THRESHOLD_HELP, Rules, add_threshold_args, orientation_warning,
+                                  postprocess_label, rules_from_args)
 from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
@@ -42,9 +43,11 @@ def parse_args(argv=None):
         g.add_argument(f"--{modality}", type=Path, default=None)
     p.add_argument("--checkpoint", required=True, help="checkpoint (.pth) written by train.py")
     p.add_argument("-o", "--output", type=Path, required=True, help="the mask to write (.nii.gz)")
-    p.add_argument("--postprocess", action="store_true", help="apply the published rules")
-    p.add_argument("--kmeans_necrosis", action="store_true",
+    g = p.add_argument_group("post-processing (postprocess.py's rules and thresholds)")
+    g.add_argument("--postprocess", action="store_true", help="apply the published rules")
+    g.add_argument("--kmeans_necrosis", action="store_true",
                    help="with --postprocess: the released K-means rule (needs --t1ce)")
+    add_threshold_args(g, g)
     p.add_argument("--figure", nargs="?", const="", default=None, metavar="PNG",
                    help="write a figure (default path: the mask's, with .png)")
     p.add_argument("--overwrite", action="store_true",
@@ -75,6 +78,9 @@ def check_args(args):
         raise UsageError(f"--figure {args.figure}: the figure is a PNG, name it .png")
     if args.kmeans_necrosis and not args.postprocess:
         raise UsageError("--kmeans_necrosis is a post-processing rule: add --postprocess")
+    if rules_from_args(args) != Rules() and not args.postprocess:
+        changed = next(f for f in THRESHOLD_HELP if getattr(args, f) != getattr(Rules, f))
+        raise UsageError(f"--{changed} is a post-processing threshold: add --postprocess")
     outputs = [path for path in (args.output, figure_path(args)) if path]
     for path in outputs:
         check_file_writable(path)  # found now, not after the prediction
@@ -115,7 +121,8 @@ def main(argv=None):
     label = segment(model, case.image, [case.available], window, args, device)[0]
     if args.postprocess:
         # in NIfTI order, as postprocess.py: the K-means rule's result depends on the order
-        label, info = postprocess_label(to_nifti_order(label), Rules(), t1ce=t1ce, name=name)
+        label, info = postprocess_label(to_nifti_order(label), rules_from_args(args), t1ce=t1ce,
+                                        name=name)
         label = to_network_order(label)
         for warning in filter(None, [orientation_warning(case.affine, name), *info["warnings"]]):
             print(f"warning: {warning}", file=sys.stderr)

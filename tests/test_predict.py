@@ -64,6 +64,11 @@ def test_postprocess_is_the_published_rules_on_the_mask(segmentation_setup, tmp_
                   "cpu", "-o", str(tmp_path / "flair.nii.gz"), "--postprocess", "--kmeans_necrosis"])
     assert "K-means rule skipped: no T1ce" in capsys.readouterr().out
 
+    # postprocess.py's thresholds (here: every component below twice the largest is dropped)
+    predict.main([*common, "-o", str(tmp_path / "strict.nii.gz"), "--postprocess",
+                  "--min_component", "1000000", "--min_fraction", "2"])
+    assert expected.any() and not mask(tmp_path / "strict.nii.gz").any()
+
 
 def test_the_kmeans_rule_visits_components_in_nifti_order_as_postprocess_py(
         segmentation_setup, tmp_path, monkeypatch):
@@ -116,6 +121,8 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
     assert cli([*ckpt, "-o", str(out)]) == "error: give at least one modality: --flair, --t1, --t1ce, --t2"
     assert "name it .nii.gz" in cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "m.png")])
     assert "add --postprocess" in cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--kmeans_necrosis"])
+    assert cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--et_threshold", "33"]) == (
+        "error: --et_threshold is a post-processing threshold: add --postprocess")
     same = str(case / f"{case.name}_t2.nii.gz")
     assert cli([*files_of(case, "t2"), *ckpt, "-o", same]) == f"error: -o {same} is one of the inputs"
 

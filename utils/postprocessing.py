@@ -29,6 +29,33 @@ class Rules:
     kmeans_max_ncr: int = 10000  # NCR voxels of the case, below
 
 
+# The rules' thresholds as command-line flags (postprocess.py, predict.py --postprocess).
+THRESHOLD_HELP = {
+    "min_component": "drop components smaller than this many voxels ...",
+    "min_fraction": "... or than this fraction of the largest, whichever is smaller",
+    "bottom_slices": "drop components entirely within this many lowest z slices",
+    "et_threshold": "relabel ET as NCR when the case has fewer ET voxels than this",
+    "kmeans_case_et_ratio": "K-means rule: fires when the case's ET / tumour voxels are below this",
+    "kmeans_component_et_share": "... and the component's 4nET/(nNCR+2nED+4nET) below this",
+    "kmeans_et_value_sum": "... and the component's 4nET below this",
+    "kmeans_max_ncr": "... and the case's NCR voxels so far below this",
+}
+
+
+def add_threshold_args(group, kmeans):
+    """--min_component, --min_fraction, --bottom_slices, --et_threshold (published defaults),
+    and the K-means rule's --kmeans_* thresholds in `kmeans` (an argument group)."""
+    for name, help_text in THRESHOLD_HELP.items():
+        default = getattr(Rules, name)
+        (kmeans if name.startswith("kmeans_") else group).add_argument(
+            f"--{name}", type=type(default), default=default, help=f"{help_text} (default %(default)s)")
+
+
+def rules_from_args(args):
+    """The Rules that add_threshold_args' flags set."""
+    return Rules(**{name: getattr(args, name) for name in THRESHOLD_HELP})
+
+
 def bottom_rule_applies(shape, rules=Rules()):
     """False on a volume too thin for the bottom-slice rule: every component would lie in it."""
     return shape[SLICE_AXIS] > rules.bottom_slices
