@@ -50,14 +50,26 @@ def test_case_figure_draws_each_row_over_each_column(tmp_path):
     prediction = np.zeros_like(truth)
     prediction[2:6, 30:38] = 4
     prediction[10:20, 5:12] = 2
-    size = figures.case_figure(tmp_path / "case.png", "case X, axial slice 7", images,
-                               ["flair", "t1ce", "t2"], [("ground truth", truth), ("t1ce", prediction)])
+    columns = ["flair", "t1ce", "t2"]
+    size = figures.case_figure(tmp_path / "case.png", "case X, axial slice 7", images, columns,
+                               [("ground truth", truth, columns), ("t1ce", prediction, ["t1ce"])])
     assert size == figures.case_layout((24, 40), 2, 3)[:2]
     rgb = read_png(tmp_path / "case.png", size)
     for row, label in enumerate((truth, prediction)):
         for column in range(3):
             assert_regions_drawn(rgb, figures.panel_box((24, 40), row, column), label)
     assert (rgb[:figures.HEADER, :] < 128).any()  # the titles are written
+
+    # The t1ce row's FLAIR and T2 panels, which it did not see, are dimmed; its T1ce is not:
+    # where neither row draws a region, a pixel is the ground truth row's grey times UNSEEN.
+    scale = figures.panel_scale((24, 40))
+    clear = ((truth == 0) & (prediction == 0)).T.repeat(scale, 0).repeat(scale, 1)
+    for column, brightness in enumerate((figures.UNSEEN, 1.0, figures.UNSEEN)):
+        (t0, l0, b0, r0), (t1, l1, b1, r1) = (figures.panel_box((24, 40), row, column)
+                                              for row in (0, 1))
+        full, shown = rgb[t0:b0, l0:r0, 0][clear], rgb[t1:b1, l1:r1, 0][clear]
+        assert full.max() > 200
+        np.testing.assert_allclose(shown, full * brightness, atol=1.5)
 
 
 def test_overlay_grey_levels_background_black_brain_stretched_once():

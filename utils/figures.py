@@ -1,8 +1,9 @@
 """Pictures of segmentations: one PNG per case and a chart of an evaluation's Dice.
 
 A case figure has one column per modality present (an axial slice through the tumour) and one
-row per modality subset evaluated (its predicted regions drawn over every column), with the
-ground truth as the first row when the case is labelled. Region colours are utils.overlay's
+row per modality subset evaluated (its predicted regions drawn over every column; the panels of
+the modalities the subset lacks dimmed), with the ground truth as the first row when the case
+is labelled. Region colours are utils.overlay's
 (also the TensorBoard overlay of the teacher election): WT green, TC yellow, ET red, half
 transparent.
 
@@ -27,6 +28,7 @@ PANEL = 192  # px: a slice is enlarged by a whole factor to about this size (nea
 GAP = 2  # px between panels
 ROW_TITLES = 130  # px left of the panels, for the row titles
 HEADER = 44  # px above the panels: the figure title, then the column titles
+UNSEEN = 0.35  # brightness of a panel whose modality the row's prediction did not use
 _DRAWING = threading.Lock()
 
 
@@ -52,11 +54,11 @@ def panel_box(shape_hw, row, column):
     return top, left, top + panel_h, left + panel_w
 
 
-def _panel(image, label, scale):
+def _panel(image, label, scale, brightness):
     """(H, W) slice + (H, W) label -> RGB (W*scale, H*scale, 3). Transposed so that rows
     follow the second NIfTI axis: for BraTS's affine diag(-1, -1, 1), the radiological view
     (anterior up, the patient's left on the right)."""
-    rgb = overlay(image, labels_to_regions(label)).transpose(1, 0, 2)
+    rgb = overlay(image, labels_to_regions(label), brightness).transpose(1, 0, 2)
     return rgb.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
@@ -74,9 +76,10 @@ def case_slices(case, subsets, labels):
     subset's prediction (the most modalities, in ALL_SUBSETS order).
     """
     d = tumour_slice(case.label if case.label is not None else labels[-1])
-    rows = [("ground truth", case.label[d])] if case.label is not None else []
-    rows += [(subset_name(s), label[d]) for s, label in zip(subsets, labels)]
     columns = [MODALITIES[i] for i in case.available]
+    rows = [("ground truth", case.label[d], columns)] if case.label is not None else []
+    rows += [(subset_name(s), label[d], [MODALITIES[i] for i in s])
+             for s, label in zip(subsets, labels)]
     return f"{case.name}, axial slice {d}", case.image[list(case.available), d], columns, rows
 
 
@@ -84,7 +87,8 @@ def case_figure(path, title, images, columns, rows):
     """Write a case figure as PNG at `path`.
 
     images: (C, H, W) axial slices of the modalities named in `columns` (C names);
-    rows: [(row title, (H, W) label slice with values 0/1/2/4)], drawn over every column.
+    rows: [(row title, (H, W) label slice with values 0/1/2/4, the columns it was predicted
+    from)], drawn over every column, the others' panels dimmed.
     Returns the PNG's (width, height) in pixels.
     """
     images = np.asarray(images)
@@ -92,11 +96,13 @@ def case_figure(path, title, images, columns, rows):
     scale = panel_scale(shape_hw)
     width, height, _, _ = case_layout(shape_hw, len(rows), len(columns))
     mosaic = np.full((height - HEADER, width - ROW_TITLES, 3), 255, dtype=np.uint8)
-    for r, (_, label) in enumerate(rows):
+    for r, (_, label, seen) in enumerate(rows):
         for c, image in enumerate(images):
             top, left, bottom, right = panel_box(shape_hw, r, c)
             mosaic[top - HEADER:bottom - HEADER, left - ROW_TITLES:right - ROW_TITLES] = \
-                _panel(image, label, scale)
+                _panel(image, label, scale, 1.0 if columns[c] in seen else UNSEEN)
+    if any(set(columns) - set(seen) for _, _, seen in rows):
+        title += "; dimmed: not an input of the row"
     with _DRAWING:
         fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
         canvas = FigureCanvasAgg(fig)
@@ -108,7 +114,7 @@ def case_figure(path, title, images, columns, rows):
             _, left, _, right = panel_box(shape_hw, 0, c)
             fig.text((left + right) / 2 / width, 1 - (HEADER - 4) / height, name,
                      ha="center", va="bottom", fontsize=9)
-        for r, (row_title, _) in enumerate(rows):
+        for r, (row_title, _, _) in enumerate(rows):
             top, _, bottom, _ = panel_box(shape_hw, r, 0)
             fig.text(4 / width, 1 - (top + bottom) / 2 / height, row_title,
                      ha="left", va="center", fontsize=8)

@@ -17,17 +17,18 @@ def tumour_slice(label):
     return int(area.argmax()) if area.any() else len(label) // 2
 
 
-def overlay(image, regions):
+def overlay(image, regions, brightness=1.0):
     """Normalised slice (H, W) + region masks (3, H, W) in ET, WT, TC order -> RGB uint8
     (H, W, 3): the background (exactly 0) black, the brain grey from 5 % to white between its
-    0.5 and 99.5 percentiles (z-scores would put the background mid-grey), the regions
-    blended over it."""
+    0.5 and 99.5 percentiles (z-scores would put the background mid-grey), times `brightness`,
+    the regions blended over it."""
     image = np.asarray(image, dtype=np.float32)
     brain = image != 0
     grey = np.zeros(image.shape, np.float32)
     if brain.any():
         lo, hi = np.percentile(image[brain], (0.5, 99.5))
         grey[brain] = (np.clip((image[brain] - lo) / max(hi - lo, 1e-6), 0, 1) * 0.95 + 0.05) * 255
+        grey *= brightness
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     for region, colour in REGION_COLOURS:
         mask = np.asarray(regions[REGIONS.index(region)], dtype=bool)
