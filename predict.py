@@ -13,7 +13,8 @@ trained on: about 1 mm isotropic, skull-stripped with a background of exactly 0,
 
 --postprocess applies the published rules (postprocess.py; its threshold flags too, with the
 published defaults, for 240x240x155 volumes), --kmeans_necrosis with it adds the released
-K-means rule when T1ce is given. --figure writes a PNG of a slice through the tumour (default: the mask's name, .png).
+K-means rule when T1ce is given. --figure writes a PNG of a slice through the tumour (default:
+the mask's name, .png).
 """
 import argparse
 import sys

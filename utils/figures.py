@@ -3,9 +3,8 @@
 A case figure has one column per modality present (an axial slice through the tumour) and one
 row per modality subset evaluated (its predicted regions drawn over every column; the panels of
 the modalities the subset lacks dimmed), with the ground truth as the first row when the case
-is labelled. Region colours are utils.overlay's
-(also the TensorBoard overlay of the teacher election): WT green, TC yellow, ET red, half
-transparent.
+is labelled. Region colours are utils.overlay's (also the TensorBoard overlay of the teacher
+election): WT green, TC yellow, ET red, half transparent.
 
 matplotlib's object API with the Agg renderer (no pyplot, no display) works on headless
 machines and in eval.py's writer threads; matplotlib is not thread-safe (its font cache is
