@@ -131,11 +131,14 @@ def t1ce_files(sources, input_dir, images):
     """For the K-means rule: each mask's T1ce file, or None when its subset lacks T1ce.
 
     A mask's subset is its folder's name when that names modalities (eval.py's 'flair+t1ce'
-    folders, or --input_dir preds/flair+t1ce); otherwise (eval.py's 'available' folder, a
-    folder of one's own) the modalities present in the case folder. Case folders are
-    --images/<case>, else those eval.py recorded in --input_dir/cases.csv.
+    folders, or --input_dir preds/flair+t1ce); otherwise the modalities eval.py recorded in
+    cases.csv that it predicted the case from (its 'available' folder: a T1ce added to the case
+    folder since did not make the mask), else (a folder of one's own) those present in the case
+    folder. Case folders are --images/<case>, else those eval.py recorded in cases.csv.
     """
     record = read_cases_record(input_dir)
+    predicted_from = (dict(zip(record["case"], record["available"]))
+                      if record is not None and "available" in record else {})
     if images is not None:
         folder_of = {}
     elif record is not None:
@@ -155,8 +158,8 @@ def t1ce_files(sources, input_dir, images):
             raise CaseError(case, input_dir / CASES_RECORD, "case not listed: pass --images")
         try:
             subset = parse_subset(source.parent.name)
-        except ValueError:  # not a subset folder: the modalities the case has
-            subset = None
+        except ValueError:  # not a subset folder
+            subset = parse_subset(predicted_from[case]) if case in predicted_from else None
         files = case_files(folder, allow_missing=True)
         if subset is not None and T1CE in subset:
             require_modalities(folder, files, (T1CE,))

@@ -423,6 +423,10 @@ def test_script_kmeans_reads_t1ce_only_for_subsets_that_had_it(tmp_path, capsys)
     postprocess.main([*flags, "--output_dir", str(tmp_path / "out3")])
     np.testing.assert_array_equal(
         np.asanyarray(nib.load(tmp_path / "out3" / "flair+t1ce" / "A.nii.gz").dataobj), kmeans)
+    # B's mask in 'available' was predicted from FLAIR alone (cases.csv), whatever its folder
+    # holds now: no K-means rule
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(tmp_path / "out3" / "available" / "B.nii.gz").dataobj), plain)
     (masks / "cases.csv").unlink()
     with pytest.raises(UsageError, match="pass --images"):
         postprocess.main([*flags, "--output_dir", str(tmp_path / "out4")])
