@@ -268,22 +268,26 @@ def find_case_files(case_dir, allow_missing=False):
     Recognises the BraTS 2018/2021 (_flair, _t1, _t1ce, _t2, _seg) and 2023 (-t2f, -t1n,
     -t1c, -t2w, -seg) suffixes with .nii or .nii.gz. Raises CaseError naming the expected
     file when a modality is missing (with allow_missing: when none is present), or the files
-    when a part is ambiguous.
+    when a part is ambiguous, a file's prefix differs from the others', or a modality is missing
+    beside a NIfTI file of no part's name (its scan under another name?).
     """
     case_dir = Path(case_dir)
     case = case_dir.name
     if not case_dir.is_dir():
         raise CaseError(case, case_dir, "case folder not found")
     found = {scheme: {} for scheme in SCHEMES}
+    unknown = []
     for path in sorted(case_dir.iterdir()):
         split = _split_name(path)
         if path.name.startswith(".") or split is None:  # hidden files, e.g. macOS '._X.nii'
             continue
         stem = split[0].lower()
-        for scheme, suffixes in SCHEMES.items():
-            for part, suffix in suffixes.items():
-                if stem.endswith(suffix):
-                    found[scheme].setdefault(part, []).append(path)
+        parts = [(scheme, part) for scheme, suffixes in SCHEMES.items()
+                 for part, suffix in suffixes.items() if stem.endswith(suffix)]
+        for scheme, part in parts:
+            found[scheme].setdefault(part, []).append(path)
+        if not parts:
+            unknown.append(path)
     # The scheme with more parts present wins; mixing schemes inside one case is an error.
     scheme = max(SCHEMES, key=lambda s: len(found[s]))
     other = [s for s in SCHEMES if s != scheme and found[s]]
@@ -295,7 +299,22 @@ def find_case_files(case_dir, allow_missing=False):
         if len(paths) > 1:
             raise CaseError(case, paths[0], f"several {part} files: {[p.name for p in paths]}")
         files[part] = paths[0]
+    # One case's files share their prefix: a file of another patient (same grid, as every
+    # BraTS case) would otherwise pass for this one's.
+    prefixes = {name: _split_name(path)[0][:-len(SCHEMES[scheme][name])].lower()
+                for name, path in files.items()}
+    common = max(prefixes.values(), key=list(prefixes.values()).count, default=None)
+    odd = [name for name, prefix in prefixes.items() if prefix != common]
+    if odd:
+        others = [files[name].name for name in files if name not in odd]
+        raise CaseError(case, files[odd[0]], f"its name does not start as the case's other files "
+                        f"do ({others}): a file of another case? Rename or move it")
     missing = [part for part in MODALITIES if part not in files]
+    if missing and unknown:
+        # e.g. 'X_T1w.nii.gz' or 'X_t1Gd.nii.gz': the case would be predicted without it
+        raise CaseError(case, unknown[0], f"not a file name of any part, and the case has no "
+                        f"{missing[0]} file: name it {expected_file(case_dir, files, missing[0]).name} "
+                        f"if it is the {missing[0]} scan, or move it out of the case folder")
     if len(missing) == len(MODALITIES):
         names = ", ".join(expected_file(case_dir, files, part).name for part in MODALITIES)
         raise CaseError(case, case_dir, f"no modality file (expected at least one of {names})")

@@ -368,6 +368,39 @@ def test_inference_reads_any_subset_of_the_modalities(tmp_path, scheme, ext, pre
     np.testing.assert_array_equal(case.label, make_volumes()["seg"].transpose(2, 0, 1))
 
 
+def test_an_unrecognised_scan_in_a_case_missing_a_modality_is_named(tmp_path):
+    # 'T1w' is no suffix we know: the case would be predicted without its T1
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    part_path(folder, "t1").rename(folder / "Brats18_X_T1w.nii.gz")
+    (folder / "Brats18_X_notes.txt").write_text("not a scan")
+    message = (f"case Brats18_X: {folder / 'Brats18_X_T1w.nii.gz'}: not a file name of any part, "
+               "and the case has no t1 file: name it Brats18_X_t1.nii.gz if it is the t1 scan, or "
+               "move it out of the case folder")
+    for allow_missing in (True, False):
+        with pytest.raises(CaseError) as info:
+            find_case_files(folder, allow_missing=allow_missing)
+        assert str(info.value) == message
+    # beside all four modalities, another NIfTI file (a brain mask, say) is left alone
+    part_path(folder, "t1").write_bytes(b"")
+    assert find_case_files(folder)["t1"] == part_path(folder, "t1")
+
+
+@pytest.mark.parametrize("scheme", ["2018", "2023"])
+def test_a_file_of_another_case_is_refused(tmp_path, scheme):
+    # every BraTS case has the same grid: only the name tells another patient's scan apart
+    name, other = ("BraTS-GLI-00000-000", "BraTS-GLI-00001-000") if scheme == "2023" else (
+        "Brats18_C_1", "Brats18_B_1")
+    folder, _ = write_case(tmp_path, name, scheme)
+    stray = folder / part_path(folder, "t2", scheme).name.replace(name, other)
+    part_path(folder, "t2", scheme).rename(stray)
+    with pytest.raises(CaseError) as info:
+        find_case_files(folder, allow_missing=True)
+    assert str(info.value).startswith(f"case {name}: {stray}: its name does not start as the "
+                                      f"case's other files do (")
+    stray.rename(part_path(folder, "t2", scheme).with_name(part_path(folder, "t2", scheme).name.upper()))
+    assert len(find_case_files(folder)) == 5  # letter case aside, the prefixes agree
+
+
 def test_a_case_without_any_modality_names_the_files_expected(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_X")
     for modality in MODALITIES:
