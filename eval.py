@@ -46,8 +46,8 @@ Writes, under --output_dir (refused if it holds a previous evaluation, unless --
     cases.csv                case, its folder, the modalities it has (available)
 and when the cases have labels:
     metrics.csv              case, subset, region, dice, hd95, sensitivity, specificity
-    summary.csv, summary.md  the paper's table: one row per subset, Dice (%) and HD95 (mm) of
-                             ET/TC/WT, and the mean over the subsets
+    summary.csv, summary.md  the paper's table: one row per subset, its cases, Dice (%) and
+                             HD95 (mm) of ET/TC/WT, and the mean over every mask
 and with --figures:
     figures/<case>.png       a slice through the tumour of each modality, one row per subset
     dice.png                 the summary table as a chart (labelled cases only)
@@ -301,22 +301,26 @@ def score_saved(case, folder, subset, output_dir, hd95_method):
 def summary_table(metrics, subsets):
     """Per-case metrics -> the paper's table: one row per subset (in `subsets` order) + mean.
 
-    Dice in %, HD95 in mm, each averaged over the cases; the mean row averages the subsets.
+    Each row: the subset's modalities, its number of cases, Dice in % and HD95 in mm averaged
+    over them. The mean row averages every mask scored: the mean of the subsets when each
+    holds every case (the paper's table, --mode all), weighted by their cases in --mode
+    available, where each case has its own subset.
     """
-    means = metrics.groupby(["subset", "region"])[["dice", "hd95"]].mean()
-    rows = []
+    def scores(rows):
+        means = rows.groupby("region")[["dice", "hd95"]].mean()
+        return ({f"{r} Dice": 100 * means.loc[r, "dice"] for r in TABLE_REGIONS}
+                | {f"{r} HD95": means.loc[r, "hd95"] for r in TABLE_REGIONS})
+
+    table = []
     for subset in subsets:
-        row = {"subset": subset_name(subset)}
-        row.update({m: PRESENT if i in subset else ABSENT for i, m in enumerate(TABLE_MODALITIES)})
-        for r in TABLE_REGIONS:
-            row[f"{r} Dice"] = 100 * means.loc[(subset_name(subset), r), "dice"]
-        for r in TABLE_REGIONS:
-            row[f"{r} HD95"] = means.loc[(subset_name(subset), r), "hd95"]
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    numeric = [c for c in table.columns if c.endswith(("Dice", "HD95"))]
-    mean = {c: "" for c in table.columns} | {"subset": "mean"} | table[numeric].mean().to_dict()
-    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+        rows = metrics[metrics["subset"] == subset_name(subset)]
+        table.append({"subset": subset_name(subset)}
+                     | {m: PRESENT if i in subset else ABSENT for i, m in enumerate(TABLE_MODALITIES)}
+                     | {"cases": rows["case"].nunique()} | scores(rows))
+    listed = metrics[metrics["subset"].isin([row["subset"] for row in table])]
+    table.append({"subset": "mean"} | {m: "" for m in TABLE_MODALITIES}
+                 | {"cases": listed["case"].nunique()} | scores(listed))
+    return pd.DataFrame(table)
 
 
 def markdown(table):

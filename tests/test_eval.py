@@ -63,9 +63,10 @@ def test_mode_all_writes_15_subsets_and_table_equal_to_single_runs(segmentation_
     # the paper's table: 15 subset rows in ALL_SUBSETS order + mean, presence markers
     summary = pd.read_csv(tmp_path / "all" / "summary.csv", keep_default_na=False)
     assert len(summary) == 16 and len(table) == 16
-    assert list(summary.columns) == ["subset", "FLAIR", "T1", "T1ce", "T2", "ET Dice",
+    assert list(summary.columns) == ["subset", "FLAIR", "T1", "T1ce", "T2", "cases", "ET Dice",
                                      "TC Dice", "WT Dice", "ET HD95", "TC HD95", "WT HD95"]
     assert summary["subset"].tolist() == [subset_name(s) for s in ALL_SUBSETS] + ["mean"]
+    assert (summary["cases"] == 2).all()
     assert summary.loc[4, ["FLAIR", "T1", "T1ce", "T2"]].tolist() == ["●", "●", "○", "○"]
     for column in ("ET Dice", "WT HD95"):
         assert summary[column].iloc[-1] == pytest.approx(summary[column].iloc[:15].mean())
@@ -144,8 +145,20 @@ def test_summary_table_by_hand():
     table = evaluate.summary_table(pd.DataFrame(rows), [(0,), (1, 3)])
     assert table["ET Dice"].tolist() == pytest.approx([60.0, 50.0, 55.0])
     assert table["TC HD95"].tolist() == pytest.approx([2.0, 4.0, 3.0])
+    assert table["cases"].tolist() == [2, 2, 2]
     assert table.loc[1, ["FLAIR", "T1", "T1ce", "T2"]].tolist() == ["○", "●", "○", "●"]
     assert table.loc[2, "subset"] == "mean" and table.loc[2, "FLAIR"] == ""
+
+    # --mode available: each case in its own subset (a: flair; b, c: t1+t2); the mean row is
+    # the mean over the three cases, (50 + 0 + 30) / 3, not over the two subsets' means
+    rows = [{"case": case, "subset": subset, "region": region, "dice": dice, "hd95": hd95}
+            for case, subset, dice, hd95 in (("a", "flair", 0.5, 1.0), ("b", "t1+t2", 0.0, 373.13),
+                                            ("c", "t1+t2", 0.3, 4.0))
+            for region in ("ET", "WT", "TC")]
+    table = evaluate.summary_table(pd.DataFrame(rows), [(0,), (1, 3)])
+    assert table["cases"].tolist() == [1, 2, 3]
+    assert table["WT Dice"].tolist() == pytest.approx([50.0, 15.0, 80 / 3])
+    assert table["ET HD95"].tolist() == pytest.approx([1.0, 188.565, 378.13 / 3])
 
 
 def test_a_case_that_cannot_be_normalised_names_the_case_and_file(segmentation_setup, tmp_path):

@@ -92,7 +92,8 @@ def test_tumour_slice():
 
 
 def test_dice_chart(tmp_path):
-    table = pd.DataFrame({"subset": ["flair", "t1ce", "mean"], "ET Dice": [10.0, 80.0, 45.0],
+    table = pd.DataFrame({"subset": ["flair", "t1ce", "mean"], "cases": [1, 2, 3],
+                          "ET Dice": [10.0, 80.0, 45.0],
                           "TC Dice": [20.0, 70.0, 45.0], "WT Dice": [90.0, 50.0, 70.0]})
     figures.dice_chart(tmp_path / "dice.png", table, "test")
     rgb = read_png(tmp_path / "dice.png", (600, 450))

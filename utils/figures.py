@@ -129,8 +129,9 @@ def case_figure(path, title, images, columns, rows):
 
 def dice_chart(path, table, title):
     """Write the summary table (eval.summary_table: one row per subset and a 'mean' row) as
-    a bar chart: Dice (%) of ET, TC and WT per subset, dashed lines at the means."""
-    rows = table[table["subset"] != "mean"]
+    a bar chart: Dice (%) of ET, TC and WT per subset (with its number of cases when they
+    differ), dashed lines at the mean row's."""
+    rows, (mean,) = table[table["subset"] != "mean"], table[table["subset"] == "mean"].index
     regions = [column.split()[0] for column in table.columns if column.endswith(" Dice")]
     x = np.arange(len(rows))
     colours = {region: np.array(colour) / 255 for region, colour in REGION_COLOURS}
@@ -142,8 +143,12 @@ def dice_chart(path, table, title):
             dice = rows[f"{region} Dice"].to_numpy(dtype=float)
             ax.bar(x + (k - (len(regions) - 1) / 2) * bar, dice, bar, label=region, color=colours[region],
                    edgecolor="black", linewidth=0.3)
-            ax.axhline(dice.mean(), color=colours[region], linestyle="--", linewidth=1)
-        ax.set_xticks(x, rows["subset"], rotation=45, ha="right", fontsize=8)
+            ax.axhline(table.loc[mean, f"{region} Dice"], color=colours[region], linestyle="--",
+                       linewidth=1)
+        names = rows["subset"]
+        if rows["cases"].nunique() > 1:  # --mode available: subsets of different sizes
+            names = [f"{name} ({n})" for name, n in zip(names, rows["cases"])]
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("Dice (%)")
         ax.set_title(title, fontsize=10)
