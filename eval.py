@@ -54,6 +54,7 @@ and with --figures:
 """
 import contextlib
 import json
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,9 +63,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from datasets.brats import (
-    Case, CaseError, available_subset, case_files, check_grid, find_cases, load_case, open_files,
-    read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
-    to_network_order,
+    Case, CaseError, available_subset, brats_like_warnings, case_files, check_grid, find_cases,
+    load_case, open_files, read_datalist, read_files, refuse_duplicates, require_modalities,
+    resolve_list, to_network_order,
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
@@ -467,12 +468,14 @@ def run(args, mode, folders, model, window, device, done=frozenset(), progress=T
     output_dir = args.output_dir
 
     def read(case_dir):
+        """-> (case, what it does not look like of BraTS: predict.py's warnings)."""
         try:
             if case_dir.name in done:
-                return saved_case(case_dir)
+                return saved_case(case_dir), []
             case = load_case(case_dir, allow_missing=True)
+            warnings = brats_like_warnings(case)
             case.image = normalize_case(case)
-            return case
+            return case, warnings
         except CaseError as err:  # seen only in the voxels: NaN, a truncated or corrupted file
             raise CaseError(err.case, err.path, f"{err.problem}; the cases before it are "
                             "exported: replace the file, then run the same command with "
@@ -485,9 +488,11 @@ def run(args, mode, folders, model, window, device, done=frozenset(), progress=T
         waiting = deque()
         next_case = reader.submit(read, folders[0]) if folders else None
         for i in tqdm(range(len(folders)), desc="cases", unit="case", disable=not progress):
-            case = next_case.result()
+            case, warnings = next_case.result()
             if i + 1 < len(folders):
                 next_case = reader.submit(read, folders[i + 1])
+            for warning in warnings:
+                tqdm.write(f"warning: {warning}", file=sys.stderr)
             subsets = [case.available] if mode == AVAILABLE else mode
             if mode == AVAILABLE:
                 tqdm.write(f"{case.name}: {subset_name(case.available)}")

@@ -255,6 +255,21 @@ def test_available_mode_groups_the_table_by_each_cases_subset(segmentation_setup
     assert sorted(masks(tmp_path / "one" / "t1ce")) == [f"{cases[1].name}.nii.gz"]
 
 
+def test_cases_unlike_brats_are_warned_of_as_predict_py_does(segmentation_setup, tmp_path, capsys):
+    root, cases = segmentation_setup
+    folder = copy_cases(cases[:2], tmp_path / "data", drop=("t1",))
+    flair = folder / cases[1].name / f"{cases[1].name}_flair.nii.gz"
+    image = nib.load(flair)  # background no longer 0: not skull-stripped
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) + np.int16(30), image.affine,
+                             image.header), flair)
+    evaluate.main(["--input", str(folder), "--mode", "available", "--restore_from",
+                   str(root / "final.pth"), "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [f"warning: case {cases[1].name}: {flair.name}: only 0% of the voxels are "
+                        "0; not skull-stripped? BraTS volumes are skull-stripped with a background "
+                        "of exactly 0 (about 80 % of the voxels)"]
+
+
 def test_input_names_a_nifti_file_beside_the_case_folders(segmentation_setup, tmp_path):
     # A template at the top of a folder of cases: the whole folder was predicted as one case.
     root, cases = segmentation_setup
