@@ -317,7 +317,11 @@ def find_case_files(case_dir, allow_missing=False):
                         f"if it is the {missing[0]} scan, or move it out of the case folder")
     if len(missing) == len(MODALITIES):
         names = ", ".join(expected_file(case_dir, files, part).name for part in MODALITIES)
-        raise CaseError(case, case_dir, f"no modality file (expected at least one of {names})")
+        nested = next((p for p in sorted(case_dir.iterdir())
+                       if p.is_dir() and not p.name.startswith(".") and _holds_nifti(p)), None)
+        hint = (f"; it is a folder of case folders (e.g. {nested.name}), not a case: give it "
+                f"on its own (eval.py --input {case_dir})" if nested else "")
+        raise CaseError(case, case_dir, f"no modality file (expected at least one of {names}){hint}")
     if missing and not allow_missing:
         raise CaseError(case, expected_file(case_dir, files, missing[0]),
                         f"missing {missing[0]} file (found {sorted(files)})")

@@ -401,6 +401,19 @@ def test_a_file_of_another_case_is_refused(tmp_path, scheme):
     assert len(find_case_files(folder)) == 5  # letter case aside, the prefixes agree
 
 
+def test_a_folder_of_cases_taken_for_a_case_is_named_so(tmp_path):
+    # eval.py --input MICCAI_BraTS_2018_Data_Training: HGG and LGG are taken for cases
+    write_case(tmp_path / "Training" / "HGG", "Brats18_X")
+    hgg = tmp_path / "Training" / "HGG"
+    assert find_cases(tmp_path / "Training") == [hgg]
+    with pytest.raises(CaseError) as info:
+        find_case_files(hgg, allow_missing=True)
+    assert str(info.value) == (
+        f"case HGG: {hgg}: no modality file (expected at least one of HGG_flair.nii.gz, "
+        "HGG_t1.nii.gz, HGG_t1ce.nii.gz, HGG_t2.nii.gz); it is a folder of case folders (e.g. "
+        f"Brats18_X), not a case: give it on its own (eval.py --input {hgg})")
+
+
 def test_a_case_without_any_modality_names_the_files_expected(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_X")
     for modality in MODALITIES:
