@@ -158,7 +158,8 @@ def get_parser():
 
 
 # Entries of config.json that are not flags (so the file can be fed back to --config).
-DERIVED = ("model_config", "world_size", "patch_size", "cache_dir_resolved")
+DERIVED = ("model_config", "world_size", "patch_size", "cache_dir_resolved", "train_cases",
+           "val_cases")
 
 
 def parse_args(argv=None):
@@ -267,7 +268,8 @@ def cases_summary(folders):
     if not folders:
         return "no cases"
     names = "\n".join(folder.name for folder in folders).encode()
-    return f"{len(folders)} cases, names sha256 {hashlib.sha256(names).hexdigest()[:12]}"
+    count = f"{len(folders)} case{'s' if len(folders) > 1 else ''}"
+    return f"{count}, names sha256 {hashlib.sha256(names).hexdigest()[:12]}"
 
 
 def poly_lr(base_lr, iteration, num_steps, power):

@@ -266,7 +266,7 @@ def test_a_run_is_resumed_with_its_own_settings_or_refused(data, tmp_path):
              f"--train_list of {run_cases} (this command: 3 cases, names sha256 "
              f"{names('Synth_0002', 'Synth_0000', 'Synth_0001')})"),
             (["--val_list", str(data / "data" / "val.csv")],
-             f"--val_list of no cases (this command: 1 cases, names sha256 {names('Synth_0003')})")):
+             f"--val_list of no cases (this command: 1 case, names sha256 {names('Synth_0003')})")):
         with pytest.raises(UsageError, match=re.escape(f"holds a run with {message}; ")):
             train.main([*command, "--data_root", str(data / "data"), *changed])
         assert {p.name: p.read_bytes() for p in snapshot.iterdir() if p.is_file()} == kept
@@ -278,6 +278,8 @@ def test_a_run_is_resumed_with_its_own_settings_or_refused(data, tmp_path):
                        "--channels_last", "on", "--train_list", str(listed / "train.csv"),
                        "--data_root", str(data / "data"), "--stop_at", "7"])["iteration"] == 7
     assert train.main([*command, "--log_every", "2"])["iteration"] == 10
+    # the run's config.json fed back to --config is the same run (here: finished)
+    assert train.main(["--config", str(snapshot / "config.json"), "--stop_at", "0"]) is None
 
     # --reload_path of another network (a stage 1 of another size): one line
     other = tmp_path / "other.pth"
