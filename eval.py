@@ -316,7 +316,8 @@ def summary_table(metrics, subsets):
     for subset in subsets:
         rows = metrics[metrics["subset"] == subset_name(subset)]
         table.append({"subset": subset_name(subset)}
-                     | {m: PRESENT if i in subset else ABSENT for i, m in enumerate(TABLE_MODALITIES)}
+                     | {m: PRESENT if i in subset else ABSENT
+                        for i, m in enumerate(TABLE_MODALITIES)}
                      | {"cases": rows["case"].nunique()} | scores(rows))
     listed = metrics[metrics["subset"].isin([row["subset"] for row in table])]
     table.append({"subset": "mean"} | {m: "" for m in TABLE_MODALITIES}

@@ -51,7 +51,7 @@ from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
 from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
 from utils.postprocessing import (add_threshold_args, orientation_warning, postprocess_label,
-                                  rules_from_args)
+                                  rules_from_args, unused_threshold)
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
@@ -212,6 +212,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    unused = unused_threshold(args, True, args.kmeans_necrosis)
+    if unused:
+        raise UsageError(unused)
     input_dir, output_dir = args.input_dir.resolve(), args.output_dir.resolve()
     if not input_dir.is_dir():
         raise UsageError(f"--input_dir {args.input_dir} is not a folder (run from the repository "

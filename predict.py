@@ -30,8 +30,8 @@ from utils.cli import ArgumentParser, UsageError, run_cli
 from utils.export import save_labels
 from utils.io import check_file_writable
 from utils.modalities import MODALITIES, T1CE, subset_name
-from utils.postprocessing import (THRESHOLD_HELP, Rules, add_threshold_args, orientation_warning,
-                                  postprocess_label, rules_from_args)
+from utils.postprocessing import (add_threshold_args, orientation_warning, postprocess_label,
+                                  rules_from_args, unused_threshold)
 from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
@@ -79,9 +79,9 @@ def check_args(args):
         raise UsageError(f"--figure {args.figure}: the figure is a PNG, name it .png")
     if args.kmeans_necrosis and not args.postprocess:
         raise UsageError("--kmeans_necrosis is a post-processing rule: add --postprocess")
-    if rules_from_args(args) != Rules() and not args.postprocess:
-        changed = next(f for f in THRESHOLD_HELP if getattr(args, f) != getattr(Rules, f))
-        raise UsageError(f"--{changed} is a post-processing threshold: add --postprocess")
+    unused = unused_threshold(args, args.postprocess, args.kmeans_necrosis)
+    if unused:
+        raise UsageError(unused)
     outputs = [path for path in (args.output, figure_path(args)) if path]
     for path in outputs:
         check_file_writable(path)  # found now, not after the prediction

@@ -15,6 +15,7 @@ Every problem with a case raises CaseError naming the case and the file.
 import dataclasses
 import gzip
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -31,6 +32,10 @@ SCHEMES = {
     "brats2018": {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"},
     "brats2023": {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"},
 }
+# Other names of each modality (the last '_' or '-' token of a file name): a case that lacks a
+# modality beside such a file (X_T1w.nii.gz) holds its scan under a name no scheme uses.
+ALIASES = {"flair": ("flair", "t2f", "t2flair", "fl"), "t1": ("t1", "t1w", "t1n", "t1native"),
+           "t1ce": ("t1ce", "t1c", "t1gd", "t1wce", "t1post", "ce"), "t2": ("t2", "t2w")}
 ALLOWED_LABELS = {"brats2018": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
 ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we use the 2018 value 4
 AFFINE_TOLERANCE = 1e-3
@@ -269,7 +274,7 @@ def find_case_files(case_dir, allow_missing=False):
     -t1c, -t2w, -seg) suffixes with .nii or .nii.gz. Raises CaseError naming the expected
     file when a modality is missing (with allow_missing: when none is present), or the files
     when a part is ambiguous, a file's prefix differs from the others', or a modality is missing
-    beside a NIfTI file of no part's name (its scan under another name?).
+    beside a file named after it in another way (ALIASES).
     """
     case_dir = Path(case_dir)
     case = case_dir.name
@@ -310,18 +315,22 @@ def find_case_files(case_dir, allow_missing=False):
         raise CaseError(case, files[odd[0]], f"its name does not start as the case's other files "
                         f"do ({others}): a file of another case? Rename or move it")
     missing = [part for part in MODALITIES if part not in files]
-    if missing and unknown:
-        # e.g. 'X_T1w.nii.gz' or 'X_t1Gd.nii.gz': the case would be predicted without it
-        raise CaseError(case, unknown[0], f"not a file name of any part, and the case has no "
-                        f"{missing[0]} file: name it {expected_file(case_dir, files, missing[0]).name} "
-                        f"if it is the {missing[0]} scan, or move it out of the case folder")
+    for path in unknown:  # e.g. 'X_T1w.nii.gz': the case would be predicted without it
+        token = re.split(r"[_-]", _split_name(path)[0].lower())[-1]
+        part = next((m for m in missing if token in ALIASES[m]), None)
+        if part:
+            raise CaseError(case, path, f"looks like a {part} scan under another name, and the "
+                            f"case has no {part} file: name it "
+                            f"{expected_file(case_dir, files, part).name} if it is one, or move "
+                            "it out of the case folder")
     if len(missing) == len(MODALITIES):
         names = ", ".join(expected_file(case_dir, files, part).name for part in MODALITIES)
         nested = next((p for p in sorted(case_dir.iterdir())
                        if p.is_dir() and not p.name.startswith(".") and _holds_nifti(p)), None)
-        hint = (f"; it is a folder of case folders (e.g. {nested.name}), not a case: give it "
-                f"on its own (eval.py --input {case_dir})" if nested else "")
-        raise CaseError(case, case_dir, f"no modality file (expected at least one of {names}){hint}")
+        hint = (f"; it is a folder of case folders (e.g. {nested.name}), not a case: point "
+                "--input at it, or list its case folders" if nested else "")
+        raise CaseError(case, case_dir,
+                        f"no modality file (expected at least one of {names}){hint}")
     if missing and not allow_missing:
         raise CaseError(case, expected_file(case_dir, files, missing[0]),
                         f"missing {missing[0]} file (found {sorted(files)})")

@@ -368,21 +368,24 @@ def test_inference_reads_any_subset_of_the_modalities(tmp_path, scheme, ext, pre
     np.testing.assert_array_equal(case.label, make_volumes()["seg"].transpose(2, 0, 1))
 
 
-def test_an_unrecognised_scan_in_a_case_missing_a_modality_is_named(tmp_path):
-    # 'T1w' is no suffix we know: the case would be predicted without its T1
+@pytest.mark.parametrize("name, part", [("Brats18_X_T1w.nii.gz", "t1"),
+                                        ("Brats18_X_t1Gd.nii", "t1ce"),
+                                        ("Brats18_X-FLAIR.nii.gz", "flair")])
+def test_a_scan_under_another_name_in_a_case_missing_it_is_named(tmp_path, name, part):
+    # no scheme's name: the case would be predicted without that modality
     folder, _ = write_case(tmp_path, "Brats18_X")
-    part_path(folder, "t1").rename(folder / "Brats18_X_T1w.nii.gz")
-    (folder / "Brats18_X_notes.txt").write_text("not a scan")
-    message = (f"case Brats18_X: {folder / 'Brats18_X_T1w.nii.gz'}: not a file name of any part, "
-               "and the case has no t1 file: name it Brats18_X_t1.nii.gz if it is the t1 scan, or "
-               "move it out of the case folder")
+    part_path(folder, part).rename(folder / name)
+    (folder / "Brats18_X_brainmask.nii.gz").write_bytes(b"")  # named after no modality
+    message = (f"case Brats18_X: {folder / name}: looks like a {part} scan under another "
+               f"name, and the case has no {part} file: name it Brats18_X_{part}.nii.gz if it is "
+               "one, or move it out of the case folder")
     for allow_missing in (True, False):
         with pytest.raises(CaseError) as info:
             find_case_files(folder, allow_missing=allow_missing)
         assert str(info.value) == message
-    # beside all four modalities, another NIfTI file (a brain mask, say) is left alone
-    part_path(folder, "t1").write_bytes(b"")
-    assert find_case_files(folder)["t1"] == part_path(folder, "t1")
+    # a file named after no modality, beside a missing one, is left alone (a brain mask)
+    (folder / name).unlink()
+    assert part not in find_case_files(folder, allow_missing=True)
 
 
 @pytest.mark.parametrize("scheme", ["2018", "2023"])
@@ -397,7 +400,8 @@ def test_a_file_of_another_case_is_refused(tmp_path, scheme):
         find_case_files(folder, allow_missing=True)
     assert str(info.value).startswith(f"case {name}: {stray}: its name does not start as the "
                                       f"case's other files do (")
-    stray.rename(part_path(folder, "t2", scheme).with_name(part_path(folder, "t2", scheme).name.upper()))
+    t2 = part_path(folder, "t2", scheme)
+    stray.rename(t2.with_name(t2.name.upper()))
     assert len(find_case_files(folder)) == 5  # letter case aside, the prefixes agree
 
 
@@ -411,7 +415,7 @@ def test_a_folder_of_cases_taken_for_a_case_is_named_so(tmp_path):
     assert str(info.value) == (
         f"case HGG: {hgg}: no modality file (expected at least one of HGG_flair.nii.gz, "
         "HGG_t1.nii.gz, HGG_t1ce.nii.gz, HGG_t2.nii.gz); it is a folder of case folders (e.g. "
-        f"Brats18_X), not a case: give it on its own (eval.py --input {hgg})")
+        "Brats18_X), not a case: point --input at it, or list its case folders")
 
 
 def test_a_case_without_any_modality_names_the_files_expected(tmp_path):

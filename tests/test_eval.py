@@ -263,7 +263,8 @@ def test_cases_unlike_brats_are_warned_of_as_predict_py_does(segmentation_setup,
     nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) + np.int16(30), image.affine,
                              image.header), flair)
     evaluate.main(["--input", str(folder), "--mode", "available", "--restore_from",
-                   str(root / "final.pth"), "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+                   str(root / "final.pth"), "--device", "cpu", "--output_dir",
+                   str(tmp_path / "out")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == [f"warning: case {cases[1].name}: {flair.name}: only 0% of the voxels are "
                         "0; not skull-stripped? BraTS volumes are skull-stripped with a background "

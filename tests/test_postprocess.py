@@ -480,6 +480,13 @@ def test_a_negative_worker_count_is_a_usage_error(capsys):
     assert "--num_workers: must be at least 0, got -1" in capsys.readouterr().err
 
 
+def test_a_kmeans_threshold_without_the_kmeans_rule_is_refused(tmp_path):
+    # it would change nothing: the rule is off
+    with pytest.raises(UsageError, match=r"^--kmeans_max_ncr is a threshold of the K-means rule: "
+                                         r"add --kmeans_necrosis$"):
+        postprocess.main(["--input_dir", str(tmp_path), "--kmeans_max_ncr", "5"])
+
+
 # ---------------------------------------------------------- stopped evaluations, stale temporaries
 def _eval_folder(folder, cases, masks):
     """An eval.py output folder: cases.csv lists `cases` (written before any mask), `masks` the

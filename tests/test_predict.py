@@ -122,7 +122,11 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
     assert "name it .nii.gz" in cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "m.png")])
     assert "add --postprocess" in cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--kmeans_necrosis"])
     assert cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--et_threshold", "33"]) == (
-        "error: --et_threshold is a post-processing threshold: add --postprocess")
+        "error: --et_threshold is a threshold of post-processing: add --postprocess")
+    for extra, needed in ((["--postprocess"], "--kmeans_necrosis"),
+                          ([], "--kmeans_necrosis --postprocess")):
+        assert cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--kmeans_max_ncr", "5",
+                    *extra]) == f"error: --kmeans_max_ncr is a threshold of the K-means rule: add {needed}"
     same = str(case / f"{case.name}_t2.nii.gz")
     assert cli([*files_of(case, "t2"), *ckpt, "-o", same]) == f"error: -o {same} is one of the inputs"
 

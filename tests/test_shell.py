@@ -40,7 +40,8 @@ STAND_IN = textwrap.dedent("""\
 # that; bash cannot trap a signal ignored on entry, so the scripts would not pass Ctrl-C on. A
 # terminal or a scheduler starts them with SIGINT at its default, as here.
 DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; "
-                  "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"]
+                  "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
 def copy_scripts(folder, *scripts):

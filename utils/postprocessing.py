@@ -48,7 +48,23 @@ def add_threshold_args(group, kmeans):
     for name, help_text in THRESHOLD_HELP.items():
         default = getattr(Rules, name)
         (kmeans if name.startswith("kmeans_") else group).add_argument(
-            f"--{name}", type=type(default), default=default, help=f"{help_text} (default %(default)s)")
+            f"--{name}", type=type(default), default=default,
+            help=f"{help_text} (default %(default)s)")
+
+
+def unused_threshold(args, postprocess, kmeans):
+    """A message for the first threshold flag set to other than its default that would change
+    nothing (the rules off, or a --kmeans_* one without the K-means rule), else None."""
+    for name in THRESHOLD_HELP:
+        if getattr(args, name) == getattr(Rules, name):
+            continue
+        of_kmeans = name.startswith("kmeans_")
+        needed = [flag for flag, on in (("--kmeans_necrosis", kmeans or not of_kmeans),
+                                        ("--postprocess", postprocess)) if not on]
+        if needed:
+            rule = "the K-means rule" if of_kmeans else "post-processing"
+            return f"--{name} is a threshold of {rule}: add {' '.join(needed)}"
+    return None
 
 
 def rules_from_args(args):
