@@ -13,7 +13,11 @@
 #   LAUNCH="torchrun --nproc_per_node 4" bash eval.sh 0,1,2,3        # the cases split over 4 GPUs
 #   MODE=all bash eval.sh 0 --resume                # continue a stopped run (same settings)
 #
-# Variables (override from the environment):
+# Variables (override from the environment; a relative path you give is taken from the folder
+# you run the script in when it exists there, OUT always; the defaults are the repository's):
+. "$(dirname "$0")/utils/callers_paths.sh"
+callers_paths CKPT DATA_LIST DATA_ROOT INPUT
+callers_outputs OUT
 NAME=${NAME:-LCKD}                                  # as in run.sh: snapshots/${NAME}_stage2/
 CKPT=${CKPT:-snapshots/${NAME}_stage2/final.pth}
 DATA_LIST=${DATA_LIST:-BraTS18/BraTS18_test.csv}    # looked up in datalist/ (published)

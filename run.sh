@@ -28,6 +28,12 @@
 # where everything went. Ablation without distillation, same budget:
 #   NAME=demo_nokd bash run.sh demo --kd_weight 0
 set -euo pipefail
+# A relative path given in DATA_ROOT, TRAIN_LIST, VAL_LIST is taken from the folder you run the
+# script in when it exists there, CACHE_DIR and DEMO_DATA always; the defaults are the
+# repository's.
+. "$(dirname "$0")/utils/callers_paths.sh"
+callers_paths DATA_ROOT TRAIN_LIST VAL_LIST
+callers_outputs CACHE_DIR DEMO_DATA
 cd "$(dirname "$0")"
 . utils/logged.sh
 

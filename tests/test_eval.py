@@ -728,11 +728,12 @@ def test_eval_sh_launches_with_launch_on_the_gpus_listed(tmp_path):
     assert done.returncode == 0, done.stderr
     launched = done.stdout.splitlines()[-1]
     assert launched.startswith("GPUs 0,1,2,3: --nproc_per_node 4 eval.py --num_classes=3 ")
-    assert " --output_dir=out --overwrite --device=cuda --mirror" in launched
+    assert f" --output_dir={tmp_path / 'out'} --overwrite --device=cuda --mirror" in launched
     # continuing a stopped run: --resume instead of --overwrite (eval.py refuses both)
     done = subprocess.run(["bash", "eval.sh", "0", "--resume"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.stdout.splitlines()[-1].endswith(" --output_dir=out --device=cuda --resume")
+    assert done.stdout.splitlines()[-1].endswith(f" --output_dir={tmp_path / 'out'} --device=cuda "
+                                                 "--resume")
 
 
 # ------------------------------------------------------------------------------ under torchrun

@@ -48,8 +48,9 @@ def copy_scripts(folder, *scripts):
     """The shell scripts and the helper they source, into `folder` (they run from their own)."""
     for script in scripts:
         shutil.copy(REPO / script, folder)
-    (folder / "utils").mkdir()
-    shutil.copy(REPO / "utils" / "logged.sh", folder / "utils")
+    (folder / "utils").mkdir(exist_ok=True)
+    for helper in ("logged.sh", "callers_paths.sh"):
+        shutil.copy(REPO / "utils" / helper, folder / "utils")
 
 
 def launched(path):
@@ -228,3 +229,37 @@ def test_run_sh_without_arguments_prints_its_usage():
     run = subprocess.run(["bash", str(REPO / "run.sh")], capture_output=True, text=True, timeout=60)
     assert (run.returncode, run.stdout) == (2, "")
     assert run.stderr == "usage: bash run.sh GPU_ID|cpu|demo [extra train.py flags]\n"
+
+
+def test_relative_paths_given_are_taken_from_the_callers_folder(tmp_path):
+    # The scripts run in the repository (their defaults are its folders); a path the user gives
+    # is the caller's: an input when it exists there, an output always. LAUNCH=echo prints the
+    # command each script would run.
+    repo, here = tmp_path / "repo", tmp_path / "here"
+    repo.mkdir()
+    copy_scripts(repo, "run.sh", "eval.sh")
+    (here / "cases").mkdir(parents=True)
+    (here / "train.csv").write_text("Synth_0000\n")
+    env = dict(os.environ, LAUNCH="echo")
+
+    def command(script, **variables):
+        done = subprocess.run(["bash", str(repo / script), "cpu"], cwd=here, capture_output=True,
+                              text=True, env=dict(env, **variables), timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return [line.split() for line in done.stdout.splitlines() if line.startswith(("eval.py",
+                                                                                     "train.py"))]
+
+    (evaluation,) = command("eval.sh", INPUT="cases", OUT="out", CKPT="none.pth")
+    assert {f"--input={here / 'cases'}", f"--output_dir={here / 'out'}",
+            "--restore_from=none.pth"} <= set(evaluation)
+    (listed,) = command("eval.sh", DATA_LIST="BraTS18/BraTS18_val.csv")  # datalist/'s
+    assert {"--data_list=BraTS18/BraTS18_val.csv", "--output_dir=outputs/LCKD"} <= set(listed)
+
+    stages = command("run.sh", TRAIN_LIST="train.csv", VAL_LIST="val.csv", CACHE_DIR="cache")
+    assert len(stages) == 2
+    for stage in stages:
+        flags = dict(zip(stage[1::2], stage[2::2]))
+        assert flags["--train_list"] == str(here / "train.csv")
+        assert flags["--val_list"] == "val.csv"  # not here: as the script sees it
+        assert flags["--cache_dir"] == str(here / "cache")
+        assert flags["--snapshot_dir"].startswith("snapshots/")  # the repository's
