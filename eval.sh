@@ -43,7 +43,7 @@ else
     DEVICE=cuda
 fi
 
-cd "$(dirname "$0")"
+enter_repository
 . utils/logged.sh
 mkdir -p logs
 LOG=logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//,/-}.log

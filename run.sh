@@ -2,7 +2,8 @@
 # Train LCKD with the published two-stage recipe:
 #   stage 1  all four modalities, iterations 0 -> 80000            -> snapshots/LCKD_stage1/
 #   stage 2  random missing modalities (--mode random), resumes stage 1's final.pth and
-#            continues its iteration count and lr schedule 80000 -> 115000 -> snapshots/LCKD_stage2/
+#            continues its iteration count 80000 -> 115000 (poly lr over 115000, as published)
+#            -> snapshots/LCKD_stage2/
 #
 #   bash run.sh GPU_ID [extra train.py flags]     GPU_ID: 0, 1, ... or cpu
 #   DATA_ROOT=/data/BraTS2018 bash run.sh 0       data outside ../data/BraTS-2018
@@ -34,7 +35,7 @@ set -euo pipefail
 . "$(dirname "$0")/utils/callers_paths.sh"
 callers_paths DATA_ROOT TRAIN_LIST VAL_LIST
 callers_outputs CACHE_DIR DEMO_DATA
-cd "$(dirname "$0")"
+enter_repository
 . utils/logged.sh
 
 if [ $# -eq 0 ]; then

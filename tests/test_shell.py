@@ -246,6 +246,9 @@ def test_relative_paths_given_are_taken_from_the_callers_folder(tmp_path):
         done = subprocess.run(["bash", str(repo / script), "cpu"], cwd=here, capture_output=True,
                               text=True, env=dict(env, **variables), timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
+        # the paths the script prints (logs/..., snapshots/...) are the repository's: said once
+        assert done.stdout.startswith(f"working in {repo.resolve()} (the relative paths below "
+                                      "are from there)\n")
         return [line.split() for line in done.stdout.splitlines() if line.startswith(("eval.py",
                                                                                      "train.py"))]
 
