@@ -304,25 +304,8 @@ def find_case_files(case_dir, allow_missing=False):
         if len(paths) > 1:
             raise CaseError(case, paths[0], f"several {part} files: {[p.name for p in paths]}")
         files[part] = paths[0]
-    # One case's files share their prefix: a file of another patient (same grid, as every
-    # BraTS case) would otherwise pass for this one's.
-    prefixes = {name: _split_name(path)[0][:-len(SCHEMES[scheme][name])].lower()
-                for name, path in files.items()}
-    common = max(prefixes.values(), key=list(prefixes.values()).count, default=None)
-    odd = [name for name, prefix in prefixes.items() if prefix != common]
-    if odd:
-        others = [files[name].name for name in files if name not in odd]
-        raise CaseError(case, files[odd[0]], f"its name does not start as the case's other files "
-                        f"do ({others}): a file of another case? Rename or move it")
     missing = [part for part in MODALITIES if part not in files]
-    for path in unknown:  # e.g. 'X_T1w.nii.gz': the case would be predicted without it
-        token = re.split(r"[_-]", _split_name(path)[0].lower())[-1]
-        part = next((m for m in missing if token in ALIASES[m]), None)
-        if part:
-            raise CaseError(case, path, f"looks like a {part} scan under another name, and the "
-                            f"case has no {part} file: name it "
-                            f"{expected_file(case_dir, files, part).name} if it is one, or move "
-                            "it out of the case folder")
+    _refuse_strangers(case_dir, files, scheme, unknown, missing)
     if len(missing) == len(MODALITIES):
         names = ", ".join(expected_file(case_dir, files, part).name for part in MODALITIES)
         nested = next((p for p in sorted(case_dir.iterdir())
@@ -335,6 +318,29 @@ def find_case_files(case_dir, allow_missing=False):
         raise CaseError(case, expected_file(case_dir, files, missing[0]),
                         f"missing {missing[0]} file (found {sorted(files)})")
     return {part: files[part] for part in (*MODALITIES, "seg") if part in files}
+
+
+def _refuse_strangers(case_dir, files, scheme, unknown, missing):
+    """CaseError for files that would silently give the case wrong inputs: a part whose prefix
+    differs from the others' (another patient's scan: every BraTS case has the same grid), or,
+    among the `unknown` NIfTI files, a missing modality's scan under another name ('X_T1w')."""
+    case = Path(case_dir).name
+    prefixes = {name: _split_name(path)[0][:-len(SCHEMES[scheme][name])].lower()
+                for name, path in files.items()}
+    common = max(prefixes.values(), key=list(prefixes.values()).count, default=None)
+    odd = [name for name, prefix in prefixes.items() if prefix != common]
+    if odd:
+        others = [files[name].name for name in files if name not in odd]
+        raise CaseError(case, files[odd[0]], f"its name does not start as the case's other files "
+                        f"do ({others}): a file of another case? Rename or move it")
+    for path in unknown:
+        token = re.split(r"[_-]", _split_name(path)[0].lower())[-1]
+        part = next((m for m in missing if token in ALIASES[m]), None)
+        if part:
+            raise CaseError(case, path, f"looks like a {part} scan under another name, and the "
+                            f"case has no {part} file: name it "
+                            f"{expected_file(case_dir, files, part).name} if it is one, or move "
+                            "it out of the case folder")
 
 
 def available_subset(files):
