@@ -16,8 +16,8 @@
 # Variables (override from the environment; a relative path you give is taken from the folder
 # you run the script in when it exists there, OUT always; the defaults are the repository's):
 . "$(dirname "$0")/utils/callers_paths.sh"
-callers_paths CKPT DATA_LIST DATA_ROOT INPUT
-callers_outputs OUT
+callers_paths inputs CKPT DATA_LIST DATA_ROOT INPUT
+callers_paths outputs OUT
 NAME=${NAME:-LCKD}                                  # as in run.sh: snapshots/${NAME}_stage2/
 CKPT=${CKPT:-snapshots/${NAME}_stage2/final.pth}
 DATA_LIST=${DATA_LIST:-BraTS18/BraTS18_test.csv}    # looked up in datalist/ (published)

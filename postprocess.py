@@ -109,12 +109,11 @@ def mask_folders(input_dir):
     return sorted(folders | ({subsets} if isinstance(subsets, str) else set(subsets)))
 
 
-def check_complete(input_dir, sources, args):
-    """Refuse a stopped evaluation: eval.py writes cases.csv before any mask, listing every case
-    of the run, so a mask folder without one of them would be uploaded incomplete. The folders
-    of the evaluation are checked (a run of one --mode writes one); a folder without cases.csv
-    is a folder of one's own masks, not checked."""
-    record = read_cases_record(input_dir)
+def check_complete(input_dir, record, sources, args):
+    """Refuse a stopped evaluation: eval.py writes cases.csv (`record`) before any mask, listing
+    every case of the run, so a mask folder without one of them would be uploaded incomplete.
+    The folders of the evaluation are checked (a run of one --mode writes one); a folder
+    without cases.csv is a folder of one's own masks, not checked."""
     if record is None:
         return
     found = {(s.parent.name, nifti_stem(s)) for s in sources if s.parent.parent == input_dir}
@@ -127,16 +126,16 @@ def check_complete(input_dir, sources, args):
                          "and --resume, then post-process again")
 
 
-def t1ce_files(sources, input_dir, images):
+def t1ce_files(sources, input_dir, record, images):
     """For the K-means rule: each mask's T1ce file, or None when its subset lacks T1ce.
 
     A mask's subset is its folder's name when that names modalities (eval.py's 'flair+t1ce'
     folders, or --input_dir preds/flair+t1ce); otherwise the modalities eval.py recorded in
     cases.csv that it predicted the case from (its 'available' folder: a T1ce added to the case
     folder since did not make the mask), else (a folder of one's own) those present in the case
-    folder. Case folders are --images/<case>, else those eval.py recorded in cases.csv.
+    folder. Case folders are --images/<case>, else those eval.py recorded in cases.csv
+    (`record`, None without one).
     """
-    record = read_cases_record(input_dir)
     predicted_from = (dict(zip(record["case"], record["available"]))
                       if record is not None and "available" in record else {})
     if images is not None:
@@ -223,11 +222,12 @@ def main(argv=None):
         raise UsageError(f"--output_dir {args.output_dir} must not be, contain or lie inside "
                          f"--input_dir {args.input_dir}: the input masks are never overwritten")
     sources = find_masks(input_dir)
-    check_complete(input_dir, sources, args)
+    record = read_cases_record(input_dir)
+    check_complete(input_dir, record, sources, args)
     if not sources:
         raise UsageError(f"no {' or '.join(EXTENSIONS)} masks found under {args.input_dir}")
     rules = rules_from_args(args)
-    t1ce = (t1ce_files(sources, input_dir, args.images) if args.kmeans_necrosis
+    t1ce = (t1ce_files(sources, input_dir, record, args.images) if args.kmeans_necrosis
             else [None] * len(sources))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))
             for s, t in zip(sources, t1ce)]

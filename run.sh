@@ -33,8 +33,8 @@ set -euo pipefail
 # script in when it exists there, CACHE_DIR and DEMO_DATA always; the defaults are the
 # repository's.
 . "$(dirname "$0")/utils/callers_paths.sh"
-callers_paths DATA_ROOT TRAIN_LIST VAL_LIST
-callers_outputs CACHE_DIR DEMO_DATA
+callers_paths inputs DATA_ROOT TRAIN_LIST VAL_LIST
+callers_paths outputs CACHE_DIR DEMO_DATA
 enter_repository
 . utils/logged.sh
 
