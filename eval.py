@@ -215,16 +215,25 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
             raise UsageError(f"--resume: the evaluation in {output_dir} was made with {key} "
                              f"{previous[key]}, this run's is {record[key]}; resume it with "
                              "its own settings, or pass --overwrite to replace it")
-    # In --mode available, a case that gained or lost a modality file has another subset.
-    columns = ["case", "available"] if mode == AVAILABLE else ["case"]
-    before, now = ([" ".join(row) for row in table[columns].itertuples(index=False)]
-                   for table in (listed, cases))
+    before, now = listed["case"].tolist(), cases["case"].tolist()
     if before != now:
         i = next(i for i in range(max(len(before), len(now))) if before[i:i + 1] != now[i:i + 1])
         entry = lambda rows: rows[i] if i < len(rows) else "none"
         raise UsageError(f"--resume: {output_dir / 'cases.csv'} lists {len(before)} cases, this "
                          f"run {len(now)}; entry {i + 1} differs ({entry(before)} vs "
                          f"{entry(now)}); resume with the first run's cases, or pass --overwrite")
+    files = set(found)
+    done = {name for name in now
+            if all(mask_path(output_dir, folder, name) in files for folder in mask_folders(mode))
+            and (not figures or figure_path(output_dir, name) in files)}
+    if mode == AVAILABLE:
+        # A case whose masks are written must keep the modalities they were predicted from; one
+        # not yet predicted may have gained or lost a file (a placeholder removed, a scan added).
+        for name, first, this in zip(now, listed["available"], cases["available"]):
+            if name in done and first != this:
+                raise UsageError(f"--resume: the mask of case {name} in {output_dir} was "
+                                 f"predicted from {first}, its folder now has {this}; restore "
+                                 "its files, or pass --overwrite")
     # `found` lists the masks and figures, and the temporaries of killed writes among them.
     report = {output_dir / name for name in REPORT_FILES}  # rewritten from every case at the end
     for path in found:
@@ -232,10 +241,7 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
             path.unlink()
     for name in RUN_FILES:
         remove_stale_temps(output_dir / name)
-    found = set(found)
-    return {name for name in cases["case"]
-            if all(mask_path(output_dir, folder, name) in found for folder in mask_folders(mode))
-            and (not figures or figure_path(output_dir, name) in found)}
+    return done
 
 
 def mask_path(output_dir, folder, name):
@@ -478,9 +484,10 @@ def run(args, mode, folders, model, window, device, done=frozenset(), progress=T
             case.image = normalize_case(case)
             return case, warnings
         except CaseError as err:  # seen only in the voxels: NaN, a truncated or corrupted file
+            fix = ("replace the file, or remove it if it stands in for a missing modality (an "
+                   "all-zero placeholder)" if mode == AVAILABLE else "replace the file")
             raise CaseError(err.case, err.path, f"{err.problem}; the cases before it are "
-                            "exported: replace the file, then run the same command with "
-                            "--resume") from None
+                            f"exported: {fix}, then run the same command with --resume") from None
 
     rows = []
     # Reading the next case, and writing / scoring / drawing the previous ones, overlap with

@@ -509,9 +509,47 @@ def test_resume_in_available_mode_refuses_a_case_whose_modalities_changed(segmen
              str(out), "--device", "cpu", "--mode", "available", "--resume"]
     evaluate.main(flags)
     (data / cases[0].name / f"{cases[0].name}_t1ce.nii.gz").unlink()  # its mask: flair+t1ce's
-    assert cli(flags) == (f"error: --resume: {out / 'cases.csv'} lists 2 cases, this run 2; "
-                          f"entry 1 differs ({cases[0].name} flair+t1ce vs {cases[0].name} "
-                          "flair); resume with the first run's cases, or pass --overwrite")
+    assert cli(flags) == (f"error: --resume: the mask of case {cases[0].name} in {out} was "
+                          "predicted from flair+t1ce, its folder now has flair; restore its "
+                          "files, or pass --overwrite")
+
+
+def test_resume_in_available_mode_predicts_a_case_without_its_removed_placeholder(
+        segmentation_setup, tmp_path):
+    # The published code needs four files per case, so its users fill a missing modality with
+    # an all-zero volume. That stops the run at the case; removing the placeholder and resuming
+    # predicts the case from what it really has, the cases before it kept.
+    root, cases = segmentation_setup
+    data = copy_cases(cases, tmp_path / "data")
+    placeholder = data / cases[1].name / f"{cases[1].name}_t2.nii.gz"
+    image = nib.load(placeholder)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine, image.header),
+             placeholder)
+    out = tmp_path / "out"
+    flags = ["--input", str(data), "--restore_from", str(root / "final.pth"), "--output_dir",
+             str(out), "--device", "cpu", "--mode", "available", "--resume"]
+    message = cli(flags).splitlines()[-1]
+    assert message.startswith(f"error: case {cases[1].name}: {placeholder}: cannot normalise")
+    assert message.endswith("; the cases before it are exported: replace the file, or remove it "
+                            "if it stands in for a missing modality (an all-zero placeholder), "
+                            "then run the same command with --resume")
+    first = out / "available" / f"{cases[0].name}.nii.gz"
+    assert [p.name for p in (out / "available").iterdir()] == [first.name]
+    written = first.stat().st_mtime_ns
+
+    placeholder.unlink()
+    evaluate.main(flags)
+    assert first.stat().st_mtime_ns == written  # kept, not predicted again
+    record = pd.read_csv(out / "cases.csv")
+    assert record["available"].tolist() == ["flair+t1+t1ce+t2", "flair+t1+t1ce"]
+    evaluate.main(["--input", str(root / "data"), "--mode", "flair,t1,t1ce", "--output_dir",
+                   str(tmp_path / "fixed"), "--restore_from", str(root / "final.pth"),
+                   "--device", "cpu"])
+    np.testing.assert_array_equal(
+        masks(out / "available")[f"{cases[1].name}.nii.gz"],
+        masks(tmp_path / "fixed" / "flair+t1+t1ce")[f"{cases[1].name}.nii.gz"])
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["subset"].tolist() == ["flair+t1+t1ce", "flair+t1+t1ce+t2", "mean"]
 
 
 def test_resume_of_unlabelled_cases_reads_no_voxel_of_the_cases_done(segmentation_setup, tmp_path,
