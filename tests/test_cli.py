@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eval as eval_script
+import predict
 import train
 from utils.cli import Terminated, UsageError, run_cli, str2bool
 from utils import distributed
@@ -36,6 +37,19 @@ def test_both_scripts_parse_published_flags_alike():
     assert args.random_mirror is False and args.weight_std is True
     args = eval_script.parse_args(["--restore_from", "x.pth", "--weight_std", "f"])
     assert args.weight_std is False
+
+
+def test_a_flag_is_taken_only_by_its_whole_name(capsys):
+    # argparse's default reads a prefix as the flag it starts: predict.py would take eval.py's
+    # `--input` for --input_size.
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--input", "case", "--checkpoint", "c.pth", "-o", "m.nii.gz"])
+    assert capsys.readouterr().err == ("error: unrecognized arguments: --input case "
+                                       "(see predict.py --help)\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--num_step", "3"])
+    assert capsys.readouterr().err == ("error: unrecognized arguments: --num_step 3 "
+                                       "(see train.py --help)\n")
 
 
 def _raises(error):

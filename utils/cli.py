@@ -15,7 +15,12 @@ from utils.lock import LockError
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, whose errors are one line as every other mistake a user makes (`error: ...`,
-    exit status 2) instead of the usage block that buries the message."""
+    exit status 2) instead of the usage block that buries the message. Flags are taken only by
+    their whole names: argparse would read eval.py's `--input` given to predict.py as
+    `--input_size`, and a misspelt prefix as whichever flag it starts."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
