@@ -35,7 +35,9 @@ exactly as one process would.
 A stopped run (Ctrl-C, a scheduler's time limit, a crash) is continued by the same command with
 --resume: the cases whose masks are all in --output_dir are scored from those files, the others
 predicted. It is refused when the first run's checkpoint (its SHA-256), model, window, subsets,
-inference flags or list of cases differ, so that one folder never mixes two models' masks.
+inference flags or list of cases differ, so that one folder never mixes two models' masks, or
+(--mode available) when an exported case's modality files changed; a case not yet predicted
+is predicted from the files it has now (e.g. an all-zero placeholder removed).
 
 Writes, under --output_dir (refused if it holds a previous evaluation, unless --overwrite or
 --resume):
