@@ -25,7 +25,9 @@ The network is rebuilt from the configuration stored in the checkpoint (model si
 standardisation, norm, activation, patch size); flags given on the command line override it.
 Cases come from a datalist (--data_list) or a folder (--input: a folder of case folders, or one
 case folder). Every case is checked (files present for the subsets asked, headers readable,
-one grid) before anything is written.
+one grid) before anything is written. A modality file that is all zero is the placeholder of a
+missing modality (the published code needs four files per case): --mode available predicts the
+case without it, and a subset that needs it is an error naming the file.
 
 Under torchrun each process uses the GPU of its LOCAL_RANK (or the CPU with --device cpu) and
 predicts every world-size-th case of the list, writing its masks and figures; the checks run
@@ -66,8 +68,8 @@ from tqdm import tqdm
 
 from datasets.brats import (
     Case, CaseError, available_subset, brats_like_warnings, case_files, check_grid, find_cases,
-    load_case, open_files, read_datalist, read_files, refuse_duplicates, require_modalities,
-    resolve_list, to_network_order,
+    open_files, read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
+    to_network_order, without_placeholders,
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
@@ -160,19 +162,27 @@ def case_folders(args):
 
 
 def check_cases(folders, mode):
-    """Check every case's files before any work -> {case folder: available subset}.
+    """Check every case's files before any work -> {case folder: {part: Path} to read}.
 
     Headers only: a missing file a subset needs, an unreadable file, or files of different
-    shapes or affines stop the run here, naming the case and the file.
+    shapes or affines stop the run here, naming the case and the file. A modality file that is
+    all zero is the placeholder of a missing modality (is_placeholder, cheap on a scan): the case
+    is read without it, saying so, unless a subset asked needs it (an error).
     """
-    available = {}
+    needed = sorted(set().union(*mode)) if mode != AVAILABLE else []
+    checked = {}
     for folder in folders:
         files = case_files(folder, allow_missing=True)
-        if mode != AVAILABLE:
-            require_modalities(folder, files, sorted(set().union(*mode)))
-        open_files(folder.name, files)
-        available[folder] = available_subset(files)
-    return available
+        require_modalities(folder, files, needed)
+        files, dropped = without_placeholders(folder.name, files, open_files(folder.name, files))
+        for part, path in dropped.items():
+            if MODALITIES.index(part) in needed:
+                raise CaseError(folder.name, path, f"all zero: the placeholder of a missing "
+                                f"{part}, needed by subset {subset_name(needed)} (--mode "
+                                "available predicts each case from the modalities it has)")
+            print(f"{folder.name}: {path.name} is all zero: {part} counted as missing")
+        checked[folder] = files
+    return checked
 
 
 def previous_run(output_dir):
@@ -275,10 +285,10 @@ def export_and_score(case, folder, subset, label, output_dir, hd95_method):
     return metric_rows(case, subset, label, hd95_method)
 
 
-def saved_case(case_dir):
-    """A case whose masks an earlier run wrote (--resume): its grid and label, no image (one
-    modality is read, for the grid); without a label, nothing is read (nothing to score)."""
-    files = case_files(case_dir, allow_missing=True)
+def saved_case(case_dir, files):
+    """A case whose masks an earlier run wrote (--resume), files: check_cases' -> its grid and
+    label, no image (one modality is read, for the grid); without a label, nothing is read
+    (nothing to score)."""
     available = available_subset(files)
     if "seg" not in files:
         return Case(name=Path(case_dir).name, files=files, image=None, label=None, affine=None,
@@ -360,20 +370,20 @@ def check(args, info, rank_device, held):
     """Every check before any work, in this order: the flags, the cases' files, the checkpoint,
     then the output folder, locked (in the ExitStack `held`, for the whole run) and cleared of a
     previous evaluation with --overwrite, or checked to be this run's with --resume.
-    -> mode, folders, device, loaded model, the run's record (run_record), cases.csv's table,
-    the names of the cases --resume found done."""
+    -> mode, folders, each one's files to read (check_cases), device, loaded model, the run's
+    record (run_record), cases.csv's table, the names of the cases --resume found done."""
     mode = parse_eval_mode(args.mode)
     if args.resume and args.overwrite:
         raise UsageError("give --resume (continue the evaluation in --output_dir) or --overwrite "
                          "(replace it), not both")
     device = process_device(args.device, info, rank_device)
     folders = case_folders(args)
-    available = check_cases(folders, mode)
+    files = check_cases(folders, mode)
     loaded = load_model(args.restore_from, args, device)
     record = run_record(args, info, mode, folders, *loaded[1:], device)
     cases = pd.DataFrame({"case": [f.name for f in folders],
                           "folder": [str(f.resolve()) for f in folders],
-                          "available": [subset_name(available[f]) for f in folders]})
+                          "available": [subset_name(available_subset(files[f])) for f in folders]})
     output_dir = args.output_dir
     held.enter_context(exclusive_lock(output_dir, "output folder"))
     found = previous_run(output_dir)
@@ -381,14 +391,14 @@ def check(args, info, rank_device, held):
         check_file_writable(path)
     if args.resume:
         done = resumed_cases(output_dir, found, record, cases, mode, args.figures)
-        return mode, folders, device, loaded, record, cases, done
+        return mode, folders, files, device, loaded, record, cases, done
     if found and not args.overwrite:
         raise UsageError(f"--output_dir {output_dir} holds a previous evaluation ({len(found)} "
                          f"files, e.g. {found[0].name}); pass --resume to continue it, "
                          "--overwrite to replace it (only eval.py's files are removed) or choose "
                          "another folder")
     clear_previous_run(output_dir, found)
-    return mode, folders, device, loaded, record, cases, set()
+    return mode, folders, files, device, loaded, record, cases, set()
 
 
 def main(argv=None):
@@ -404,7 +414,7 @@ def main(argv=None):
             # evaluation before any rank writes; the others load the checkpoint it found sound.
             def check_and_record():
                 checked = check(args, info, device, held)
-                _, folders, _, _, record, cases, done = checked
+                _, folders, _, _, _, record, cases, done = checked
                 write_text(args.output_dir / "eval_config.json", json.dumps(record, indent=2))
                 with atomic_path(args.output_dir / "cases.csv") as tmp:
                     cases.to_csv(tmp, index=False)
@@ -416,17 +426,18 @@ def main(argv=None):
 
             checked = distributed.on_main_rank(check_and_record, info)
             if info.is_main:
-                mode, folders, device, (model, _, window), _, cases, done = checked
+                mode, folders, files, device, (model, _, window), _, cases, done = checked
             else:
                 model, _, window = load_model(args.restore_from, args, device)
-            mode, folders, done = distributed.broadcast_object(
-                (mode, folders, done) if info.is_main else None, info)
+            mode, folders, files, done = distributed.broadcast_object(
+                (mode, folders, files, done) if info.is_main else None, info)
             # Case i goes to rank i % world size: every rank writes its own cases' files.
             share = folders[info.rank::info.world_size]
             if info.is_main and info.enabled:
                 print(f"{len(folders)} cases over {info.world_size} processes (the progress bar "
                       f"counts rank 0's {len(share)})")
-            rows = run(args, mode, share, model, window, device, done, progress=info.is_main)
+            rows = run(args, mode, share, files, model, window, device, done,
+                       progress=info.is_main)
             parts = distributed.gather_object(rows, info)
             if not info.is_main:
                 return None
@@ -471,23 +482,24 @@ def run_record(args, info, mode, folders, config, window, device):
         default=str))
 
 
-def run(args, mode, folders, model, window, device, done=frozenset(), progress=True):
-    """Predict, write and score every case of `folders` -> metric rows. The cases named in
-    `done` (--resume) are scored from the masks an earlier run wrote instead."""
+def run(args, mode, folders, files, model, window, device, done=frozenset(), progress=True):
+    """Predict, write and score every case of `folders` (files: check_cases') -> metric rows.
+    The cases named in `done` (--resume) are scored from the masks an earlier run wrote
+    instead."""
     output_dir = args.output_dir
 
     def read(case_dir):
         """-> (case, what it does not look like of BraTS: predict.py's warnings)."""
         try:
             if case_dir.name in done:
-                return saved_case(case_dir), []
-            case = load_case(case_dir, allow_missing=True)
+                return saved_case(case_dir, files[case_dir]), []
+            case = read_files(case_dir.name, files[case_dir])
             warnings = brats_like_warnings(case)
             case.image = normalize_case(case)
             return case, warnings
         except CaseError as err:  # seen only in the voxels: NaN, a truncated or corrupted file
-            fix = ("replace the file, or remove it if it stands in for a missing modality (an "
-                   "all-zero placeholder)" if mode == AVAILABLE else "replace the file")
+            fix = ("replace the file, or remove it if it stands in for a missing modality"
+                   if mode == AVAILABLE else "replace the file")
             raise CaseError(err.case, err.path, f"{err.problem}; the cases before it are "
                             f"exported: {fix}, then run the same command with --resume") from None
 

@@ -5,7 +5,8 @@
     python predict.py --t2 P01_t2.nii.gz --checkpoint ... -o P01_mask.nii.gz --postprocess --figure
 
 The network sees exactly the modalities given (the others are missing, as in training's
-random-missing stage). The mask is written on the grid and with the header of the inputs,
+random-missing stage); a file that is all zero, the placeholder of a missing modality, counts
+as missing. The mask is written on the grid and with the header of the inputs,
 uint8 labels 0/1/2/4, as eval.py writes them. The inputs must share one grid (an error
 otherwise); a warning is printed when they do not look like what a BraTS-trained model was
 trained on: about 1 mm isotropic, skull-stripped with a background of exactly 0, co-registered
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import (brats_like_warnings, nifti_stem, read_files, to_network_order,
-                            to_nifti_order)
+from datasets.brats import (brats_like_warnings, nifti_stem, open_files, read_files,
+                            to_network_order, to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, run_cli
@@ -109,6 +110,9 @@ def main(argv=None):
     files = check_args(args)
     device = resolve_device(args.device)
     name = nifti_stem(args.output)
+    files, dropped = without_placeholders(name, files, open_files(name, files))
+    for part, path in dropped.items():
+        print(f"{path.name} is all zero: {part} counted as missing")
     case = read_files(name, files)
     for warning in brats_like_warnings(case):
         print(f"warning: {warning}", file=sys.stderr)

@@ -43,6 +43,9 @@ AFFINE_TOLERANCE = 1e-3
 SPACING_RANGE_MM = (0.8, 1.25)  # BraTS is resampled to 1 mm isotropic
 MIN_BACKGROUND_FRACTION = 0.2  # skull-stripped BraTS volumes are about 80 % exact zeros
 MIN_BRAIN_DICE = 0.9  # co-registered, skull-stripped modalities share their non-zero voxels
+# An all-zero volume deflates 200:1 (nibabel's level) to 1000:1, a scan (even 80 % background)
+# about 7:1: a .nii.gz smaller than 1/PLACEHOLDER_DEFLATE of its voxels' bytes is read to tell.
+PLACEHOLDER_DEFLATE = 20
 # Errors nibabel, gzip and numpy raise on a missing, truncated or corrupt NIfTI.
 READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 
@@ -429,6 +432,37 @@ def open_files(case, files):
         check_grid(case, path, shape, img.affine, reference)
         images[part] = img
     return images
+
+
+def is_placeholder(case, path, img):
+    """Whether the modality file `path` (img: opened by open_files) holds only zeros: how a
+    missing modality is filled for the published code, which reads four files per case (and
+    what the network is given for one). Cheap on a scan: a .nii.gz is ruled out by its size,
+    an uncompressed file by its middle slice; only a file that may be all zero is read whole
+    (its .gz stream checked, as _in_memory does). Raises CaseError naming an unreadable file."""
+    if path.name.lower().endswith(".gz"):
+        voxel_bytes = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+        if path.stat().st_size * PLACEHOLDER_DEFLATE > voxel_bytes:
+            return False
+    else:
+        middle = _guarded(case, path, lambda: np.asanyarray(img.dataobj[:, :, img.shape[2] // 2]))
+        if np.any(middle):
+            return False
+    loaded = _guarded(case, path, lambda: _in_memory(path, img))
+    return not _guarded(case, path, lambda: np.any(np.asanyarray(loaded.dataobj)))
+
+
+def without_placeholders(case, files, images):
+    """{part: Path} less the modality files that are all-zero placeholders (is_placeholder;
+    images: open_files' images of `files`) -> (the files left, {part: Path} of those dropped).
+    Raises CaseError when no modality file is left."""
+    dropped = {part: path for part, path in files.items()
+               if part in MODALITIES and is_placeholder(case, path, images[part])}
+    kept = {part: path for part, path in files.items() if part not in dropped}
+    if dropped and not available_subset(kept):
+        raise CaseError(case, next(iter(dropped.values())), "all zero, as every modality file "
+                        "of the case: nothing to predict from")
+    return kept, dropped
 
 
 def check_grid(case, path, shape, affine, reference):

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from datasets import brats
 from datasets.brats import (
     CaseError,
     DataError,
@@ -567,3 +568,26 @@ def test_one_folder_under_two_names_is_refused(tmp_path):
     (tmp_path / "Alias").symlink_to(folder)
     with pytest.raises(CaseError, match="case Alias: list.csv: the same folder as Brats18_A"):
         refuse_duplicates([folder, tmp_path / "B", tmp_path / "Alias"], "list.csv")
+
+
+def test_a_placeholder_is_all_zero_and_a_scan_is_told_apart_without_reading_its_voxels(
+        tmp_path, monkeypatch):
+    # is_placeholder is asked of every modality file before any work: a .nii.gz scan is ruled
+    # out by its size, an uncompressed one by its middle slice.
+    zeros = np.zeros(SHAPE, np.int16)
+    one_voxel = zeros.copy()
+    one_voxel[0, 0, 0] = 1  # outside the middle slice: the whole file is read to find it
+    scan = make_volumes()["t1ce"]
+    for name, data in (("zeros", zeros), ("one_voxel", one_voxel), ("scan", scan)):
+        for suffix in (".nii", ".nii.gz"):
+            save(data, tmp_path / f"{name}{suffix}")
+    expected = {"zeros.nii": True, "zeros.nii.gz": True, "one_voxel.nii": False,
+                "one_voxel.nii.gz": False, "scan.nii": False, "scan.nii.gz": False}
+    assert {name: brats.is_placeholder("X", tmp_path / name, nib.load(tmp_path / name))
+            for name in expected} == expected
+
+    def read_whole(*args):
+        raise AssertionError("the whole file was read")
+    monkeypatch.setattr(brats, "_in_memory", read_whole)
+    for name in ("scan.nii", "scan.nii.gz"):
+        assert not brats.is_placeholder("X", tmp_path / name, nib.load(tmp_path / name))

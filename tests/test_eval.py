@@ -237,6 +237,38 @@ def test_available_mode_equals_the_fixed_subset_on_complete_cases(segmentation_s
     assert summary["subset"].tolist() == ["flair+t1ce", "mean"]
 
 
+def test_all_zero_files_are_missing_modalities_in_available_mode(segmentation_setup, tmp_path,
+                                                                capsys):
+    # The published code reads four files per case: its users fill a missing modality with
+    # zeros, which is also what the network is given for one. Compressed or not, such a file
+    # is counted as missing, and says so.
+    root, cases = segmentation_setup
+    data = copy_cases(cases, tmp_path / "data")
+    all_zero(data / cases[0].name, "t1", suffix=".nii")
+    all_zero(data / cases[1].name, "t2", "flair")
+    common = ["--restore_from", str(root / "final.pth"), "--device", "cpu"]
+    evaluate.main(["--input", str(data), "--mode", "available",
+                   "--output_dir", str(tmp_path / "available"), *common])
+    printed = capsys.readouterr().out
+    assert f"{cases[0].name}: {cases[0].name}_t1.nii is all zero: t1 counted as missing" in printed
+    for modality in ("flair", "t2"):
+        assert (f"{cases[1].name}: {cases[1].name}_{modality}.nii.gz is all zero: {modality} "
+                "counted as missing") in printed
+    record = pd.read_csv(tmp_path / "available" / "cases.csv")
+    assert record["available"].tolist() == ["flair+t1ce+t2", "t1+t1ce"]
+
+    evaluate.main(["--input", str(root / "data"), "--mode", "all",
+                   "--output_dir", str(tmp_path / "all"), *common])
+    available = masks(tmp_path / "available" / "available")
+    for case, subset in zip(cases, record["available"]):
+        np.testing.assert_array_equal(available[f"{case.name}.nii.gz"],
+                                      masks(tmp_path / "all" / subset)[f"{case.name}.nii.gz"])
+    # A fixed subset that does not need the placeholders is predicted as usual.
+    evaluate.main(["--input", str(data), "--mode", "t1ce", "--output_dir", str(tmp_path / "t1ce"),
+                   *common])
+    assert masks(tmp_path / "t1ce" / "t1ce").keys() == available.keys()
+
+
 def test_available_mode_groups_the_table_by_each_cases_subset(segmentation_setup, tmp_path):
     root, cases = segmentation_setup
     folder = tmp_path / "mixed"
@@ -310,8 +342,25 @@ def _other_shape(case, modality):
     return path
 
 
+def all_zero(case, *modalities, suffix=".nii.gz"):
+    """Replace the case's files of `modalities` by all-zero volumes on its grid, saved with
+    `suffix`: how a missing modality is filled for the published code."""
+    for modality in modalities:
+        path = case / f"{case.name}_{modality}.nii.gz"
+        image = nib.load(path)
+        path.unlink()
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine, image.header),
+                 case / f"{case.name}_{modality}{suffix}")
+    return case
+
+
 @pytest.mark.parametrize("mode, breaks, expected", [
     ("all", lambda case: (case / f"{case.name}_t2.nii.gz").unlink(), "_t2.nii.gz: missing t2 file"),
+    ("all", lambda case: all_zero(case, "t2"), "_t2.nii.gz: all zero: the placeholder of a "
+     "missing t2, needed by subset flair+t1+t1ce+t2 (--mode available predicts each case from "
+     "the modalities it has)"),
+    ("available", lambda case: all_zero(case, "flair", "t1", "t1ce", "t2"),
+     "_flair.nii.gz: all zero, as every modality file of the case: nothing to predict from"),
     ("flair,t1", lambda case: (case / f"{case.name}_t1.nii.gz").unlink(), "_t1.nii.gz: missing t1"),
     ("available", lambda case: [p.unlink() for p in case.glob("*_[ft]*.nii.gz")],
      "no modality file"),
@@ -514,30 +563,30 @@ def test_resume_in_available_mode_refuses_a_case_whose_modalities_changed(segmen
                           "files, or pass --overwrite")
 
 
-def test_resume_in_available_mode_predicts_a_case_without_its_removed_placeholder(
+def test_resume_in_available_mode_predicts_a_case_without_its_removed_stand_in(
         segmentation_setup, tmp_path):
-    # The published code needs four files per case, so its users fill a missing modality with
-    # an all-zero volume. That stops the run at the case; removing the placeholder and resuming
-    # predicts the case from what it really has, the cases before it kept.
+    # A missing modality filled with something the checks cannot tell from a scan (a constant
+    # volume) stops the run at its case; removing it and resuming predicts the case from what
+    # it really has, the cases before it kept.
     root, cases = segmentation_setup
     data = copy_cases(cases, tmp_path / "data")
-    placeholder = data / cases[1].name / f"{cases[1].name}_t2.nii.gz"
-    image = nib.load(placeholder)
-    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine, image.header),
-             placeholder)
+    stand_in = data / cases[1].name / f"{cases[1].name}_t2.nii.gz"
+    image = nib.load(stand_in)
+    nib.save(nib.Nifti1Image(np.full(image.shape, 100, np.int16), image.affine, image.header),
+             stand_in)
     out = tmp_path / "out"
     flags = ["--input", str(data), "--restore_from", str(root / "final.pth"), "--output_dir",
              str(out), "--device", "cpu", "--mode", "available", "--resume"]
     message = cli(flags).splitlines()[-1]
-    assert message.startswith(f"error: case {cases[1].name}: {placeholder}: cannot normalise")
+    assert message.startswith(f"error: case {cases[1].name}: {stand_in}: cannot normalise")
     assert message.endswith("; the cases before it are exported: replace the file, or remove it "
-                            "if it stands in for a missing modality (an all-zero placeholder), "
-                            "then run the same command with --resume")
+                            "if it stands in for a missing modality, then run the same command "
+                            "with --resume")
     first = out / "available" / f"{cases[0].name}.nii.gz"
     assert [p.name for p in (out / "available").iterdir()] == [first.name]
     written = first.stat().st_mtime_ns
 
-    placeholder.unlink()
+    stand_in.unlink()
     evaluate.main(flags)
     assert first.stat().st_mtime_ns == written  # kept, not predicted again
     record = pd.read_csv(out / "cases.csv")
@@ -563,10 +612,11 @@ def test_resume_of_unlabelled_cases_reads_no_voxel_of_the_cases_done(segmentatio
     evaluate.main(flags)
     (out / "t1ce" / f"{cases[0].name}.nii.gz").unlink()
     kept = stat_ns([out / "t1ce" / f"{cases[1].name}.nii.gz"])
-    read = []
-    monkeypatch.setattr(evaluate, "read_files", lambda *a: read.append(a[0]))
+    read, real = [], evaluate.read_files
+    monkeypatch.setattr(evaluate, "read_files", lambda name, files: read.append(name)
+                        or real(name, files))
     evaluate.main(flags)
-    assert read == [] and stat_ns(kept) == kept
+    assert read == [cases[0].name] and stat_ns(kept) == kept
     assert sorted(masks(out / "t1ce")) == sorted(f"{c.name}.nii.gz" for c in cases)
     assert not (out / "metrics.csv").exists()
 

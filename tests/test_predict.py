@@ -5,7 +5,7 @@ import pytest
 
 import eval as evaluate
 import predict
-from test_eval import cli_error, copy_cases
+from test_eval import all_zero, cli_error, copy_cases
 from datasets.brats import to_network_order
 from test_figures import read_png
 from utils import figures
@@ -44,6 +44,27 @@ def test_predict_equals_eval_on_the_incomplete_case(segmentation_setup, tmp_path
 
     # one row (no labels), a column per modality given
     read_png(tmp_path / "pred" / "mask.png", figures.case_layout((64, 64), 1, 2)[:2])
+
+
+def test_an_all_zero_file_counts_as_the_missing_modality(segmentation_setup, tmp_path, capsys):
+    # As eval.py: the published code's users fill a missing modality with zeros.
+    root, cases = segmentation_setup
+    case = cases[0]
+    filled = all_zero(copy_cases([case], tmp_path / "data") / case.name, "t1", "t2")
+    common = ["--checkpoint", str(root / "final.pth"), "--device", "cpu"]
+    predict.main([*files_of(filled, "flair", "t1", "t1ce", "t2"), *common,
+                  "-o", str(tmp_path / "filled.nii.gz")])
+    printed = capsys.readouterr().out
+    predict.main([*files_of(case, "flair", "t1ce"), *common, "-o", str(tmp_path / "two.nii.gz")])
+    np.testing.assert_array_equal(mask(tmp_path / "filled.nii.gz"), mask(tmp_path / "two.nii.gz"))
+    assert printed.splitlines()[:2] == [f"{case.name}_t1.nii.gz is all zero: t1 counted as missing",
+                                        f"{case.name}_t2.nii.gz is all zero: t2 counted as missing"]
+    assert f"mask from flair+t1ce written to {tmp_path / 'filled.nii.gz'}" in printed
+
+    message = cli([*files_of(filled, "t1", "t2"), *common, "-o", str(tmp_path / "none.nii.gz")])
+    assert message == (f"error: case none: {filled / f'{case.name}_t1.nii.gz'}: all zero, as every "
+                       "modality file of the case: nothing to predict from")
+    assert not (tmp_path / "none.nii.gz").exists()
 
 
 def test_postprocess_is_the_published_rules_on_the_mask(segmentation_setup, tmp_path, capsys):
