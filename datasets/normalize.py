@@ -47,6 +47,9 @@ def _num_bins(vmin, vmax):
     """int(v.max()) as published, refusing the volumes np.histogram would reject or misread."""
     if not (np.isfinite(vmin) and np.isfinite(vmax)):
         raise NormalizationError(f"volume has non-finite values (min {vmin}, max {vmax})")
+    if vmin == vmax == 0:
+        raise NormalizationError("every voxel is 0: an empty volume, such as the placeholder of "
+                                 "a missing modality")
     if int(vmax) < 1:
         raise NormalizationError(
             f"volume maximum {vmax} < 1: the published histogram would have int(max) = "

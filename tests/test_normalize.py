@@ -215,7 +215,11 @@ def test_normalize_case_leaves_missing_modalities_zero():
     assert same_bits(out[0], normalize(image[0])) and same_bits(out[2], normalize(image[2]))
     assert not out[1].any() and not out[3].any()
     case.available, case.files["t1"] = (0, 1, 2), Path("X_t1.nii.gz")  # an all-zero T1 file
-    with pytest.raises(CaseError, match="case X: X_t1.nii.gz: cannot normalise: volume maximum 0.0 < 1"):
+    with pytest.raises(CaseError, match="case X: X_t1.nii.gz: cannot normalise: every voxel is 0: "
+                       "an empty volume, such as the placeholder of a missing modality"):
+        normalize_case(case)
+    image[1, 5:10, 5:10, 5:10] = 0.5  # a maximum below 1: no one-unit bin
+    with pytest.raises(CaseError, match="case X: X_t1.nii.gz: cannot normalise: volume maximum 0.5 < 1"):
         normalize_case(case)
 
 
