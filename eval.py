@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from datasets.brats import (
     Case, CaseError, available_subset, brats_like_warnings, case_files, check_grid, find_cases,
-    open_files, read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
+    read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
     to_network_order, without_placeholders,
 )
 from datasets.normalize import normalize_case
@@ -174,7 +174,7 @@ def check_cases(folders, mode):
     for folder in folders:
         files = case_files(folder, allow_missing=True)
         require_modalities(folder, files, needed)
-        files, dropped = without_placeholders(folder.name, files, open_files(folder.name, files))
+        files, dropped = without_placeholders(folder.name, files)
         for part, path in dropped.items():
             if MODALITIES.index(part) in needed:
                 raise CaseError(folder.name, path, f"all zero: the placeholder of a missing "

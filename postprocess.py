@@ -43,8 +43,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from datasets.brats import (EXTENSIONS, CaseError, case_files, nifti_stem, read_files,
-                            require_modalities, to_nifti_order)
+from datasets.brats import (EXTENSIONS, CaseError, case_files, is_placeholder, nifti_stem,
+                            open_files, read_files, require_modalities, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
@@ -133,8 +133,8 @@ def t1ce_files(sources, input_dir, record, images):
     folders, or --input_dir preds/flair+t1ce); otherwise the modalities eval.py recorded in
     cases.csv that it predicted the case from (its 'available' folder: a T1ce added to the case
     folder since did not make the mask), else (a folder of one's own) those present in the case
-    folder. Case folders are --images/<case>, else those eval.py recorded in cases.csv
-    (`record`, None without one).
+    folder (an all-zero T1ce counting as missing). Case folders are --images/<case>, else
+    those eval.py recorded in cases.csv (`record`, None without one).
     """
     predicted_from = (dict(zip(record["case"], record["available"]))
                       if record is not None and "available" in record else {})
@@ -162,7 +162,12 @@ def t1ce_files(sources, input_dir, record, images):
         files = case_files(folder, allow_missing=True)
         if subset is not None and T1CE in subset:
             require_modalities(folder, files, (T1CE,))
-        uses_t1ce = T1CE in subset if subset is not None else "t1ce" in files
+        if subset is not None:
+            uses_t1ce = T1CE in subset
+        else:  # as eval.py and predict.py: an all-zero T1ce is a missing one's placeholder
+            path = files.get("t1ce")
+            uses_t1ce = path is not None and not is_placeholder(
+                case, path, open_files(case, {"t1ce": path})["t1ce"])
         paths.append(files["t1ce"] if uses_t1ce else None)
     return paths
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import (brats_like_warnings, nifti_stem, open_files, read_files,
-                            to_network_order, to_nifti_order, without_placeholders)
+from datasets.brats import (brats_like_warnings, nifti_stem, read_files, to_network_order,
+                            to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, run_cli
@@ -110,7 +110,7 @@ def main(argv=None):
     files = check_args(args)
     device = resolve_device(args.device)
     name = nifti_stem(args.output)
-    files, dropped = without_placeholders(name, files, open_files(name, files))
+    files, dropped = without_placeholders(name, files)
     for part, path in dropped.items():
         print(f"{path.name} is all zero: {part} counted as missing")
     case = read_files(name, files)

@@ -422,20 +422,32 @@ def open_files(case, files):
     read, so a whole list can be checked before any work): every file readable and 3-D (see
     _grid_shape), with the shape and affine (within 1e-3) of the first one. Raises CaseError
     naming the file."""
-    images = {}
-    reference = None
-    for part, path in files.items():
-        img = _guarded(case, path, lambda: nib.load(path))
-        shape = _grid_shape(case, path, img)
-        if reference is None:
-            reference = path, shape, img.affine
-        check_grid(case, path, shape, img.affine, reference)
-        images[part] = img
+    images = _opened(case, files)
+    _check_grids(case, files, images)
     return images
 
 
+def _opened(case, files):
+    """{part: Path} -> {part: nibabel image}, each readable and 3-D (see _grid_shape)."""
+    images = {}
+    for part, path in files.items():
+        images[part] = _guarded(case, path, lambda: nib.load(path))
+        _grid_shape(case, path, images[part])
+    return images
+
+
+def _check_grids(case, files, images):
+    """Raise CaseError naming the first file of `files` not on the grid of the first one."""
+    reference = None
+    for part, path in files.items():
+        shape, affine = images[part].shape[:3], images[part].affine
+        if reference is None:
+            reference = path, shape, affine
+        check_grid(case, path, shape, affine, reference)
+
+
 def is_placeholder(case, path, img):
-    """Whether the modality file `path` (img: opened by open_files) holds only zeros: how a
+    """Whether the modality file `path` (img: its 3-D image, nib.load's) holds only zeros: how a
     missing modality is filled for the published code, which reads four files per case (and
     what the network is given for one). Cheap on a scan: a .nii.gz is ruled out by its size,
     an uncompressed file by its middle slice; only a file that may be all zero is read whole
@@ -452,16 +464,19 @@ def is_placeholder(case, path, img):
     return not _guarded(case, path, lambda: np.any(np.asanyarray(loaded.dataobj)))
 
 
-def without_placeholders(case, files, images):
-    """{part: Path} less the modality files that are all-zero placeholders (is_placeholder;
-    images: open_files' images of `files`) -> (the files left, {part: Path} of those dropped).
-    Raises CaseError when no modality file is left."""
+def without_placeholders(case, files):
+    """{part: Path} less the modality files that are all-zero placeholders (is_placeholder)
+    -> (the files left, {part: Path} of those dropped), checked as open_files does, the grid
+    among the files left: a placeholder is never read, whatever its grid (one is often written
+    with a default affine). Raises CaseError naming the file when no modality file is left."""
+    images = _opened(case, files)
     dropped = {part: path for part, path in files.items()
                if part in MODALITIES and is_placeholder(case, path, images[part])}
     kept = {part: path for part, path in files.items() if part not in dropped}
     if dropped and not available_subset(kept):
         raise CaseError(case, next(iter(dropped.values())), "all zero, as every modality file "
                         "of the case: nothing to predict from")
+    _check_grids(case, kept, images)
     return kept, dropped
 
 

@@ -591,3 +591,24 @@ def test_a_placeholder_is_all_zero_and_a_scan_is_told_apart_without_reading_its_
     monkeypatch.setattr(brats, "_in_memory", read_whole)
     for name in ("scan.nii", "scan.nii.gz"):
         assert not brats.is_placeholder("X", tmp_path / name, nib.load(tmp_path / name))
+
+
+def test_placeholders_are_dropped_whatever_their_grid_and_the_scans_grid_is_checked(tmp_path):
+    # A placeholder is often written with a default affine (np.eye(4)); it is never read, so its
+    # grid does not matter, and the case's grid is that of its scans, not of its first file.
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    files = find_case_files(folder)
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), files["flair"])
+    kept, dropped = brats.without_placeholders("Brats18_X", files)
+    assert dropped == {"flair": files["flair"]}
+    assert kept == {part: path for part, path in files.items() if part != "flair"}
+
+    save(make_volumes()["t2"], files["t2"], affine=np.eye(4))  # a scan off the grid: refused
+    with pytest.raises(CaseError, match=f"case Brats18_X: {files['t2']}: affine differs from "
+                                        "Brats18_X_t1.nii.gz"):
+        brats.without_placeholders("Brats18_X", files)
+    for part in MODALITIES:
+        nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), AFFINE), files[part])
+    with pytest.raises(CaseError, match=f"case Brats18_X: {files['flair']}: all zero, as every "
+                                        "modality file of the case: nothing to predict from"):
+        brats.without_placeholders("Brats18_X", files)

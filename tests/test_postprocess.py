@@ -397,20 +397,22 @@ def test_script_kmeans_reads_t1ce_only_for_subsets_that_had_it(tmp_path, capsys)
     images, masks = tmp_path / "data", tmp_path / "eval"
     _images(images, "A", label, t1ce)
     _images(images, "B", label, t1ce, with_t1ce=False)
-    for path in ("flair/A", "flair+t1ce/A", "available/A", "available/B"):
+    _images(images, "C", label, np.zeros_like(t1ce))  # an all-zero T1ce: a missing one
+    for path in ("flair/A", "flair+t1ce/A", "available/A", "available/B", "available/C"):
         _write(masks / f"{path}.nii.gz", label, np.eye(4))
     flags = ["--input_dir", str(masks), "--num_workers", "0", "--kmeans_necrosis",
              "--min_component", "1", "--bottom_slices", "0", "--et_threshold", "0"]
     postprocess.main([*flags, "--output_dir", str(tmp_path / "out"), "--images", str(images)])
     out = {p: np.asanyarray(nib.load(tmp_path / "out" / f"{p}.nii.gz").dataobj)
-           for p in ("flair/A", "flair+t1ce/A", "available/A", "available/B")}
+           for p in ("flair/A", "flair+t1ce/A", "available/A", "available/B", "available/C")}
     kmeans, _ = postprocess_label(label, NO_DROPS, t1ce=t1ce)
     plain, _ = postprocess_label(label, NO_DROPS)
     assert not np.array_equal(kmeans, plain)
     for path, expected in {"flair/A": plain, "flair+t1ce/A": kmeans, "available/A": kmeans,
-                           "available/B": plain}.items():
+                           "available/B": plain, "available/C": plain}.items():
         np.testing.assert_array_equal(out[path], expected, err_msg=path)
-    assert "K-means in 2 masks (2 without T1ce skipped)" in capsys.readouterr().out
+    assert "K-means in 2 masks (3 without T1ce skipped)" in capsys.readouterr().out
+    (masks / "available" / "C.nii.gz").unlink()
 
     # eval.py's cases.csv says where the cases are; a subset with T1ce needs the file
     (masks / "cases.csv").write_text(f"case,folder,available\nA,{images / 'A'},flair+t1ce\n"
