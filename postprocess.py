@@ -260,10 +260,10 @@ def main(argv=None):
     removed = sum(i["components_removed"] for i in infos)
     relabelled = sum(i["et_relabelled"] for i in infos)
     kmeans = (f", edema relabelled as NCR by K-means in "
-              f"{sum(i['necrosis_relabelled'] > 0 for i in infos)} masks "
+              f"{sum(i['necrosis_relabelled'] > 0 for i in infos)} mask(s) "
               f"({sum(t is None for t in t1ce)} without T1ce skipped)" if args.kmeans_necrosis else "")
-    print(f"{len(infos)} masks -> {args.output_dir}: {removed} components removed, "
-          f"ET relabelled as NCR in {relabelled} cases{kmeans}")
+    print(f"{len(infos)} mask(s) -> {args.output_dir}: {removed} component(s) removed, "
+          f"ET relabelled as NCR in {relabelled} case(s){kmeans}")
     return infos
 
 

@@ -411,7 +411,7 @@ def test_script_kmeans_reads_t1ce_only_for_subsets_that_had_it(tmp_path, capsys)
     for path, expected in {"flair/A": plain, "flair+t1ce/A": kmeans, "available/A": kmeans,
                            "available/B": plain, "available/C": plain}.items():
         np.testing.assert_array_equal(out[path], expected, err_msg=path)
-    assert "K-means in 2 masks (3 without T1ce skipped)" in capsys.readouterr().out
+    assert "K-means in 2 mask(s) (3 without T1ce skipped)" in capsys.readouterr().out
     (masks / "available" / "C.nii.gz").unlink()
 
     # eval.py's cases.csv says where the cases are; a subset with T1ce needs the file
