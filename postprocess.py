@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -52,6 +51,7 @@ from utils.lock import exclusive_lock
 from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
 from utils.postprocessing import (add_threshold_args, orientation_warning, postprocess_label,
                                   rules_from_args, unused_threshold)
+from utils.workers import worker_pool
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
@@ -249,9 +249,7 @@ def main(argv=None):
         if args.num_workers == 0:
             infos = [process_file(job) for job in tqdm(jobs, **progress)]
         else:
-            # An executor, not multiprocessing.Pool: a worker that dies (killed for memory)
-            # raises BrokenProcessPool here instead of hanging the run.
-            with ProcessPoolExecutor(min(args.num_workers, len(jobs))) as pool:
+            with worker_pool(min(args.num_workers, len(jobs))) as pool:
                 infos = list(tqdm(pool.map(process_file, jobs), **progress))
 
     for info in infos:

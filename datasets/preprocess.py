@@ -42,7 +42,7 @@ import json
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -59,6 +59,7 @@ from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
 from utils.regions import LABELS, REGIONS
+from utils.workers import worker_pool
 
 CACHE_VERSION = 2
 IMAGE, LABEL, LOCATIONS, META = "image.npy", "label.npy", "locations.npy", "meta.json"
@@ -446,7 +447,7 @@ def _run(jobs, num_workers, done):
 
     The first error is raised as soon as its case finishes; cases not yet started are
     cancelled. A worker that dies (killed for memory, or cannot start) raises
-    BrokenProcessPool instead of hanging, which multiprocessing.Pool would do.
+    BrokenProcessPool (see worker_pool).
     """
     if num_workers <= 1 or len(jobs) <= 1:
         for job in jobs:
@@ -458,7 +459,7 @@ def _run(jobs, num_workers, done):
     # The cost: a child re-imports the main script, so a script piped to `python -`
     # cannot start workers (BrokenProcessPool below; use num_workers=1 there).
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=context)
+    pool = worker_pool(min(num_workers, len(jobs)), context)
     try:
         futures = {pool.submit(_process, job): job for job in jobs}
         for future in as_completed(futures):
