@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from datasets.brats import (
     Case, CaseError, available_subset, brats_like_warnings, case_files, check_grid, find_cases,
-    read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
+    named_folder, read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
     to_network_order, without_placeholders,
 )
 from datasets.normalize import normalize_case
@@ -87,6 +87,7 @@ PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
 TABLE_REGIONS = ("ET", "TC", "WT")  # the paper's column order
 TABLE_MODALITIES = ("FLAIR", "T1", "T1ce", "T2")  # MODALITIES as the paper writes them
 PRESENT, ABSENT = "●", "○"
+UNUSED_FIX = "replace it, or move it out of the case folder (no subset asked uses it)"
 # Everything eval.py writes into --output_dir: what --overwrite removes, and nothing else.
 RECORD_FILES = ("eval_config.json", "cases.csv")  # written before any mask
 REPORT_FILES = ("metrics.csv", "summary.csv", "summary.md", "dice.png")  # written after the last
@@ -150,6 +151,11 @@ def case_folders(args):
         if args.data_list is not None:
             raise UsageError("give --input or --data_list, not both")
         folders, source = find_cases(args.input), args.input
+        inside = args.output_dir.resolve().is_relative_to(args.input.resolve())
+        if inside and folders != [named_folder(args.input)]:
+            raise UsageError(f"--output_dir {args.output_dir} is inside --input {args.input}, "
+                             "whose folders are read as cases (the next run would take the "
+                             "masks' folders for cases): choose an output folder outside it")
     else:
         if args.data_list == "":
             raise UsageError("--data_list '' names no list: give a datalist, or --input DIR")
@@ -174,7 +180,12 @@ def check_cases(folders, mode):
     for folder in folders:
         files = case_files(folder, allow_missing=True)
         require_modalities(folder, files, needed)
-        files, dropped = without_placeholders(folder.name, files)
+        try:
+            files, dropped = without_placeholders(folder.name, files)
+        except CaseError as err:
+            if not unused_by(mode, files, err.path):
+                raise
+            raise CaseError(err.case, err.path, f"{err.problem}; {UNUSED_FIX}") from None
         for part, path in dropped.items():
             if MODALITIES.index(part) in needed:
                 raise CaseError(folder.name, path, f"all zero: the placeholder of a missing "
@@ -183,6 +194,15 @@ def check_cases(folders, mode):
             print(f"{folder.name}: {path.name} is all zero: {part} counted as missing")
         checked[folder] = files
     return checked
+
+
+def unused_by(mode, files, path):
+    """Whether `path`, one of a case's `files`, is a modality file that no subset of `mode`
+    uses: it is read all the same (the figures and cases.csv show every modality a case has),
+    so a damaged one may also be moved out of the case folder (UNUSED_FIX)."""
+    part = next((p for p, f in files.items() if f == path), "seg")
+    return (mode != AVAILABLE and part in MODALITIES
+            and not any(MODALITIES.index(part) in subset for subset in mode))
 
 
 def previous_run(output_dir):
@@ -224,9 +244,13 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
                              f"{key} (an older eval.py wrote it); pass --overwrite to redo the "
                              "evaluation")
         if previous[key] != record[key]:
+            first, this = previous[key], record[key]
+            if key == "checkpoint_sha256":  # a hash alone does not say which file it was
+                first, this = (f"{run[key]} ({run['restore_from']})"
+                               for run in (previous, record))
             raise UsageError(f"--resume: the evaluation in {output_dir} was made with {key} "
-                             f"{previous[key]}, this run's is {record[key]}; resume it with "
-                             "its own settings, or pass --overwrite to replace it")
+                             f"{first}, this run's is {this}; resume it with its own settings, "
+                             "or pass --overwrite to replace it")
     before, now = listed["case"].tolist(), cases["case"].tolist()
     if before != now:
         i = next(i for i in range(max(len(before), len(now))) if before[i:i + 1] != now[i:i + 1])
@@ -498,8 +522,10 @@ def run(args, mode, folders, files, model, window, device, done=frozenset(), pro
             case.image = normalize_case(case)
             return case, warnings
         except CaseError as err:  # seen only in the voxels: NaN, a truncated or corrupted file
-            fix = ("replace the file, or remove it if it stands in for a missing modality"
-                   if mode == AVAILABLE else "replace the file")
+            if mode == AVAILABLE:
+                fix = "replace the file, or remove it if it stands in for a missing modality"
+            else:
+                fix = UNUSED_FIX if unused_by(mode, files[case_dir], err.path) else "replace the file"
             raise CaseError(err.case, err.path, f"{err.problem}; the cases before it are "
                             f"exported: {fix}, then run the same command with --resume") from None
 

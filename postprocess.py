@@ -182,6 +182,9 @@ def clear_other_masks(output_dir, targets, args):
                          "run; --overwrite deletes them, or choose another --output_dir")
     for path in others:
         path.unlink()
+    for folder in {path.parent for path in others} - {output_dir}:  # a subset's, now empty
+        if not any(folder.iterdir()):
+            folder.rmdir()
     if others:
         print(f"--overwrite: deleted {len(others)} mask(s) of an earlier run from {args.output_dir}")
 
@@ -245,7 +248,7 @@ def main(argv=None):
         stale = remove_temps_below(output_dir)
         if stale:
             print(f"deleted {stale} temporary file(s) left in {args.output_dir} by interrupted writes")
-        progress = dict(total=len(jobs), desc="postprocess", unit="case")
+        progress = dict(total=len(jobs), desc="postprocess", unit="mask")
         if args.num_workers == 0:
             infos = [process_file(job) for job in tqdm(jobs, **progress)]
         else:
@@ -261,7 +264,7 @@ def main(argv=None):
               f"{sum(i['necrosis_relabelled'] > 0 for i in infos)} mask(s) "
               f"({sum(t is None for t in t1ce)} without T1ce skipped)" if args.kmeans_necrosis else "")
     print(f"{len(infos)} mask(s) -> {args.output_dir}: {removed} component(s) removed, "
-          f"ET relabelled as NCR in {relabelled} case(s){kmeans}")
+          f"ET relabelled as NCR in {relabelled} mask(s){kmeans}")
     return infos
 
 

@@ -116,6 +116,8 @@ def resolve_list(path, data_dir):
     if Path(path).exists() or not data_dir:
         return Path(path)
     if not (Path(data_dir) / path).exists():
+        if Path(path).is_absolute():  # data_dir / path is path itself
+            raise DataError(f"datalist {path} not found; check the path")
         raise DataError(f"datalist {path} not found, nor {Path(data_dir) / path} (--data_dir "
                         f"{data_dir}); check the path")
     return Path(data_dir) / path
@@ -188,7 +190,8 @@ def find_cases(folder):
     """
     folder = named_folder(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
+        where = "" if folder.is_absolute() else f" ({folder.absolute()})"  # a script's cwd
+        raise DataError(f"{folder}{where}: {'not a folder' if folder.exists() else 'not found'}")
     entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
     loose = [p for p in entries if not p.is_dir() and _split_name(p)]
     cases = [p for p in entries if p.is_dir()]

@@ -308,6 +308,10 @@ def test_resolve_list_published_data_dir(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"^datalist missing.csv not found, nor datalist/missing.csv "
                                         r"\(--data_dir datalist/\); check the path$"):
         resolve_list("missing.csv", "datalist/")
+    # an absolute path is data_dir / path itself: named once
+    with pytest.raises(DataError) as error:
+        resolve_list(str(tmp_path / "missing.csv"), "datalist/")
+    assert str(error.value) == f"datalist {tmp_path / 'missing.csv'} not found; check the path"
 
 
 def test_relative_entries_without_data_root(tmp_path, monkeypatch):
@@ -453,7 +457,7 @@ def test_headers_are_checked_without_reading_the_voxels(tmp_path):
         open_files("Brats18_X", files)
 
 
-def test_find_cases_and_duplicates(tmp_path):
+def test_find_cases_and_duplicates(tmp_path, monkeypatch):
     for name in ("B", "A"):
         write_case(tmp_path / "root", name)
     (tmp_path / "root" / ".hidden").mkdir()
@@ -462,6 +466,14 @@ def test_find_cases_and_duplicates(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match="holds neither NIfTI files nor case folders"):
         find_cases(tmp_path / "nothing")
+    # eval.sh runs in the repository folder: a relative path is also named as it was looked for
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as error:
+        find_cases("nonexistent")
+    assert str(error.value) == f"nonexistent ({tmp_path / 'nonexistent'}): not found"
+    with pytest.raises(DataError) as error:
+        find_cases(tmp_path / "root" / "A" / "A_t1.nii.gz")
+    assert str(error.value) == f"{tmp_path / 'root' / 'A' / 'A_t1.nii.gz'}: not a folder"
     with pytest.raises(CaseError, match="case A: list.csv: case name listed more than once"):
         refuse_duplicates([Path("HGG/A"), Path("B"), Path("LGG/A")], "list.csv")
 

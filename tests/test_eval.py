@@ -317,6 +317,20 @@ def test_input_names_a_nifti_file_beside_the_case_folders(segmentation_setup, tm
     assert not out.exists()
 
 
+def test_an_output_folder_inside_the_folder_of_cases_is_refused(segmentation_setup, tmp_path):
+    # Written there, the next run (the same command with --resume, or any other) would take
+    # the masks' folders for cases.
+    root, cases = segmentation_setup
+    folder = copy_cases(cases, tmp_path / "data")
+    for out in (folder / "results", folder):
+        message = cli(["--input", str(folder), "--mode", "t1ce", "--restore_from",
+                       str(root / "final.pth"), "--device", "cpu", "--output_dir", str(out)])
+        assert message == (f"error: --output_dir {out} is inside --input {folder}, whose folders "
+                           "are read as cases (the next run would take the masks' folders for "
+                           "cases): choose an output folder outside it")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(c.name for c in cases)
+
+
 def test_input_dot_names_the_case_after_its_folder(segmentation_setup, tmp_path, monkeypatch):
     root, cases = segmentation_setup
     monkeypatch.chdir(cases[1])
@@ -365,6 +379,9 @@ def all_zero(case, *modalities, suffix=".nii.gz"):
     ("available", lambda case: [p.unlink() for p in case.glob("*_[ft]*.nii.gz")],
      "no modality file"),
     ("available", lambda case: _other_shape(case, "t1ce"), "_t1ce.nii.gz: shape (64, 64, 31) differs"),
+    ("t1ce", lambda case: _other_shape(case, "t2"), "_t2.nii.gz: shape (64, 64, 31) differs"),
+    ("t1ce", lambda case: _other_shape(case, "t2"), "_flair.nii.gz (64, 64, 32); replace it, or "
+     "move it out of the case folder (no subset asked uses it)"),
 ])
 def test_a_bad_case_stops_the_run_before_anything_is_written(segmentation_setup, tmp_path, mode,
                                                             breaks, expected):
@@ -376,6 +393,24 @@ def test_a_bad_case_stops_the_run_before_anything_is_written(segmentation_setup,
                    str(root / "final.pth"), "--device", "cpu", "--output_dir", str(out)])
     assert message.startswith(f"error: case {cases[1].name}: ") and expected in message
     assert "\n" not in message.split("\n")[0] and not out.exists()
+
+
+def test_a_damaged_file_no_subset_uses_may_be_moved_out(segmentation_setup, tmp_path):
+    # Every modality file of a case is read (figures and cases.csv show them), so a constant
+    # stand-in stops a run that does not use it: the message says it may go instead.
+    root, cases = segmentation_setup
+    folder = copy_cases(cases, tmp_path / "data")
+    t1 = folder / cases[1].name / f"{cases[1].name}_t1.nii.gz"
+    image = nib.load(t1)
+    nib.save(nib.Nifti1Image(np.ones(image.shape, np.int16), image.affine, image.header), t1)
+    flags = ["--input", str(folder), "--mode", "t1ce", "--restore_from", str(root / "final.pth"),
+             "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    assert cli(flags).splitlines()[-1].endswith(
+        "the cases before it are exported: replace it, or move it out of the case folder (no "
+        "subset asked uses it), then run the same command with --resume")
+    t1.unlink()
+    evaluate.main([*flags, "--resume"])
+    assert sorted(masks(tmp_path / "out" / "t1ce")) == [f"{c.name}.nii.gz" for c in cases]
 
 
 def test_duplicate_cases_are_refused(segmentation_setup, tmp_path):
@@ -526,8 +561,10 @@ def test_resume_refuses_another_runs_folder_and_leaves_it_as_it_was(segmentation
                               "0.3333333333333333, this run's is 0.5; resume it with its own settings")
     assert "made with subsets ['flair+t1ce'], this run's is ['t1']" in refusal("--mode", "t1")
     message = refusal("--mode", "flair,t1ce", "--restore_from", str(retrained))  # the last counts
-    assert message.startswith(f"error: --resume: the evaluation in {out} was made with "
-                              "checkpoint_sha256 ")
+    first, this = (evaluate.file_sha256(path) for path in (root / "final.pth", retrained))
+    assert message == (f"error: --resume: the evaluation in {out} was made with checkpoint_sha256 "
+                       f"{first} ({root / 'final.pth'}), this run's is {this} ({retrained}); "
+                       "resume it with its own settings, or pass --overwrite to replace it")
     message = refusal("--mode", "flair,t1ce", data_list="one.csv")
     assert message == (f"error: --resume: {out / 'cases.csv'} lists 2 cases, this run 1; entry 1 "
                        f"differs ({cases[0].name} vs {cases[1].name}); resume with the first "

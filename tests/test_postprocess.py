@@ -447,6 +447,7 @@ def test_masks_of_an_earlier_run_are_refused_or_deleted_never_uploaded_with_the_
     postprocess.main(flags)  # the same run again: it replaces exactly its own masks
     (inp / "flair" / "B.nii.gz").unlink()
     (inp / "t1").rename(inp / "t2")
+    (out / "t1" / "mine.txt").write_text("mine")
     (out / "notes.txt").write_text("mine")
     before = _hashes(out)
     with pytest.raises(UsageError, match=r"--output_dir \S+ holds 2 mask\(s\) that this run does "
@@ -457,7 +458,10 @@ def test_masks_of_an_earlier_run_are_refused_or_deleted_never_uploaded_with_the_
     postprocess.main([*flags, "--overwrite"])
     assert "--overwrite: deleted 2 mask(s) of an earlier run" in capsys.readouterr().out
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        ".lock", "flair/A.nii.gz", "notes.txt", "t2/A.nii.gz"]
+        ".lock", "flair/A.nii.gz", "notes.txt", "t1/mine.txt", "t2/A.nii.gz"]
+    (inp / "t2").rename(inp / "t1ce")
+    postprocess.main([*flags, "--overwrite"])  # a subset's folder left empty goes with its masks
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "flair", "notes.txt", "t1", "t1ce"]
 
 
 def test_kmeans_finds_cases_whose_names_are_numbers(tmp_path):
