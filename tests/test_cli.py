@@ -3,6 +3,8 @@ one-line errors."""
 import argparse
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 import eval as eval_script
 import predict
 import train
+from test_demo import REPO
 from utils.cli import Terminated, UsageError, run_cli, str2bool
 from utils import distributed
 from utils.distributed import MainRankFailed
@@ -93,6 +96,34 @@ def test_sigterm_unwinds_the_script_and_exits_143(capsys, again):
     assert exit_.value.code == 143 and unwound == ["started", "finished"]
     assert capsys.readouterr().err.splitlines() == ["terminated"]
     assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
+
+
+@pytest.mark.parametrize("signum, status, line", [(signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_a_stop_signal_handled_in_an_at_fork_hook_is_not_lost(signum, status, line):
+    # A signal that arrives while the process forks (a DataLoader starting its workers) is
+    # handled in the first Python code after the fork: an at-fork hook (logging's), where
+    # Python only prints the exception. The request was lost, SIGTERM then ignored for good.
+    # Here a hook registered before run_cli's, as logging's is, sends the signal itself, so
+    # that it lands there every time.
+    script = f"""
+import os, signal, time
+from utils.cli import run_cli
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with it ignored
+os.register_at_fork(after_in_parent=lambda: signal.raise_signal({int(signum)}))
+def main(argv):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    time.sleep(20)
+    print("the signal was lost")
+run_cli(main)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stderr.splitlines()) == (status, [line]), done.stderr
+    assert done.stdout == ""
 
 
 def test_bugs_keep_their_traceback():

@@ -1,5 +1,6 @@
 """Command-line helpers shared by the scripts: value types, error reporting and stop signals."""
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -130,6 +131,31 @@ def _thread_exception(args):
         threading.__excepthook__(args)
 
 
+# How long a stop signal whose exception was lost waits to be sent again (_unraisable_hook):
+# long enough for the main thread to leave the code that lost it.
+RESEND_S = 0.1
+
+
+def _unraisable_hook(previous):
+    """sys.unraisablehook under run_cli. A stop signal that arrives while the process forks (a
+    DataLoader starting its workers) is handled in the first Python code after the fork, an
+    at-fork hook (logging's), where its exception can only be printed: the request would be
+    lost, and SIGTERM ignored from then on (_raise_terminated). Instead the signal is sent
+    again RESEND_S later, to be raised in the script's own code. Other exceptions go to
+    `previous`."""
+    def hook(args):
+        if not isinstance(args.exc_value, KeyboardInterrupt):  # Terminated is one
+            previous(args)
+            return
+        signum = signal.SIGTERM if isinstance(args.exc_value, Terminated) else signal.SIGINT
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        resend = threading.Timer(RESEND_S, os.kill, (os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
+    return hook
+
+
 def run_cli(main, user_errors=USER_ERRORS, argv=None):
     """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
@@ -139,10 +165,11 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     # Without a handler SIGTERM ends the process on the spot, skipping every `finally`. A
     # handler can only be set from the main thread (a test may call this from another).
     in_main = threading.current_thread() is threading.main_thread()
-    previous, thread_hook = None, threading.excepthook
-    if in_main:  # both hooks are the process's: set (and restored) by its main thread alone
+    previous, thread_hook, unraisable_hook = None, threading.excepthook, sys.unraisablehook
+    if in_main:  # the hooks are the process's: set (and restored) by its main thread alone
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
         threading.excepthook = _thread_exception
+        sys.unraisablehook = _unraisable_hook(unraisable_hook)
     try:
         return main(argv)
     except MainRankFailed as stopped:
@@ -156,6 +183,6 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
         sys.exit(status)
     finally:
         if in_main:
-            threading.excepthook = thread_hook
+            threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
             if previous is not None:  # None: set outside Python
                 signal.signal(signal.SIGTERM, previous)
