@@ -4,13 +4,15 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import types
 
 import pytest
 import torch
 
+from test_demo import REPO
 from utils.io import (DiskFullError, NotWritableError, atomic_path, check_file_writable,
-                      check_writable, is_temp, remove_stale_temps)
+                      check_writable, is_temp, remove_stale_temps, write_text)
 from utils.lock import LockError, exclusive_lock
 
 
@@ -77,6 +79,37 @@ def test_disk_full_names_the_file_and_keeps_the_previous_one(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_no_room_for_the_temporary_file_names_the_file(tmp_path, monkeypatch):
+    # a full disk (or inodes) can refuse the temporary file itself, before any byte is written
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(DiskFullError) as error:
+        write_text(tmp_path / "teachers.json", "{}")
+    assert str(error.value) == (f"no space left on device while writing {tmp_path / 'teachers.json'}; "
+                                "nothing was written; free some space and run again")
+
+
+def test_a_file_size_limit_is_one_line_and_keeps_the_previous_file(tmp_path):
+    # ulimit -f (a scheduler's file size limit) or a file system's largest file: EFBIG
+    target = tmp_path / "last.pth"
+    target.write_bytes(b"previous")
+    code = ("import resource, sys\n"
+            "from utils.io import DiskFullError, write_bytes\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "try:\n"
+            "    write_bytes(sys.argv[1], bytes(10000))\n"
+            "except DiskFullError as error:\n"
+            "    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(target)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.splitlines() == [
+        f"file too large for the file size limit (ulimit -f) or the file system while writing "
+        f"{target}; the previous file is intact; raise the limit or write elsewhere, then run "
+        "again"], done.stderr
+    assert target.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
 
 def test_disk_full_inside_torch_save_is_recognised(tmp_path, monkeypatch):

@@ -69,7 +69,7 @@ def atomic_path(path):
     path = Path(path)
     make_folder(path.parent)
     suffix = "".join(path.suffixes)
-    with writing_in(path.parent):
+    with writing_in(path.parent, path):
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
@@ -80,9 +80,7 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if is_disk_full(error):
-            previous = "the previous file is intact" if path.exists() else "nothing was written"
-            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; "
-                                f"{previous}; free some space and run again") from error
+            raise disk_full(error, path) from error
         raise
 
 
@@ -95,16 +93,15 @@ class NotWritableError(OSError):
 
 
 @contextlib.contextmanager
-def writing_in(folder):
+def writing_in(folder, file=None):
     """An OSError creating `folder` or a file in it -> NotWritableError (or DiskFullError)
-    naming the folder."""
+    naming the folder, or the file being written when given."""
     try:
         yield
     except OSError as error:
         folder = Path(folder)
         if is_disk_full(error):
-            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing in {folder}; "
-                                "free some space and run again") from error
+            raise disk_full(error, file, folder) from error
         blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         problem = f"{blocking} is a file, not a folder" if blocking else error.strerror
         fix = "" if error.errno == errno.EROFS else ", or fix its permissions"
@@ -146,21 +143,45 @@ def make_folder(folder):
 
 
 class DiskFullError(OSError):
-    """A write failed for lack of space (the message names the file)."""
+    """A write failed for lack of room (disk_full: the message names the file)."""
 
     def __str__(self):
         return self.strerror
 
 
-def is_disk_full(error):
-    """ENOSPC/EDQUOT anywhere in the chain (torch.save wraps it in a RuntimeError)."""
+# Why a write found no room, and what to do: (problem, fix) by errno.
+NO_ROOM = {errno.ENOSPC: ("no space left on device", "free some space and run again"),
+           errno.EFBIG: ("file too large for the file size limit (ulimit -f) or the file system",
+                         "raise the limit or write elsewhere, then run again")}
+
+
+def _no_room(error):
+    """The errno of NO_ROOM anywhere in the chain (torch.save wraps it in a RuntimeError, its
+    zip writer without an errno: only the text says so), EDQUOT counted as ENOSPC; or None."""
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(error):
-            return True
+        code = error.errno if isinstance(error, OSError) else None
+        if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error):
+            return errno.ENOSPC
+        if code == errno.EFBIG:
+            return code
         error = error.__cause__ or error.__context__
-    return False
+    return None
+
+
+def is_disk_full(error):
+    """Whether `error` is a write that found no room: a full disk or quota, a file too large."""
+    return _no_room(error) is not None
+
+
+def disk_full(error, path=None, folder=None):
+    """The DiskFullError (one line) for `error` (is_disk_full) writing the file `path` (whose
+    previous version atomic_path keeps), or else a file in `folder`."""
+    code = _no_room(error)
+    problem, fix = NO_ROOM[code]
+    if path is None:
+        return DiskFullError(code, f"{problem} while writing in {folder}; {fix}")
+    previous = "the previous file is intact" if Path(path).exists() else "nothing was written"
+    return DiskFullError(code, f"{problem} while writing {path}; {previous}; {fix}")
 
 
 def write_text(path, text):
