@@ -391,6 +391,14 @@ RUN_SETTINGS = ("patch_size", "batch_size", "learning_rate", "power", "momentum"
 FINISHED_SETTINGS = tuple(k for k in RUN_SETTINGS if k not in ("world_size", "amp", "overlap"))
 # Network fields that change memory or work, not results.
 SPEED_FIELDS = ("checkpoint_encoder", "encode_all")
+# Settings spelled in several ways ('0,2', 'flair,t1ce', '2, 0'): compared as parsed.
+PARSED_SETTINGS = {"mode": parse_mode, "teachers": parse_teachers}
+
+
+def same_setting(key, saved, given):
+    """Whether the run's value of setting `key` and this command's are the same setting."""
+    parse = PARSED_SETTINGS.get(key, lambda value: value)
+    return parse(saved) == parse(given)
 
 
 def refuse_changed_settings(saved, config, folder, settings=RUN_SETTINGS):
@@ -406,7 +414,7 @@ def refuse_changed_settings(saved, config, folder, settings=RUN_SETTINGS):
                          f"command {new.get(field)}): pass the model flags it was trained with "
                          f"(its config.json), --overwrite True to start over, or another --snapshot_dir")
     for key in settings:
-        if key in saved and saved[key] != config[key]:
+        if key in saved and not same_setting(key, saved[key], config[key]):
             setting = {"patch_size": "--input_size", "world_size": "processes",
                        "train_cases": "--train_list of", "val_cases": "--val_list of"
                        }.get(key, f"--{key}")
@@ -628,7 +636,8 @@ def train(args, lists, dist_info, device):
             set_rng_state(checkpoint["rng"], subset_rng)
             # --start_iters re-bases a run started from --reload_path, not the folder's own
             start = checkpoint["iteration"] if own else args.start_iters or checkpoint["iteration"]
-            same_stage = checkpoint["config"].get("mode") == args.mode
+            mode = checkpoint["config"].get("mode")  # None: a checkpoint of another version
+            same_stage = mode is not None and same_setting("mode", mode, args.mode)
             random_start = checkpoint.get("random_start", start) if same_stage else start
             log(f"reloaded {source}: iteration {checkpoint['iteration']} "
                 f"(mode {checkpoint['config'].get('mode')}), continuing at {start} in mode {args.mode}")

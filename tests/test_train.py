@@ -277,7 +277,9 @@ def test_a_run_is_resumed_with_its_own_settings_or_refused(data, tmp_path):
     assert train.main([*command, "--log_every", "2", "--checkpoint_encoder", "True",
                        "--channels_last", "on", "--train_list", str(listed / "train.csv"),
                        "--data_root", str(data / "data"), "--stop_at", "7"])["iteration"] == 7
-    assert train.main([*command, "--log_every", "2"])["iteration"] == 10
+    # (--mode and --teachers as their other spellings are the same run)
+    assert train.main([*command, "--log_every", "2", "--mode", "flair, t1,t1ce,t2",
+                       "--teachers", "flair"])["iteration"] == 10
     # the run's config.json fed back to --config is the same run (here: finished)
     assert train.main(["--config", str(snapshot / "config.json"), "--stop_at", "0"]) is None
 
