@@ -762,7 +762,8 @@ def train(args, lists, dist_info, device):
     batches = iter(loader)
     t0 = time.perf_counter()
     timing_start, data_wait = None, 0.0  # steady-state timing, after --timing_warmup iterations
-    with StopSignals(log) as stop_signals, progress:  # the bar is closed before any message
+    with (StopSignals(log) as stop_signals, progress,  # the bar is closed before any message
+          distributed.peers_present(dist_info, "the training loop")):
         for iteration in range(start, stop):
             if iteration == start + args.timing_warmup:
                 speed.synchronize(device)  # the window starts with no queued work (once per run)

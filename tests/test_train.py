@@ -539,6 +539,33 @@ def test_under_torchrun_rank_0_refusing_or_failing_to_write_stops_rank_1_without
     assert len(errors) == 1 and "Synth_0001_t1.nii.gz" in errors[0], errors
 
 
+def test_under_torchrun_a_killed_rank_is_one_line_on_the_other(data, tmp_path):
+    # the OOM killer or kill -9 ends rank 1 without a word: rank 0's next collective (DDP's
+    # gradient all-reduce) fails with gloo's "Connection closed by peer"
+    wrapper = tmp_path / "kill_rank1.py"
+    wrapper.write_text(
+        "import os, signal\nimport train\nfrom utils.cli import run_cli\n"
+        "step, steps = train.step, []\n"
+        "def killed(*args, **kwargs):\n"
+        "    steps.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(steps) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(*args, **kwargs)\n"
+        "train.step = killed\n"
+        "run_cli(train.main, train.TRAIN_ERRORS)\n")
+    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(34500 + os.getpid() % 1000), str(wrapper),
+           *flags(data, tmp_path / "ddp", 6, 2, "--val_list", "")]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    output = run.stdout + run.stderr
+    assert run.returncode not in (0, 124) and "[rank0]" not in output, output[-3000:]
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        "error: rank 0: another process of this run is gone (killed? torchrun's summary below "
+        "gives its exit code) during the training loop; the same command resumes the run from "
+        "its last checkpoint"], output[-3000:]
+
+
 def test_under_torchrun_a_refused_resume_is_one_line(data, tmp_path):
     snapshot = tmp_path / "one_process"
     train.main(flags(data, snapshot, 4, 2, "--val_list", "", "--stop_at", "3"))  # last.pth at 2

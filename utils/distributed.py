@@ -198,6 +198,25 @@ class PeerFailed(RuntimeError):
     one-line account instead of the backend's traceback."""
 
 
+# What gloo says when another process is gone (killed without a word: the OOM killer,
+# kill -9); NCCL's watchdog says it after --dist_timeout_min.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+@contextlib.contextmanager
+def peers_present(info: Dist, what):
+    """A collective inside (DDP's gradient all-reduce, a check point's) failing because another
+    process is gone -> PeerFailed, one line, instead of the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not info.enabled or not any(text in str(error) for text in PEER_GONE):
+            raise
+        raise PeerFailed(f"rank {info.rank}: another process of this run is gone (killed? "
+                         f"torchrun's summary below gives its exit code) during {what}; the same "
+                         "command resumes the run from its last checkpoint") from error
+
+
 def gather_object(obj, info: Dist):
     """Every rank's picklable object, in rank order, on rank 0 (None on the other ranks).
     PeerFailed when a rank died before sending its part."""
