@@ -98,11 +98,71 @@ class Terminated(KeyboardInterrupt):
     removed, locks released, exit 143 with one line."""
 
 
-def _raise_terminated(signum, frame):
-    # A repeated SIGTERM is the same request (a scheduler signals every process of the job,
-    # run.sh and torchrun pass it on): it must not cut short the unwinding of the first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated
+# run_cli's stop signals (_stop_signal): the process's, so module-level.
+_forking = False  # from the first of a fork's at-fork hooks to the last (_register_fork_hooks)
+_deferred = None  # a stop signal that came meanwhile, sent again after the fork
+_stopping = False  # a stop signal was raised: the script is unwinding
+_resends = []  # the timers sending deferred signals again, cancelled when run_cli returns
+_fork_hooks_registered = False
+# How long after a fork a deferred stop signal is sent again: time for the main thread to
+# return from the fork's hooks into the script's own code.
+RESEND_S = 0.1
+
+
+def _stop_signal(signum, frame):
+    """run_cli's handler of SIGTERM and SIGINT: Terminated or KeyboardInterrupt, raised in the
+    main thread so that the script unwinds. A repeated SIGTERM is the same request (a scheduler
+    signals every process of the job, run.sh and torchrun pass it on; after Ctrl-C, torchrun
+    sends SIGTERM): it must not cut short the unwinding of the first. During a fork (a
+    DataLoader starting its workers) the signal is handled in an at-fork hook (logging's),
+    where an exception is only printed (and logging's lock stays held): it is deferred."""
+    global _deferred, _stopping
+    if _forking:
+        _deferred = signum
+        return
+    if signum == signal.SIGTERM and _stopping:
+        return
+    _stopping = True
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _resend(signum):
+    if not _stopping:  # another stop already unwinds the script
+        os.kill(os.getpid(), signum)
+
+
+def _before_fork():
+    global _forking
+    _forking = True
+
+
+def _after_fork_in_parent():
+    """Send the deferred signal again RESEND_S later, from a timer: raised here, it would be
+    lost as in any at-fork hook."""
+    global _forking, _deferred
+    while _deferred is not None:  # one that comes while the timer starts is deferred too
+        signum, _deferred = _deferred, None
+        resend = threading.Timer(RESEND_S, _resend, (signum,))
+        resend.daemon = True
+        _resends.append(resend)
+        resend.start()
+    _forking = False  # last: no handler runs between this and the return to the script
+
+
+def _after_fork_in_child():
+    global _forking, _deferred
+    _forking, _deferred = False, None
+    _resends.clear()
+
+
+def _register_fork_hooks():
+    """Once per process. Registered after logging's hooks (torch imports logging before any
+    run_cli), ours run first before a fork and last after it, so _forking spans theirs."""
+    global _fork_hooks_registered
+    if not _fork_hooks_registered:
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
+        _fork_hooks_registered = True
 
 
 # Mistakes in the data or outside conditions every script reports in one line.
@@ -131,31 +191,6 @@ def _thread_exception(args):
         threading.__excepthook__(args)
 
 
-# How long a stop signal whose exception was lost waits to be sent again (_unraisable_hook):
-# long enough for the main thread to leave the code that lost it.
-RESEND_S = 0.1
-
-
-def _unraisable_hook(previous):
-    """sys.unraisablehook under run_cli. A stop signal that arrives while the process forks (a
-    DataLoader starting its workers) is handled in the first Python code after the fork, an
-    at-fork hook (logging's), where its exception can only be printed: the request would be
-    lost, and SIGTERM ignored from then on (_raise_terminated). Instead the signal is sent
-    again RESEND_S later, to be raised in the script's own code. Other exceptions go to
-    `previous`."""
-    def hook(args):
-        if not isinstance(args.exc_value, KeyboardInterrupt):  # Terminated is one
-            previous(args)
-            return
-        signum = signal.SIGTERM if isinstance(args.exc_value, Terminated) else signal.SIGINT
-        if signum == signal.SIGTERM:
-            signal.signal(signal.SIGTERM, _raise_terminated)
-        resend = threading.Timer(RESEND_S, os.kill, (os.getpid(), signum))
-        resend.daemon = True
-        resend.start()
-    return hook
-
-
 def run_cli(main, user_errors=USER_ERRORS, argv=None):
     """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
@@ -164,12 +199,17 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     word: rank 0 reports it; so it does a stop signal."""
     # Without a handler SIGTERM ends the process on the spot, skipping every `finally`. A
     # handler can only be set from the main thread (a test may call this from another).
+    global _stopping
     in_main = threading.current_thread() is threading.main_thread()
-    previous, thread_hook, unraisable_hook = None, threading.excepthook, sys.unraisablehook
-    if in_main:  # the hooks are the process's: set (and restored) by its main thread alone
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous, thread_hook = {}, threading.excepthook
+    if in_main:  # the handlers are the process's: set (and restored) by its main thread alone
+        _register_fork_hooks()
+        _stopping = False
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _stop_signal)
+        # SIGINT only where it has Python's own handler (a background job starts ignoring it)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _stop_signal)
         threading.excepthook = _thread_exception
-        sys.unraisablehook = _unraisable_hook(unraisable_hook)
     try:
         return main(argv)
     except MainRankFailed as stopped:
@@ -183,6 +223,10 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
         sys.exit(status)
     finally:
         if in_main:
-            threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
-            if previous is not None:  # None: set outside Python
-                signal.signal(signal.SIGTERM, previous)
+            threading.excepthook = thread_hook
+            for resend in _resends:
+                resend.cancel()
+            _resends.clear()
+            for signum, handler in previous.items():
+                if handler is not None:  # None: set outside Python
+                    signal.signal(signum, handler)
