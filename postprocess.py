@@ -42,8 +42,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from datasets.brats import (EXTENSIONS, CaseError, case_files, is_placeholder, nifti_stem,
-                            open_files, read_files, require_modalities, to_nifti_order)
+from datasets.brats import (EXTENSIONS, CaseError, case_files, is_placeholder, named_like_a_scan,
+                            nifti_stem, open_files, read_files, require_modalities, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, run_cli
 from utils.export import read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
@@ -176,6 +176,11 @@ def clear_other_masks(output_dir, targets, args):
     """The output folder is what gets uploaded: masks of an earlier run that this one does not
     replace (other cases, other subsets) would go with it. Refused, or deleted (--overwrite)."""
     others = [p for p in find_masks(output_dir) if p not in targets] if output_dir.is_dir() else []
+    scans = [p for p in others if named_like_a_scan(p)]
+    if scans:  # never deleted, not even with --overwrite: the folder holds a dataset
+        raise UsageError(f"--output_dir {args.output_dir} holds MRI scans or labels, not only "
+                         f"masks (e.g. {scans[0].relative_to(output_dir)}): a data folder? "
+                         "Choose another --output_dir")
     if others and not args.overwrite:
         raise UsageError(f"--output_dir {args.output_dir} holds {len(others)} mask(s) that this run "
                          f"does not write (e.g. {others[0].relative_to(output_dir)}), from an earlier "

@@ -245,6 +245,20 @@ def _split_name(path):
     return None
 
 
+def named_like_a_scan(path):
+    """Whether a NIfTI file is named as a case's scan or label (X_flair, X-t1c, X_T1w, X_seg:
+    a scheme's suffix or an ALIASES token), not as a mask eval.py writes (<case>.nii.gz)."""
+    if _split_name(Path(path)) is None:
+        return False
+    token = _last_token(path)
+    return token == "seg" or any(token in aliases for aliases in ALIASES.values())
+
+
+def _last_token(path):
+    """'X_T1w.nii.gz' -> 't1w': the last '_'- or '-'-separated token of a NIfTI name, lower."""
+    return re.split(r"[_-]", _split_name(Path(path))[0].lower())[-1]
+
+
 def nifti_stem(path):
     """'P01_mask.nii.gz' -> 'P01_mask', or None if not a NIfTI name."""
     split = _split_name(Path(path))
@@ -340,8 +354,7 @@ def _refuse_strangers(case_dir, files, scheme, unknown, missing):
         raise CaseError(case, files[odd[0]], f"its name does not start as the case's other files "
                         f"do ({others}): a file of another case? Rename or move it")
     for path in unknown:
-        token = re.split(r"[_-]", _split_name(path)[0].lower())[-1]
-        part = next((m for m in missing if token in ALIASES[m]), None)
+        part = next((m for m in missing if _last_token(path) in ALIASES[m]), None)
         if part:
             raise CaseError(case, path, f"looks like a {part} scan under another name, and the "
                             f"case has no {part} file: name it "

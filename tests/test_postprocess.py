@@ -464,6 +464,26 @@ def test_masks_of_an_earlier_run_are_refused_or_deleted_never_uploaded_with_the_
     assert sorted(p.name for p in out.iterdir()) == [".lock", "flair", "notes.txt", "t1", "t1ce"]
 
 
+@pytest.mark.parametrize("name", ["Synth_0000_flair", "P01-t1c", "P01_T1w", "Synth_0000_seg"])
+def test_a_data_folder_as_output_is_refused_even_with_overwrite(tmp_path, name):
+    # Pointed at the dataset, --overwrite would have deleted every scan as an earlier run's mask.
+    label = np.zeros((30, 30, 30), np.uint8)
+    _cube(label, (5, 5, 10), 8, 2)
+    _write(tmp_path / "eval" / "flair" / "A.nii.gz", label, np.eye(4))
+    data = tmp_path / "data"
+    _write(data / "Synth_0000" / f"{name}.nii.gz", label, np.eye(4))
+    before = _hashes(data)
+    flags = ["--input_dir", str(tmp_path / "eval"), "--output_dir", str(data), "--num_workers", "0"]
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(UsageError) as error:
+            postprocess.main([*flags, *overwrite])
+        assert str(error.value) == (f"--output_dir {data} holds MRI scans or labels, not only masks "
+                                    f"(e.g. Synth_0000/{name}.nii.gz): a data folder? Choose "
+                                    "another --output_dir")
+    (data / ".lock").unlink()  # the output folder's lock, taken before the check
+    assert _hashes(data) == before and not (data / "flair").exists()
+
+
 def test_kmeans_finds_cases_whose_names_are_numbers(tmp_path):
     # cases.csv read as text: '007' is not the number 7.
     label, t1ce = kmeans_case()
