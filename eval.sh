@@ -15,9 +15,10 @@
 #
 # Variables (override from the environment; a relative path you give is taken from the folder
 # you run the script in when it exists there, OUT always; the defaults are the repository's):
-. "$(dirname "$0")/utils/callers_paths.sh"
+. "$(dirname "$(readlink -f "$0")")/utils/callers_paths.sh"
 callers_paths inputs CKPT DATA_LIST DATA_ROOT INPUT
 callers_paths outputs OUT
+callers_python
 NAME=${NAME:-LCKD}                                  # as in run.sh: snapshots/${NAME}_stage2/
 CKPT=${CKPT:-snapshots/${NAME}_stage2/final.pth}
 DATA_LIST=${DATA_LIST:-BraTS18/BraTS18_test.csv}    # looked up in datalist/ (published)
@@ -26,8 +27,9 @@ INPUT=${INPUT:-}                                    # a folder of case folders, 
 MODE=${MODE:-0,1,2,3}                               # a subset such as 0,2 or flair,t1ce; all; available
 OUT=${OUT:-outputs/${NAME}}
 PYTHON=${PYTHON:-python}
-LAUNCH=${LAUNCH:-$PYTHON}  # how eval.py starts, e.g. LAUNCH="torchrun --nproc_per_node 4"
+launch_command  # how eval.py starts: LAUNCH="torchrun --nproc_per_node 4", else $PYTHON
 set -euo pipefail
+check_name
 
 if [ $# -lt 1 ]; then
     sed -n '2,5p' "$0" >&2
@@ -60,7 +62,7 @@ for flag in "$@"; do
 done
 # After Ctrl-C or a scheduler's SIGTERM, this script waits for eval.py to finish the masks in
 # hand and exits with its status (130, 143); eval.py's last line reaches the log (`logged`).
-logged "$LOG" $LAUNCH eval.py \
+logged "$LOG" "${LAUNCH_COMMAND[@]}" eval.py \
     --num_classes=3 \
     --data_dir=datalist/ \
     "${cases[@]}" \

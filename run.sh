@@ -32,9 +32,10 @@ set -euo pipefail
 # A relative path given in DATA_ROOT, TRAIN_LIST, VAL_LIST is taken from the folder you run the
 # script in when it exists there, CACHE_DIR and DEMO_DATA always; the defaults are the
 # repository's.
-. "$(dirname "$0")/utils/callers_paths.sh"
+. "$(dirname "$(readlink -f "$0")")/utils/callers_paths.sh"
 callers_paths inputs DATA_ROOT TRAIN_LIST VAL_LIST
 callers_paths outputs CACHE_DIR DEMO_DATA
+callers_python
 enter_repository
 . utils/logged.sh
 
@@ -72,7 +73,8 @@ STAGE2_STEPS=${STAGE2_STEPS:-115000}
 VAL_EVERY=${VAL_EVERY:-5000}
 NUM_WORKERS=${NUM_WORKERS:--1}                      # -1: DataLoader workers sized from the machine
 PYTHON=${PYTHON:-python}
-LAUNCH=${LAUNCH:-$PYTHON}  # how train.py starts, e.g. LAUNCH="torchrun --nproc_per_node 4"
+launch_command  # how train.py starts: LAUNCH="torchrun --nproc_per_node 4", else $PYTHON
+check_name
 
 # Checked now, not after stage 1 has trained (a test inside `if` that fails to parse is false).
 for name in STAGE1_STEPS STAGE2_STEPS VAL_EVERY BATCH; do
@@ -119,7 +121,7 @@ stage() {
     local log
     log=logs/$(date "+%Y%m%d-%H%M%S")_train_$name.log
     echo "training $name (log: $log)"
-    logged "$log" $LAUNCH train.py "${common[@]}" --snapshot_dir "$dir" "$@" "${EXTRA[@]}"
+    logged "$log" "${LAUNCH_COMMAND[@]}" train.py "${common[@]}" --snapshot_dir "$dir" "$@" "${EXTRA[@]}"
 }
 
 EXTRA=("$@")
@@ -142,12 +144,16 @@ if [ "$GPU" = demo ]; then
     # the demo's 96x96x64 by the ratio of voxel counts (0.066).
     "$PYTHON" postprocess.py --input_dir "$OUT" --output_dir "${OUT}_postprocessed" \
         --min_component 132 --et_threshold 33
-    # One case as someone holding only its FLAIR and T1ce scans would segment it.
-    CASE=$(head -n 1 "$DEMO_DATA/test.csv")
-    PREDICTED=outputs/${NAME}_predict/$CASE.nii.gz
-    "$PYTHON" predict.py --flair "$DEMO_DATA/$CASE/${CASE}_flair.nii.gz" \
-        --t1ce "$DEMO_DATA/$CASE/${CASE}_t1ce.nii.gz" --checkpoint "snapshots/${NAME}_stage2/final.pth" \
-        -o "$PREDICTED" --figure --device auto --overwrite
+    # One case as someone holding only its FLAIR and T1ce scans would segment it: the first of
+    # the test list, read as eval.py reads lists (a BOM, CRLF, comments) -> name, flair, t1ce.
+    CASE=$("$PYTHON" -c 'import sys; from datasets.brats import case_files, read_datalist
+folder = read_datalist(sys.argv[1])[0]
+print(folder.name, *(case_files(folder)[m] for m in ("flair", "t1ce")), sep="\n")' "$DEMO_DATA/test.csv")
+    mapfile -t CASE <<< "$CASE"
+    PREDICTED=outputs/${NAME}_predict/${CASE[0]}.nii.gz
+    "$PYTHON" predict.py --flair "${CASE[1]}" --t1ce "${CASE[2]}" \
+        --checkpoint "snapshots/${NAME}_stage2/final.pth" -o "$PREDICTED" --figure --device auto \
+        --overwrite
     "$PYTHON" - "$NAME" "$OUT" "$DEMO_DATA" "$PREDICTED" <<'PY'
 import json, sys
 from pathlib import Path

@@ -266,3 +266,33 @@ def test_relative_paths_given_are_taken_from_the_callers_folder(tmp_path):
         assert flags["--val_list"] == "val.csv"  # not here: as the script sees it
         assert flags["--cache_dir"] == str(here / "cache")
         assert flags["--snapshot_dir"].startswith("snapshots/")  # the repository's
+
+
+def test_a_python_path_with_a_space_a_linked_script_and_a_name_with_a_slash(tmp_path):
+    # PYTHON relative to the caller's folder, with a space (a venv inside a repository whose
+    # path has one), the script started through a link (~/bin/run.sh); NAME, which names
+    # folders and logs, refused with a '/' before anything runs.
+    repo, here = tmp_path / "the repo", tmp_path / "here"
+    repo.mkdir()
+    copy_scripts(repo, "run.sh", "eval.sh")
+    python = here / "my env" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\necho "$@"\n')  # prints the command the script starts
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "LAUNCH"}
+    for script, commands in (("run.sh", 2), ("eval.sh", 1)):
+        (here / script).symlink_to(repo / script)
+
+        def run(**variables):
+            return subprocess.run(["bash", script, "cpu"], cwd=here, capture_output=True,
+                                  text=True, env=dict(env, PYTHON="my env/bin/python", **variables),
+                                  timeout=60)
+        done = run()
+        assert done.returncode == 0, done.stdout + done.stderr
+        started = [line for line in done.stdout.splitlines()
+                   if line.startswith(("train.py", "eval.py"))]
+        assert len(started) == commands and (repo / "logs").is_dir(), done.stdout
+        refused = run(NAME="team/exp1")
+        assert (refused.returncode, refused.stderr) == (2, (
+            "error: NAME=team/exp1 holds a '/': NAME names folders and log files "
+            "(snapshots/NAME_stage1, logs/...); give one without '/'\n"))

@@ -7,8 +7,16 @@
 #                           there (a list or a checkpoint given from there; others stay as they
 #                           are: DATA_LIST's BraTS18/... is looked up in datalist/), an output
 #                           (where to write) always
-#   enter_repository        change into the script's folder; started elsewhere, say so (the
-#                           paths the script prints are relative to it)
+#   callers_python          PYTHON given as a relative path (venv/bin/python; not a bare
+#                           command such as python3): the caller's, as an input's
+#   launch_command          -> array LAUNCH_COMMAND: LAUNCH split into words (a command line
+#                           such as "torchrun --nproc_per_node 4"), or else "$PYTHON" as one
+#                           word (a path with spaces)
+#   check_name              NAME goes into folder and log names: one line and exit 2 if it
+#                           holds a '/'
+#   enter_repository        change into the script's folder (the real one: the script may be
+#                           run through a link); started elsewhere, say so (the paths the
+#                           script prints are relative to it)
 callers_paths() {
     local kind=$1 name
     shift
@@ -20,10 +28,29 @@ callers_paths() {
     done
 }
 
+callers_python() {
+    if [[ ${PYTHON:-} == */* ]]; then callers_paths inputs PYTHON; fi
+}
+
+launch_command() {
+    if [ -n "${LAUNCH:-}" ]; then
+        read -ra LAUNCH_COMMAND <<< "$LAUNCH"
+    else
+        LAUNCH_COMMAND=("$PYTHON")
+    fi
+}
+
+check_name() {
+    if [[ $NAME == */* ]]; then
+        echo "error: NAME=$NAME holds a '/': NAME names folders and log files (snapshots/NAME_stage1, logs/...); give one without '/'" >&2
+        exit 2
+    fi
+}
+
 enter_repository() {
     local from
     from=$(pwd -P)
-    cd "$(dirname "$0")"
+    cd "$(dirname "$(readlink -f "$0")")"
     if [ "$(pwd -P)" != "$from" ]; then
         echo "working in $(pwd -P) (the relative paths below are from there)"
     fi
