@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 
 from utils.cli import ArgumentParser, int_at_least, run_cli
-from utils.io import atomic_path, write_text
+from utils.io import atomic_path, check_writable, write_text
 from utils.modalities import MODALITIES
 
 CASE_PREFIX = "Synth_"
@@ -346,6 +346,7 @@ def main(argv=None):
         shape = _volume_shape(args.shape.split(","))
     except ValueError:  # a size that is not an integer, or the check's own refusal
         p.error(f"--shape must be three comma-separated sizes >= 16, got {args.shape!r}")
+    check_writable(args.out_dir)  # a file in its place: one line, not the first write's error
     start = time.perf_counter()
     cases = generate(args.out_dir, args.num_cases, shape, args.seed, args.format)
     n_train, n_val, n_test = split_counts(len(cases))

@@ -131,6 +131,16 @@ run_cli(main)
     assert sorted(done.stderr.splitlines()) == ["WARNING:root:another thread logs", line], done.stderr
 
 
+def test_a_path_too_long_for_the_file_system_is_one_line(capsys, tmp_path):
+    # wherever a script first touches it (an exists() check, a mkdir, an open)
+    path = tmp_path / ("x" * 300)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda argv: path.exists())
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}: file name too long; choose a shorter path"]
+
+
 def test_bugs_keep_their_traceback():
     with pytest.raises(KeyError):
         run_cli(_raises(KeyError("bug")), user_errors=(FloatingPointError,))

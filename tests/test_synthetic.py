@@ -115,6 +115,17 @@ def test_cli_mistakes_are_one_line(tmp_path, flags, expected):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("notes")
+    run = subprocess.run([sys.executable, "-m", "datasets.synthetic", "--out_dir",
+                          str(tmp_path / "out"), "--num_cases", "1"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert (run.returncode, run.stderr) == (1, (
+        f"error: cannot write in {tmp_path / 'out'}: {tmp_path / 'out'} is a file, not a folder; "
+        "choose another folder, or fix its permissions\n"))
+    assert (tmp_path / "out").read_text() == "notes"
+
+
 @pytest.mark.parametrize("shape", [(16, 16, 16), (16, 48, 32), (32, 32, 24), (48, 48, 32),
                                    (64, 64, 32)])
 def test_every_case_normalises_at_small_shapes(tmp_path, shape):

@@ -1,5 +1,6 @@
 """Command-line helpers shared by the scripts: value types, error reporting and stop signals."""
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -221,6 +222,12 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
         if status not in STOPPED or launched_rank() == 0:
             print(STOPPED.get(status, f"error: {error}"), file=sys.stderr)
         sys.exit(status)
+    except OSError as error:  # a path given too long for the file system, wherever it is used
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"error: {error.filename}: file name too long; choose a shorter path",
+              file=sys.stderr)
+        sys.exit(1)
     finally:
         if in_main:
             threading.excepthook = thread_hook
