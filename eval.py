@@ -73,7 +73,7 @@ from datasets.brats import (
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
-from utils.cli import ArgumentParser, UsageError, positive_int, run_cli
+from utils.cli import ArgumentParser, UsageError, path_given, positive_int, run_cli
 from utils.export import read_mask, save_labels
 from utils.io import (atomic_path, check_file_writable, file_sha256, is_temp,
                       remove_stale_temps, write_text)
@@ -103,14 +103,14 @@ MASK_SETTINGS = ("checkpoint_sha256", "model", "window", "subsets", "overlap", "
 def parse_args(argv=None):
     p = ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     g = p.add_argument_group("data")
-    g.add_argument("--input", type=Path, default=None,
+    g.add_argument("--input", type=path_given, default=None,
                    help="a folder of case folders, or one case folder (instead of a datalist)")
     g.add_argument("--data_dir", default="datalist/",
                    help="folder --data_list is looked up in when not found as given (published)")
     g.add_argument("--data_list", default=None, help=f"datalist (default {PUBLISHED_DATA_LIST})")
     g.add_argument("--data_root", default=None,
                    help="re-base the list's case folders onto this folder (see datasets.brats)")
-    g.add_argument("--output_dir", type=Path, default=Path("outputs"))
+    g.add_argument("--output_dir", type=path_given, default=Path("outputs"))
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous evaluation in --output_dir (only eval.py's files)")
     g.add_argument("--resume", action="store_true",

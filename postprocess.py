@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from datasets.brats import (EXTENSIONS, CaseError, case_files, is_placeholder, named_like_a_scan,
                             nifti_stem, open_files, read_files, require_modalities, to_nifti_order)
-from utils.cli import ArgumentParser, UsageError, int_at_least, run_cli
+from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, run_cli
 from utils.export import read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
@@ -201,16 +201,16 @@ def _overlap(a, b):
 def parse_args(argv=None):
     parser = ArgumentParser(prog="postprocess.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_dir", type=Path, default=DEFAULT_INPUT_DIR,
+    parser.add_argument("--input_dir", type=path_given, default=DEFAULT_INPUT_DIR,
                         help="folder of <case>.nii.gz masks, or eval output with one folder per "
                              "subset (default %(default)s: eval.sh's output)")
-    parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR,
+    parser.add_argument("--output_dir", type=path_given, default=DEFAULT_OUTPUT_DIR,
                         help="where cleaned masks go (same relative paths); must not overlap "
                              "input_dir (default %(default)s)")
     g = parser.add_argument_group("the released script's K-means rule (off by default)")
     g.add_argument("--kmeans_necrosis", action="store_true",
                    help="relabel the middle T1ce intensity group of a component's edema as necrosis")
-    g.add_argument("--images", type=Path, default=None,
+    g.add_argument("--images", type=path_given, default=None,
                    help="folder of the case folders (<images>/<case>/), for their T1ce "
                         "(default: the folders eval.py recorded in input_dir/cases.csv)")
     add_threshold_args(parser, g)

@@ -27,7 +27,7 @@ from datasets.brats import (brats_like_warnings, nifti_stem, read_files, to_netw
                             to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
-from utils.cli import ArgumentParser, UsageError, run_cli
+from utils.cli import ArgumentParser, UsageError, path_given, run_cli
 from utils.export import save_labels
 from utils.io import check_file_writable
 from utils.modalities import MODALITIES, T1CE, subset_name
@@ -42,9 +42,9 @@ def parse_args(argv=None):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the case: at least one modality (NIfTI, .nii or .nii.gz)")
     for modality in MODALITIES:
-        g.add_argument(f"--{modality}", type=Path, default=None)
+        g.add_argument(f"--{modality}", type=path_given, default=None)
     p.add_argument("--checkpoint", required=True, help="checkpoint (.pth) written by train.py")
-    p.add_argument("-o", "--output", type=Path, required=True, help="the mask to write (.nii.gz)")
+    p.add_argument("-o", "--output", type=path_given, required=True, help="the mask to write (.nii.gz)")
     g = p.add_argument_group("post-processing (postprocess.py's rules and thresholds)")
     g.add_argument("--postprocess", action="store_true", help="apply the published rules")
     g.add_argument("--kmeans_necrosis", action="store_true",

@@ -231,6 +231,7 @@ def validate_args(args):
          f"--save_every_min must be >= 0 (0 = off), got {args.save_every_min}")
     need(math.isfinite(args.dist_timeout_min) and args.dist_timeout_min > 0,
          f"--dist_timeout_min must be > 0, got {args.dist_timeout_min}")
+    need(args.snapshot_dir.strip(), "--snapshot_dir '' names no folder: give the run's folder")
     # A re-run resumes the folder's own checkpoint: --reload_path is needed only without one.
     own = any((Path(args.snapshot_dir) / name).is_file() for name in ("last.pth", "final.pth"))
     need(not args.reload_path or Path(args.reload_path).is_file() or (own and not args.overwrite),

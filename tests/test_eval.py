@@ -429,6 +429,7 @@ def test_duplicate_cases_are_refused(segmentation_setup, tmp_path):
     (["--input_size", "30,64,64"], "D must be a multiple of 16"),
     (["--input_size", "32,64"], "expected D,H,W"),
     (["--hd95", "mean"], "--hd95: invalid choice: 'mean'"),
+    (["--output_dir", ""], "argument --output_dir: expected a path, got ''"),  # not the cwd
 ])
 def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
     with pytest.raises(SystemExit) as info:

@@ -713,6 +713,7 @@ EMPTY = "empty.csv"
     (["--train_list", EMPTY], "--train_list .*empty.csv lists no cases"),
     (["--train_list", ""], "--train_list '' names no list: give the list of training cases"),
     (["--val_list", EMPTY], "--val_list .*empty.csv lists no cases"),
+    (["--snapshot_dir", ""], "--snapshot_dir '' names no folder: give the run's folder"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(data, tmp_path, bad, message):
     (tmp_path / EMPTY).write_text("# no cases\n")

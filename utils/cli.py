@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 from fractions import Fraction
+from pathlib import Path
 
 from datasets.brats import DataError
 from models.lckd import MULTIPLES_RULE, PATCH_MULTIPLES
@@ -86,6 +87,14 @@ def int_at_least(minimum):
 
 
 positive_int = int_at_least(1)
+
+
+def path_given(text):
+    """An argparse type: a path, not '' (which Path() reads as the current folder: a script
+    would silently read or write there)."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return Path(text)
 
 
 class UsageError(ValueError):
