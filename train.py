@@ -56,7 +56,7 @@ from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
 from utils.cli import (PUBLISHED_INPUT_SIZE, USER_ERRORS, ArgumentParser, UsageError, run_cli,
-                       str2bool, window_size)
+                       stopping, str2bool, window_size)
 from utils.election import append_history, elect, format_result
 from utils.overlay import overlay_panel
 from utils.inference import AMP_DTYPES, autocast
@@ -446,6 +446,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc):
+        if self.signum is not None:  # run_cli's handler, back, must not act on it again
+            stopping()
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 

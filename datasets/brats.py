@@ -246,12 +246,16 @@ def _split_name(path):
 
 
 def named_like_a_scan(path):
-    """Whether a NIfTI file is named as a case's scan or label (X_flair, X-t1c, X_T1w, X_seg:
-    a scheme's suffix or an ALIASES token), not as a mask eval.py writes (<case>.nii.gz)."""
-    if _split_name(Path(path)) is None:
+    """Whether a NIfTI file is named as a scan or label in its case folder (X/X_flair, X/X-t1c,
+    X/X_T1w, X/X_seg: the folder's name, then a scheme's suffix or an ALIASES token), not as a
+    mask eval.py writes (<subset>/<case>.nii.gz, whatever the case's name ends with)."""
+    path = Path(path)
+    if _split_name(path) is None:
         return False
+    stem, case = _split_name(path)[0].lower(), path.parent.name.lower()
     token = _last_token(path)
-    return token == "seg" or any(token in aliases for aliases in ALIASES.values())
+    return (stem[:len(case) + 1] in (f"{case}_", f"{case}-")
+            and (token == "seg" or any(token in aliases for aliases in ALIASES.values())))
 
 
 def _last_token(path):

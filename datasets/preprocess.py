@@ -54,7 +54,7 @@ from tqdm import tqdm
 from datasets import normalize as norm
 from datasets.brats import CaseError, case_files, load_case, read_datalist, refuse_duplicates
 from datasets.sampling import foreground_locations
-from utils.cli import ArgumentParser, run_cli
+from utils.cli import ArgumentParser, path_given, run_cli
 from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
@@ -527,7 +527,8 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
 def main(argv=None):
     parser = ArgumentParser(prog="python -m datasets.preprocess", description=__doc__.split("\n")[0])
     parser.add_argument("--data_list", required=True, help="datalist file, one case folder per line")
-    parser.add_argument("--cache_dir", required=True, help="output folder (one subfolder per case)")
+    parser.add_argument("--cache_dir", type=path_given, required=True,
+                        help="output folder (one subfolder per case)")
     parser.add_argument("--data_root", default=None, help="re-base the datalist entries under this folder")
     parser.add_argument("--num_workers", type=int, default=default_workers())
     args = parser.parse_args(argv)

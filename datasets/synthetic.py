@@ -32,7 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from utils.cli import ArgumentParser, int_at_least, run_cli
+from utils.cli import ArgumentParser, int_at_least, path_given, run_cli
 from utils.io import atomic_path, check_writable, write_text
 from utils.modalities import MODALITIES
 
@@ -336,7 +336,8 @@ def generate(out_dir, num_cases, shape_xyz=(240, 240, 155), seed=0, fmt="nii.gz"
 def main(argv=None):
     p = ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", required=True, help="output folder (created if needed)")
+    p.add_argument("--out_dir", type=path_given, required=True,
+                   help="output folder (created if needed)")
     p.add_argument("--num_cases", type=int_at_least(1), required=True)
     p.add_argument("--shape", default="240,240,155", help="X,Y,Z volume size in voxels")
     p.add_argument("--seed", type=int, default=0)

@@ -100,22 +100,26 @@ def test_sigterm_unwinds_the_script_and_exits_143(capsys, again):
 
 @pytest.mark.parametrize("signum, status, line", [(signal.SIGTERM, 143, "terminated"),
                                                   (signal.SIGINT, 130, "interrupted")])
-def test_a_stop_signal_during_a_fork_is_not_lost(signum, status, line):
+@pytest.mark.parametrize("first", [True, False])
+def test_a_stop_signal_during_a_fork_is_not_lost(signum, status, line, first):
     # A signal that arrives while the process forks (a DataLoader starting its workers: the
     # fork of a large process is slow) is handled in the first Python code after the fork,
     # logging's at-fork hook, where an exception is only printed: the request was lost (SIGTERM
     # ignored for good) and logging's lock stayed held, blocking every other thread that logs.
-    # Here libc's kill (os.kill would run the handler at once) in a hook that runs just before
-    # the fork leaves the signal pending across it, as one that arrives during the fork.
+    # Here libc's kill (os.kill would run the handler at once) in a before-fork hook leaves the
+    # signal pending across the fork, as one that arrives during it; registered first, the hook
+    # runs after every other before-fork hook, registered last (in main), before run_cli's own.
+    hook = ("os.register_at_fork(before=functools.partial(ctypes.CDLL(None).kill, os.getpid(), "
+            f"{int(signum)}))")
     script = f"""
 import ctypes, functools, os, signal, sys
-assert "logging" not in sys.modules  # registered before logging's: called after it
-kill = functools.partial(ctypes.CDLL(None).kill, os.getpid(), {int(signum)})
-os.register_at_fork(before=kill)
+assert "logging" not in sys.modules
+{hook if first else ""}
 import logging, threading, time
 from utils.cli import run_cli
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with it ignored
 def main(argv):
+    {"" if first else hook}
     pid = os.fork()
     if pid == 0:
         os._exit(0)

@@ -464,7 +464,8 @@ def test_masks_of_an_earlier_run_are_refused_or_deleted_never_uploaded_with_the_
     assert sorted(p.name for p in out.iterdir()) == [".lock", "flair", "notes.txt", "t1", "t1ce"]
 
 
-@pytest.mark.parametrize("name", ["Synth_0000_flair", "P01-t1c", "P01_T1w", "Synth_0000_seg"])
+@pytest.mark.parametrize("name", ["Synth_0000_flair", "Synth_0000-t1c", "Synth_0000_T1w",
+                                  "Synth_0000_seg"])
 def test_a_data_folder_as_output_is_refused_even_with_overwrite(tmp_path, name):
     # Pointed at the dataset, --overwrite would have deleted every scan as an earlier run's mask.
     label = np.zeros((30, 30, 30), np.uint8)
@@ -482,6 +483,14 @@ def test_a_data_folder_as_output_is_refused_even_with_overwrite(tmp_path, name):
                                     "another --output_dir")
     (data / ".lock").unlink()  # the output folder's lock, taken before the check
     assert _hashes(data) == before and not (data / "flair").exists()
+
+
+def test_masks_of_cases_named_like_scans_are_masks():
+    # the layout tells a scan (in its case's folder) from a mask (in a subset's, or flat)
+    assert postprocess.named_like_a_scan(Path("data/Sub_T1/Sub_T1_flair.nii.gz"))
+    for mask in ("out/t1/Sub_T1.nii.gz", "out/flair/site-fl.nii.gz", "out/Pat_ce.nii.gz",
+                 "out/available/A_seg.nii.gz"):
+        assert not postprocess.named_like_a_scan(Path(mask)), mask
 
 
 def test_kmeans_finds_cases_whose_names_are_numbers(tmp_path):

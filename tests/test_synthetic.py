@@ -106,6 +106,7 @@ def test_bad_arguments():
     (["--num_cases", "0"], "argument --num_cases: must be at least 1, got 0"),
     (["--num_cases", "2", "--shape", "8,64,64"], "--shape must be three comma-separated sizes >= 16, got '8,64,64'"),
     (["--num_cases", "2", "--shape", "64,64"], "--shape must be three comma-separated sizes >= 16, got '64,64'"),
+    (["--num_cases", "1", "--out_dir", ""], "argument --out_dir: expected a path, got ''"),
 ])
 def test_cli_mistakes_are_one_line(tmp_path, flags, expected):
     run = subprocess.run([sys.executable, "-m", "datasets.synthetic", "--out_dir", str(tmp_path / "out"),

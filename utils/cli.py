@@ -1,6 +1,7 @@
 """Command-line helpers shared by the scripts: value types, error reporting and stop signals."""
 import argparse
 import errno
+import functools
 import os
 import signal
 import sys
@@ -109,7 +110,7 @@ class Terminated(KeyboardInterrupt):
 
 
 # run_cli's stop signals (_stop_signal): the process's, so module-level.
-_forking = False  # from the first of a fork's at-fork hooks to the last (_register_fork_hooks)
+_forks = []  # one entry per fork in progress: from its first at-fork hook to its last
 _deferred = None  # a stop signal that came meanwhile, sent again after the fork
 _stopping = False  # a stop signal was raised: the script is unwinding
 _resends = []  # the timers sending deferred signals again, cancelled when run_cli returns
@@ -126,14 +127,21 @@ def _stop_signal(signum, frame):
     sends SIGTERM): it must not cut short the unwinding of the first. During a fork (a
     DataLoader starting its workers) the signal is handled in an at-fork hook (logging's),
     where an exception is only printed (and logging's lock stays held): it is deferred."""
-    global _deferred, _stopping
-    if _forking:
+    global _deferred
+    if _forks:
         _deferred = signum
         return
     if signum == signal.SIGTERM and _stopping:
         return
-    _stopping = True
+    stopping()
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def stopping():
+    """Record that a stop signal is being acted on (also train.py's loop, which handles its
+    own): from now on a repeated SIGTERM is ignored, and no deferred one is sent again."""
+    global _stopping
+    _stopping = True
 
 
 def _resend(signum):
@@ -141,37 +149,36 @@ def _resend(signum):
         os.kill(os.getpid(), signum)
 
 
-def _before_fork():
-    global _forking
-    _forking = True
-
-
 def _after_fork_in_parent():
     """Send the deferred signal again RESEND_S later, from a timer: raised here, it would be
     lost as in any at-fork hook."""
-    global _forking, _deferred
+    global _deferred
     while _deferred is not None:  # one that comes while the timer starts is deferred too
         signum, _deferred = _deferred, None
         resend = threading.Timer(RESEND_S, _resend, (signum,))
         resend.daemon = True
         _resends.append(resend)
         resend.start()
-    _forking = False  # last: no handler runs between this and the return to the script
 
 
 def _after_fork_in_child():
-    global _forking, _deferred
-    _forking, _deferred = False, None
+    global _deferred
+    _deferred = None
+    _forks.clear()
     _resends.clear()
 
 
 def _register_fork_hooks():
     """Once per process. Registered after logging's hooks (torch imports logging before any
-    run_cli), ours run first before a fork and last after it, so _forking spans theirs."""
+    run_cli), ours run first before a fork and last after it, so _forks spans theirs. The
+    first and the last are C methods, run without a Python line at which a pending signal
+    could be handled outside that span."""
     global _fork_hooks_registered
     if not _fork_hooks_registered:
-        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+        os.register_at_fork(before=functools.partial(_forks.append, None),
+                            after_in_parent=_after_fork_in_parent,
                             after_in_child=_after_fork_in_child)
+        os.register_at_fork(after_in_parent=_forks.pop)
         _fork_hooks_registered = True
 
 
@@ -209,12 +216,12 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     word: rank 0 reports it; so it does a stop signal."""
     # Without a handler SIGTERM ends the process on the spot, skipping every `finally`. A
     # handler can only be set from the main thread (a test may call this from another).
-    global _stopping
+    global _stopping, _deferred
     in_main = threading.current_thread() is threading.main_thread()
     previous, thread_hook = {}, threading.excepthook
     if in_main:  # the handlers are the process's: set (and restored) by its main thread alone
         _register_fork_hooks()
-        _stopping = False
+        _stopping, _deferred = False, None
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _stop_signal)
         # SIGINT only where it has Python's own handler (a background job starts ignoring it)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -234,7 +241,7 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     except OSError as error:  # a path given too long for the file system, wherever it is used
         if error.errno != errno.ENAMETOOLONG:
             raise
-        print(f"error: {error.filename}: file name too long; choose a shorter path",
+        print(f"error: {error.filename or 'a path'}: file name too long; choose a shorter path",
               file=sys.stderr)
         sys.exit(1)
     finally:
