@@ -250,9 +250,10 @@ def named_like_a_scan(path):
     X/X_T1w, X/X_seg: the folder's name, then a scheme's suffix or an ALIASES token), not as a
     mask eval.py writes (<subset>/<case>.nii.gz, whatever the case's name ends with)."""
     path = Path(path)
-    if _split_name(path) is None:
+    split = _split_name(path)
+    if split is None:
         return False
-    stem, case = _split_name(path)[0].lower(), path.parent.name.lower()
+    stem, case = split[0].lower(), path.parent.name.lower()
     token = _last_token(path)
     return (stem[:len(case) + 1] in (f"{case}_", f"{case}-")
             and (token == "seg" or any(token in aliases for aliases in ALIASES.values())))

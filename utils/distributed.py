@@ -199,7 +199,7 @@ class PeerFailed(RuntimeError):
 
 
 # What gloo says when another process is gone (killed without a word: the OOM killer,
-# kill -9); NCCL's watchdog says it after --dist_timeout_min.
+# kill -9); under NCCL its watchdog aborts the process after --dist_timeout_min instead.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
