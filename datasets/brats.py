@@ -555,6 +555,7 @@ def read_files(case, files):
         if not np.isfinite(data).all():
             raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels")
         image[MODALITIES.index(part)] = to_network_order(data)
+        _refuse_copy(case, files, image, part)
 
     header = reference.header
     zooms = tuple(float(z) for z in header.get_zooms()[:3])
@@ -569,6 +570,25 @@ def read_files(case, files):
         spacing=(zooms[2], zooms[0], zooms[1]),  # (X, Y, Z) -> network order (D, H, W)
         available=available,
     )
+
+
+def _refuse_copy(case, files, image, part):
+    """CaseError when modality `part`, just read into `image`, holds the very voxels of a
+    modality read before it: a copy or link of another scan standing in for a missing one (as
+    all-zero placeholders do for the published code, which reads four files per case). The
+    network would take, say, the FLAIR for a T2; two sequences never give identical volumes.
+    A strided sample rules a scan out cheaply; all-zero volumes are placeholders, not copies."""
+    i = MODALITIES.index(part)
+    if not image[i].any():
+        return
+    sample = image[i].reshape(-1)[::997]
+    for j, other in enumerate(MODALITIES[:i]):
+        if (other in files and np.array_equal(sample, image[j].reshape(-1)[::997])
+                and np.array_equal(image[i], image[j])):
+            raise CaseError(case, files[part], f"the same voxels as {files[other].name}: a copy of "
+                            f"the {other} scan standing in for a missing {part}? The network "
+                            f"would take it for a {part}; leave it out (the case is then "
+                            f"predicted without {part})")
 
 
 def load_case(case_dir, require_label=False, allow_missing=False):

@@ -445,6 +445,35 @@ def test_present_modalities_must_share_the_grid(tmp_path):
         load_case(folder, allow_missing=True)
 
 
+@pytest.mark.parametrize("how", ["copy", "symlink", "resaved"])
+def test_a_copy_of_another_modality_is_refused(tmp_path, how):
+    # a missing T2 filled with the FLAIR (for code that needs four files) was predicted as if
+    # the FLAIR were a T2; re-saved, the file's bytes differ but its voxels do not
+    folder, volumes = write_case(tmp_path, "Brats18_X")
+    t2 = part_path(folder, "t2")
+    t2.unlink()
+    if how == "copy":
+        t2.write_bytes(part_path(folder, "flair").read_bytes())
+    elif how == "symlink":
+        t2.symlink_to(part_path(folder, "flair").name)
+    else:
+        save(volumes["flair"].astype(np.float32), t2)
+    message = (f"case Brats18_X: {t2}: the same voxels as Brats18_X_flair.nii.gz: a copy of the "
+               "flair scan standing in for a missing t2? The network would take it for a t2; "
+               "leave it out (the case is then predicted without t2)")
+    for allow_missing in (True, False):
+        with pytest.raises(CaseError) as info:
+            load_case(folder, allow_missing=allow_missing)
+        assert str(info.value) == message
+    files = {"flair": part_path(folder, "flair"), "t2": t2}
+    with pytest.raises(CaseError, match="the same voxels as"):
+        read_files("P01", files)  # predict.py's way, files given one by one
+    # all-zero placeholders are alike, and are not copies (eval.py and predict.py drop them)
+    for part in ("t1", "t2"):
+        save(np.zeros_like(volumes[part]), part_path(folder, part))
+    assert load_case(folder).available == (0, 1, 2, 3)
+
+
 def test_headers_are_checked_without_reading_the_voxels(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_X")
     _break_truncated(folder)  # a valid header over half the voxels

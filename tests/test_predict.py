@@ -107,8 +107,9 @@ def test_the_kmeans_rule_visits_components_in_nifti_order_as_postprocess_py(
         part[-1, -1, -1] = 4
     t1ce = np.where(label == 2, np.random.default_rng(0).choice([100, 200, 300], label.shape), 0)
     (tmp_path / "P").mkdir()
-    for modality in ("flair", "t1ce"):
-        nib.save(nib.Nifti1Image(t1ce.astype(np.int16), np.eye(4)), tmp_path / "P" / f"P_{modality}.nii.gz")
+    flair = t1ce + (t1ce > 0)  # a scan of its own: a copy of the T1ce is refused
+    for modality, volume in (("flair", flair), ("t1ce", t1ce)):
+        nib.save(nib.Nifti1Image(volume.astype(np.int16), np.eye(4)), tmp_path / "P" / f"P_{modality}.nii.gz")
     monkeypatch.setattr(predict, "segment", lambda *args: [to_network_order(label)])
     out = tmp_path / "P.nii.gz"
     predict.main([*files_of(tmp_path / "P", "flair", "t1ce"), "--checkpoint",
