@@ -46,6 +46,10 @@ MIN_BRAIN_DICE = 0.9  # co-registered, skull-stripped modalities share their non
 # An all-zero volume deflates 200:1 (nibabel's level) to 1000:1, a scan (even 80 % background)
 # about 7:1: a .nii.gz smaller than 1/PLACEHOLDER_DEFLATE of its voxels' bytes is read to tell.
 PLACEHOLDER_DEFLATE = 20
+# A scan this module does not read, by its name: another image format (BraTS 2015's .mha,
+# .nrrd, FreeSurfer's .mgz, Analyze .hdr/.img) or a NIfTI name with more after it (an unfinished
+# download X_t1.nii.gz.part, a backup X_t1.nii.gz~). Group 1: the name before the extension.
+OTHER_IMAGE = re.compile(r"(.+?)\.(nii|mha|mhd|nrrd|nhdr|mgz|mgh|hdr|img)(\..*|~)?$", re.IGNORECASE)
 # Errors nibabel, gzip and numpy raise on a missing, truncated or corrupt NIfTI.
 READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 
@@ -306,10 +310,14 @@ def find_case_files(case_dir, allow_missing=False):
     if not case_dir.is_dir():
         raise CaseError(case, case_dir, "case folder not found")
     found = {scheme: {} for scheme in SCHEMES}
-    unknown = []
+    unknown, other_format = [], []
     for path in sorted(case_dir.iterdir()):
         split = _split_name(path)
-        if path.name.startswith(".") or split is None:  # hidden files, e.g. macOS '._X.nii'
+        if path.name.startswith("."):  # hidden files, e.g. macOS '._X.nii'
+            continue
+        if split is None:
+            if OTHER_IMAGE.match(path.name):
+                other_format.append(path)
             continue
         stem = split[0].lower()
         parts = [(scheme, part) for scheme, suffixes in SCHEMES.items()
@@ -331,6 +339,7 @@ def find_case_files(case_dir, allow_missing=False):
         files[part] = paths[0]
     missing = [part for part in MODALITIES if part not in files]
     _refuse_strangers(case_dir, files, scheme, unknown, missing)
+    _refuse_other_formats(case_dir, files, other_format, missing)
     if len(missing) == len(MODALITIES):
         names = ", ".join(expected_file(case_dir, files, part).name for part in MODALITIES)
         nested = next((p for p in sorted(case_dir.iterdir())
@@ -365,6 +374,21 @@ def _refuse_strangers(case_dir, files, scheme, unknown, missing):
                             f"case has no {part} file: name it "
                             f"{expected_file(case_dir, files, part).name} if it is one, or move "
                             "it out of the case folder")
+
+
+def _refuse_other_formats(case_dir, files, paths, missing):
+    """CaseError for a scan of a missing modality that is not a NIfTI file (OTHER_IMAGE:
+    X_t1.mha, X_t1ce.nii.gz.part): skipped, it would leave the case to be predicted without
+    that modality while the user holds it."""
+    for path in paths:
+        token = re.split(r"[_-]", OTHER_IMAGE.match(path.name).group(1).lower())[-1]
+        part = next((m for m in missing if token in ALIASES[m]), None)
+        if part:
+            raise CaseError(Path(case_dir).name, path, f"looks like a {part} scan but is not a "
+                            f"NIfTI file (.nii or .nii.gz), and the case has no {part} file: "
+                            f"convert it (or finish copying it) to "
+                            f"{expected_file(case_dir, files, part).name}, or move it out of "
+                            "the case folder")
 
 
 def available_subset(files):

@@ -393,6 +393,30 @@ def test_a_scan_under_another_name_in_a_case_missing_it_is_named(tmp_path, name,
     assert part not in find_case_files(folder, allow_missing=True)
 
 
+@pytest.mark.parametrize("name, part", [("Brats18_X_t1.mha", "t1"),
+                                        ("Brats18_X_t1ce.nii.gz.part", "t1ce"),
+                                        ("Brats18_X_T2.NRRD", "t2"),
+                                        ("Brats18_X-t2f.nii~", "flair")])
+def test_a_scan_in_another_format_in_a_case_missing_it_is_named(tmp_path, name, part):
+    # not a NIfTI name: skipped, the case was predicted without a modality the user holds
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    part_path(folder, part).rename(folder / name)
+    (folder / "Brats18_X_brainmask.mha").write_bytes(b"")  # named after no modality
+    message = (f"case Brats18_X: {folder / name}: looks like a {part} scan but is not a NIfTI "
+               f"file (.nii or .nii.gz), and the case has no {part} file: convert it (or finish "
+               f"copying it) to Brats18_X_{part}.nii.gz, or move it out of the case folder")
+    for allow_missing in (True, False):
+        with pytest.raises(CaseError) as info:
+            find_case_files(folder, allow_missing=allow_missing)
+        assert str(info.value) == message
+    # beside its NIfTI scan, such a file is left alone (a copy in the scanner's format)
+    save(make_volumes()[part], part_path(folder, part))
+    assert part in find_case_files(folder)
+    (folder / name).unlink()
+    part_path(folder, part).unlink()
+    assert part not in find_case_files(folder, allow_missing=True)
+
+
 @pytest.mark.parametrize("scheme", ["2018", "2023"])
 def test_a_file_of_another_case_is_refused(tmp_path, scheme):
     # every BraTS case has the same grid: only the name tells another patient's scan apart
