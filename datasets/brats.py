@@ -530,6 +530,10 @@ def check_grid(case, path, shape, affine, reference):
     of `reference`, the (path, shape, affine) of a file of the same case: the same shape, and
     affines equal within AFFINE_TOLERANCE."""
     reference_path, reference_shape, reference_affine = reference
+    if not np.isfinite(affine).all():  # NaN compares unequal to itself: named as such, here
+        raise CaseError(case, path, f"its affine holds non-finite values "
+                        f"({np.asarray(affine).round(4).tolist()}): a broken sform/qform in "
+                        "the header; rewrite the file with a valid one")
     if tuple(shape) != tuple(reference_shape):
         raise CaseError(case, path, f"shape {tuple(shape)} differs from "
                                     f"{Path(reference_path).name} {tuple(reference_shape)}")

@@ -469,6 +469,23 @@ def test_present_modalities_must_share_the_grid(tmp_path):
         load_case(folder, allow_missing=True)
 
 
+@pytest.mark.parametrize("part", ["flair", "t1"])
+def test_a_non_finite_affine_is_named_as_such(tmp_path, part):
+    # NaN is unequal to itself: the file was said to differ from itself ("by up to nan"), and a
+    # NaN in the first modality's header was blamed on the next file
+    folder, volumes = write_case(tmp_path, "Brats18_X")
+    img = nib.Nifti1Image(volumes[part], AFFINE)
+    img.header["srow_x"][0] = np.nan
+    nib.save(nib.Nifti1Image(volumes[part], None, header=img.header), part_path(folder, part))
+    assert np.isnan(nib.load(part_path(folder, part)).affine[0, 0])
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value).startswith(f"case Brats18_X: {part_path(folder, part)}: its affine holds "
+                                      "non-finite values ([[nan, ")
+    assert str(info.value).endswith("a broken sform/qform in the header; rewrite the file with a "
+                                    "valid one")
+
+
 @pytest.mark.parametrize("how", ["copy", "symlink", "resaved"])
 def test_a_copy_of_another_modality_is_refused(tmp_path, how):
     # a missing T2 filled with the FLAIR (for code that needs four files) was predicted as if
