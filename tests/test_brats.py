@@ -618,6 +618,23 @@ def test_brats_like_warnings(tmp_path):
         assert brats_like_warnings(case) == []
 
 
+def test_axes_in_another_order_than_brats_are_warned_about(tmp_path):
+    # the mask lies on the input's grid whatever it is, but the network was trained on axial
+    # volumes: swapped axes gave plausible, wrong masks without a word
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    case = load_case(folder)
+    case.spacing = (1.0, 1.0, 1.0)  # nothing else to say
+    for flips in ([1, 1, 1], [-1, -1, 1], [1, -1, -1]):  # RAS, LPS, ...: training mirrors axes
+        case.affine = np.diag([*flips, 1.0])
+        assert brats_like_warnings(case) == []
+    # x posterior, y superior, z right: the axes in another order than BraTS's
+    case.affine = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)
+    assert brats_like_warnings(case) == [
+        "case Brats18_X: voxel axes PSR; a BraTS-trained model expects axial volumes, x "
+        "left-right, y anterior-posterior, z inferior-superior (reorient them first, e.g. "
+        "fslreorient2std)"]
+
+
 def test_a_list_saved_with_a_byte_order_mark_reads_its_first_entry(tmp_path):
     # Excel's "CSV UTF-8" starts the file with one; Windows line ends too.
     write_case(tmp_path, "Brats18_A")
