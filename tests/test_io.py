@@ -1,10 +1,12 @@
 """utils.io (atomic writes: permissions, stale temporaries, disk full) and utils.lock."""
 import errno
 import os
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 import types
 
 import pytest
@@ -194,3 +196,25 @@ def test_a_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=os.ST_RDONLY))
     with pytest.raises(NotWritableError, match=f"cannot write in {tmp_path / 'new'}: Read-only file system; choose another folder$"):
         check_writable(tmp_path / "new")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    # train.py forks its DataLoader workers while it holds the snapshot folder's lock; killed
+    # with SIGKILL, it must leave the folder free at once, not once its orphaned workers exit
+    started, ready = os.pipe()
+    with exclusive_lock(tmp_path, "snapshot folder"):
+        child = os.fork()
+        if child == 0:  # a worker that outlives the holder
+            os.write(ready, b"x")
+            time.sleep(30)
+            os._exit(0)
+        os.read(started, 1)  # the child runs (fork's hooks are done)
+    os.close(started)
+    os.close(ready)
+    try:
+        with exclusive_lock(tmp_path, "snapshot folder"):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -3,6 +3,8 @@
 The lock is `flock` on FOLDER/.lock, so the kernel releases it when the holder exits or is
 killed (kill -9 included): a lock file left behind by a dead run is stale by construction and
 is simply taken over. The file records the holder's host and pid for the error message.
+The lock is the holding process's alone: a child it forks (a DataLoader or pool worker) closes
+its copy at once.
 """
 import contextlib
 import fcntl
@@ -12,6 +14,22 @@ import socket
 from utils.io import make_folder, writing_in
 
 LOCK_NAME = ".lock"
+
+# The descriptors of the locks this process holds. A flock belongs to the open file, which a
+# fork shares: without closing them in the child, the workers of a run killed with SIGKILL
+# (torch's DataLoader workers notice their parent is gone only within 5 s) would keep its
+# folder locked, and the same command started again at once would be refused, naming a dead pid.
+_HELD = set()
+
+
+def _close_in_child():
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class LockError(RuntimeError):
@@ -27,6 +45,7 @@ def exclusive_lock(folder, what="folder", wait=False):
     path = folder / LOCK_NAME
     with writing_in(folder):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    _HELD.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -38,4 +57,6 @@ def exclusive_lock(folder, what="folder", wait=False):
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         yield path
     finally:
-        os.close(fd)  # releases the flock
+        if fd in _HELD:  # else this is a forked child, which closed it already
+            _HELD.discard(fd)
+            os.close(fd)  # releases the flock
