@@ -217,6 +217,8 @@ def validate_args(args):
         need(math.isfinite(value) and value >= 0, f"--{name} must be finite and >= 0, got {value}")
     need(0 <= args.overlap < 1, f"--overlap must be in [0, 1), got {args.overlap}")
     need(args.start_iters >= 0, f"--start_iters must be >= 0, got {args.start_iters}")
+    # NumPy's global seed takes 32 bits; a seed outside them failed after preprocessing, with a traceback
+    need(0 <= args.random_seed < 2**32, f"--random_seed must be in [0, 2**32), got {args.random_seed}")
     need(args.num_steps > args.start_iters, f"--num_steps {args.num_steps} leaves nothing to "
          f"train (it must be greater than --start_iters {args.start_iters})")
     need(args.stop_at == 0 or args.start_iters < args.stop_at <= args.num_steps,

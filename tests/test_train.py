@@ -700,6 +700,8 @@ EMPTY = "empty.csv"
     (["--num_steps", "0"], "--num_steps 0 leaves nothing to train"),
     (["--stop_at", "7"], r"--stop_at must be 0 \(off\) or in \(0, --num_steps 6\]"),
     (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--random_seed", "-1"], r"--random_seed must be in \[0, 2\*\*32\), got -1"),
+    (["--random_seed", str(2**32)], r"--random_seed must be in \[0, 2\*\*32\)"),
     (["--num_workers", "-2"], "--num_workers must be >= 0, or -1"),
     (["--input_size", "16,32"], "--input_size: expected D,H,W such as 80,160,160, got '16,32'"),
     (["--input_size", "8,32,32"], "--input_size: 8,32,32: D must be a multiple of 16 and H, W of 32"),
