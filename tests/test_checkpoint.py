@@ -85,3 +85,18 @@ def test_pickled_objects_and_missing_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "folder.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    # Without fsync the rename can reach the disk before the data: after a power loss the
+    # run's only last.pth could be empty, and the run lost. The cache's arrays are not synced.
+    import os
+    import stat
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda *a: (events.append("replace"), real_replace(*a))[1])
+    save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "last.pth")
+    assert events == ["fsync file", "replace", "fsync folder"]
+    assert torch.equal(load_checkpoint(tmp_path / "last.pth")["model"]["w"], torch.ones(2))

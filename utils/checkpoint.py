@@ -143,7 +143,7 @@ def save_checkpoint(checkpoint, path):
                                  f"weight tensors are non-finite (first: {bad[0]})")
     buffer = io.BytesIO()  # then written by write_bytes, which names a full disk
     torch.save(checkpoint, buffer)
-    write_bytes(path, buffer.getbuffer())
+    write_bytes(path, buffer.getbuffer(), durable=True)  # a crash must not cost the run
 
 
 def load_checkpoint(path):

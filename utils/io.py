@@ -60,11 +60,12 @@ def remove_temps_below(folder):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, durable=False):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     The temporary name keeps the final suffix (e.g. '.nii.gz', '.npy') because some writers
-    choose the format from it.
+    choose the format from it. durable=True also syncs the folder after the rename (the block
+    syncs the file): see write_bytes.
     """
     path = Path(path)
     make_folder(path.parent)
@@ -76,6 +77,15 @@ def atomic_path(path):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+        if durable:
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            except OSError as error:  # some file systems cannot sync a folder: the file is synced
+                if error.errno != errno.EINVAL:
+                    raise
+            finally:
+                os.close(folder)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -189,13 +199,22 @@ def write_text(path, text):
         tmp.write_text(text)
 
 
-def write_bytes(path, *chunks):
+def write_bytes(path, *chunks, durable=False):
     """Write the chunks (bytes-like) atomically, with Python's own write: numpy's tofile and
     torch's zip writer report a full disk without an errno, which atomic_path could not tell
-    from any other failure."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    from any other failure.
+
+    durable=True (checkpoints) syncs the file before the rename and the folder after it: the
+    rename alone can reach the disk before the data on some file systems (XFS; ext4 mounted
+    with noauto_da_alloc), so that after a power loss or a node crash `path` may be empty, the
+    previous version already replaced.
+    The cache, which can be rebuilt, does without the cost."""
+    with atomic_path(path, durable) as tmp, open(tmp, "wb") as f:
         for chunk in chunks:
             f.write(chunk)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def file_sha256(path):
