@@ -176,7 +176,12 @@ def parse_args(argv=None):
         unknown = set(defaults) - flags - set(DERIVED)
         if unknown:
             raise UsageError(f"{known.config}: unknown settings {sorted(unknown)}")
-        parser.set_defaults(**{k: v for k, v in defaults.items() if k in flags and k != "config"})
+        # As text, so that argparse converts and checks them as it does the command line's (it
+        # converts string defaults only): a seed of 1.5 was kept as a float and failed later,
+        # with a traceback.
+        parser.set_defaults(**{k: v if v is None or isinstance(v, str) else
+                               str(v) if isinstance(v, (bool, int, float)) else v
+                               for k, v in defaults.items() if k in flags and k != "config"})
     args = parser.parse_args(argv)
     for action in parser._actions:  # argparse checks the command line's values, not defaults
         value = getattr(args, action.dest, None)

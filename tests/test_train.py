@@ -901,7 +901,7 @@ def test_missing_schedule_and_subset_draws():
     assert train.draw_subset((0, 2), rng, 1.0) == (0, 2)
 
 
-def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
+def test_config_file_sets_defaults_and_cli_overrides(tmp_path, capsys):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"num_steps": 7, "mode": "random", "patch_size": [1, 2, 3]}))
     args = train.parse_args(["--config", str(path), "--mode", "0,1"])
@@ -919,6 +919,18 @@ def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
         train.parse_args(["--config", str(path)])
     with pytest.raises(UsageError, match=rf"--config {tmp_path / 'nope.json'}: .*No such file"):
         train.parse_args(["--config", str(tmp_path / "nope.json")])
+    # its values are converted and checked as the command line's (a float seed was kept as a
+    # float and failed after preprocessing, with a traceback)
+    path.write_text(json.dumps({"random_seed": 1.5}))
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--config", str(path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("error: argument --random_seed: invalid int value: '1.5' "
+                                       "(see train.py --help)\n")
+    path.write_text(json.dumps({"random_seed": 7, "save_every_min": 5, "random_mirror": False}))
+    args = train.parse_args(["--config", str(path)])
+    assert (args.random_seed, args.save_every_min, args.random_mirror) == (7, 5.0, False)
+    assert type(args.random_seed) is int and type(args.save_every_min) is float
 
 
 def test_election_finds_the_generators_designed_teachers(tmp_path):
