@@ -179,8 +179,7 @@ def parse_args(argv=None):
         # As text, so that argparse converts and checks them as it does the command line's (it
         # converts string defaults only): a seed of 1.5 was kept as a float and failed later,
         # with a traceback.
-        parser.set_defaults(**{k: v if v is None or isinstance(v, str) else
-                               str(v) if isinstance(v, (bool, int, float)) else v
+        parser.set_defaults(**{k: str(v) if isinstance(v, (bool, int, float)) else v
                                for k, v in defaults.items() if k in flags and k != "config"})
     args = parser.parse_args(argv)
     for action in parser._actions:  # argparse checks the command line's values, not defaults
@@ -865,6 +864,14 @@ def train(args, lists, dist_info, device):
             f"{(stop - start) / max(seconds, 1e-9):.2f} it/s){memory}; outputs in {snapshot_dir}")
         writer.close()
     distributed.barrier(dist_info, "at the end of the run")
+    if stop_signals.signum is not None:  # it came after the last check: the run is done, but
+        # a chained command (stage 1 && stage 2) must still stop, as the signal asked
+        if main_rank:
+            outcome = (f"{snapshot_dir / 'final.pth'} is written, nothing is left to resume"
+                       if stop == args.num_steps else f"--stop_at {stop} reached")
+            print(f"stopped by {signal.Signals(stop_signals.signum).name} as the run finished: "
+                  f"{outcome}", file=sys.stderr)
+        raise SystemExit(128 + stop_signals.signum)
     return {"losses": losses, "teachers": teachers, "iteration": stop, "seconds": seconds, **timing}
 
 

@@ -27,7 +27,7 @@ from models import LCKD, LCKDConfig
 from datasets.brats import CaseError
 from datasets.preprocess import preprocess
 from datasets.synthetic import generate
-from utils.checkpoint import CheckpointError, load_checkpoint, non_finite, set_rng_state
+from utils.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint, set_rng_state
 from utils.cli import UsageError
 from utils import election
 from utils.election import append_history, elect, winners
@@ -598,6 +598,27 @@ def test_sigterm_under_torchrun_stops_every_rank_together(data, tmp_path):
     assert len(stopped) == 1, output[-3000:]  # printed by rank 0
     assert "error:" not in output  # no rank gave up (a barrier timeout, a broken collective)
     assert load_checkpoint(snapshot / "last.pth")["iteration"] == int(stopped[0]) + 1 < 200
+
+
+def test_sigterm_while_final_pth_is_written_finishes_and_still_stops(data, tmp_path, monkeypatch,
+                                                                    capsys):
+    # it said "saving last.pth and stopping", then exited 0: `stage1 && stage2` went on
+    def signal_then_save(checkpoint, path):
+        if path.name == "final.pth":
+            os.kill(os.getpid(), signal.SIGTERM)
+        save_checkpoint(checkpoint, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", signal_then_save)
+    snapshot = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(flags(data, snapshot, 4, 2))
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err.endswith(f"stopped by SIGTERM as the run finished: "
+                                            f"{snapshot / 'final.pth'} is written, nothing is "
+                                            "left to resume\n")
+    assert load_checkpoint(snapshot / "final.pth")["iteration"] == 4
+    monkeypatch.undo()
+    train.main(flags(data, snapshot, 4, 2))  # the same command: finished, nothing to do
 
 
 def test_stop_signals_ask_once():
