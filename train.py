@@ -27,7 +27,8 @@ Outputs in --snapshot_dir: config.json (resolved configuration), last.pth (every
 --val_pred_every iterations, every --save_every_min minutes, on SIGTERM/SIGINT and after a
 non-finite loss), final.pth, teachers.json (election history) and TensorBoard events; .lock
 while a run uses the folder. Exit status: 0 done (or already finished), 1 error, 2 bad flags,
-130/143 stopped by SIGINT/SIGTERM after saving last.pth.
+130/143 stopped by SIGINT/SIGTERM after saving last.pth (or after final.pth, for a signal
+that came as the run finished).
 """
 import argparse
 import contextlib
@@ -162,6 +163,18 @@ DERIVED = ("model_config", "world_size", "patch_size", "cache_dir_resolved", "tr
            "val_cases")
 
 
+def config_value(action, value, config):
+    """A --config file's value for a flag, converted by the flag's type as argparse converts
+    the command line's (it leaves defaults that are not text as they are)."""
+    if not isinstance(value, (bool, int, float, str)):
+        raise UsageError(f"--config {config}: {action.dest} {json.dumps(value)}: expected a "
+                         "number, true/false or text")
+    try:
+        return action.type(str(value)) if action.type else str(value)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise UsageError(f"--config {config}: {action.dest} {json.dumps(value)}: {error}") from None
+
+
 def parse_args(argv=None):
     parser = get_parser()
     known, _ = parser.parse_known_args(argv)
@@ -176,10 +189,8 @@ def parse_args(argv=None):
         unknown = set(defaults) - flags - set(DERIVED)
         if unknown:
             raise UsageError(f"{known.config}: unknown settings {sorted(unknown)}")
-        # As text, so that argparse converts and checks them as it does the command line's (it
-        # converts string defaults only): a seed of 1.5 was kept as a float and failed later,
-        # with a traceback.
-        parser.set_defaults(**{k: str(v) if isinstance(v, (bool, int, float)) else v
+        actions = {a.dest: a for a in parser._actions}
+        parser.set_defaults(**{k: config_value(actions[k], v, known.config)
                                for k, v in defaults.items() if k in flags and k != "config"})
     args = parser.parse_args(argv)
     for action in parser._actions:  # argparse checks the command line's values, not defaults
@@ -221,7 +232,7 @@ def validate_args(args):
         need(math.isfinite(value) and value >= 0, f"--{name} must be finite and >= 0, got {value}")
     need(0 <= args.overlap < 1, f"--overlap must be in [0, 1), got {args.overlap}")
     need(args.start_iters >= 0, f"--start_iters must be >= 0, got {args.start_iters}")
-    # NumPy's global seed takes 32 bits; a seed outside them failed after preprocessing, with a traceback
+    # NumPy's global seed takes 32 bits
     need(0 <= args.random_seed < 2**32, f"--random_seed must be in [0, 2**32), got {args.random_seed}")
     need(args.num_steps > args.start_iters, f"--num_steps {args.num_steps} leaves nothing to "
          f"train (it must be greater than --start_iters {args.start_iters})")
@@ -719,16 +730,20 @@ def train(args, lists, dist_info, device):
         return (f"{snapshot_dir / 'last.pth'} holds the state before iteration {iteration}, "
                 f"the last one checked to be finite")
 
+    def stopped(signum, how):
+        """Exit 128 + the signal, rank 0 saying `how` (signum None: another rank's signal)."""
+        signum = signum or signal.SIGTERM
+        if main_rank:
+            print(f"stopped by {signal.Signals(signum).name} {how}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
     def stop_early(signum, when):
         """A stop signal: last.pth holds the last good state, then exit 128 + the signal."""
         leave("after saving the interrupted run")
-        signum = signum or signal.SIGTERM  # another rank's signal
-        if main_rank:
-            again = ("the same command without --overwrite True" if args.overwrite
-                     else "the same command again")
-            print(f"stopped by {signal.Signals(signum).name} {when}: {snapshot_dir / 'last.pth'} "
-                  f"holds the state; run {again} to resume", file=sys.stderr)
-        raise SystemExit(128 + signum)
+        again = ("the same command without --overwrite True" if args.overwrite
+                 else "the same command again")
+        stopped(signum, f"{when}: {snapshot_dir / 'last.pth'} holds the state; run {again} to "
+                "resume")
 
     def run_election(iteration, stop_signals):
         """The teachers elected at `iteration`; a stop signal during the election stops the run
@@ -864,14 +879,13 @@ def train(args, lists, dist_info, device):
             f"{(stop - start) / max(seconds, 1e-9):.2f} it/s){memory}; outputs in {snapshot_dir}")
         writer.close()
     distributed.barrier(dist_info, "at the end of the run")
-    if stop_signals.signum is not None:  # it came after the last check: the run is done, but
-        # a chained command (stage 1 && stage 2) must still stop, as the signal asked
-        if main_rank:
-            outcome = (f"{snapshot_dir / 'final.pth'} is written, nothing is left to resume"
-                       if stop == args.num_steps else f"--stop_at {stop} reached")
-            print(f"stopped by {signal.Signals(stop_signals.signum).name} as the run finished: "
-                  f"{outcome}", file=sys.stderr)
-        raise SystemExit(128 + stop_signals.signum)
+    # A signal after the last check point: the run is done, but a chained command (stage 1 &&
+    # stage 2) must still stop, as the signal asked, and every rank with it.
+    signalled = torch.tensor([float(stop_signals.signum is not None)], device=device)
+    if distributed.all_reduce_sum(signalled, dist_info).item():
+        stopped(stop_signals.signum, "as the run finished: " + (
+            f"{snapshot_dir / 'final.pth'} is written, nothing is left to resume"
+            if stop == args.num_steps else f"--stop_at {stop} reached"))
     return {"losses": losses, "teachers": teachers, "iteration": stop, "seconds": seconds, **timing}
 
 

@@ -47,9 +47,11 @@ MIN_BRAIN_DICE = 0.9  # co-registered, skull-stripped modalities share their non
 # about 7:1: a .nii.gz smaller than 1/PLACEHOLDER_DEFLATE of its voxels' bytes is read to tell.
 PLACEHOLDER_DEFLATE = 20
 # A scan this module does not read, by its name: another image format (BraTS 2015's .mha,
-# .nrrd, FreeSurfer's .mgz, Analyze .hdr/.img) or a NIfTI name with more after it (an unfinished
-# download X_t1.nii.gz.part, a backup X_t1.nii.gz~). Group 1: the name before the extension.
-OTHER_IMAGE = re.compile(r"(.+?)\.(nii|mha|mhd|nrrd|nhdr|mgz|mgh|hdr|img)(\..*|~)?$", re.IGNORECASE)
+# .nrrd, FreeSurfer's .mgz, Analyze .hdr/.img) or an unfinished download or a backup of one
+# (X_t1.nii.gz.part, X_t1.nii.gz~); not a checksum or sidecar (X_t1.nii.gz.md5, X_t1.json).
+# Group 1: the name before the extension.
+OTHER_IMAGE = re.compile(r"(.+?)\.(?:mha|mhd|nrrd|nhdr|mgz|mgh|hdr|img|nii(?:\.gz)?)"
+                         r"(?:\.(?:part|partial|crdownload|download|tmp)|~)?$", re.IGNORECASE)
 # Errors nibabel, gzip and numpy raise on a missing, truncated or corrupt NIfTI.
 READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 
@@ -264,8 +266,16 @@ def named_like_a_scan(path):
 
 
 def _last_token(path):
-    """'X_T1w.nii.gz' -> 't1w': the last '_'- or '-'-separated token of a NIfTI name, lower."""
-    return re.split(r"[_-]", _split_name(Path(path))[0].lower())[-1]
+    """'X_T1w.nii.gz' -> 't1w', 'X_t1.mha' -> 't1': the last '_'- or '-'-separated token of a
+    NIfTI or OTHER_IMAGE name, lower."""
+    split = _split_name(Path(path))
+    stem = split[0] if split else OTHER_IMAGE.match(Path(path).name).group(1)
+    return re.split(r"[_-]", stem.lower())[-1]
+
+
+def _missing_part_named(path, missing):
+    """The modality among `missing` that `path` is named after (an ALIASES token), or None."""
+    return next((part for part in missing if _last_token(path) in ALIASES[part]), None)
 
 
 def nifti_stem(path):
@@ -368,7 +378,7 @@ def _refuse_strangers(case_dir, files, scheme, unknown, missing):
         raise CaseError(case, files[odd[0]], f"its name does not start as the case's other files "
                         f"do ({others}): a file of another case? Rename or move it")
     for path in unknown:
-        part = next((m for m in missing if _last_token(path) in ALIASES[m]), None)
+        part = _missing_part_named(path, missing)
         if part:
             raise CaseError(case, path, f"looks like a {part} scan under another name, and the "
                             f"case has no {part} file: name it "
@@ -381,8 +391,7 @@ def _refuse_other_formats(case_dir, files, paths, missing):
     X_t1.mha, X_t1ce.nii.gz.part): skipped, it would leave the case to be predicted without
     that modality while the user holds it."""
     for path in paths:
-        token = re.split(r"[_-]", OTHER_IMAGE.match(path.name).group(1).lower())[-1]
-        part = next((m for m in missing if token in ALIASES[m]), None)
+        part = _missing_part_named(path, missing)
         if part:
             raise CaseError(Path(case_dir).name, path, f"looks like a {part} scan but is not a "
                             f"NIfTI file (.nii or .nii.gz), and the case has no {part} file: "
@@ -533,7 +542,7 @@ def check_grid(case, path, shape, affine, reference):
     if not np.isfinite(affine).all():  # NaN compares unequal to itself: named as such, here
         raise CaseError(case, path, f"its affine holds non-finite values "
                         f"({np.asarray(affine).round(4).tolist()}): a broken sform/qform in "
-                        "the header; rewrite the file with a valid one")
+                        "the header; give it a valid one (e.g. another modality's: fslcpgeom)")
     if tuple(shape) != tuple(reference_shape):
         raise CaseError(case, path, f"shape {tuple(shape)} differs from "
                                     f"{Path(reference_path).name} {tuple(reference_shape)}")
@@ -615,8 +624,8 @@ def _refuse_copy(case, files, image, part):
                 and np.array_equal(image[i], image[j])):
             raise CaseError(case, files[part], f"the same voxels as {files[other].name}: a copy of "
                             f"the {other} scan standing in for a missing {part}? The network "
-                            f"would take it for a {part}; leave it out (the case is then "
-                            f"predicted without {part})")
+                            f"would take it for a {part}; leave it out (eval.py and predict.py "
+                            f"then predict the case without {part}; training needs all four)")
 
 
 def load_case(case_dir, require_label=False, allow_missing=False):

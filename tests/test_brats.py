@@ -402,6 +402,8 @@ def test_a_scan_in_another_format_in_a_case_missing_it_is_named(tmp_path, name, 
     folder, _ = write_case(tmp_path, "Brats18_X")
     part_path(folder, part).rename(folder / name)
     (folder / "Brats18_X_brainmask.mha").write_bytes(b"")  # named after no modality
+    for other in (f"{name}.md5", f"Brats18_X_{part}.json"):  # not scans: a checksum, a sidecar
+        (folder / other).write_text("")
     message = (f"case Brats18_X: {folder / name}: looks like a {part} scan but is not a NIfTI "
                f"file (.nii or .nii.gz), and the case has no {part} file: convert it (or finish "
                f"copying it) to Brats18_X_{part}.nii.gz, or move it out of the case folder")
@@ -482,8 +484,8 @@ def test_a_non_finite_affine_is_named_as_such(tmp_path, part):
         load_case(folder)
     assert str(info.value).startswith(f"case Brats18_X: {part_path(folder, part)}: its affine holds "
                                       "non-finite values ([[nan, ")
-    assert str(info.value).endswith("a broken sform/qform in the header; rewrite the file with a "
-                                    "valid one")
+    assert str(info.value).endswith("a broken sform/qform in the header; give it a valid one (e.g. "
+                                    "another modality's: fslcpgeom)")
 
 
 @pytest.mark.parametrize("how", ["copy", "symlink", "resaved"])
@@ -501,7 +503,8 @@ def test_a_copy_of_another_modality_is_refused(tmp_path, how):
         save(volumes["flair"].astype(np.float32), t2)
     message = (f"case Brats18_X: {t2}: the same voxels as Brats18_X_flair.nii.gz: a copy of the "
                "flair scan standing in for a missing t2? The network would take it for a t2; "
-               "leave it out (the case is then predicted without t2)")
+               "leave it out (eval.py and predict.py then predict the case without t2; training "
+               "needs all four)")
     for allow_missing in (True, False):
         with pytest.raises(CaseError) as info:
             load_case(folder, allow_missing=allow_missing)

@@ -1,5 +1,9 @@
 """Checkpoints: weights_only round trip, RNG streams continue, atomic writes, clear errors."""
+import contextlib
+import errno
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -87,16 +91,42 @@ def test_pickled_objects_and_missing_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "nope.pth")
 
 
+def _record_syncs(monkeypatch, folder_error=None):
+    """Record fsync (of a file or a folder) and rename calls in order; folder_error: the errno
+    a folder's fsync fails with."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append(f"fsync {kind}")
+        if kind == "folder" and folder_error:
+            raise OSError(folder_error, os.strerror(folder_error))
+        real_fsync(fd)
+
+    def replace(*args):
+        events.append("replace")
+        real_replace(*args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
 def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
     # Without fsync the rename can reach the disk before the data: after a power loss the
     # run's only last.pth could be empty, and the run lost. The cache's arrays are not synced.
-    import os
-    import stat
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
-        "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda *a: (events.append("replace"), real_replace(*a))[1])
+    events = _record_syncs(monkeypatch)
     save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "last.pth")
+    assert events == ["fsync file", "replace", "fsync folder"]
+    assert torch.equal(load_checkpoint(tmp_path / "last.pth")["model"]["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("code, fails", [(errno.EINVAL, False), (errno.EIO, True)])
+def test_a_folder_that_cannot_be_synced(tmp_path, monkeypatch, code, fails):
+    # some file systems cannot sync a folder (CIFS: EINVAL): the file is, and that is the save;
+    # an I/O error is an error
+    events = _record_syncs(monkeypatch, folder_error=code)
+    with pytest.raises(OSError) if fails else contextlib.nullcontext():
+        save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "last.pth")
     assert events == ["fsync file", "replace", "fsync folder"]
     assert torch.equal(load_checkpoint(tmp_path / "last.pth")["model"]["w"], torch.ones(2))

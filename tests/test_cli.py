@@ -19,12 +19,12 @@ from utils import distributed
 from utils.distributed import MainRankFailed
 
 
-@pytest.mark.parametrize("text", ["True", "true", "T", "yes", "Y", "1", " True ", True])
+@pytest.mark.parametrize("text", ["True", "true", "T", "yes", "Y", "1", " True "])
 def test_true(text):
     assert str2bool(text) is True
 
 
-@pytest.mark.parametrize("text", ["False", "false", "f", "NO", "n", "0", "False\n", False])
+@pytest.mark.parametrize("text", ["False", "false", "f", "NO", "n", "0", "False\n"])
 def test_false(text):
     assert str2bool(text) is False
 

@@ -206,9 +206,11 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     with exclusive_lock(tmp_path, "snapshot folder"):
         child = os.fork()
         if child == 0:  # a worker that outlives the holder
-            os.write(ready, b"x")
-            time.sleep(30)
-            os._exit(0)
+            try:
+                os.write(ready, b"x")
+                time.sleep(30)
+            finally:
+                os._exit(0)  # never back into pytest
         os.read(started, 1)  # the child runs (fork's hooks are done)
     os.close(started)
     os.close(ready)

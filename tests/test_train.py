@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from models import LCKD, LCKDConfig
-from datasets.brats import CaseError
+from datasets.brats import CaseError, DataError
 from datasets.preprocess import preprocess
 from datasets.synthetic import generate
 from utils.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint, set_rng_state
@@ -875,6 +875,14 @@ def test_winners_and_history(tmp_path):
     # a resumed run repeats the election at 5: later entries are replaced
     history = append_history(path, dict(result, teachers=[0, 2]), 5)
     assert [(h["iteration"], h["teachers"]) for h in history] == [(0, ["t1ce"]), (5, ["flair", "t1ce"])]
+    # an emptied or edited file (a crash on a file system that loses data): one line, kept as is
+    for text, problem in (("", "JSONDecodeError: Expecting value"), ("[1]", "TypeError"),
+                          ('[{"step": 0}]', "KeyError: 'iteration'")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))} is not an election history "
+                           rf"\({problem}.*\); restore it, or delete it to start a new one$"):
+            append_history(path, result, 15)
+        assert path.read_text() == text
 
 
 def test_elect_picks_the_modality_that_sees_each_region():
@@ -922,7 +930,7 @@ def test_missing_schedule_and_subset_draws():
     assert train.draw_subset((0, 2), rng, 1.0) == (0, 2)
 
 
-def test_config_file_sets_defaults_and_cli_overrides(tmp_path, capsys):
+def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"num_steps": 7, "mode": "random", "patch_size": [1, 2, 3]}))
     args = train.parse_args(["--config", str(path), "--mode", "0,1"])
@@ -942,12 +950,18 @@ def test_config_file_sets_defaults_and_cli_overrides(tmp_path, capsys):
         train.parse_args(["--config", str(tmp_path / "nope.json")])
     # its values are converted and checked as the command line's (a float seed was kept as a
     # float and failed after preprocessing, with a traceback)
-    path.write_text(json.dumps({"random_seed": 1.5}))
-    with pytest.raises(SystemExit) as stop:
-        train.parse_args(["--config", str(path)])
-    assert stop.value.code == 2
-    assert capsys.readouterr().err == ("error: argument --random_seed: invalid int value: '1.5' "
-                                       "(see train.py --help)\n")
+    for setting, problem in (({"random_seed": 1.5}, "random_seed 1.5: invalid literal for int() "
+                              "with base 10: '1.5'"),
+                             ({"random_mirror": 2}, "random_mirror 2: expected a boolean (True "
+                              "or False), got '2'"),
+                             ({"num_workers": None}, "num_workers null: expected a number, "
+                              "true/false or text"),
+                             ({"learning_rate": [0.1]}, "learning_rate [0.1]: expected a number, "
+                              "true/false or text")):
+        path.write_text(json.dumps(setting))
+        with pytest.raises(UsageError) as error:
+            train.parse_args(["--config", str(path)])
+        assert str(error.value) == f"--config {path}: {problem}"
     path.write_text(json.dumps({"random_seed": 7, "save_every_min": 5, "random_mirror": False}))
     args = train.parse_args(["--config", str(path)])
     assert (args.random_seed, args.save_every_min, args.random_mirror) == (7, 5.0, False)

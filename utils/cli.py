@@ -33,12 +33,10 @@ class ArgumentParser(argparse.ArgumentParser):
 def str2bool(text):
     """Published boolean flags take a value: `--weight_std True`, `--random_mirror=False`.
 
-    Accepts (any case, surrounding spaces ignored) true/t/yes/y/1 and false/f/no/n/0, or a
-    bool (a default from a JSON config). Anything else is an argparse error.
+    Accepts (any case, surrounding spaces ignored) true/t/yes/y/1 and false/f/no/n/0.
+    Anything else is an argparse error.
     """
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
+    value = text.strip().lower()
     if value in ("true", "t", "yes", "y", "1"):
         return True
     if value in ("false", "f", "no", "n", "0"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.brats import DataError
 from utils import distributed
 from utils.inference import predict_subsets
 from utils.io import write_text
@@ -122,8 +123,12 @@ def append_history(path, result, iteration):
     checkpoint repeats those elections, and the history follows the run that continues.
     """
     path = Path(path)
-    history = json.loads(path.read_text()) if path.exists() else []
-    history = [entry for entry in history if entry["iteration"] < iteration]
+    try:
+        history = json.loads(path.read_text()) if path.exists() else []
+        history = [entry for entry in history if entry["iteration"] < iteration]
+    except (ValueError, TypeError, KeyError) as error:
+        raise DataError(f"{path} is not an election history ({type(error).__name__}: {error}); "
+                        "restore it, or delete it to start a new one") from None
     history.append({
         "iteration": int(iteration),
         "num_cases": result["num_cases"],
@@ -131,5 +136,5 @@ def append_history(path, result, iteration):
         "winners": result["winners"],
         "teachers": [MODALITIES[t] for t in result["teachers"]],
     })
-    write_text(path, json.dumps(history, indent=2) + "\n")
+    write_text(path, json.dumps(history, indent=2) + "\n", durable=True)  # read back on resume
     return history

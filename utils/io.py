@@ -64,8 +64,10 @@ def atomic_path(path, durable=False):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     The temporary name keeps the final suffix (e.g. '.nii.gz', '.npy') because some writers
-    choose the format from it. durable=True also syncs the folder after the rename (the block
-    syncs the file): see write_bytes.
+    choose the format from it. durable=True syncs the file before the rename and the folder
+    after it: the rename alone can reach the disk before the data (XFS; ext4 mounted with
+    noauto_da_alloc), so that after a power loss or a node crash `path` could be empty, its
+    previous version already gone. For files that cannot be rebuilt (a run's checkpoints).
     """
     path = Path(path)
     make_folder(path.parent)
@@ -76,22 +78,34 @@ def atomic_path(path, durable=False):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
         if durable:
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            except OSError as error:  # some file systems cannot sync a folder: the file is synced
-                if error.errno != errno.EINVAL:
-                    raise
-            finally:
-                os.close(folder)
+            _sync(tmp)
+        os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if is_disk_full(error):
             raise disk_full(error, path) from error
         raise
+    if durable:
+        _sync(path.parent, folder=True)
+
+
+# What fsync of a folder may answer where a file system cannot sync folders (CIFS), or where
+# the folder may be written but not read: the file itself is synced, the rename done.
+FOLDER_SYNC_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES)
+
+
+def _sync(path, folder=False):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        if not (folder and error.errno in FOLDER_SYNC_UNSUPPORTED):
+            raise
 
 
 class NotWritableError(OSError):
@@ -194,27 +208,18 @@ def disk_full(error, path=None, folder=None):
     return DiskFullError(code, f"{problem} while writing {path}; {previous}; {fix}")
 
 
-def write_text(path, text):
-    with atomic_path(path) as tmp:
+def write_text(path, text, durable=False):
+    with atomic_path(path, durable) as tmp:
         tmp.write_text(text)
 
 
 def write_bytes(path, *chunks, durable=False):
     """Write the chunks (bytes-like) atomically, with Python's own write: numpy's tofile and
     torch's zip writer report a full disk without an errno, which atomic_path could not tell
-    from any other failure.
-
-    durable=True (checkpoints) syncs the file before the rename and the folder after it: the
-    rename alone can reach the disk before the data on some file systems (XFS; ext4 mounted
-    with noauto_da_alloc), so that after a power loss or a node crash `path` may be empty, the
-    previous version already replaced.
-    The cache, which can be rebuilt, does without the cost."""
+    from any other failure. durable: see atomic_path."""
     with atomic_path(path, durable) as tmp, open(tmp, "wb") as f:
         for chunk in chunks:
             f.write(chunk)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def file_sha256(path):

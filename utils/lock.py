@@ -4,7 +4,9 @@ The lock is `flock` on FOLDER/.lock, so the kernel releases it when the holder e
 killed (kill -9 included): a lock file left behind by a dead run is stale by construction and
 is simply taken over. The file records the holder's host and pid for the error message.
 The lock is the holding process's alone: a child it forks (a DataLoader or pool worker) closes
-its copy at once.
+its copy at once, so that the same command may start again as soon as the holder is killed.
+Forked writers (utils.workers.worker_pool) may then finish a write, for at most its
+PARENT_POLL_S: each of their writes is atomic.
 """
 import contextlib
 import fcntl

@@ -11,8 +11,7 @@ def worker_pool(num_workers, mp_context=None):
     """A ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory)
     raises BrokenProcessPool instead of hanging the run. Its workers exit when the process that
     started them is gone: killed with SIGKILL, it leaves them waiting on its queue forever,
-    holding their memory and, forked, its open files, the output folder's lock among them (the
-    same command would be refused until someone found and killed them)."""
+    holding their memory and, forked, its open files."""
     return ProcessPoolExecutor(num_workers, mp_context=mp_context,
                                initializer=_exit_with_parent, initargs=(os.getpid(),))
 
