@@ -373,47 +373,36 @@ def test_inference_reads_any_subset_of_the_modalities(tmp_path, scheme, ext, pre
     np.testing.assert_array_equal(case.label, make_volumes()["seg"].transpose(2, 0, 1))
 
 
-@pytest.mark.parametrize("name, part", [("Brats18_X_T1w.nii.gz", "t1"),
-                                        ("Brats18_X_t1Gd.nii", "t1ce"),
-                                        ("Brats18_X-FLAIR.nii.gz", "flair")])
-def test_a_scan_under_another_name_in_a_case_missing_it_is_named(tmp_path, name, part):
-    # no scheme's name: the case would be predicted without that modality
-    folder, _ = write_case(tmp_path, "Brats18_X")
-    part_path(folder, part).rename(folder / name)
-    (folder / "Brats18_X_brainmask.nii.gz").write_bytes(b"")  # named after no modality
-    message = (f"case Brats18_X: {folder / name}: looks like a {part} scan under another "
-               f"name, and the case has no {part} file: name it Brats18_X_{part}.nii.gz if it is "
-               "one, or move it out of the case folder")
-    for allow_missing in (True, False):
-        with pytest.raises(CaseError) as info:
-            find_case_files(folder, allow_missing=allow_missing)
-        assert str(info.value) == message
-    # a file named after no modality, beside a missing one, is left alone (a brain mask)
-    (folder / name).unlink()
-    assert part not in find_case_files(folder, allow_missing=True)
+RENAME = "under another name, and the case has no {part} file: name it Brats18_X_{part}.nii.gz if it is one"
+CONVERT = ("but is not a NIfTI file (.nii or .nii.gz), and the case has no {part} file: convert it (or "
+           "finish copying it) to Brats18_X_{part}.nii.gz")
 
 
-@pytest.mark.parametrize("name, part", [("Brats18_X_t1.mha", "t1"),
-                                        ("Brats18_X_t1ce.nii.gz.part", "t1ce"),
-                                        ("Brats18_X_T2.NRRD", "t2"),
-                                        ("Brats18_X-t2f.nii~", "flair")])
-def test_a_scan_in_another_format_in_a_case_missing_it_is_named(tmp_path, name, part):
-    # not a NIfTI name: skipped, the case was predicted without a modality the user holds
+@pytest.mark.parametrize("name, part, problem", [("Brats18_X_T1w.nii.gz", "t1", RENAME),
+                                                 ("Brats18_X_t1Gd.nii", "t1ce", RENAME),
+                                                 ("Brats18_X-FLAIR.nii.gz", "flair", RENAME),
+                                                 ("Brats18_X_t1.mha", "t1", CONVERT),
+                                                 ("Brats18_X_t1ce.nii.gz.part", "t1ce", CONVERT),
+                                                 ("Brats18_X_T2.NRRD", "t2", CONVERT),
+                                                 ("Brats18_X-t2f.nii~", "flair", CONVERT)])
+def test_a_scan_of_a_missing_modality_that_is_not_read_is_named(tmp_path, name, part, problem):
+    # skipped (no scheme's name, or not a NIfTI file), it left the case to be predicted without
+    # a modality the user holds
     folder, _ = write_case(tmp_path, "Brats18_X")
     part_path(folder, part).rename(folder / name)
-    (folder / "Brats18_X_brainmask.mha").write_bytes(b"")  # named after no modality
-    for other in (f"{name}.md5", f"Brats18_X_{part}.json"):  # not scans: a checksum, a sidecar
+    for other in ("Brats18_X_brainmask.nii.gz", "Brats18_X_brainmask.mha",  # named after no modality
+                  f"{name}.md5", f"Brats18_X_{part}.json"):  # not scans: a checksum, a sidecar
         (folder / other).write_text("")
-    message = (f"case Brats18_X: {folder / name}: looks like a {part} scan but is not a NIfTI "
-               f"file (.nii or .nii.gz), and the case has no {part} file: convert it (or finish "
-               f"copying it) to Brats18_X_{part}.nii.gz, or move it out of the case folder")
+    message = (f"case Brats18_X: {folder / name}: looks like a {part} scan "
+               f"{problem.format(part=part)}, or move it out of the case folder")
     for allow_missing in (True, False):
         with pytest.raises(CaseError) as info:
             find_case_files(folder, allow_missing=allow_missing)
         assert str(info.value) == message
-    # beside its NIfTI scan, such a file is left alone (a copy in the scanner's format)
+    # beside its scan, such a file is left alone (a copy in the scanner's format, a brain mask)
     save(make_volumes()[part], part_path(folder, part))
     assert part in find_case_files(folder)
+    # and so are the other files, beside a missing modality
     (folder / name).unlink()
     part_path(folder, part).unlink()
     assert part not in find_case_files(folder, allow_missing=True)
