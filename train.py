@@ -8,7 +8,8 @@ Examples (from the repository root):
     python train.py --snapshot_dir snapshots/LCKD_stage2/ --mode random --num_steps 115000 \
         --reload_path snapshots/LCKD_stage1/final.pth
 
-    # data elsewhere: re-base the list entries ('../data/BraTS-2018/HGG/<case>')
+    # data elsewhere: re-base the list entries
+    # ('../data/BraTS-2018/MICCAI_BraTS_2018_Data_Training/HGG/<case>')
     python train.py --data_root /data/MICCAI_BraTS_2018_Data_Training ...
 
     # after a crash, a kill, SIGTERM or Ctrl-C: the same command again resumes exactly where
@@ -26,9 +27,10 @@ Examples (from the repository root):
 Outputs in --snapshot_dir: config.json (resolved configuration), last.pth (every
 --val_pred_every iterations, every --save_every_min minutes, on SIGTERM/SIGINT and after a
 non-finite loss), final.pth, teachers.json (election history) and TensorBoard events; .lock
-while a run uses the folder. Exit status: 0 done (or already finished), 1 error, 2 bad flags,
-130/143 stopped by SIGINT/SIGTERM after saving last.pth (or after final.pth, for a signal
-that came as the run finished).
+while a run uses the folder. Exit status: 0 done (or already finished), 1 error, 2 bad flags
+(also settings that differ from the folder's run), 130/143 stopped by SIGINT/SIGTERM after
+saving last.pth (or after final.pth, for a signal that came as the run finished; before the
+first iteration, nothing to save).
 """
 import argparse
 import contextlib
