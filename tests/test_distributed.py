@@ -2,6 +2,7 @@
 rank 0 is slow or fails in on_main_rank."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
-import sys, time
+import os, signal, sys, time
 from utils import distributed
 from utils.cli import run_cli
 
@@ -20,6 +21,10 @@ def main(argv):
         if argv[0] == "wait":  # for a stop signal
             open(f"ready{info.rank}", "w").close()
             time.sleep(60)
+        if argv[0] == "gone":  # rank 1 killed without a word (kill -9, the OOM killer)
+            if info.rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            distributed.gather_object(info.rank, info)
         def rank_0():
             if argv[0] == "slow":
                 time.sleep(20)
@@ -72,6 +77,31 @@ def test_a_stop_signal_is_reported_once_by_rank_0(tmp_path):
     finally:
         run.kill()
     assert [line for line in (out + err).splitlines() if "terminated" in line] == ["terminated"]
+
+
+def test_a_rank_killed_before_the_gather_is_not_said_to_have_printed_an_error(tmp_path):
+    # Started as torchrun starts them, without torchrun: its SIGTERM to rank 0 on seeing rank 1
+    # die would otherwise race with rank 0's own account (before: "stopped on an error
+    # (printed with this one)", where no process had printed any).
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, str(script), "gone", "1"], cwd=tmp_path,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+                                       RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        stderr = [rank.communicate(timeout=60)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert ranks[1].returncode == -signal.SIGKILL and ranks[0].returncode == 1
+    assert stderr[0].splitlines()[-1] == (
+        "error: rank 0: another process of this run stopped before the end (on an error, printed "
+        "with this one, or killed: torchrun's summary below gives its exit code)")
 
 
 def test_a_flag_mistake_is_printed_once_per_machine_not_once_per_process(tmp_path):

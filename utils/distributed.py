@@ -219,15 +219,17 @@ def peers_present(info: Dist, what):
 
 def gather_object(obj, info: Dist):
     """Every rank's picklable object, in rank order, on rank 0 (None on the other ranks).
-    PeerFailed when a rank died before sending its part."""
+    PeerFailed when a rank stopped before sending its part: on an error it printed, or killed
+    without a word (kill -9, the OOM killer; a stop signal sent to that process alone)."""
     if not info.enabled:
         return [obj]
     gathered = [None] * info.world_size if info.is_main else None
     try:
         dist.gather_object(obj, gathered, dst=0)
     except RuntimeError as error:  # gloo: 'Connection closed by peer'; NCCL: DistBackendError
-        raise PeerFailed(f"rank {info.rank}: another process of this run stopped on an error "
-                         "(printed with this one) before the end") from error
+        raise PeerFailed(f"rank {info.rank}: another process of this run stopped before the end "
+                         "(on an error, printed with this one, or killed: torchrun's summary below "
+                         "gives its exit code)") from error
     return gathered
 
 
