@@ -194,8 +194,8 @@ def on_main_rank(fn, info: Dist, what="rank 0's checks"):
 
 
 class PeerFailed(RuntimeError):
-    """Another rank stopped on an error (which it printed) before a collective: this rank's
-    one-line account instead of the backend's traceback."""
+    """Another rank stopped (on an error it printed, or killed) before a collective: this
+    rank's one-line account instead of the backend's traceback."""
 
 
 # What gloo says when another process is gone (killed without a word: the OOM killer,
