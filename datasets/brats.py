@@ -12,6 +12,7 @@ Training needs all four modalities; inference (`allow_missing=True`) accepts any
 subset of them, the missing ones' channels being zeros (`Case.available` says which are real).
 Every problem with a case raises CaseError naming the case and the file.
 """
+import contextlib
 import dataclasses
 import gzip
 import os
@@ -421,7 +422,19 @@ def _guarded(case, path, read):
         return read()
     except READ_ERRORS as err:
         detail = " ".join(str(err).split())  # one line: nibabel's messages span several
-        raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: {detail})") from err
+        raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: "
+                                    f"{detail}){_misnamed(path)}") from err
+
+
+def _misnamed(path):
+    """': it is gzip-compressed; name it X.nii.gz' for a .nii file that is (a .nii.gz renamed),
+    of which nibabel only says that it cannot tell the file type; else ''."""
+    path = Path(path)
+    if path.name.lower().endswith(".nii"):
+        with contextlib.suppress(OSError), open(path, "rb") as f:  # a folder, a dead link: ''
+            if f.read(2) == b"\x1f\x8b":
+                return f": it is gzip-compressed; name it {path.name}.gz"
+    return ""
 
 
 def _in_memory(path, img):

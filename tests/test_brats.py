@@ -507,6 +507,20 @@ def test_a_copy_of_another_modality_is_refused(tmp_path, how):
     assert load_case(folder).available == (0, 1, 2, 3)
 
 
+def test_a_compressed_file_named_nii_is_told_to_be_renamed(tmp_path):
+    # nibabel says only "Cannot work out file type"; the fix is in the name
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    packed = part_path(folder, "t1")
+    plain = packed.with_name("Brats18_X_t1.nii")
+    packed.rename(plain)  # a .nii.gz renamed
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value).startswith(f"case Brats18_X: {plain}: unreadable NIfTI (")
+    assert str(info.value).endswith("): it is gzip-compressed; name it Brats18_X_t1.nii.gz")
+    plain.rename(packed)
+    load_case(folder)  # read as it was, the case is sound
+
+
 def test_headers_are_checked_without_reading_the_voxels(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_X")
     _break_truncated(folder)  # a valid header over half the voxels
