@@ -321,14 +321,14 @@ def find_case_files(case_dir, allow_missing=False):
     if not case_dir.is_dir():
         raise CaseError(case, case_dir, "case folder not found")
     found = {scheme: {} for scheme in SCHEMES}
-    unknown, other_format = [], []
+    unknown = []  # NIfTI files of no part's name, and OTHER_IMAGE files
     for path in sorted(case_dir.iterdir()):
         split = _split_name(path)
         if path.name.startswith("."):  # hidden files, e.g. macOS '._X.nii'
             continue
         if split is None:
             if OTHER_IMAGE.match(path.name):
-                other_format.append(path)
+                unknown.append(path)
             continue
         stem = split[0].lower()
         parts = [(scheme, part) for scheme, suffixes in SCHEMES.items()
@@ -350,7 +350,6 @@ def find_case_files(case_dir, allow_missing=False):
         files[part] = paths[0]
     missing = [part for part in MODALITIES if part not in files]
     _refuse_strangers(case_dir, files, scheme, unknown, missing)
-    _refuse_other_formats(case_dir, files, other_format, missing)
     if len(missing) == len(MODALITIES):
         names = ", ".join(expected_file(case_dir, files, part).name for part in MODALITIES)
         nested = next((p for p in sorted(case_dir.iterdir())
@@ -368,7 +367,9 @@ def find_case_files(case_dir, allow_missing=False):
 def _refuse_strangers(case_dir, files, scheme, unknown, missing):
     """CaseError for files that would silently give the case wrong inputs: a part whose prefix
     differs from the others' (another patient's scan: every BraTS case has the same grid), or,
-    among the `unknown` NIfTI files, a missing modality's scan under another name ('X_T1w')."""
+    among the `unknown` files, a missing modality's scan that is skipped: under another name
+    ('X_T1w.nii.gz'), in another format or not fully copied (OTHER_IMAGE: 'X_t1.mha',
+    'X_t1ce.nii.gz.part')."""
     case = Path(case_dir).name
     prefixes = {name: _split_name(path)[0][:-len(SCHEMES[scheme][name])].lower()
                 for name, path in files.items()}
@@ -381,24 +382,13 @@ def _refuse_strangers(case_dir, files, scheme, unknown, missing):
     for path in unknown:
         part = _missing_part_named(path, missing)
         if part:
-            raise CaseError(case, path, f"looks like a {part} scan under another name, and the "
-                            f"case has no {part} file: name it "
-                            f"{expected_file(case_dir, files, part).name} if it is one, or move "
-                            "it out of the case folder")
-
-
-def _refuse_other_formats(case_dir, files, paths, missing):
-    """CaseError for a scan of a missing modality that is not a NIfTI file (OTHER_IMAGE:
-    X_t1.mha, X_t1ce.nii.gz.part): skipped, it would leave the case to be predicted without
-    that modality while the user holds it."""
-    for path in paths:
-        part = _missing_part_named(path, missing)
-        if part:
-            raise CaseError(Path(case_dir).name, path, f"looks like a {part} scan but is not a "
-                            f"NIfTI file (.nii or .nii.gz), and the case has no {part} file: "
-                            f"convert it (or finish copying it) to "
-                            f"{expected_file(case_dir, files, part).name}, or move it out of "
-                            "the case folder")
+            expected = expected_file(case_dir, files, part).name
+            problem, fix = (("under another name", f"name it {expected} if it is one")
+                            if _split_name(path) else
+                            ("but is not a NIfTI file (.nii or .nii.gz)",
+                             f"convert it (or finish copying it) to {expected}"))
+            raise CaseError(case, path, f"looks like a {part} scan {problem}, and the case has "
+                            f"no {part} file: {fix}, or move it out of the case folder")
 
 
 def available_subset(files):
