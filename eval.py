@@ -58,6 +58,7 @@ and with --figures:
 """
 import contextlib
 import json
+import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -164,7 +165,23 @@ def case_folders(args):
         if not folders:
             raise UsageError(f"--data_list {source} lists no cases")
     refuse_duplicates(folders, source)  # two masks would go to the same file
+    refuse_undecodable(folders)
     return folders
+
+
+def refuse_undecodable(folders):
+    """Raise CaseError for a case folder whose path is not UTF-8 text (Python holds its odd
+    bytes as surrogates): cases.csv and metrics.csv, written in UTF-8, could not take it, and
+    the run would stop at the first table."""
+    for folder in folders:
+        path = os.fsencode(folder.resolve())
+        try:
+            path.decode()
+        except UnicodeDecodeError as err:
+            shown = path.decode(errors="backslashreplace")
+            raise CaseError(Path(shown).name, shown, f"the path is not UTF-8 text (byte "
+                            f"0x{path[err.start]:02x}), which eval.py's tables are written in: "
+                            "rename the folder that holds it") from None
 
 
 def check_cases(folders, mode):

@@ -1,6 +1,7 @@
 """utils/cli.py: the published boolean flag values, as train.py and eval.py parse them, and
 one-line errors."""
 import argparse
+import io
 import os
 import signal
 import subprocess
@@ -143,6 +144,18 @@ def test_a_path_too_long_for_the_file_system_is_one_line(capsys, tmp_path):
     assert exit_.value.code == 1
     assert capsys.readouterr().err.splitlines() == [
         f"error: {path}: file name too long; choose a shorter path"]
+
+
+def test_a_path_that_is_not_utf8_is_printed_as_its_bytes(monkeypatch):
+    # A UTF-8 locale's stdout is strict: printing such a path (predict.py's output, written
+    # already) used to end in a UnicodeEncodeError traceback. run_cli restores the stream after.
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    name = os.fsdecode(b"M\xfcller.nii.gz")
+    run_cli(lambda argv: print(f"written to {name}"))
+    stdout.flush()
+    assert stdout.buffer.getvalue() == b"written to M\xfcller.nii.gz\n"
+    assert stdout.errors == "strict"
 
 
 def test_bugs_keep_their_traceback():

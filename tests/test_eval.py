@@ -422,6 +422,20 @@ def test_duplicate_cases_are_refused(segmentation_setup, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_case_path_that_is_not_utf8_is_refused_before_any_work(segmentation_setup, tmp_path):
+    # A folder named in Latin-1 (a copy from an old system): its byte 0xff is no UTF-8 text, so
+    # cases.csv could not be written; it used to stop the run there with a traceback.
+    root, cases = segmentation_setup
+    data = tmp_path / os.fsdecode(b"Patienten_M\xfcller")
+    copy_cases(cases[:1], data)
+    message = cli(["--input", str(data), "--restore_from", str(root / "final.pth"),
+                   "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    shown = f"{tmp_path}/Patienten_M\\xfcller/{cases[0].name}"
+    assert message == (f"error: case {cases[0].name}: {shown}: the path is not UTF-8 text (byte "
+                       "0xfc), which eval.py's tables are written in: rename the folder that holds it")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--batch_size", "0"], "--batch_size: must be at least 1"),
     (["--workers", "0"], "--workers: must be at least 1"),

@@ -206,6 +206,15 @@ def _thread_exception(args):
         threading.__excepthook__(args)
 
 
+def _set_stdout_errors(errors):
+    """Set sys.stdout's encoding error handler -> the previous one; nothing for a stream
+    without one (None, or a test's StringIO)."""
+    previous = getattr(sys.stdout, "errors", None)
+    if errors is not None and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors=errors)
+    return previous
+
+
 def run_cli(main, user_errors=USER_ERRORS, argv=None):
     """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
@@ -225,6 +234,10 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, _stop_signal)
         threading.excepthook = _thread_exception
+        # A path that is not UTF-8 (its odd bytes held as surrogates) is printed as the bytes it
+        # has, as Python does in the C locale; a UTF-8 locale's strict stdout would fail the
+        # print, e.g. predict.py's after the mask is written. (stderr escapes them already.)
+        stdout_errors = _set_stdout_errors("surrogateescape")
     try:
         return main(argv)
     except MainRankFailed as stopped:
@@ -245,6 +258,7 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     finally:
         if in_main:
             threading.excepthook = thread_hook
+            _set_stdout_errors(stdout_errors)
             for resend in _resends:
                 resend.cancel()
             _resends.clear()
