@@ -65,11 +65,13 @@ print(f"python {platform.python_version()} | torch {torch.__version__} | CUDA {t
 PY
 
 if [ "$DEVICE" = cpu ]; then  # the dry run: every step, tiny sizes
-  MODEL=small PATCH=16,32,32 SHAPE=64,64,32 CASES=3 EVAL_SHAPE=64,64,32 EVAL_AMP=off EVAL_CASES=1
+  MODEL=small PATCH=16,32,32 SHAPE=64,64,32 CASES=3 EVAL_SHAPE=32,32,16 EVAL_AMP=off EVAL_CASES=1
+  MODEL_STEPS=1 MODEL_WARMUP=1
   WARMUP=${WARMUP:-1} STEPS=${STEPS:-2} WORKERS=${WORKERS:-0} VARIANTS=${VARIANTS:-published,fp32}
   PROFILE_VARIANT=${PROFILE_VARIANT:-fp32}
 else
   MODEL=full PATCH=80,160,160 SHAPE=240,240,155 CASES=4 EVAL_SHAPE=240,240,155 EVAL_AMP=bf16 EVAL_CASES=2
+  MODEL_STEPS=5 MODEL_WARMUP=2
 fi
 
 failed=()
@@ -114,7 +116,7 @@ for part in "${PARTS[@]}"; do
     model)
       for amp in off bf16; do
         run model "$PYTHON" benchmarks/bench_model.py --model "$MODEL" --device "$DEVICE" \
-          --patch "$PATCH" --batch 2 --amp "$amp" --steps 5 --warmup 2
+          --patch "$PATCH" --batch 2 --amp "$amp" --steps "$MODEL_STEPS" --warmup "$MODEL_WARMUP"
       done
       ;;
   esac
