@@ -14,7 +14,7 @@ import torch
 
 from test_demo import REPO
 from utils.io import (DiskFullError, NotWritableError, atomic_path, check_file_writable,
-                      check_writable, is_temp, remove_stale_temps, write_text)
+                      check_writable, is_temp, remove_stale_temps, temp_prefix, write_text)
 from utils.lock import LockError, exclusive_lock
 
 
@@ -53,6 +53,20 @@ def test_is_temp_knows_every_temporary_of_atomic_path(tmp_path, name):
     assert not is_temp(tmp_path / name)
     for other in (".notes.tmp", ".A.nii.gz.k3j4.tmp.npy", "._Case.nii.gz", ".tmp"):
         assert not is_temp(tmp_path / other)
+
+
+@pytest.mark.parametrize("name", ["C" * 243 + ".nii.gz", "é" * 124 + ".nii.gz"])  # 250, 255 bytes
+def test_a_name_near_the_length_limit_is_written_and_its_temporaries_found(tmp_path, name):
+    # The temporary adds 15 bytes and the suffix again: it used to be refused as too long
+    # ("cannot write in <folder>"), though the file itself may have that name.
+    with atomic_path(tmp_path / name) as tmp:
+        tmp.write_bytes(b"mask")
+        assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.endswith(".tmp.nii.gz")
+        assert is_temp(tmp)
+        stale = tmp.with_name(f"{temp_prefix(tmp_path / name)}zzzzzzzz.tmp.nii.gz")  # a killed write's
+        stale.write_bytes(b"partial")
+    assert (tmp_path / name).read_bytes() == b"mask"
+    assert remove_stale_temps(tmp_path / name) == 1 and not stale.exists()
 
 
 def test_a_file_whose_place_a_folder_takes_is_named(tmp_path):

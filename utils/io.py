@@ -14,9 +14,19 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
+NAME_MAX = 255  # bytes in a file name (ext4, XFS, btrfs, tmpfs)
+
+
 def temp_prefix(path):
-    """Temporary files of writes to `path` start with this (see remove_stale_temps)."""
-    return f".{Path(path).name}."
+    """Temporary files of writes to `path` start with this (see remove_stale_temps). A name
+    too long to leave room for the rest of a temporary's (.<random>.tmp<suffix>) has its stem
+    cut short, its suffixes kept (is_temp reads them)."""
+    name = Path(path).name
+    suffix = "".join(Path(name).suffixes)
+    stem = name[:len(name) - len(suffix)]
+    while stem and len(os.fsencode(f".{stem}{suffix}.12345678.tmp{suffix}")) > NAME_MAX:
+        stem = stem[:-1]
+    return f".{stem}{suffix}."
 
 
 def remove_stale_temps(path):
