@@ -99,3 +99,18 @@ def test_dice_chart(tmp_path):
     rgb = read_png(tmp_path / "dice.png", (600, 450))
     colours = {tuple(c) for c in rgb.reshape(-1, 3)}
     assert {(255, 0, 0), (255, 220, 0), (0, 200, 0)} <= colours  # one bar colour per region
+
+
+def test_tensorboard_overlay_has_the_case_figures_orientation():
+    """The election's TensorBoard overlay shows each (H, W) slice as the case figures do,
+    transposed (rows: the second NIfTI axis), not lying on its side."""
+    from utils.overlay import overlay_panel
+    h, w = 6, 10  # a slice wider along H than along W
+    image = np.ones((4, h, w), np.float32)
+    truth = np.zeros((3, h, w), bool)
+    truth[1, 0, w - 1] = True  # WT at the first H row, last W column
+    sample = {"image": image, "truth": truth, "pred": np.zeros((4, 3, h, w), bool)}
+    picture = overlay_panel(sample)
+    assert picture.shape == (w, 5 * h, 3)  # five panels side by side, each (W, H)
+    green = picture[..., 1] > picture[..., 0]
+    assert np.argwhere(green).tolist() == [[w - 1, 0]]  # the voxel (0, w-1), transposed

@@ -37,8 +37,11 @@ def overlay(image, regions, brightness=1.0):
 
 
 def overlay_panel(sample):
-    """One row: ground truth on FLAIR, then each modality's prediction on that modality."""
+    """One row: ground truth on FLAIR, then each modality's prediction on that modality
+    (FLAIR, T1, T1ce, T2). Each (H, W) slice is transposed, as in the case figures
+    (utils.figures): rows follow the second NIfTI axis, so a BraTS slice is seen in the
+    radiological view (anterior up) and not lying on its side."""
     panels = [overlay(sample["image"][0], sample["truth"])]
     for i, subset in enumerate(SINGLE_SUBSETS):
         panels.append(overlay(sample["image"][subset[0]], sample["pred"][i]))
-    return np.concatenate(panels, axis=1)
+    return np.concatenate([panel.transpose(1, 0, 2) for panel in panels], axis=1)
