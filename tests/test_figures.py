@@ -114,3 +114,20 @@ def test_tensorboard_overlay_has_the_case_figures_orientation():
     assert picture.shape == (w, 5 * h, 3)  # five panels side by side, each (W, H)
     green = picture[..., 1] > picture[..., 0]
     assert np.argwhere(green).tolist() == [[w - 1, 0]]  # the voxel (0, w-1), transposed
+
+
+def test_case_figure_title_never_covers_the_legend(tmp_path):
+    """One column (predict.py with one modality) and a long case name (-o Brats18_..._mask.nii.gz): the title's pixels and
+    the legend's stay apart."""
+    image = np.ones((1, 96, 96), np.float32)
+    label = np.zeros((96, 96), np.uint8)
+    drawn = {}
+    for key, title in (("bare", ""), ("titled", "Brats18_TCIA08_242_1_mask, axial slice 21")):
+        figures.case_figure(tmp_path / f"{key}.png", title, image, ["t2"], [("t2", label, ["t2"])])
+        drawn[key] = read_png(tmp_path / f"{key}.png",
+                              figures.case_layout((96, 96), 1, 1)[:2])[:figures.HEADER]
+    bare = drawn["bare"]
+    legend = bare.max(-1) - bare.min(-1) > 60  # the coloured region names
+    title = (drawn["titled"] != bare).any(-1)
+    assert legend.any() and title.any()
+    assert not (legend & title).any()

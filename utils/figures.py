@@ -106,9 +106,11 @@ def case_figure(path, title, images, columns, rows):
         fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
         canvas = FigureCanvasAgg(fig)
         fig.text(4 / width, 1 - 4 / height, title, ha="left", va="top", fontsize=9)
-        for k, (region, colour) in enumerate(reversed(REGION_COLOURS)):  # legend, top right
-            fig.text(1 - (4 + 28 * k) / width, 1 - 4 / height, region, ha="right", va="top",
-                     fontsize=9, fontweight="bold", color=np.array(colour) / 255)
+        # The legend sits left of the column titles, above the row titles: at the top right
+        # it ran into the title of a narrow figure (one modality: predict.py --t2).
+        for k, (region, colour) in enumerate(REGION_COLOURS):
+            fig.text((4 + 28 * k) / width, 1 - (HEADER - 4) / height, region, ha="left",
+                     va="bottom", fontsize=9, fontweight="bold", color=np.array(colour) / 255)
         for c, name in enumerate(columns):
             _, left, _, right = panel_box(shape_hw, 0, c)
             fig.text((left + right) / 2 / width, 1 - (HEADER - 4) / height, name,
