@@ -4,7 +4,7 @@ import pandas as pd
 from matplotlib.image import imread
 
 from utils import figures
-from utils.overlay import overlay, tumour_slice
+from utils.overlay import overlay, overlay_panel, tumour_slice
 
 # (R - B, G - B) of a panel pixel for each label, from utils.overlay.overlay's blending with
 # alpha 0.5 in the order WT green (0, 200, 0), TC yellow (255, 220, 0), ET red (255, 0, 0)
@@ -104,7 +104,6 @@ def test_dice_chart(tmp_path):
 def test_tensorboard_overlay_has_the_case_figures_orientation():
     """The election's TensorBoard overlay shows each (H, W) slice as the case figures do,
     transposed (rows: the second NIfTI axis), not lying on its side."""
-    from utils.overlay import overlay_panel
     h, w = 6, 10  # a slice wider along H than along W
     image = np.ones((4, h, w), np.float32)
     truth = np.zeros((3, h, w), bool)
@@ -117,8 +116,8 @@ def test_tensorboard_overlay_has_the_case_figures_orientation():
 
 
 def test_case_figure_title_never_covers_the_legend(tmp_path):
-    """One column (predict.py with one modality) and a long case name (-o Brats18_..._mask.nii.gz): the title's pixels and
-    the legend's stay apart."""
+    """One column (predict.py with one modality) and a long case name (-o
+    Brats18_..._mask.nii.gz): the title's pixels and the legend's stay apart."""
     image = np.ones((1, 96, 96), np.float32)
     label = np.zeros((96, 96), np.uint8)
     drawn = {}
