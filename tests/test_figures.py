@@ -4,7 +4,7 @@ import pandas as pd
 from matplotlib.image import imread
 
 from utils import figures
-from utils.overlay import overlay, overlay_panel, tumour_slice
+from utils.overlay import overlay, overlay_panel, shown_colours, tumour_slice
 
 # (R - B, G - B) of a panel pixel for each label, from utils.overlay.overlay's blending with
 # alpha 0.5 in the order WT green (0, 200, 0), TC yellow (255, 220, 0), ET red (255, 0, 0)
@@ -130,3 +130,16 @@ def test_case_figure_title_never_covers_the_legend(tmp_path):
     title = (drawn["titled"] != bare).any(-1)
     assert legend.any() and title.any()
     assert not (legend & title).any()
+
+
+def test_the_case_figure_legend_has_the_colours_the_panels_show(tmp_path):
+    # Blended as drawn (alpha 0.5, WT then TC then ET) over mid-grey 128: WT 128/2 + (0, 200,
+    # 0)/2; TC that over WT, then (255, 220, 0)/2; ET that, then (255, 0, 0)/2: orange, not red.
+    expected = {"WT": (64, 164, 64), "TC": (159, 192, 32), "ET": (207, 96, 16)}
+    assert {region: tuple(colour) for region, colour in shown_colours().items()} == expected
+    image, label = np.ones((1, 96, 96), np.float32), np.zeros((96, 96), np.uint8)
+    figures.case_figure(tmp_path / "case.png", "", image, ["t2"], [("t2", label, ["t2"])])
+    header = read_png(tmp_path / "case.png", figures.case_layout((96, 96), 1, 1)[:2])[
+        :figures.HEADER, :figures.ROW_TITLES]
+    for colour in expected.values():  # the core pixels of each name's letters
+        assert (header == colour).all(-1).sum() >= 10, colour

@@ -19,7 +19,7 @@ from PIL import Image
 
 from utils.io import atomic_path
 from utils.modalities import MODALITIES, subset_name
-from utils.overlay import REGION_COLOURS, overlay, tumour_slice
+from utils.overlay import REGION_COLOURS, overlay, shown_colours, tumour_slice
 from utils.regions import labels_to_regions
 
 DPI = 100
@@ -108,9 +108,9 @@ def case_figure(path, title, images, columns, rows):
         fig.text(4 / width, 1 - 4 / height, title, ha="left", va="top", fontsize=9)
         # The legend sits left of the column titles, above the row titles: at the top right
         # it ran into the title of a narrow figure (one modality: predict.py --t2).
-        for k, (region, colour) in enumerate(REGION_COLOURS):
+        for k, (region, colour) in enumerate(shown_colours().items()):
             fig.text((4 + 28 * k) / width, 1 - (HEADER - 4) / height, region, ha="left",
-                     va="bottom", fontsize=9, fontweight="bold", color=np.array(colour) / 255)
+                     va="bottom", fontsize=9, fontweight="bold", color=colour / 255)
         for c, name in enumerate(columns):
             _, left, _, right = panel_box(shape_hw, 0, c)
             fig.text((left + right) / 2 / width, 1 - (HEADER - 4) / height, name,

@@ -29,11 +29,25 @@ def overlay(image, regions, brightness=1.0):
         lo, hi = np.percentile(image[brain], (0.5, 99.5))
         grey[brain] = (np.clip((image[brain] - lo) / max(hi - lo, 1e-6), 0, 1) * 0.95 + 0.05) * 255
         grey *= brightness
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    return _blend(np.repeat(grey[..., None], 3, axis=-1), regions).astype(np.uint8)
+
+
+def _blend(rgb, regions):
+    """Paint region masks (3, ...) in ET, WT, TC order over float RGB (..., 3), in place."""
     for region, colour in REGION_COLOURS:
         mask = np.asarray(regions[REGIONS.index(region)], dtype=bool)
         rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)
-    return rgb.astype(np.uint8)
+    return rgb
+
+
+def shown_colours(grey=128):
+    """{region: RGB uint8} as a panel shows the inner part of each region: blended over the
+    regions it lies in (ET over TC over WT: orange, not the red painted), on mid-grey. For
+    legends, whose pure colours match none of the pixels drawn."""
+    depth = np.arange(len(REGION_COLOURS))  # pixel k lies in the first k + 1 REGION_COLOURS
+    inside = {region: depth >= k for k, (region, _) in enumerate(REGION_COLOURS)}
+    rgb = _blend(np.full((len(depth), 3), float(grey)), [inside[region] for region in REGIONS])
+    return {region: rgb[k].astype(np.uint8) for k, (region, _) in enumerate(REGION_COLOURS)}
 
 
 def overlay_panel(sample):
