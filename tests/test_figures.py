@@ -101,6 +101,22 @@ def test_dice_chart(tmp_path):
     assert {(255, 0, 0), (255, 220, 0), (0, 200, 0)} <= colours  # one bar colour per region
 
 
+def test_the_dice_chart_legend_hides_no_bar(tmp_path, monkeypatch):
+    # Dice near 100, as WT's: a legend inside the axes covered the tops of the first bars.
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))
+    table = pd.DataFrame({"subset": ["flair", "t1ce", "mean"], "cases": [1, 1, 2],
+                          "ET Dice": [99.0] * 3, "TC Dice": [99.0] * 3, "WT Dice": [99.0] * 3})
+    figures.dice_chart(tmp_path / "dice.png", table, "test")
+    (fig,) = drawn
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    bars = [bar.get_window_extent() for bar in ax.patches]
+    assert len(bars) == 6 and not any(legend.overlaps(bar) for bar in bars)
+    assert legend.x1 <= fig.bbox.x1 and legend.y1 <= fig.bbox.y1  # and not cut off
+
+
 def test_tensorboard_overlay_has_the_case_figures_orientation():
     """The election's TensorBoard overlay shows each (H, W) slice as the case figures do,
     transposed (rows: the second NIfTI axis), not lying on its side."""
