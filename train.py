@@ -547,7 +547,7 @@ def main(argv=None):
         return args, read_lists(args)
 
     args, lists = distributed.before_init(read_flags)
-    dist_info, device = distributed.init(args.device, args.dist_timeout_min)
+    dist_info, device = distributed.init(args.device, args.dist_timeout_min, "--dist_timeout_min")
     try:
         with contextlib.ExitStack() as held:
             # One run per snapshot folder: rank 0 holds the lock until the run ends (released by

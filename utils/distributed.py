@@ -23,6 +23,14 @@ class Dist:
     world_size: int = 1
     timeout: datetime.timedelta = datetime.timedelta(minutes=30)
     monitor: object = None  # a gloo group for monitored barriers (NCCL has none)
+    timeout_flag: str = None  # the script's flag that sets `timeout`, for the messages
+
+    def within_timeout(self):
+        """'within --flag N' (a script with the flag) or 'within N min', for timeout errors."""
+        minutes = f"{self.timeout.total_seconds() / 60:g}"
+        if self.timeout_flag:
+            return f"within {self.timeout_flag} {minutes}"
+        return f"within {minutes} min"
 
     @property
     def is_main(self):
@@ -78,8 +86,9 @@ def launched_rank():
     return int(os.environ.get("RANK", "0")) if launched_world_size() > 1 else 0
 
 
-def init(device_name="auto", timeout_min=30.0):
-    """Join the torchrun process group if launched by torchrun. Returns (Dist, device)."""
+def init(device_name="auto", timeout_min=30.0, timeout_flag=None):
+    """Join the torchrun process group if launched by torchrun. Returns (Dist, device).
+    timeout_flag: the script's flag that gave `timeout_min`, named when a rank times out."""
     world_size = launched_world_size()
     if world_size == 1:
         return Dist(), resolve_device(device_name, local_rank=0)
@@ -91,7 +100,7 @@ def init(device_name="auto", timeout_min=30.0):
                             device_id=device if device.type == "cuda" else None)
     # A separate group: a timed-out gloo group is unusable afterwards.
     monitor = dist.new_group(backend="gloo", timeout=timeout)
-    return Dist(int(os.environ["RANK"]), world_size, timeout, monitor), device
+    return Dist(int(os.environ["RANK"]), world_size, timeout, monitor, timeout_flag), device
 
 
 class RankTimeoutError(RuntimeError):
@@ -106,10 +115,8 @@ def barrier(info: Dist, where):
     try:
         dist.monitored_barrier(group=info.monitor, timeout=info.timeout, wait_all_ranks=True)
     except RuntimeError as error:
-        minutes = info.timeout.total_seconds() / 60
         raise RankTimeoutError(f"rank {info.rank}: not every rank reached the barrier {where} "
-                               f"within --dist_timeout_min {minutes:g}: "
-                               f"{str(error).splitlines()[0]}") from error
+                               f"{info.within_timeout()}: {str(error).splitlines()[0]}") from error
 
 
 def broadcast_object(obj, info: Dist):
@@ -169,11 +176,10 @@ def on_main_rank(fn, info: Dist, what="rank 0's checks"):
         try:
             failed = broadcast_object(None, info)
         except RuntimeError as error:  # gloo / NCCL: a timeout, or rank 0's connection closed
-            minutes = info.timeout.total_seconds() / 60
             if time.monotonic() - started < 0.99 * info.timeout.total_seconds():
                 raise PeerFailed(f"rank {info.rank}: rank 0 stopped during {what}") from error
-            raise RankTimeoutError(f"rank {info.rank}: rank 0 did not finish {what} within "
-                                   f"--dist_timeout_min {minutes:g}") from error
+            raise RankTimeoutError(f"rank {info.rank}: rank 0 did not finish {what} "
+                                   f"{info.within_timeout()}") from error
         if failed is not None:
             raise MainRankFailed(failed)
         return None
@@ -199,7 +205,7 @@ class PeerFailed(RuntimeError):
 
 
 # What gloo says when another process is gone (killed without a word: the OOM killer,
-# kill -9); under NCCL its watchdog aborts the process after --dist_timeout_min instead.
+# kill -9); under NCCL its watchdog aborts the process after the timeout instead.
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
