@@ -52,7 +52,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import normalize as norm
-from datasets.brats import CaseError, case_files, load_case, read_datalist, refuse_duplicates
+from datasets.brats import CaseError, case_files, read_datalist, read_files, refuse_duplicates
 from datasets.sampling import foreground_locations
 from utils.cli import ArgumentParser, path_given, run_cli
 from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
@@ -344,13 +344,14 @@ def _save_npy(path, array):
     write_bytes(path, header.getbuffer(), array.reshape(-1).view(np.uint8))
 
 
-def _build(case_dir, case_cache, sources):
-    """Read, validate, compact and write one case; meta.json goes last.
+def _build(name, files, case_cache, sources):
+    """Read and validate the case `name` from `files` ({part: Path}), compact and write it;
+    meta.json goes last.
 
     `sources` is fingerprinted before reading, so a file changed while we read it leaves
     a stale fingerprint and the case is rebuilt next time.
     """
-    case = load_case(case_dir)
+    case = read_files(name, files)
     cached = CachedCase.from_arrays(case.name, case.image, case.label, norm.case_params(case))
     (case_cache / META).unlink(missing_ok=True)  # the case is invalid until its meta is back
     arrays = {IMAGE: cached.raw, LABEL: cached.label,
@@ -413,7 +414,7 @@ def _process(job):
             except CacheInvalid as err:
                 reason = str(err)
         sources = fingerprint(name, files)
-        _build(case_dir, case_cache, sources)
+        _build(case_dir.name, files, case_cache, sources)
         return name, reason, sources
 
 

@@ -339,22 +339,22 @@ def test_two_preprocessors_on_one_cache_do_not_race(dataset, monkeypatch):
     second.write_text("data/Brats18_A\n")
     meta = cache / "Brats18_A" / "meta.json"
     building = threading.Event()
-    real_load_case, real_save = preprocess_module.load_case, np.save
+    real_read_files, real_save = preprocess_module.read_files, np.save
 
-    def load_case_then_wait(case_dir, *args, **kwargs):
+    def read_files_then_wait(*args, **kwargs):
         if threading.current_thread().name == "second":
             deadline = time.monotonic() + 5
             while not meta.exists() and time.monotonic() < deadline:
                 time.sleep(0.001)
         else:
             building.set()
-        return real_load_case(case_dir, *args, **kwargs)
+        return real_read_files(*args, **kwargs)
 
     def slow_save(*args, **kwargs):
         time.sleep(0.4 if threading.current_thread().name == "second" else 0.1)
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(preprocess_module, "load_case", load_case_then_wait)
+    monkeypatch.setattr(preprocess_module, "read_files", read_files_then_wait)
     monkeypatch.setattr(np, "save", slow_save)
     errors, results = [], {}
 
