@@ -54,7 +54,7 @@ from datasets.augment import augment_batch
 from datasets.brats import read_datalist, resolve_list
 from datasets.preprocess import preprocess
 from datasets.sampling import IterationSampler, PatchDataset, loader_options
-from models import LCKD, LCKDConfig
+from models import ACTIVATIONS, LCKD, MODEL_SIZES, NORMS, LCKDConfig
 from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
@@ -95,12 +95,12 @@ def get_parser():
     g.add_argument("--augment", type=str2bool, default=True,
                    help="nnU-Net-style batch augmentation on the device")
     g = p.add_argument_group("model")
-    g.add_argument("--model_size", choices=("full", "small"), default="full",
+    g.add_argument("--model_size", choices=MODEL_SIZES, default="full",
                    help="full = published network; small = CPU-trainable, same code path")
     g.add_argument("--num_classes", type=int, default=3)
     g.add_argument("--weight_std", type=str2bool, default=True)
-    g.add_argument("--norm_cfg", choices=("IN", "BN"), default="IN")
-    g.add_argument("--activation_cfg", choices=("LeakyReLU", "ReLU"), default="LeakyReLU")
+    g.add_argument("--norm_cfg", choices=NORMS, default="IN")
+    g.add_argument("--activation_cfg", choices=ACTIVATIONS, default="LeakyReLU")
     g.add_argument("--checkpoint_encoder", type=str2bool, default=False,
                    help="activation checkpointing in the encoder (less memory, ~30%% slower)")
     g.add_argument("--encode_all_modalities", type=str2bool, default=False,

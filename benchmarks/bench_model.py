@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import LCKD, LCKDConfig  # noqa: E402
+from models import LCKD, MODEL_SIZES, LCKDConfig  # noqa: E402
 from train import step  # noqa: E402
 from utils.inference import AMP_DTYPES, autocast  # noqa: E402
 from utils.cli import ArgumentParser  # noqa: E402
@@ -32,7 +32,7 @@ from utils.speed import synchronize  # noqa: E402
 
 def parse_args():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["full", "small"], default="full")
+    p.add_argument("--model", choices=MODEL_SIZES, default="full")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--patch", default="16,32,32", help="D,H,W (published training patch 80,160,160)")
     p.add_argument("--batch", type=int, default=2)

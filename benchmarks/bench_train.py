@@ -67,6 +67,7 @@ from datasets.brats import datalist_entries, resolve_list  # noqa: E402
 from datasets.preprocess import preprocess  # noqa: E402
 from datasets.sampling import PatchDataset  # noqa: E402
 from datasets.synthetic import generate, split_counts  # noqa: E402
+from models import MODEL_SIZES  # noqa: E402
 from utils import distributed, speed  # noqa: E402
 from utils.cli import PUBLISHED_INPUT_SIZE, ArgumentParser, UsageError  # noqa: E402
 from utils.election import elect  # noqa: E402
@@ -118,7 +119,7 @@ def card_family(name):
 def add_common_arguments(p):
     """The flags bench_train.py and profile_train.py share (defaults: resolve_defaults)."""
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--model", choices=("full", "small"), help="default: full on CUDA, small on CPU")
+    p.add_argument("--model", choices=MODEL_SIZES, help="default: full on CUDA, small on CPU")
     p.add_argument("--patch", help="D,H,W (default: 80,160,160 on CUDA, 32,64,64 on CPU)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--shape", help="case size X,Y,Z (default: 240,240,155 on CUDA, 96,96,64 on CPU)")

@@ -238,6 +238,12 @@ class Decoder(nn.Module):
 # Config and network
 
 
+# The choices of the scripts' model flags (--model_size, --norm_cfg, --activation_cfg).
+MODEL_SIZES = ("full", "small")  # LCKDConfig.from_name
+NORMS = ("IN", "BN")
+ACTIVATIONS = ("LeakyReLU", "ReLU")
+
+
 @dataclass
 class LCKDConfig:
     """Network configuration; the defaults are the published network (43.66 M parameters)."""
@@ -258,10 +264,10 @@ class LCKDConfig:
     def __post_init__(self):
         for name in ("blocks", "widths", "aspp_dilations", "decoder_channels"):
             setattr(self, name, tuple(getattr(self, name)))  # lists from a saved JSON config
-        if self.norm not in ("IN", "BN"):
-            raise ValueError(f"norm must be 'IN' or 'BN', got {self.norm!r}")
-        if self.activation not in ("LeakyReLU", "ReLU"):
-            raise ValueError(f"activation must be 'LeakyReLU' or 'ReLU', got {self.activation!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not len(self.blocks) == len(self.widths) == len(self.decoder_channels) == 4:
             raise ValueError("blocks, widths and decoder_channels need one entry per stage (4)")
 
@@ -276,10 +282,9 @@ class LCKDConfig:
     @classmethod
     def from_name(cls, name, **overrides):
         """'full' / 'small' -> config, with field overrides."""
-        builders = {"full": cls, "small": cls.small}
-        if name not in builders:
-            raise ValueError(f"unknown model {name!r}: use one of {', '.join(builders)}")
-        return builders[name](**overrides)
+        if name not in MODEL_SIZES:
+            raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODEL_SIZES)}")
+        return (cls.small if name == "small" else cls)(**overrides)
 
     def to_dict(self):
         return asdict(self)

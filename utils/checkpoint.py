@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import LCKD, LCKDConfig
+from models import LCKD, MODEL_SIZES, NORMS, LCKDConfig
 from utils.io import write_bytes
 
 
@@ -125,7 +125,7 @@ def network_mismatch(model, state, given=""):
     if problem is None:
         return None
     config = model.config
-    for size, norm in itertools.product(("full", "small"), ("IN", "BN")):
+    for size, norm in itertools.product(MODEL_SIZES, NORMS):
         candidate = LCKDConfig.from_name(size, weight_std=config.weight_std, norm=norm,
                                          activation=config.activation)
         if candidate != config and not state_mismatch(LCKD(candidate).state_dict(), state):

@@ -7,7 +7,7 @@
 """
 from dataclasses import fields, replace
 
-from models import LCKD, LCKDConfig
+from models import ACTIVATIONS, LCKD, MODEL_SIZES, NORMS, LCKDConfig
 from utils.checkpoint import load_checkpoint, network_mismatch
 from utils.cli import (PUBLISHED_INPUT_SIZE, UsageError, overlap_fraction, positive_int, str2bool,
                        window_size)
@@ -21,9 +21,9 @@ def add_model_args(parser):
                    help=f"sliding-window size D,H,W (default: the training patch, else {PUBLISHED_INPUT_SIZE})")
     g.add_argument("--num_classes", type=int, default=3)
     g.add_argument("--weight_std", type=str2bool, default=None)
-    g.add_argument("--norm_cfg", choices=("IN", "BN"), default=None)
-    g.add_argument("--activation_cfg", choices=("LeakyReLU", "ReLU"), default=None)
-    g.add_argument("--model_size", choices=("full", "small"), default=None)
+    g.add_argument("--norm_cfg", choices=NORMS, default=None)
+    g.add_argument("--activation_cfg", choices=ACTIVATIONS, default=None)
+    g.add_argument("--model_size", choices=MODEL_SIZES, default=None)
 
 
 def add_inference_args(parser):
