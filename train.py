@@ -883,8 +883,7 @@ def train(args, lists, dist_info, device):
     distributed.barrier(dist_info, "at the end of the run")
     # A signal after the last check point: the run is done, but a chained command (stage 1 &&
     # stage 2) must still stop, as the signal asked, and every rank with it.
-    signalled = torch.tensor([float(stop_signals.signum is not None)], device=device)
-    if distributed.all_reduce_sum(signalled, dist_info).item():
+    if distributed.any_rank(stop_signals.signum is not None, dist_info, device):
         stopped(stop_signals.signum, "as the run finished: " + (
             f"{snapshot_dir / 'final.pth'} is written, nothing is left to resume"
             if stop == args.num_steps else f"--stop_at {stop} reached"))

@@ -246,6 +246,11 @@ def all_reduce_sum(tensor, info: Dist):
     return tensor
 
 
+def any_rank(flag, info: Dist, device):
+    """Whether `flag` is true on any rank (every rank must call it: an all-reduce)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device), info).item())
+
+
 def check_replicas_equal(model, info: Dist):
     """Raise unless every rank holds the same parameters (DDP's invariant; checked at the end
     of a run because a silent divergence would make rank 0's checkpoint unrepresentative)."""

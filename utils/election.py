@@ -53,7 +53,8 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
     mine = cases[dist_info.rank::dist_info.world_size]
     rounds = -(-len(cases) // dist_info.world_size)  # the same count of stop checks on every rank
     for index in range(rounds):
-        if stop_requested is not None and index > 0 and _any_rank(stop_requested(), device, dist_info):
+        if (stop_requested is not None and index > 0
+                and distributed.any_rank(stop_requested(), dist_info, device)):
             return None
         if index == len(mine):  # this rank's share is done; it still joins the checks
             continue
@@ -84,10 +85,6 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
         "num_cases": num_cases,
         "sample": sample,
     }
-
-
-def _any_rank(flag, device, dist_info):
-    return bool(distributed.all_reduce_sum(torch.tensor([float(flag)], device=device), dist_info).item())
 
 
 def _slice_sample(name, image, label, probs, target):
