@@ -63,6 +63,7 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from tqdm import tqdm
@@ -407,12 +408,22 @@ def process_device(name, info, rank_device):
     return rank_device
 
 
+class Checked(NamedTuple):
+    """What check() found, for the run."""
+    mode: tuple  # the subsets (parse_eval_mode)
+    folders: list  # the case folders, in the order of the tables
+    files: dict  # case folder -> {part: Path} to read (check_cases)
+    device: object
+    loaded: tuple  # load_model's (model, config, window)
+    record: dict  # eval_config.json (run_record)
+    cases: pd.DataFrame  # cases.csv
+    done: set  # the names of the cases --resume found exported
+
+
 def check(args, info, rank_device, held):
     """Every check before any work, in this order: the flags, the cases' files, the checkpoint,
     then the output folder, locked (in the ExitStack `held`, for the whole run) and cleared of a
-    previous evaluation with --overwrite, or checked to be this run's with --resume.
-    -> mode, folders, each one's files to read (check_cases), device, loaded model, the run's
-    record (run_record), cases.csv's table, the names of the cases --resume found done."""
+    previous evaluation with --overwrite, or checked to be this run's with --resume. -> Checked"""
     mode = parse_eval_mode(args.mode)
     if args.resume and args.overwrite:
         raise UsageError("give --resume (continue the evaluation in --output_dir) or --overwrite "
@@ -432,14 +443,14 @@ def check(args, info, rank_device, held):
         check_file_writable(path)
     if args.resume:
         done = resumed_cases(output_dir, found, record, cases, mode, args.figures)
-        return mode, folders, files, device, loaded, record, cases, done
+        return Checked(mode, folders, files, device, loaded, record, cases, done)
     if found and not args.overwrite:
         raise UsageError(f"--output_dir {output_dir} holds a previous evaluation ({len(found)} "
                          f"files, e.g. {found[0].name}); pass --resume to continue it, "
                          "--overwrite to replace it (only eval.py's files are removed) or choose "
                          "another folder")
     clear_previous_run(output_dir, found)
-    return mode, folders, files, device, loaded, record, cases, set()
+    return Checked(mode, folders, files, device, loaded, record, cases, set())
 
 
 def main(argv=None):
@@ -455,23 +466,24 @@ def main(argv=None):
             # evaluation before any rank writes; the others load the checkpoint it found sound.
             def check_and_record():
                 checked = check(args, info, device, held)
-                _, folders, _, _, _, record, cases, done = checked
-                write_text(args.output_dir / "eval_config.json", json.dumps(record, indent=2))
+                write_text(args.output_dir / "eval_config.json",
+                           json.dumps(checked.record, indent=2))
                 with atomic_path(args.output_dir / "cases.csv") as tmp:
-                    cases.to_csv(tmp, index=False)
+                    checked.cases.to_csv(tmp, index=False)
                 if args.resume:
-                    print(f"--resume: {len(done)} of {len(folders)} cases already exported in "
-                          f"{args.output_dir} (scored from their masks), {len(folders) - len(done)} "
-                          "to predict")
+                    done, total = len(checked.done), len(checked.folders)
+                    print(f"--resume: {done} of {total} cases already exported in "
+                          f"{args.output_dir} (scored from their masks), {total - done} to predict")
                 return checked
 
             checked = distributed.on_main_rank(check_and_record, info)
             if info.is_main:
-                mode, folders, files, device, (model, _, window), _, cases, done = checked
+                device, (model, _, window) = checked.device, checked.loaded
             else:
                 model, _, window = load_model(args.restore_from, args, device)
             mode, folders, files, done = distributed.broadcast_object(
-                (mode, folders, files, done) if info.is_main else None, info)
+                (checked.mode, checked.folders, checked.files, checked.done) if info.is_main
+                else None, info)
             # Case i goes to rank i % world size: every rank writes its own cases' files.
             share = folders[info.rank::info.world_size]
             if info.is_main and info.enabled:
@@ -484,7 +496,7 @@ def main(argv=None):
                 return None
             order = {folder.name: i for i, folder in enumerate(folders)}
             rows = sorted((row for part in parts for row in part), key=lambda r: order[r["case"]])
-            return report(args, mode, cases, rows)
+            return report(args, mode, checked.cases, rows)
     finally:
         distributed.cleanup(info)
 
