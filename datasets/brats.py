@@ -167,6 +167,10 @@ def read_datalist(list_path, data_root=None):
     '.' is resolved (named_folder): the case is named after the folder.
     """
     list_path = Path(list_path)
+    if data_root is not None and not Path(data_root).is_dir():  # a typo: named, not its cases
+        where = "" if Path(data_root).is_absolute() else f" ({Path(data_root).absolute()})"
+        raise DataError(f"data root {data_root}{where}: "
+                        f"{'not a folder' if Path(data_root).exists() else 'not found'}")
     folders = []
     for number, entry in datalist_entries(list_path):
         tried = _candidates(entry, list_path.parent, data_root)

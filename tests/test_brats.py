@@ -288,11 +288,24 @@ def test_data_root_prefers_most_specific(tmp_path):
 def test_data_root_missing_lists_tried_paths(tmp_path):
     lst = tmp_path / "l.csv"
     lst.write_text(PUBLISHED + "\n")
+    (tmp_path / "root").mkdir()
     with pytest.raises(DataError) as info:
         read_datalist(lst, tmp_path / "root")
     message = str(info.value)
     assert str(tmp_path / "root" / "HGG" / "Brats18_X") in message
     assert str(tmp_path / "root" / "Brats18_X") in message
+
+
+def test_a_data_root_that_is_not_there_is_named(tmp_path, monkeypatch):
+    # A typo (BraTS2O18) was reported as the list's first case not found under it.
+    lst = tmp_path / "l.csv"
+    lst.write_text(PUBLISHED + "\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    for root, problem in (("BraTS2O18", "not found"), ("file", "not a folder")):
+        with pytest.raises(DataError) as info:
+            read_datalist(lst, root)
+        assert str(info.value) == f"data root {root} ({tmp_path / root}): {problem}"
 
 
 def test_resolve_list_published_data_dir(tmp_path, monkeypatch):
