@@ -610,8 +610,13 @@ def report(args, mode, cases, rows):
     if args.figures:
         print(f"figures: {output_dir / FIGURE_FOLDER}/<case>.png")
     if not rows:
+        print("no case has a seg file: masks only, nothing to score")
         return None
     metrics = pd.DataFrame(rows)
+    unscored = [name for name in cases["case"] if name not in set(metrics["case"])]
+    if unscored:  # an incomplete copy of a labelled set would otherwise be scored on fewer cases
+        print(f"not scored, without a seg file: {len(unscored)} case(s) ("
+              + ", ".join(unscored[:3]) + (", …)" if len(unscored) > 3 else ")"))
     subsets = [s for s in subsets if subset_name(s) in set(metrics["subset"])]
     table = summary_table(metrics, subsets)
     for name, df in (("metrics.csv", metrics), ("summary.csv", table)):

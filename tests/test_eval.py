@@ -653,6 +653,21 @@ def test_resume_in_available_mode_predicts_a_case_without_its_removed_stand_in(
     assert summary["subset"].tolist() == ["flair+t1+t1ce", "flair+t1+t1ce+t2", "mean"]
 
 
+def test_cases_without_a_seg_file_are_named_as_not_scored(segmentation_setup, tmp_path, capsys):
+    root, cases = segmentation_setup
+    data = copy_cases(cases, tmp_path / "data")
+    (data / cases[0].name / f"{cases[0].name}_seg.nii.gz").unlink()  # an incomplete copy
+    flags = ["--input", str(data), "--restore_from", str(root / "final.pth"), "--device", "cpu",
+             "--mode", "t1ce"]
+    evaluate.main([*flags, "--output_dir", str(tmp_path / "some")])
+    printed = capsys.readouterr().out
+    assert f"not scored, without a seg file: 1 case(s) ({cases[0].name})\n" in printed
+    assert "\n1 labelled cases, Dice (%)" in printed
+    (data / cases[1].name / f"{cases[1].name}_seg.nii.gz").unlink()
+    evaluate.main([*flags, "--output_dir", str(tmp_path / "none")])
+    assert capsys.readouterr().out.endswith("no case has a seg file: masks only, nothing to score\n")
+
+
 def test_resume_of_unlabelled_cases_reads_no_voxel_of_the_cases_done(segmentation_setup, tmp_path,
                                                                      monkeypatch):
     # The online-validation export: no labels, so a case done has nothing left to do.
