@@ -558,7 +558,7 @@ def run(args, mode, folders, files, model, window, device, done=frozenset(), pro
             raise CaseError(err.case, err.path, f"{err.problem}; the cases before it are "
                             f"exported: {fix}, then run the same command with --resume") from None
 
-    rows = []
+    rows, folders_out = [], mask_folders(mode)
     # Reading the next case, and writing / scoring / drawing the previous ones, overlap with
     # the network's work on the current case; at most two cases wait for the writers.
     with ThreadPoolExecutor(1) as reader, thread_pool(args.workers) as writers:
@@ -570,10 +570,11 @@ def run(args, mode, folders, files, model, window, device, done=frozenset(), pro
                 next_case = reader.submit(read, folders[i + 1])
             for warning in warnings:
                 tqdm.write(f"warning: {warning}", file=sys.stderr)
-            subsets = [case.available] if mode == AVAILABLE else mode
             if mode == AVAILABLE:
+                subsets = [case.available]
                 tqdm.write(f"{case.name}: {subset_name(case.available)}")
-            folders_out = mask_folders(mode)
+            else:
+                subsets = mode
             if case.name in done:
                 drawn = []
                 scored = [writers.submit(score_saved, case, folder, subset, output_dir, args.hd95)

@@ -187,13 +187,13 @@ def parse_args(argv=None):
             raise UsageError(f"--config {known.config}: {error}") from None
         if not isinstance(defaults, dict):
             raise UsageError(f"--config {known.config}: expected a JSON object of flag values")
-        flags = {a.dest for a in parser._actions}
-        unknown = set(defaults) - flags - set(DERIVED)
-        if unknown:
-            raise UsageError(f"{known.config}: unknown settings {sorted(unknown)}")
         actions = {a.dest: a for a in parser._actions}
+        unknown = set(defaults) - set(actions) - set(DERIVED)
+        if unknown:
+            raise UsageError(f"--config {known.config}: unknown settings {sorted(unknown)}; "
+                             "remove them (the flags: train.py --help)")
         parser.set_defaults(**{k: config_value(actions[k], v, known.config)
-                               for k, v in defaults.items() if k in flags and k != "config"})
+                               for k, v in defaults.items() if k in actions and k != "config"})
     args = parser.parse_args(argv)
     for action in parser._actions:  # argparse checks the command line's values, not defaults
         value = getattr(args, action.dest, None)
@@ -661,8 +661,8 @@ def train(args, lists, dist_info, device):
             mode = checkpoint["config"].get("mode")  # None: a checkpoint of another version
             same_stage = mode is not None and same_setting("mode", mode, args.mode)
             random_start = checkpoint.get("random_start", start) if same_stage else start
-            log(f"reloaded {source}: iteration {checkpoint['iteration']} "
-                f"(mode {checkpoint['config'].get('mode')}), continuing at {start} in mode {args.mode}")
+            log(f"reloaded {source}: iteration {checkpoint['iteration']} (mode {mode}), "
+                f"continuing at {start} in mode {args.mode}")
     if start >= args.num_steps:
         raise UsageError(f"nothing to train: the run would start at iteration {start} ({source}) "
                          f"and --num_steps is {args.num_steps}")

@@ -237,13 +237,14 @@ def refuse_duplicates(folders, source):
     names = [Path(f).name for f in folders]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise CaseError(duplicates[0], source, "case name listed more than once")
+        raise CaseError(duplicates[0], source, "case name listed more than once: keep one entry")
     seen = {}
     for folder in folders:
         first = seen.setdefault(Path(folder).resolve(), folder)
         if first is not folder:
             raise CaseError(Path(folder).name, source, f"the same folder as {Path(first).name} "
-                            f"({Path(folder).resolve()}), listed again under another name")
+                            f"({Path(folder).resolve()}), listed again under another name: keep "
+                            "one of them")
 
 
 # ----------------------------------------------------------------------------- case folders

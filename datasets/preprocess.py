@@ -25,13 +25,14 @@ the recorded sizes, dtypes and shapes and its labels are in {0, 1, 2, 4} (a binc
 boxed uint8 map, ~3 ms); preprocess re-uses it only when, besides, its sources and its arrays
 are unchanged. Both are compared by stat (size, mtime, ctime) and, when that differs, by
 SHA-256 of the content: an in-place edit that keeps the size and mtime still changes the ctime,
-so it is caught without re-reading unchanged files. Anything else is rebuilt with a message. Each case is built under a lock
-(CACHE/<case>/.lock) by one process at a time, files are written atomically and meta.json last
-(after removing the old one), and temporary files of killed writers are removed on the next
-run. Case folders are confined to the cache folder. preprocess() opens each case under its lock
-too (so no writer swaps the arrays between meta.json and them) and refuses, with a CaseError,
-a case that another process sharing the cache folder rebuilt meanwhile from other content
-(e.g. another dataset with the same case names): its arrays are not this list's.
+so it is caught without re-reading unchanged files. Anything else is rebuilt with a message.
+Each case is built under a lock (CACHE/<case>/.lock) by one process at a time, files are
+written atomically and meta.json last (after removing the old one), and temporary files of
+killed writers are removed on the next run. Case folders are confined to the cache folder.
+preprocess() opens each case under its lock too (so no writer swaps the arrays between
+meta.json and them) and refuses, with a CaseError, a case that another process sharing the
+cache folder rebuilt meanwhile from other content (e.g. another dataset with the same case
+names): its arrays are not this list's.
 """
 import base64
 import contextlib

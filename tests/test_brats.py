@@ -563,7 +563,7 @@ def test_find_cases_and_duplicates(tmp_path, monkeypatch):
     with pytest.raises(DataError) as error:
         find_cases(tmp_path / "root" / "A" / "A_t1.nii.gz")
     assert str(error.value) == f"{tmp_path / 'root' / 'A' / 'A_t1.nii.gz'}: not a folder"
-    with pytest.raises(CaseError, match="case A: list.csv: case name listed more than once"):
+    with pytest.raises(CaseError, match="case A: list.csv: case name listed more than once: keep one entry"):
         refuse_duplicates([Path("HGG/A"), Path("B"), Path("LGG/A")], "list.csv")
 
 

@@ -418,7 +418,7 @@ def test_duplicate_cases_are_refused(segmentation_setup, tmp_path):
     (tmp_path / "dup.csv").write_text(f"{cases[0].name}\n{cases[1].name}\n{cases[0].name}\n")
     message = cli(["--data_list", str(tmp_path / "dup.csv"), "--data_root", str(root / "data"),
                    "--restore_from", str(root / "final.pth"), "--output_dir", str(tmp_path / "out")])
-    assert message == f"error: case {cases[0].name}: {tmp_path / 'dup.csv'}: case name listed more than once"
+    assert message == f"error: case {cases[0].name}: {tmp_path / 'dup.csv'}: case name listed more than once: keep one entry"
     assert not (tmp_path / "out").exists()
 
 

@@ -937,8 +937,10 @@ def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
     assert args.num_steps == 7 and args.mode_parsed == (0, 1) and args.random_mirror is True
     assert train.parse_args(["--random_scale", "False"]).random_scale is False
     path.write_text(json.dumps({"num_stepz": 7}))
-    with pytest.raises(ValueError, match="num_stepz"):
+    with pytest.raises(UsageError) as error:
         train.parse_args(["--config", str(path)])
+    assert str(error.value) == (f"--config {path}: unknown settings ['num_stepz']; remove them "
+                                "(the flags: train.py --help)")
     # its values meet the flags' choices as the command line's do; a bad file is one line
     path.write_text(json.dumps({"amp": "fp8"}))
     with pytest.raises(UsageError, match=rf"--amp 'fp8' \(from --config {path}\): choose from off, bf16, fp16"):
