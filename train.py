@@ -60,7 +60,7 @@ from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
 from utils.cli import (PUBLISHED_INPUT_SIZE, USER_ERRORS, ArgumentParser, UsageError, run_cli,
                        stopping, str2bool, window_size)
-from utils.election import append_history, elect, format_result
+from utils.election import append_history, elect, format_result, mean_dice, teacher_names
 from utils.overlay import overlay_panel
 from utils.inference import AMP_DTYPES, autocast
 from utils.io import remove_stale_temps, write_text, writing_in
@@ -763,13 +763,12 @@ def train(args, lists, dist_info, device):
 
     def report_election(result, iteration, seconds):
         log(format_result(result, iteration) + f"  [{seconds:.1f} s]")
-        for name, per_region in result["dice"].items():
+        for name, per_region in mean_dice(result).items():
             for region in REGIONS:
-                writer.add_scalar(f"val/dice/{name}/{region}",
-                                  per_region[region] / max(result["num_cases"], 1), iteration)
+                writer.add_scalar(f"val/dice/{name}/{region}", per_region[region], iteration)
         for m, name in enumerate(MODALITIES):
             writer.add_scalar(f"teachers/{name}", float(m in result["teachers"]), iteration)
-        writer.add_text("teachers", ", ".join(MODALITIES[t] for t in result["teachers"]), iteration)
+        writer.add_text("teachers", teacher_names(result), iteration)
         if result["sample"] is not None:
             writer.add_image("val/overlay", overlay_panel(result["sample"]), iteration,
                              dataformats="HWC")

@@ -95,6 +95,10 @@ def test_two_stages_resume_exactly(data, tmp_path):
     assert "val/overlay" in events.Tags()["images"]
     assert {"loss/total", "loss/dice", "loss/bce", "loss/kd", "lr", "val/dice/t1ce/ET",
             "teachers/flair"} <= set(events.Tags()["scalars"])
+    # the validation Dice logged is teachers.json's sum over the election's cases, averaged
+    logged = [e.value for e in events.Scalars("val/dice/t1ce/ET")]
+    np.testing.assert_allclose(logged, [h["dice"]["t1ce"]["ET"] / h["num_cases"] for h in history],
+                               rtol=1e-6)
 
     # ---- stage 2 from stage 1's final: continues the iteration count and the lr schedule
     stage2 = ["--mode", "random", "--reload_path", str(s1 / "final.pth"),

@@ -99,17 +99,26 @@ def _slice_sample(name, image, label, probs, target):
     }
 
 
+def mean_dice(result):
+    """{modality: {region: soft Dice averaged over the election's cases}}."""
+    n = max(result["num_cases"], 1)
+    return {name: {r: dice / n for r, dice in per_region.items()}
+            for name, per_region in result["dice"].items()}
+
+
+def teacher_names(result):
+    return ", ".join(MODALITIES[t] for t in result["teachers"])
+
+
 def format_result(result, iteration):
     """Printable table: one row per modality, Dice averaged over cases, winners marked '*'."""
-    n = max(result["num_cases"], 1)
     lines = [f"teacher election at iteration {iteration} ({result['num_cases']} val cases, "
              "mean soft Dice)", "modality  " + "".join(f"{r:>8}" for r in REGIONS)]
-    for name, per_region in result["dice"].items():
-        cells = "".join(
-            f"{per_region[r] / n:>7.4f}{'*' if result['winners'][r] == name else ' '}"
-            for r in REGIONS)
+    for name, per_region in mean_dice(result).items():
+        cells = "".join(f"{per_region[r]:>7.4f}{'*' if result['winners'][r] == name else ' '}"
+                        for r in REGIONS)
         lines.append(f"{name:<10}{cells}")
-    lines.append("teachers: " + ", ".join(MODALITIES[t] for t in result["teachers"]))
+    lines.append("teachers: " + teacher_names(result))
     return "\n".join(lines)
 
 
