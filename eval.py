@@ -617,7 +617,7 @@ def report(args, mode, cases, rows):
     unscored = [name for name in cases["case"] if name not in set(metrics["case"])]
     if unscored:  # an incomplete copy of a labelled set would otherwise be scored on fewer cases
         print(f"not scored, without a seg file: {len(unscored)} case(s) ("
-              + ", ".join(unscored[:3]) + (", …)" if len(unscored) > 3 else ")"))
+              + ", ".join(unscored[:3]) + (", ...)" if len(unscored) > 3 else ")"))
     subsets = [s for s in subsets if subset_name(s) in set(metrics["subset"])]
     table = summary_table(metrics, subsets)
     for name, df in (("metrics.csv", metrics), ("summary.csv", table)):

@@ -1,6 +1,7 @@
 """utils/cli.py: the published boolean flag values, as train.py and eval.py parse them, and
 one-line errors."""
 import argparse
+import errno
 import io
 import os
 import signal
@@ -156,6 +157,28 @@ def test_a_path_that_is_not_utf8_is_printed_as_its_bytes(monkeypatch):
     stdout.flush()
     assert stdout.buffer.getvalue() == b"written to M\xfcller.nii.gz\n"
     assert stdout.errors == "strict"
+
+
+def test_a_reader_gone_from_stdout_does_not_change_how_the_script_ends(monkeypatch):
+    # `script | head`: restoring the error handler flushes stdout, which raised BrokenPipeError
+    # in place of the script's result, leaving run_cli's SIGTERM handler set.
+    class Pipe(io.RawIOBase):
+        gone = True
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if self.gone:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            return len(data)
+
+    pipe = Pipe()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(pipe), encoding="utf-8"))
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_cli(lambda argv: print("a table") or 7) == 7
+    assert signal.getsignal(signal.SIGTERM) is before
+    pipe.gone = False  # let the stream close quietly
 
 
 def test_bugs_keep_their_traceback():

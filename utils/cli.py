@@ -1,5 +1,6 @@
 """Command-line helpers shared by the scripts: value types, error reporting and stop signals."""
 import argparse
+import contextlib
 import errno
 import functools
 import os
@@ -208,10 +209,12 @@ def _thread_exception(args):
 
 def _set_stdout_errors(errors):
     """Set sys.stdout's encoding error handler -> the previous one; nothing for a stream
-    without one (None, or a test's StringIO)."""
+    without one (None, or a test's StringIO), nor for one closed or whose reader is gone
+    (reconfigure flushes first: `| head`), which must not replace the script's own ending."""
     previous = getattr(sys.stdout, "errors", None)
     if errors is not None and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors=errors)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.reconfigure(errors=errors)
     return previous
 
 
@@ -258,10 +261,10 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     finally:
         if in_main:
             threading.excepthook = thread_hook
-            _set_stdout_errors(stdout_errors)
             for resend in _resends:
                 resend.cancel()
             _resends.clear()
             for signum, handler in previous.items():
                 if handler is not None:  # None: set outside Python
                     signal.signal(signum, handler)
+            _set_stdout_errors(stdout_errors)
