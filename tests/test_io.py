@@ -55,15 +55,20 @@ def test_is_temp_knows_every_temporary_of_atomic_path(tmp_path, name):
         assert not is_temp(tmp_path / other)
 
 
-@pytest.mark.parametrize("name", ["C" * 243 + ".nii.gz", "é" * 124 + ".nii.gz"])  # 250, 255 bytes
-def test_a_name_near_the_length_limit_is_written_and_its_temporaries_found(tmp_path, name):
-    # The temporary adds 15 bytes and the suffix again: it used to be refused as too long
+@pytest.mark.parametrize("name, end", [
+    ("C" * 243 + ".nii.gz", ".tmp.nii.gz"), ("é" * 124 + ".nii.gz", ".tmp.nii.gz"),  # 250, 255 bytes
+    ("Brats18_2013_10_1." + "x" * 200 + ".nii.gz", ".tmp.nii.gz"),  # a long dotted part
+    ("r" + ".v1" * 60 + ".pth", ".tmp.v1.pth"),  # 185 bytes of suffixes
+    (".hidden" + ".bbbbbbbbbbbbbbbbbbb" * 12, ".tmp.bbbbbbbbbbbbbbbbbbb.bbbbbbbbbbbbbbbbbbb")])
+def test_a_name_near_the_length_limit_is_written_and_its_temporaries_found(tmp_path, name, end):
+    # The temporary adds 15 bytes and the suffixes again: it used to be refused as too long
     # ("cannot write in <folder>"), though the file itself may have that name.
     with atomic_path(tmp_path / name) as tmp:
         tmp.write_bytes(b"mask")
-        assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.endswith(".tmp.nii.gz")
+        assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.endswith(end)
         assert is_temp(tmp)
-        stale = tmp.with_name(f"{temp_prefix(tmp_path / name)}zzzzzzzz.tmp.nii.gz")  # a killed write's
+        prefix = temp_prefix(tmp_path / name)
+        stale = tmp.with_name(f"{prefix}zzzzzzzz{tmp.name[len(prefix) + 8:]}")  # a killed write's
         stale.write_bytes(b"partial")
     assert (tmp_path / name).read_bytes() == b"mask"
     assert remove_stale_temps(tmp_path / name) == 1 and not stale.exists()

@@ -17,16 +17,22 @@ FILE_MODE = 0o666 & ~_UMASK
 NAME_MAX = 255  # bytes in a file name (ext4, XFS, btrfs, tmpfs)
 
 
+def temp_suffix(name):
+    """The end of a temporary of a write to the file `name`: its last two suffixes at most,
+    from which some writers choose the format ('.nii.gz', '.npy')."""
+    return "".join(Path(name).suffixes[-2:])
+
+
 def temp_prefix(path):
     """Temporary files of writes to `path` start with this (see remove_stale_temps). A name
-    too long to leave room for the rest of a temporary's (.<random>.tmp<suffix>) has its stem
-    cut short, its suffixes kept (is_temp reads them)."""
+    too long to leave room for the rest of a temporary's (.<random>.tmp<suffix>) is cut short
+    before its temp_suffix (is_temp reads it)."""
     name = Path(path).name
-    suffix = "".join(Path(name).suffixes)
-    stem = name[:len(name) - len(suffix)]
-    while stem and len(os.fsencode(f".{stem}{suffix}.12345678.tmp{suffix}")) > NAME_MAX:
-        stem = stem[:-1]
-    return f".{stem}{suffix}."
+    suffix = temp_suffix(name)
+    body = name[:len(name) - len(suffix)]
+    while body.strip(".") and len(os.fsencode(f".{body}{suffix}.12345678.tmp{suffix}")) > NAME_MAX:
+        body = body[:-1]
+    return f".{body}{suffix}."
 
 
 def remove_stale_temps(path):
@@ -37,7 +43,7 @@ def remove_stale_temps(path):
     """
     path = Path(path)
     removed = 0
-    for tmp in path.parent.glob(f"{temp_prefix(path)}*.tmp{''.join(path.suffixes)}"):
+    for tmp in path.parent.glob(f"{temp_prefix(path)}*.tmp{temp_suffix(path.name)}"):
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             removed += 1
@@ -46,13 +52,14 @@ def remove_stale_temps(path):
 
 def is_temp(path):
     """Whether `path` is named as atomic_path names its temporaries: .<name>.<random>.tmp<suffix>,
-    the suffix being <name>'s ('.Synth_0000.nii.gz.k3j4.tmp.nii.gz'); another hidden file is not.
+    the suffix being <name>'s temp_suffix ('.Synth_0000.nii.gz.k3j4.tmp.nii.gz'); another hidden
+    file is not.
     Every '.tmp' is tried: <name> may hold one ('.a.tmp.json.k3j4.tmp.tmp.json')."""
     name = Path(path).name
     for match in re.finditer(r"\.tmp", name):
         target, _, random = name[1:match.start()].rpartition(".")
         if (name.startswith(".") and target and random
-                and name[match.end():] == "".join(Path(target).suffixes)):
+                and name[match.end():] == temp_suffix(target)):
             return True
     return False
 
@@ -73,17 +80,17 @@ def remove_temps_below(folder):
 def atomic_path(path, durable=False):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    The temporary name keeps the final suffix (e.g. '.nii.gz', '.npy') because some writers
-    choose the format from it. durable=True syncs the file before the rename and the folder
+    The temporary name keeps the final suffixes (temp_suffix: '.nii.gz', '.npy') because some
+    writers choose the format from it. durable=True syncs the file before the rename and the folder
     after it: the rename alone can reach the disk before the data (XFS; ext4 mounted with
     noauto_da_alloc), so that after a power loss or a node crash `path` could be empty, its
     previous version already gone. For files that cannot be rebuilt (a run's checkpoints).
     """
     path = Path(path)
     make_folder(path.parent)
-    suffix = "".join(path.suffixes)
     with writing_in(path.parent, path):
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{temp_suffix(path.name)}",
+                                   dir=path.parent)
     os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
