@@ -162,7 +162,7 @@ def case_folders(args):
         if args.data_list == "":
             raise UsageError("--data_list '' names no list: give a datalist, or --input DIR")
         source = resolve_list(args.data_list or PUBLISHED_DATA_LIST, args.data_dir)
-        folders = read_datalist(source, args.data_root)
+        folders = read_datalist(source, args.data_root or None)  # as train.py: '' is none
         if not folders:
             raise UsageError(f"--data_list {source} lists no cases")
     refuse_duplicates(folders, source)  # two masks would go to the same file

@@ -125,6 +125,18 @@ def test_flags_override_the_checkpoint_and_unlabelled_cases_are_only_exported(se
     assert '"overlap": 0.5' in config
 
 
+def test_an_empty_data_root_is_no_data_root_as_in_train(tmp_path, monkeypatch):
+    # Entries then resolve against the list's folder; '' used to re-base them onto the
+    # current folder, where train.py reads '' as no data root.
+    (tmp_path / "lists" / "Brats18_X").mkdir(parents=True)
+    (tmp_path / "lists" / "l.csv").write_text("Brats18_X\n")
+    (tmp_path / "cwd" / "Brats18_X").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    args = evaluate.parse_args(["--data_list", str(tmp_path / "lists" / "l.csv"), "--data_root",
+                                "", "--restore_from", "x.pth"])
+    assert evaluate.case_folders(args) == [tmp_path / "lists" / "Brats18_X"]
+
+
 def test_model_flags_and_bad_modes_are_checked(segmentation_setup, tmp_path):
     root, _ = segmentation_setup
     with pytest.raises(ValueError, match="training mode"):
