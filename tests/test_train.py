@@ -28,13 +28,14 @@ from datasets.brats import CaseError, DataError
 from datasets.preprocess import preprocess
 from datasets.synthetic import generate
 from utils.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint, set_rng_state
-from utils.cli import UsageError
+from utils.cli import StopSignals, UsageError
 from utils import election
 from utils.election import append_history, elect, winners
 from utils.overlay import overlay
 from utils.inference import predict_subsets
 from utils.lock import LockError, exclusive_lock
 from utils.modalities import FULL, sample_subset, subset_name
+from utils.run_folder import refuse_changed_settings
 
 from test_shell import copy_scripts
 
@@ -301,7 +302,7 @@ def test_a_network_field_this_version_lacks_is_named():
     saved = {"model_config": {"blocks": [1, 1], "stem": 32}}
     with pytest.raises(UsageError, match=r"^run holds a run of another network \(stem 32, this "
                                          r"command None\)"):
-        train.refuse_changed_settings(saved, {"model_config": {"blocks": [1, 1]}}, "run")
+        refuse_changed_settings(saved, {"model_config": {"blocks": [1, 1]}}, "run")
 
 
 def test_a_stage_2_rerun_resumes_its_own_checkpoint_without_the_reload_path(data, tmp_path):
@@ -627,7 +628,7 @@ def test_sigterm_while_final_pth_is_written_finishes_and_still_stops(data, tmp_p
 
 def test_stop_signals_ask_once():
     previous = signal.getsignal(signal.SIGINT)
-    with train.StopSignals(log=lambda message: None) as stop:
+    with StopSignals(log=lambda message: None) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # forwarded again (torchrun, schedulers): ignored
         assert stop.signum == signal.SIGTERM
@@ -638,13 +639,13 @@ def test_stop_signals_ask_once():
 # run.sh passing it on) is one request; a Ctrl-C SAME_REQUEST_S later kills the process.
 SECOND_CTRL_C = """
 import os, signal, sys, time
-import train
-with train.StopSignals(log=print) as stop:
+from utils.cli import SAME_REQUEST_S, StopSignals
+with StopSignals(log=print) as stop:
     for _ in range(2):
         os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.1)
     print("still running after", signal.Signals(stop.signum).name, flush=True)
-    time.sleep(train.SAME_REQUEST_S)
+    time.sleep(SAME_REQUEST_S)
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(5)
 print("not stopped")

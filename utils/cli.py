@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -268,3 +269,49 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
                 if handler is not None:  # None: set outside Python
                     signal.signal(signum, handler)
             _set_stdout_errors(stdout_errors)
+
+
+# A second SIGINT this soon after the first stop signal is the same request reaching the process
+# twice (a sender that signals every process of the job, and run.sh passing it on), not a
+# second Ctrl-C.
+SAME_REQUEST_S = 1.0
+
+
+class StopSignals:
+    """SIGTERM (what schedulers send before preemption) and SIGINT (Ctrl-C) during the loop
+    only ask the run to stop: it finishes the iteration, saves last.pth and exits 128 + signal.
+    A second Ctrl-C, SAME_REQUEST_S or more later, quits at once, without saving (one sooner
+    is the same request arriving twice). A repeated SIGTERM is ignored: torchrun and
+    schedulers forward the same request to every process (Ctrl-C under torchrun also arrives
+    as SIGINT from the terminal, then SIGTERM from torchrun)."""
+
+    def __init__(self, log):
+        self.log, self.signum, self.since = log, None, None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        if self.signum is not None:  # run_cli's handler, back, must not act on it again
+            stopping()
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum, self.since = signum, time.monotonic()
+            again = (" (Ctrl-C again, a second or more later, quits at once, without saving)"
+                     if signum == signal.SIGINT else "")
+            self.log(f"{signal.Signals(signum).name}: saving last.pth and stopping{again}")
+        elif signum == signal.SIGINT and time.monotonic() - self.since >= SAME_REQUEST_S:
+            # killed by the signal, as without a handler: no unwinding, no save
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which decides when to stop
+    (a terminal's Ctrl-C and a scheduler's SIGTERM reach the workers too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
