@@ -167,10 +167,8 @@ def read_datalist(list_path, data_root=None):
     '.' is resolved (named_folder): the case is named after the folder.
     """
     list_path = Path(list_path)
-    if data_root is not None and not Path(data_root).is_dir():  # a typo: named, not its cases
-        where = "" if Path(data_root).is_absolute() else f" ({Path(data_root).absolute()})"
-        raise DataError(f"data root {data_root}{where}: "
-                        f"{'not a folder' if Path(data_root).exists() else 'not found'}")
+    if data_root is not None:  # a typo is named as such, not as the list's first case missing
+        require_folder(data_root, "data root ")
     folders = []
     for number, entry in datalist_entries(list_path):
         tried = _candidates(entry, list_path.parent, data_root)
@@ -183,6 +181,16 @@ def read_datalist(list_path, data_root=None):
             )
         folders.append(named_folder(found))
     return folders
+
+
+def require_folder(folder, what=""):
+    """DataError '<what><folder> (<absolute>): not found' (or 'not a folder') unless `folder` is
+    a folder; a relative one is shown absolute too, since it depends on the script's cwd."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        where = "" if folder.is_absolute() else f" ({folder.absolute()})"
+        raise DataError(f"{what}{folder}{where}: "
+                        f"{'not a folder' if folder.exists() else 'not found'}")
 
 
 def _holds_nifti(folder):
@@ -200,9 +208,7 @@ def find_cases(folder):
     would silently go missing.
     """
     folder = named_folder(folder)
-    if not folder.is_dir():
-        where = "" if folder.is_absolute() else f" ({folder.absolute()})"  # a script's cwd
-        raise DataError(f"{folder}{where}: {'not a folder' if folder.exists() else 'not found'}")
+    require_folder(folder)
     entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
     loose = [p for p in entries if not p.is_dir() and _split_name(p)]
     cases = [p for p in entries if p.is_dir()]
