@@ -614,22 +614,24 @@ def report(args, mode, cases, rows):
         print("no case has a seg file: masks only, nothing to score")
         return None
     metrics = pd.DataFrame(rows)
-    unscored = [name for name in cases["case"] if name not in set(metrics["case"])]
+    scored = set(metrics["case"])
+    unscored = [name for name in cases["case"] if name not in scored]
     if unscored:  # an incomplete copy of a labelled set would otherwise be scored on fewer cases
         print(f"not scored, without a seg file: {len(unscored)} case(s) ("
               + ", ".join(unscored[:3]) + (", ...)" if len(unscored) > 3 else ")"))
-    subsets = [s for s in subsets if subset_name(s) in set(metrics["subset"])]
+    present = set(metrics["subset"])
+    subsets = [s for s in subsets if subset_name(s) in present]
     table = summary_table(metrics, subsets)
     for name, df in (("metrics.csv", metrics), ("summary.csv", table)):
         with atomic_path(output_dir / name) as tmp:
             df.to_csv(tmp, index=False)
     text = markdown(table)
     write_text(output_dir / "summary.md", text)
-    print(f"\n{metrics['case'].nunique()} labelled cases, Dice (%) and HD95 (mm, {args.hd95}):\n")
+    print(f"\n{len(scored)} labelled cases, Dice (%) and HD95 (mm, {args.hd95}):\n")
     print(text)
     if args.figures:
         figures.dice_chart(output_dir / "dice.png", table,
-                           f"Dice per subset, {metrics['case'].nunique()} cases ({output_dir.name})")
+                           f"Dice per subset, {len(scored)} cases ({output_dir.name})")
         print(f"Dice chart: {output_dir / 'dice.png'}")
     return table
 
