@@ -19,7 +19,7 @@ from PIL import Image
 
 from utils.io import atomic_path
 from utils.modalities import MODALITIES, subset_name
-from utils.overlay import REGION_COLOURS, overlay, shown_colours, tumour_slice
+from utils.overlay import REGION_COLOURS, shown_colours, tumour_slice, view
 from utils.regions import labels_to_regions
 
 DPI = 100
@@ -54,10 +54,8 @@ def panel_box(shape_hw, row, column):
 
 
 def _panel(image, label, scale, brightness):
-    """(H, W) slice + (H, W) label -> RGB (W*scale, H*scale, 3). Transposed so that rows
-    follow the second NIfTI axis: for BraTS's affine diag(-1, -1, 1), the radiological view
-    (anterior up, the patient's left on the right)."""
-    rgb = overlay(image, labels_to_regions(label), brightness).transpose(1, 0, 2)
+    """(H, W) slice + (H, W) label -> RGB (W*scale, H*scale, 3), as overlay.view shows it."""
+    rgb = view(image, labels_to_regions(label), brightness)
     return rgb.repeat(scale, axis=0).repeat(scale, axis=1)
 
 

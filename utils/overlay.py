@@ -32,6 +32,13 @@ def overlay(image, regions, brightness=1.0):
     return _blend(np.repeat(grey[..., None], 3, axis=-1), regions).astype(np.uint8)
 
 
+def view(image, regions, brightness=1.0):
+    """overlay() of an (H, W) slice, transposed -> RGB (W, H, 3): rows follow the second NIfTI
+    axis, so that for BraTS's affine diag(-1, -1, 1) a slice is seen in the radiological view
+    (anterior up, the patient's left on the right), as in every figure and TensorBoard image."""
+    return overlay(image, regions, brightness).transpose(1, 0, 2)
+
+
 def _blend(rgb, regions):
     """Paint region masks (3, ...) in ET, WT, TC order over float RGB (..., 3), in place."""
     for region, colour in REGION_COLOURS:
@@ -52,10 +59,8 @@ def shown_colours(grey=128):
 
 def overlay_panel(sample):
     """One row: ground truth on FLAIR, then each modality's prediction on that modality
-    (FLAIR, T1, T1ce, T2). Each (H, W) slice is transposed, as in the case figures
-    (utils.figures): rows follow the second NIfTI axis, so a BraTS slice is seen in the
-    radiological view (anterior up) and not lying on its side."""
-    panels = [overlay(sample["image"][0], sample["truth"])]
+    (FLAIR, T1, T1ce, T2), each slice as `view` shows it."""
+    panels = [view(sample["image"][0], sample["truth"])]
     for i, subset in enumerate(SINGLE_SUBSETS):
-        panels.append(overlay(sample["image"][subset[0]], sample["pred"][i]))
-    return np.concatenate([panel.transpose(1, 0, 2) for panel in panels], axis=1)
+        panels.append(view(sample["image"][subset[0]], sample["pred"][i]))
+    return np.concatenate(panels, axis=1)
