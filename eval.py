@@ -98,8 +98,8 @@ FIGURE_FOLDER = "figures"
 # The settings of eval_config.json that shape the masks: --resume requires the first run's.
 # (--device, --batch_size, --workers, --hd95, --figures and where the cases are read from may
 # change: the masks are the same, up to float rounding across devices.)
-MASK_SETTINGS = ("checkpoint_sha256", "model", "window", "subsets", "overlap", "gaussian",
-                 "mirror", "amp")
+MASK_SETTINGS = ("checkpoint_sha256", "model", "window", "subsets", "average", "overlap",
+                 "gaussian", "mirror", "amp")
 
 
 def parse_args(argv=None):
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true",
                    help="continue a stopped evaluation in --output_dir: keep its masks (scored from "
                         "the files), predict the rest; the run's settings must be the first's")
-    g.add_argument("--restore_from", required=True, help="checkpoint (.pth) written by train.py")
+    g.add_argument("--restore_from", type=path_given, required=True, help="checkpoint (.pth) written by train.py")
     add_model_args(p)
     g = add_inference_args(p)
     g.add_argument("--mode", default="0,1,2,3",

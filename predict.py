@@ -43,7 +43,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("the case: at least one modality (NIfTI, .nii or .nii.gz)")
     for modality in MODALITIES:
         g.add_argument(f"--{modality}", type=path_given, default=None)
-    p.add_argument("--checkpoint", required=True, help="checkpoint (.pth) written by train.py")
+    p.add_argument("--checkpoint", type=path_given, required=True,
+                   help="checkpoint (.pth) written by train.py")
     p.add_argument("-o", "--output", type=path_given, required=True, help="the mask to write (.nii.gz)")
     g = p.add_argument_group("post-processing (postprocess.py's rules and thresholds)")
     g.add_argument("--postprocess", action="store_true", help="apply the published rules")

@@ -52,7 +52,8 @@ def main(argv=None):
     torch.manual_seed(0)
     model = LCKD(LCKDConfig.from_name(args.model)).to(device).eval()
     predict = lambda image, subsets: predict_subsets(
-        model, image, subsets, args.patch, batch_size=args.batch_size, device=device, amp=args.amp)
+        model, image, subsets, args.patch, "probabilities", batch_size=args.batch_size,
+        device=device, amp=args.amp)
     run = lambda image, subsets: [regions_to_labels(p > 0.5) for p in predict(image, subsets)]
 
     def timed(fn):

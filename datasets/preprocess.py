@@ -528,13 +528,16 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
 
 def main(argv=None):
     parser = ArgumentParser(prog="python -m datasets.preprocess", description=__doc__.split("\n")[0])
-    parser.add_argument("--data_list", required=True, help="datalist file, one case folder per line")
+    parser.add_argument("--data_list", type=path_given, required=True,
+                        help="datalist file, one case folder per line")
     parser.add_argument("--cache_dir", type=path_given, required=True,
                         help="output folder (one subfolder per case)")
-    parser.add_argument("--data_root", default=None, help="re-base the datalist entries under this folder")
+    parser.add_argument("--data_root", default=None,
+                        help="re-base the datalist entries under this folder ('': none, as in train.py)")
     parser.add_argument("--num_workers", type=int, default=default_workers())
     args = parser.parse_args(argv)
-    cases = preprocess(args.data_list, args.cache_dir, args.data_root, args.num_workers, progress=True)
+    cases = preprocess(args.data_list, args.cache_dir, args.data_root or None, args.num_workers,
+                       progress=True)
     labelled = sum(case.label is not None for case in cases)
     print(f"{len(cases)} cases ({labelled} with labels) cached in {args.cache_dir}")
 

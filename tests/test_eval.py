@@ -98,9 +98,9 @@ def test_joint_probabilities_equal_single_subset_runs(segmentation_setup):
     args = evaluate.parse_args(["--restore_from", "unused", "--input_size", "16,32,32"])
     model, _, window = load_model(root / "final.pth", args, torch.device("cpu"))
     image = torch.randn(4, 16, 32, 32)
-    joint = predict_subsets(model, image, ALL_SUBSETS, window)
+    joint = predict_subsets(model, image, ALL_SUBSETS, window, "probabilities")
     for i in (0, 14):
-        single = predict_subsets(model, image, [ALL_SUBSETS[i]], window)[0]
+        single = predict_subsets(model, image, [ALL_SUBSETS[i]], window, "probabilities")[0]
         torch.testing.assert_close(joint[i], single, rtol=0, atol=1e-5)
 
 
@@ -456,6 +456,7 @@ def test_a_case_path_that_is_not_utf8_is_refused_before_any_work(segmentation_se
     (["--input_size", "32,64"], "expected D,H,W"),
     (["--hd95", "mean"], "--hd95: invalid choice: 'mean'"),
     (["--output_dir", ""], "argument --output_dir: expected a path, got ''"),  # not the cwd
+    (["--restore_from", ""], "argument --restore_from: expected a path, got ''"),  # the last counts
 ])
 def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
     with pytest.raises(SystemExit) as info:
@@ -587,6 +588,8 @@ def test_resume_refuses_another_runs_folder_and_leaves_it_as_it_was(segmentation
     assert message.startswith(f"error: --resume: the evaluation in {out} was made with overlap "
                               "0.3333333333333333, this run's is 0.5; resume it with its own settings")
     assert "made with subsets ['flair+t1ce'], this run's is ['t1']" in refusal("--mode", "t1")
+    assert "made with average probabilities, this run's is logits" in refusal(
+        "--mode", "flair,t1ce", "--average", "logits")
     message = refusal("--mode", "flair,t1ce", "--restore_from", str(retrained))  # the last counts
     first, this = (evaluate.file_sha256(path) for path in (root / "final.pth", retrained))
     assert message == (f"error: --resume: the evaluation in {out} was made with checkpoint_sha256 "

@@ -1,9 +1,11 @@
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from utils.inference import gaussian_map, predict_subsets, sliding_window, window_starts
+from utils.inference import AVERAGES, gaussian_map, predict_subsets, sliding_window, window_starts
+from utils.segment import segment
 
 
 def constant(value, k=3):
@@ -130,12 +132,60 @@ class TwoSubsetModel(torch.nn.Module):
         return torch.stack(outs, 1)
 
 
-def test_predict_subsets_runs_each_window_once_for_all_subsets():
+@pytest.mark.parametrize("average", AVERAGES)
+def test_predict_subsets_runs_each_window_once_for_all_subsets(average):
+    # every window predicts the same logit for a voxel: both averages give its sigmoid
     model = TwoSubsetModel().train()
     image = torch.randn(4, 10, 20, 24)
-    probs = predict_subsets(model, image, [(0,), (1, 3)], (8, 16, 16), batch_size=1)
+    probs = predict_subsets(model, image, [(0,), (1, 3)], (8, 16, 16), average, batch_size=1)
     assert model.training  # mode restored
     assert probs.shape == (2, 3, 10, 20, 24)
     assert model.calls == 2 * 2 * 2  # one call per window (batch_size=1), not per subset
     torch.testing.assert_close(probs[0], torch.sigmoid(image[0]).expand(3, -1, -1, -1))
     torch.testing.assert_close(probs[1], torch.sigmoid(image[1] + image[3]).expand(3, -1, -1, -1))
+
+
+class LastColumnModel(torch.nn.Module):
+    """forward_subsets -> logit 10 on a window's last column (w = 15 of 16), -2 elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward_subsets(self, x, subsets):
+        logits = torch.full((x.shape[0], len(subsets), 3) + tuple(x.shape[2:]), -2.0)
+        logits[..., -1] = 10.0
+        return logits
+
+
+def test_windows_average_probabilities_as_published_export_or_logits_as_the_election():
+    # W = 40, window 16, step 11: windows start at 0, 11, 22, 24. Voxel w = 26 is the last
+    # column of the window at 11 and an inner one of the windows at 22 and 24: logits 10, -2, -2.
+    image = torch.zeros(4, 8, 16, 40)
+    model = LastColumnModel()
+    sig = lambda v: 1 / (1 + torch.exp(-torch.tensor(v, dtype=torch.float64)))
+    expected = {  # w: (mean of the sigmoids, sigmoid of the mean logit)
+        0: (sig(-2.0), sig(-2.0)),  # one window
+        15: ((sig(10.0) + sig(-2.0)) / 2, sig(4.0)),  # windows at 0 and 11
+        26: ((sig(10.0) + 2 * sig(-2.0)) / 3, sig(2.0)),
+        39: (sig(10.0), sig(10.0)),  # only the window at 24
+    }
+    for i, average in enumerate(AVERAGES):
+        probs = predict_subsets(model, image, [(0,)], (8, 16, 16), average)
+        assert probs.shape == (1, 3, 8, 16, 40)
+        for w, values in expected.items():
+            torch.testing.assert_close(probs[0, :, :, :, w],
+                                       torch.full((3, 8, 16), values[i].item()), rtol=1e-6, atol=1e-6)
+    # the masks differ at w = 26: 0.41 is no region, 0.88 is all three, BraTS label 4 (ET)
+    args = dict(overlap=1 / 3, gaussian=False, batch_size=2, mirror=False, amp="off")
+    published = segment(model, image, [(0,)], (8, 16, 16), SimpleNamespace(average="probabilities", **args),
+                        torch.device("cpu"))[0]
+    by_logits = segment(model, image, [(0,)], (8, 16, 16), SimpleNamespace(average="logits", **args),
+                        torch.device("cpu"))[0]
+    assert published[:, :, 26].max() == 0 and (by_logits[:, :, 26] == 4).all()
+    assert (published[:, :, 15] == 4).all() and (by_logits[:, :, 15] == 4).all()
+
+
+def test_predict_subsets_refuses_an_unknown_average():
+    with pytest.raises(ValueError, match="average must be one of"):
+        predict_subsets(LastColumnModel(), torch.zeros(4, 8, 16, 16), [(0,)], (8, 16, 16), "mean")

@@ -141,6 +141,8 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
     out = tmp_path / "out" / "m.nii.gz"
     ckpt = ["--checkpoint", str(root / "final.pth"), "--device", "cpu"]
     assert cli([*ckpt, "-o", str(out)]) == "error: give at least one modality: --flair, --t1, --t1ce, --t2"
+    assert cli([*files_of(case, "t2"), *ckpt, "--checkpoint", "", "-o", str(out)]) == (
+        "error: argument --checkpoint: expected a path, got '' (see predict.py --help)")  # not the cwd
     assert "name it .nii.gz" in cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "m.png")])
     assert "add --postprocess" in cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--kmeans_necrosis"])
     assert cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--et_threshold", "33"]) == (

@@ -110,6 +110,17 @@ def test_parallel_cli_and_data_root(dataset, capsys):
     assert not [p for p in cache.rglob("*tmp*")]  # no temporary files left behind
 
 
+def test_cli_empty_data_root_is_none_and_empty_list_is_refused(dataset, capsys):
+    data, lst, cache = dataset
+    main(["--data_list", str(lst), "--cache_dir", str(cache), "--data_root", "", "--num_workers", "1"])
+    assert "3 cases (2 with labels)" in capsys.readouterr().out  # the list's own paths, as train.py
+    with pytest.raises(SystemExit) as info:
+        main(["--data_list", "", "--cache_dir", str(cache)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == ("error: argument --data_list: expected a path, got '' "
+                                       "(see python -m datasets.preprocess --help)\n")
+
+
 def test_errors_name_case_and_file(dataset):
     data, lst, cache = dataset
     bad = part_path(data / "Brats18_A", "t2")

@@ -67,7 +67,8 @@ def elect(model, cases, window, overlap=1 / 3, batch_size=2, amp="off", device=N
             raise ValueError(f"validation case {case.name} has no segmentation: the teacher "
                              "election needs labelled validation cases")
         image = case.normalized()
-        probs = predict_subsets(model, image, SINGLE_SUBSETS, window, overlap=overlap,
+        # As published, the election averages the windows' logits (the export, probabilities).
+        probs = predict_subsets(model, image, SINGLE_SUBSETS, window, "logits", overlap=overlap,
                                 batch_size=batch_size, device=device, amp=amp)  # (S, 3, D, H, W)
         target = torch.from_numpy(labels_to_regions(label)).to(device)
         sums += soft_dice(probs, target.expand_as(probs)).double()  # (S, 3)

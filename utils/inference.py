@@ -1,7 +1,9 @@
 """Sliding-window inference over whole volumes: one implementation for validation and export.
 
 The published protocol tiles the volume with the training patch, overlap 1/3, windows clamped
-to the volume, and averages the overlapping predictions. Options beyond it follow nnU-Net: a
+to the volume, and averages the overlapping predictions: the exported masks average the
+windows' sigmoid probabilities, the teacher election their logits (AVERAGES). Options beyond it
+follow nnU-Net: a
 Gaussian importance map (centre voxels count more than border voxels), mirror test-time
 augmentation and mixed precision. Outputs and weights are accumulated in float32 on the
 device, so a whole-volume prediction never leaves the GPU until the caller asks for it.
@@ -17,6 +19,10 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIRROR_AXES = tuple(
     axes for k in range(4) for axes in itertools.combinations((2, 3, 4), k)
 )
+# What overlapping windows average: the published eval.py takes each window's sigmoid first,
+# the published election the windows' logits. With 3 or more windows on a voxel the masks can
+# differ: logits (10, -2, -2) give sigmoid(mean) 0.88, mean of the sigmoids 0.41.
+AVERAGES = ("probabilities", "logits")
 GAUSSIAN_FLOOR = 1e-6  # smallest weight, relative to the centre's 1: no voxel gets weight 0
 
 
@@ -120,30 +126,36 @@ def sliding_window(predict, image, window, overlap=1 / 3, gaussian=False, batch_
     return out[(slice(None),) + crop] / norm[crop]
 
 
-def predict_subsets(model, image, subsets, window, overlap=1 / 3, gaussian=False,
+def predict_subsets(model, image, subsets, window, average, overlap=1 / 3, gaussian=False,
                     batch_size=2, mirror=False, device=None, amp="off"):
     """Region probabilities of `model` on one whole volume for several modality subsets.
 
     image: (4, D, H, W) normalised; subsets: sequence of sorted index tuples, e.g. [(0,), (0, 2)].
     Each window goes through `model.forward_subsets` once, so the shared encoder runs once per
-    window for all subsets. Logits are averaged over windows, then passed through a sigmoid.
+    window for all subsets. average (AVERAGES): "probabilities" averages each window's sigmoid
+    (the published export), "logits" the windows' logits, then takes the sigmoid (the published
+    election).
     The model runs in eval mode and its train/eval mode is restored afterwards (training
     validation calls this mid-run). device: default the model's parameters' device.
     Returns float32 (S, 3, D, H, W) on `device`.
     """
+    if average not in AVERAGES:
+        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
     subsets = [tuple(s) for s in subsets]
     if device is None:
         device = next(model.parameters()).device
 
     def predict(x):  # (B, 4, d, h, w) -> (B, S*3, d, h, w)
         y = model.forward_subsets(x, subsets)
-        return y.reshape(y.shape[0], -1, *y.shape[3:])
+        y = y.reshape(y.shape[0], -1, *y.shape[3:])
+        return torch.sigmoid(y.float()) if average == "probabilities" else y
 
     was_training = model.training
     model.eval()
     try:
-        logits = sliding_window(predict, image, window, overlap=overlap, gaussian=gaussian,
-                                batch_size=batch_size, mirror=mirror, device=device, amp=amp)
+        mean = sliding_window(predict, image, window, overlap=overlap, gaussian=gaussian,
+                              batch_size=batch_size, mirror=mirror, device=device, amp=amp)
     finally:
         model.train(was_training)
-    return torch.sigmoid(logits.reshape(len(subsets), -1, *logits.shape[1:]))
+    mean = mean.reshape(len(subsets), -1, *mean.shape[1:])
+    return mean if average == "probabilities" else torch.sigmoid(mean)

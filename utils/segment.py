@@ -11,7 +11,7 @@ from models import ACTIVATIONS, LCKD, MODEL_SIZES, NORMS, LCKDConfig
 from utils.checkpoint import load_checkpoint, network_mismatch
 from utils.cli import (PUBLISHED_INPUT_SIZE, UsageError, overlap_fraction, positive_int, str2bool,
                        window_size)
-from utils.inference import AMP_DTYPES, predict_subsets
+from utils.inference import AMP_DTYPES, AVERAGES, predict_subsets
 from utils.regions import regions_to_labels
 
 
@@ -30,6 +30,9 @@ def add_inference_args(parser):
     g = parser.add_argument_group("inference")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--overlap", type=overlap_fraction, default=1 / 3)
+    g.add_argument("--average", choices=AVERAGES, default="probabilities",
+                   help="what overlapping windows average: their sigmoid probabilities "
+                        "(published) or their logits (as the published teacher election)")
     g.add_argument("--gaussian", action="store_true", help="Gaussian window weighting (nnU-Net)")
     g.add_argument("--mirror", action="store_true", help="average over the 8 axis flips (8x slower)")
     g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
@@ -95,9 +98,9 @@ def load_model(path, args, device):
 def segment(model, image, subsets, window, args, device):
     """Normalised image (4, D, H, W) -> one uint8 label map (D, H, W) per subset.
 
-    args: the flags of add_inference_args (overlap, gaussian, mirror, amp, batch_size).
+    args: the flags of add_inference_args (average, overlap, gaussian, mirror, amp, batch_size).
     """
-    probs = predict_subsets(model, image, subsets, window, overlap=args.overlap,
+    probs = predict_subsets(model, image, subsets, window, args.average, overlap=args.overlap,
                             gaussian=args.gaussian, batch_size=args.batch_size,
                             mirror=args.mirror, device=device, amp=args.amp)
     return [regions_to_labels(p > 0.5) for p in probs]  # a region is present above 0.5
