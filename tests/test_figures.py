@@ -3,6 +3,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.image import imread
 
+from datasets.brats import Case
+
 from utils import figures
 from utils.overlay import overlay, overlay_panel, shown_colours, tumour_slice
 
@@ -159,3 +161,48 @@ def test_the_case_figure_legend_has_the_colours_the_panels_show(tmp_path):
         :figures.HEADER, :figures.ROW_TITLES]
     for colour in expected.values():  # the core pixels of each name's letters
         assert (header == colour).all(-1).sum() >= 10, colour
+
+
+def test_case_figures_show_a_case_stored_in_another_orientation_the_same_way_up():
+    """The same head stored along other voxel axes (flipped, z pointing down, x and y swapped)
+    gives the same figure: the volumes are turned onto BraTS's axes by their affine; the title
+    names the slice's index in the files."""
+    rng = np.random.default_rng(0)
+    d, h, w = 12, 9, 7  # network order (Z, X, Y)
+    image = rng.normal(size=(4, d, h, w)).astype(np.float32)
+    label = np.zeros((d, h, w), np.uint8)
+    label[8, 1:3, 5] = 4  # the most tumour at z = 8, towards one corner
+    label[3, 4, 4] = 2
+    prediction = np.roll(label, 1, axis=2)
+
+    def case(turn, affine):
+        return Case("P", {}, turn(image), turn(label), affine, None, None, (1.0, 1.0, 1.0),
+                    available=(0, 2))
+
+    def nifti_affine(columns):
+        affine = np.eye(4)
+        affine[:3, :3] = np.array(columns, float).T  # column k: the world direction of axis k
+        return affine
+
+    brats = case(lambda v: v, nifti_affine([(-1, 0, 0), (0, -1, 0), (0, 0, 1)]))
+    stored = {  # the voxels as another file stores them, its affine, the title expected
+        "x and y flipped (RAS)": (lambda v: v[..., ::-1, ::-1],
+                                  nifti_affine([(1, 0, 0), (0, 1, 0), (0, 0, 1)]), "axial slice 8"),
+        "z down": (lambda v: v[..., ::-1, :, :],
+                   nifti_affine([(-1, 0, 0), (0, -1, 0), (0, 0, -1)]), "axial slice 3"),
+        "x and y swapped": (lambda v: np.swapaxes(v, -1, -2),
+                            nifti_affine([(0, -1, 0), (-1, 0, 0), (0, 0, 1)]), "axial slice 8"),
+        "z first": (lambda v: np.moveaxis(v, -1, -3),  # files' axes: S, then L, then P
+                    nifti_affine([(0, 0, 1), (-1, 0, 0), (0, -1, 0)]),
+                    "axial slice 8 (the files' axis X)"),
+    }
+    title, images, columns, rows = figures.case_slices(brats, [(0, 2)], [prediction])
+    assert title == "P, axial slice 8" and columns == ["flair", "t1ce"]
+    np.testing.assert_array_equal(images, image[[0, 2], 8])
+    np.testing.assert_array_equal(rows[0][1], label[8])
+    for name, (turn, affine, expected) in stored.items():
+        other = figures.case_slices(case(turn, affine), [(0, 2)], [turn(prediction)])
+        assert other[0] == f"P, {expected}", name
+        np.testing.assert_array_equal(other[1], images, err_msg=name)
+        for (_, drawn, _), (_, reference, _) in zip(other[3], rows):
+            np.testing.assert_array_equal(drawn, reference, err_msg=name)

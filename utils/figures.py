@@ -15,6 +15,7 @@ import threading
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from PIL import Image
 
 from utils.io import atomic_path
@@ -29,6 +30,8 @@ ROW_TITLES = 130  # px left of the panels, for the row titles
 HEADER = 44  # px above the panels: the figure title, then the column titles
 UNSEEN = 0.35  # brightness of a panel whose modality the row's prediction did not use
 _DRAWING = threading.Lock()
+# The voxel axes of BraTS's affine diag(-1, -1, 1): R->L, A->P, I->S (overlay.view's view).
+BRATS_AXES = ("L", "P", "S")
 
 
 def panel_scale(shape_hw):
@@ -71,13 +74,46 @@ def case_slices(case, subsets, labels):
     case: datasets.brats.Case with its normalised image; labels: one (D, H, W) label map per
     subset. The slice is the one with the most tumour in the ground truth, else in the last
     subset's prediction (the most modalities, in ALL_SUBSETS order).
+    Every volume is first turned onto BraTS's voxel axes (`along_brats_axes`), so a case
+    stored in another orientation is drawn the same way up; the title names the slice's index
+    in the case's files.
     """
-    d = tumour_slice(case.label if case.label is not None else labels[-1])
+    turn = lambda volume: along_brats_axes(volume, case.affine)
+    truth = turn(case.label) if case.label is not None else None
+    labels = [turn(label) for label in labels]
+    d = tumour_slice(truth if truth is not None else labels[-1])
     columns = [MODALITIES[i] for i in case.available]
-    rows = [("ground truth", case.label[d], columns)] if case.label is not None else []
+    rows = [("ground truth", truth[d], columns)] if truth is not None else []
     rows += [(subset_name(s), label[d], [MODALITIES[i] for i in s])
              for s, label in zip(subsets, labels)]
-    return f"{case.name}, axial slice {d}", case.image[list(case.available), d], columns, rows
+    axis, index = file_slice(d, case.image.shape[1:], case.affine)
+    where = f"axial slice {index}" + ("" if axis == 2 else f" (the files' axis {'XYZ'[axis]})")
+    return f"{case.name}, {where}", turn(case.image)[list(case.available), d], columns, rows
+
+
+def _turn(affine):
+    """Per NIfTI axis of a grid with `affine`: (the BraTS axis it lies along, flip -1 or 1)."""
+    return ornt_transform(io_orientation(affine), axcodes2ornt(BRATS_AXES))
+
+
+def along_brats_axes(volume, affine):
+    """A network-order volume (..., D, H, W) on the grid of `affine` -> a view of the same
+    voxels along BraTS's axes (BRATS_AXES), the ones overlay.view shows radiologically."""
+    lead = volume.ndim - 3
+    order = [0, 0, 0]
+    for k, (to, flip) in enumerate(_turn(affine)):  # NIfTI axis k is network axis (k + 1) % 3
+        if flip < 0:
+            volume = np.flip(volume, lead + (k + 1) % 3)
+        order[(int(to) + 1) % 3] = lead + (k + 1) % 3
+    return volume.transpose(*range(lead), *order)
+
+
+def file_slice(d, shape_dhw, affine):
+    """Axial slice d of along_brats_axes' volume -> (NIfTI axis, index) of it in the files."""
+    turn = _turn(affine)
+    axis = int(np.flatnonzero(turn[:, 0] == 2)[0])  # the files' axis along BraTS's z (S)
+    size = shape_dhw[(axis + 1) % 3]
+    return axis, (size - 1 - d if turn[axis, 1] < 0 else d)
 
 
 def case_figure(path, title, images, columns, rows):
