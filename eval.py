@@ -551,7 +551,10 @@ def run(args, mode, folders, files, model, window, device, done=frozenset(), pro
             case.image = normalize_case(case)
             return case, warnings
         except CaseError as err:  # seen only in the voxels: NaN, a truncated or corrupted file
-            if mode == AVAILABLE:
+            if err.path == files[case_dir].get("seg"):  # a label map only scores the masks
+                fix = ("replace the label file, or move it out of the case folder to export the "
+                       "case without scoring it")
+            elif mode == AVAILABLE:
                 fix = "replace the file, or remove it if it stands in for a missing modality"
             else:
                 fix = UNUSED_FIX if unused_by(mode, files[case_dir], err.path) else "replace the file"

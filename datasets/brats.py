@@ -459,7 +459,10 @@ def _check_label(case, path, data, scheme):
     present = np.nonzero(np.bincount(label.reshape(-1)))[0]
     unexpected = sorted(set(present.tolist()) - set(allowed))
     if unexpected:
-        raise CaseError(case, path, f"unexpected label values {unexpected}; allowed {allowed}")
+        hint = ("; BraTS 2023 writes enhancing tumour as 3: its cases are read as such when "
+                "their files have BraTS 2023's names (<case>-seg.nii.gz, -t1c, -t1n, -t2w, -t2f)"
+                if scheme == "brats2018" and ET_2023 in unexpected else "")
+        raise CaseError(case, path, f"unexpected label values {unexpected}; allowed {allowed}{hint}")
     if scheme == "brats2023":
         label[label == ET_2023] = 4
     return label

@@ -1045,6 +1045,28 @@ def test_a_case_unreadable_in_its_voxels_stops_the_run_with_the_cases_before_it_
     assert len(predicted) == 2 and len(list(out.glob("*/*.nii.gz"))) == 4 * 15
 
 
+def test_a_label_map_with_brats_2023_labels_under_2018_names_is_named_with_what_to_do(
+        segmentation_setup, tmp_path):
+    # Its voxels are read after the cases before it were predicted: the advice is the label
+    # file's (not a modality's), and says how BraTS 2023 cases are read.
+    root, cases = segmentation_setup
+    data = many_cases(cases, tmp_path / "data", 2)
+    folder = sorted(data.iterdir())[1]
+    seg = folder / f"{folder.name}_seg.nii.gz"
+    image = nib.load(seg)
+    labels = np.asanyarray(image.dataobj).copy()
+    labels[labels == 4] = 3
+    nib.save(nib.Nifti1Image(labels, image.affine, image.header), seg)
+    message = cli(["--input", str(data), "--restore_from", str(root / "final.pth"), "--output_dir",
+                   str(tmp_path / "out"), "--device", "cpu", "--mode", "available"]).splitlines()[-1]
+    assert message == (
+        f"error: case {folder.name}: {seg}: unexpected label values [3]; allowed (0, 1, 2, 4); "
+        "BraTS 2023 writes enhancing tumour as 3: its cases are read as such when their files "
+        "have BraTS 2023's names (<case>-seg.nii.gz, -t1c, -t1n, -t2w, -t2f); the cases before "
+        "it are exported: replace the label file, or move it out of the case folder to export "
+        "the case without scoring it, then run the same command with --resume")
+
+
 def test_an_output_folder_that_is_a_file_is_one_line(segmentation_setup, tmp_path):
     root, _ = segmentation_setup
     (tmp_path / "afile").write_text("x")
