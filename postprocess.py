@@ -69,10 +69,18 @@ def read_t1ce(case, path, shape):
 
 
 def process_file(job):
-    """(input path, output path, Rules, T1ce path or None, name) -> info dict; the worker."""
+    """(input path, output path, Rules, T1ce path or None, name) -> info dict; the worker.
+
+    A file that fails in its voxels (the headers were checked before any work) leaves no mask
+    at the output path: an earlier run's there would be uploaded beside this run's masks."""
     source, target, rules, t1ce_path, name = job
-    label, image = read_mask(source)
-    t1ce = None if t1ce_path is None else read_t1ce(nifti_stem(source), t1ce_path, label.shape)
+    try:
+        label, image = read_mask(source)
+        t1ce = None if t1ce_path is None else read_t1ce(nifti_stem(source), t1ce_path, label.shape)
+    except CaseError as err:
+        target.unlink(missing_ok=True)
+        raise CaseError(err.case, err.path, f"{err.problem}; {target} is not written: replace "
+                        "the file, then run the same command again") from None
     cleaned, info = postprocess_label(label, rules, t1ce=t1ce, name=name)
     warning = orientation_warning(image.affine, name)
     if warning:
@@ -239,6 +247,8 @@ def main(argv=None):
     check_complete(input_dir, record, sources, args)
     if not sources:
         raise UsageError(f"no {' or '.join(EXTENSIONS)} masks found under {args.input_dir}")
+    for source in sources:  # headers only: an empty or non-NIfTI mask stops the run before any work
+        open_files(nifti_stem(source), {"seg": source})
     rules = rules_from_args(args)
     t1ce = (t1ce_files(sources, input_dir, record, args.images) if args.kmeans_necrosis
             else [None] * len(sources))

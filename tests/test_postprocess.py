@@ -1,4 +1,5 @@
 """postprocess.py: the published rules on small label maps, and the script on a tmp folder."""
+import gzip
 import hashlib
 import itertools
 import os
@@ -205,6 +206,34 @@ def test_truncated_mask_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:60])  # gzip stream cut inside the data
     with pytest.raises(DataError, match=r"case cut: .*cut\.nii\.gz: unreadable NIfTI"):
         postprocess.read_mask(path)
+
+
+def test_a_mask_bad_in_its_header_stops_the_run_before_any_is_written(tmp_path):
+    for case in ("A", "B", "C"):
+        _write(tmp_path / "in" / f"{case}.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    (tmp_path / "in" / "B.nii.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^case B: .*B\.nii\.gz: unreadable NIfTI"):
+        postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                          "--num_workers", "0"])
+    assert not (tmp_path / "out").exists()  # checked before the output folder is made
+
+
+def test_a_mask_bad_in_its_voxels_leaves_no_mask_of_its_case_not_even_an_earlier_runs(tmp_path):
+    label = np.zeros((20, 20, 20), np.uint8)
+    for case in ("A", "B", "C"):
+        _write(tmp_path / "in" / f"{case}.nii.gz", label, np.eye(4))
+    flags = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+             "--num_workers", "0"]
+    postprocess.main(flags)  # an earlier run: out/ holds A, B and C
+    bad = tmp_path / "in" / "B.nii.gz"
+    bad.write_bytes(gzip.compress(gzip.decompress(bad.read_bytes())[:-1000]))  # header intact
+    with pytest.raises(DataError) as error:
+        postprocess.main(flags)
+    target = tmp_path / "out" / "B.nii.gz"
+    assert str(error.value).startswith(f"case B: {bad}: unreadable NIfTI")
+    assert str(error.value).endswith(f"; {target} is not written: replace the file, then run the "
+                                     "same command again")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["A.nii.gz", "C.nii.gz"]
 
 
 def test_a_folder_in_place_of_an_output_mask_is_refused_before_any_is_written(tmp_path):
