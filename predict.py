@@ -68,6 +68,9 @@ def check_args(args):
     for modality, path in files.items():
         if nifti_stem(path) is None:
             raise UsageError(f"--{modality} {path}: expected a NIfTI file (.nii or .nii.gz)")
+        if not path.is_file():
+            raise UsageError(f"--{modality} {path}: " + ("a folder, not a NIfTI file"
+                                                         if path.is_dir() else "not found"))
     if nifti_stem(args.output) is None:
         raise UsageError(f"-o {args.output}: the mask is written as NIfTI, name it .nii.gz or .nii")
     given = [path.resolve() for path in files.values()]

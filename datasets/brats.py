@@ -607,7 +607,8 @@ def read_files(case, files):
         img = _guarded(case, path, lambda: _in_memory(path, images[part]))
         data = _guarded(case, path, lambda: img.get_fdata(dtype=np.float32)).reshape(grid)
         if not np.isfinite(data).all():
-            raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels")
+            raise CaseError(case, path, f"{np.count_nonzero(~np.isfinite(data))} non-finite voxels "
+                            "(NaN or infinity): a damaged or badly converted scan")
         image[MODALITIES.index(part)] = to_network_order(data)
         _refuse_copy(case, files, image, part)
 

@@ -208,6 +208,15 @@ def test_validation_error_names_case_and_file(tmp_path, breaker):
     assert bad.name in str(info.value) and "Brats18_TCIA02_300_1" in str(info.value)
 
 
+def test_non_finite_voxels_are_counted_and_named_for_what_they_are(tmp_path):
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    bad = _break_nan(folder)
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value) == (f"case Brats18_X: {bad}: 1 non-finite voxels (NaN or infinity): a "
+                               "damaged or badly converted scan")
+
+
 def test_affine_within_tolerance_accepted(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_X")
     affine = AFFINE.copy()

@@ -112,6 +112,26 @@ def test_a_mask_damaged_at_the_end_of_its_gzip_stream_is_refused(tmp_path, offse
     assert str(error.value) == f"case Brats18_X: {path}: unreadable NIfTI ({problem})"
 
 
+def test_the_mask_of_a_nifti2_input_is_nifti1_on_its_grid_and_nothing_is_printed(tmp_path, capfd,
+                                                                                  caplog):
+    affine = np.array([[0, -1.2, 0, 30], [0.9, 0, 0, -20], [0, 0, 2.5, 5], [0, 0, 0, 1]])
+    source = nib.Nifti2Image(np.zeros((6, 5, 4), np.int16), affine)
+    source.set_qform(affine, code=1)
+    source.set_sform(affine, code=4)
+    nib.save(source, tmp_path / "scan.nii")
+    header = nib.load(tmp_path / "scan.nii").header
+    label = np.zeros((6, 5, 4), np.uint8)
+    label[1, 2, 3] = 4
+    write_mask(label, affine, header, tmp_path / "mask.nii.gz")
+    assert capfd.readouterr() == ("", "") and not caplog.records  # nibabel logs to stderr
+    mask = nib.load(tmp_path / "mask.nii.gz")
+    assert type(mask.header) is nib.Nifti1Header and mask.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(mask.dataobj), label)
+    for coded, code in ((mask.header.get_qform(coded=True), 1), (mask.header.get_sform(coded=True), 4)):
+        np.testing.assert_allclose(coded[0], affine, atol=1e-6)
+        assert coded[1] == code
+
+
 def test_read_mask_errors_are_one_short_line(tmp_path):
     truncated = tmp_path / "cut.nii"
     write_mask(np.zeros((20, 20, 20), np.uint8), np.eye(4), nib.Nifti1Header(), truncated)

@@ -141,6 +141,12 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
     out = tmp_path / "out" / "m.nii.gz"
     ckpt = ["--checkpoint", str(root / "final.pth"), "--device", "cpu"]
     assert cli([*ckpt, "-o", str(out)]) == "error: give at least one modality: --flair, --t1, --t1ce, --t2"
+    missing = tmp_path / "P01_t1ce.nii.gz"
+    assert cli([*files_of(case, "t2"), "--t1ce", str(missing), *ckpt, "-o", str(out)]) == (
+        f"error: --t1ce {missing}: not found")
+    (tmp_path / "scan.nii").mkdir()
+    assert cli(["--flair", str(tmp_path / "scan.nii"), *ckpt, "-o", str(out)]) == (
+        f"error: --flair {tmp_path / 'scan.nii'}: a folder, not a NIfTI file")
     assert cli([*files_of(case, "t2"), *ckpt, "--checkpoint", "", "-o", str(out)]) == (
         "error: argument --checkpoint: expected a path, got '' (see predict.py --help)")  # not the cwd
     assert "name it .nii.gz" in cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "m.png")])

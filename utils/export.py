@@ -4,10 +4,12 @@ reading them back (eval.py --resume, postprocess.py).
 A mask is written on the grid of the case's input images: same shape, affine and orientation
 (the input header is copied), integer labels {0, 1, 2, 4} stored as uint8.
 """
+import logging
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.imageglobals import logger as nibabel_logger
 
 from datasets.brats import nifti_stem, open_files, read_label_map, to_nifti_order
 from utils.io import atomic_path
@@ -29,9 +31,18 @@ def write_mask(data, affine, header, path):
 
     The header copy keeps the source's qform / sform, units and orientation; its data type
     becomes uint8 and any intensity scaling (scl_slope / scl_inter) and display range of the
-    source image are dropped.
+    source image are dropped. A NIfTI-2 source gives a NIfTI-1 mask, the format BraTS's
+    evaluation reads (nibabel's log line about the header size it converts is not printed).
     """
-    header = header.copy()
+    if type(header) is nib.Nifti1Header:
+        header = header.copy()
+    else:
+        level = nibabel_logger.level
+        nibabel_logger.setLevel(logging.ERROR)
+        try:
+            header = nib.Nifti1Header.from_header(header)
+        finally:
+            nibabel_logger.setLevel(level)
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(None, None)
     header["cal_min"], header["cal_max"] = 0, 0
