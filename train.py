@@ -641,11 +641,14 @@ def train(args, lists, dist_info, device):
     good = snapshot(start)  # checked finite when loaded, or freshly initialised
     window, window_subsets, window_start = [], [], start
     progress = tqdm(total=args.num_steps, initial=start, disable=not main_rank, dynamic_ncols=True)
-    batches = iter(loader)
     t0 = time.perf_counter()
     timing_start, data_wait = None, 0.0  # steady-state timing, after --timing_warmup iterations
     with (StopSignals(log) as stop_signals, progress,  # the bar is closed before any message
           distributed.peers_present(dist_info, "the training loop")):
+        # Started under StopSignals: a signal that interrupted the start of the loader's workers
+        # (which ignore stop signals) left one that nothing told to exit, and Python's exit
+        # waited on it forever.
+        batches = iter(loader)
         for iteration in range(start, stop):
             if iteration == start + args.timing_warmup:
                 speed.synchronize(device)  # the window starts with no queued work (once per run)

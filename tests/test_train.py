@@ -995,3 +995,31 @@ def test_election_finds_the_generators_designed_teachers(tmp_path):
     assert last["iteration"] == 300
     assert last["winners"]["ET"] == "t1ce" and last["winners"]["TC"] == "t1ce"
     assert last["winners"]["WT"] in ("flair", "t2")
+
+
+def test_a_stop_signal_while_the_loader_starts_its_workers_stops_the_run_instead_of_hanging(
+        data, tmp_path):
+    """SIGTERM right after the DataLoader forked its worker: the run stops after its first
+    iteration (last.pth written, exit 143). It used to interrupt the loader's start, leaving a worker
+    that ignores SIGTERM and that nobody told to exit: Python's exit then waited on it forever."""
+    wrapper = tmp_path / "signal_at_worker_start.py"
+    wrapper.write_text(
+        "import os, signal\nimport multiprocessing.process as mp\nimport train\n"
+        "from utils.cli import run_cli\n"
+        "start = mp.BaseProcess.start\n"
+        "def start_then_signal(self):\n"
+        "    worker = getattr(self._target, '__name__', '') == '_worker_loop'  # a DataLoader's\n"
+        "    start(self)\n"
+        "    if worker:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "mp.BaseProcess.start = start_then_signal\n"
+        "run_cli(train.main, train.TRAIN_ERRORS)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    snapshot = tmp_path / "run"
+    cmd = ["timeout", "60", sys.executable, str(wrapper),
+           *flags(data, snapshot, 6, 3, "--val_list", "", "--num_workers", "1")]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    output = run.stdout + run.stderr
+    assert run.returncode == 143, output[-3000:]  # 124: hung
+    assert "stopped by SIGTERM after iteration 0: " in output, output[-3000:]
+    assert load_checkpoint(snapshot / "last.pth")["iteration"] == 1
