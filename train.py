@@ -59,7 +59,8 @@ from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
 from utils.cli import (PUBLISHED_INPUT_SIZE, USER_ERRORS, ArgumentParser, StopSignals, UsageError,
                        ignore_stop_signals, run_cli, str2bool, window_size)
-from utils.election import append_history, elect, format_result, mean_dice, teacher_names
+from utils.election import (append_history, elect, format_result, mean_dice, read_history,
+                            teacher_names)
 from utils.overlay import overlay_panel
 from utils.inference import AMP_DTYPES, autocast
 from utils.io import write_text, writing_in
@@ -490,6 +491,7 @@ def train(args, lists, dist_info, device):
                                      f"tensors, first {bad[0]}): start from another checkpoint")
         if own:
             refuse_changed_settings(checkpoint["config"], config, snapshot_dir)
+            read_history(snapshot_dir / "teachers.json")  # damaged: said now, not at the next election
         mismatch = network_mismatch(model, weights, f"--model_size {args.model_size} "
                                                     f"--norm_cfg {args.norm_cfg}")
         if mismatch:

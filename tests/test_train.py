@@ -881,13 +881,28 @@ def test_winners_and_history(tmp_path):
     history = append_history(path, dict(result, teachers=[0, 2]), 5)
     assert [(h["iteration"], h["teachers"]) for h in history] == [(0, ["t1ce"]), (5, ["flair", "t1ce"])]
     # an emptied or edited file (a crash on a file system that loses data): one line, kept as is
-    for text, problem in (("", "JSONDecodeError: Expecting value"), ("[1]", "TypeError"),
-                          ('[{"step": 0}]', "KeyError: 'iteration'")):
+    not_one = "ValueError: not a list of elections, each with its iteration"
+    for text, problem in (("", "JSONDecodeError: Expecting value"), ('{"x":', "JSONDecodeError"),
+                          ("[1]", not_one), ('[{"step": 0}]', not_one), ("{}", not_one)):
         path.write_text(text)
         with pytest.raises(DataError, match=rf"^{re.escape(str(path))} is not an election history "
                            rf"\({problem}.*\); restore it, or delete it to start a new one$"):
             append_history(path, result, 15)
         assert path.read_text() == text
+
+
+def test_a_damaged_election_history_is_refused_when_the_run_resumes_before_any_training(
+        data, tmp_path):
+    """Not at the next election, which would throw away the iterations trained since last.pth."""
+    snapshot = tmp_path / "run"
+    train.main(flags(data, snapshot, 8, 4, "--stop_at", "5"))  # elections at 0 and 4, last.pth at 4
+    history = snapshot / "teachers.json"
+    history.write_text('{"x":')
+    before = (snapshot / "last.pth").read_bytes()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(history))} is not an election history "
+                       r"\(JSONDecodeError"):
+        train.main(flags(data, snapshot, 8, 4))
+    assert (snapshot / "last.pth").read_bytes() == before and not (snapshot / "final.pth").exists()
 
 
 def test_elect_picks_the_modality_that_sees_each_region():

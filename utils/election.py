@@ -123,19 +123,28 @@ def format_result(result, iteration):
     return "\n".join(lines)
 
 
+def read_history(path):
+    """The election history at `path`, a JSON list ([] without the file); DataError naming the
+    file when it is not one (train.py reads it when a run resumes, before any training)."""
+    path = Path(path)
+    try:
+        history = json.loads(path.read_text()) if path.exists() else []
+        if not (isinstance(history, list) and all(isinstance(entry, dict) and isinstance(
+                entry.get("iteration"), int) for entry in history)):
+            raise ValueError("not a list of elections, each with its iteration")
+    except ValueError as error:
+        raise DataError(f"{path} is not an election history ({type(error).__name__}: {error}); "
+                        "restore it, or delete it to start a new one") from None
+    return history
+
+
 def append_history(path, result, iteration):
     """Add this election to the JSON list at `path` (atomically).
 
     Entries at or after `iteration` are dropped first: a run resumed from an earlier
     checkpoint repeats those elections, and the history follows the run that continues.
     """
-    path = Path(path)
-    try:
-        history = json.loads(path.read_text()) if path.exists() else []
-        history = [entry for entry in history if entry["iteration"] < iteration]
-    except (ValueError, TypeError, KeyError) as error:
-        raise DataError(f"{path} is not an election history ({type(error).__name__}: {error}); "
-                        "restore it, or delete it to start a new one") from None
+    history = [entry for entry in read_history(path) if entry["iteration"] < iteration]
     history.append({
         "iteration": int(iteration),
         "num_cases": result["num_cases"],
