@@ -256,6 +256,8 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
         raise UsageError(f"--resume: {output_dir} holds files of an evaluation (e.g. "
                          f"{found[0].name}) but not its record ({error}); pass --overwrite to "
                          "replace them") from None
+    if isinstance(previous, dict):
+        previous.setdefault("average", "logits")  # what eval.py did before --average
     for key in MASK_SETTINGS:
         if key not in previous:
             raise UsageError(f"--resume: {output_dir / 'eval_config.json'} does not record "

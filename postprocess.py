@@ -255,6 +255,9 @@ def main(argv=None):
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))
             for s, t in zip(sources, t1ce)]
     for job in jobs:  # named now, not by a worker once the masks before it are written
+        if job[1].parent.resolve().is_relative_to(input_dir):  # a folder linked into the input
+            raise UsageError(f"--output_dir {args.output_dir}: {job[1].parent} leads into "
+                             f"--input_dir {args.input_dir}: the input masks are never overwritten")
         check_file_writable(job[1])
     # Locked, as eval.py's: a second run would have its masks deleted (--overwrite) and its
     # temporaries taken for stale ones.

@@ -39,6 +39,9 @@ ALIASES = {"flair": ("flair", "t2f", "t2flair", "fl"), "t1": ("t1", "t1w", "t1n"
            "t1ce": ("t1ce", "t1c", "t1gd", "t1wce", "t1post", "ce"), "t2": ("t2", "t2w")}
 ALLOWED_LABELS = {"brats2018": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
 ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we use the 2018 value 4
+# What a 3 in a label map under BraTS 2018 names most likely means, and what to do.
+SEG_LABEL_3_HINT = ("BraTS 2023 writes enhancing tumour as 3: its cases are read as such when "
+                    "their files have BraTS 2023's names (<case>-seg.nii.gz, -t1c, -t1n, -t2w, -t2f)")
 AFFINE_TOLERANCE = 1e-3
 # What a BraTS-trained model assumes of its input (see brats_like_warnings).
 SPACING_RANGE_MM = (0.8, 1.25)  # BraTS is resampled to 1 mm isotropic
@@ -448,8 +451,9 @@ def _in_memory(path, img):
     return type(img).from_bytes(gzip.decompress(path.read_bytes()))
 
 
-def _check_label(case, path, data, scheme):
-    """Label map as stored -> uint8 (X, Y, Z) in {0,1,2,4}; 2023's ET 3 becomes 4."""
+def _check_label(case, path, data, scheme, label_3_hint):
+    """Label map as stored -> uint8 (X, Y, Z) in {0,1,2,4}; 2023's ET 3 becomes 4. A 3 under
+    the 2018 scheme is refused with `label_3_hint` appended."""
     allowed = ALLOWED_LABELS[scheme]
     if data.dtype.kind == "f" and not (np.isfinite(data).all() and np.array_equal(data, np.round(data))):
         raise CaseError(case, path, "label map has non-integer or non-finite values")
@@ -459,9 +463,7 @@ def _check_label(case, path, data, scheme):
     present = np.nonzero(np.bincount(label.reshape(-1)))[0]
     unexpected = sorted(set(present.tolist()) - set(allowed))
     if unexpected:
-        hint = ("; BraTS 2023 writes enhancing tumour as 3: its cases are read as such when "
-                "their files have BraTS 2023's names (<case>-seg.nii.gz, -t1c, -t1n, -t2w, -t2f)"
-                if scheme == "brats2018" and ET_2023 in unexpected else "")
+        hint = f"; {label_3_hint}" if scheme == "brats2018" and ET_2023 in unexpected else ""
         raise CaseError(case, path, f"unexpected label values {unexpected}; allowed {allowed}{hint}")
     if scheme == "brats2023":
         label[label == ET_2023] = 4
@@ -478,14 +480,14 @@ def _grid_shape(case, path, img):
     return shape[:3]
 
 
-def read_label_map(case, path, img, scheme="brats2018"):
+def read_label_map(case, path, img, scheme="brats2018", label_3_hint=SEG_LABEL_3_HINT):
     """The voxels of a label map (img: the file opened by open_files) -> uint8 (X, Y, Z) in
     {0, 1, 2, 4}, checked by _check_label. Read as stored (no scaling to float) to check the
     exact values, the whole .gz stream checked (_in_memory). Raises CaseError naming the file."""
     loaded = _guarded(case, path, lambda: _in_memory(path, img))
     grid = img.shape[:3]  # open_files checked that any further dimensions are 1
     data = _guarded(case, path, lambda: np.asanyarray(loaded.dataobj)).reshape(grid)
-    return _check_label(case, path, data, scheme)
+    return _check_label(case, path, data, scheme, label_3_hint)
 
 
 def open_files(case, files):

@@ -601,6 +601,12 @@ def test_resume_refuses_another_runs_folder_and_leaves_it_as_it_was(segmentation
                        "run's cases, or pass --overwrite")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
+    # A folder of an eval.py before --average: its windows averaged logits.
+    config = json.loads((out / "eval_config.json").read_text())
+    del config["average"]
+    (out / "eval_config.json").write_text(json.dumps(config))
+    assert "made with average logits, this run's is probabilities" in refusal("--mode", "flair,t1ce")
+
     # A folder of an eval.py that did not record the checkpoint's hash.
     config = json.loads((out / "eval_config.json").read_text())
     del config["checkpoint_sha256"]

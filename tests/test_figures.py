@@ -195,6 +195,8 @@ def test_case_figures_show_a_case_stored_in_another_orientation_the_same_way_up(
         "z first": (lambda v: np.moveaxis(v, -1, -3),  # files' axes: S, then L, then P
                     nifti_affine([(0, 0, 1), (-1, 0, 0), (0, -1, 0)]),
                     "axial slice 8 (the files' axis X)"),
+        "singular (drawn as stored)": (lambda v: v, nifti_affine([(-1, 0, 0), (0, -1, 0), (0, 0, 0)]),
+                                       "axial slice 8"),
     }
     title, images, columns, rows = figures.case_slices(brats, [(0, 2)], [prediction])
     assert title == "P, axial slice 8" and columns == ["flair", "t1ce"]

@@ -167,6 +167,18 @@ def test_upper_case_extensions_are_masks_as_for_the_inputs(tmp_path):
     assert not np.asanyarray(nib.load(str(tmp_path / "out" / "Case1.NII.GZ")).dataobj).any()
 
 
+def test_an_output_folder_linked_into_the_input_is_refused(tmp_path):
+    _write(tmp_path / "in" / "flair" / "A.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "flair").symlink_to(tmp_path / "in" / "flair")
+    before = _hashes(tmp_path / "in")
+    with pytest.raises(UsageError, match=r"^--output_dir .*out: .*out/flair leads into --input_dir "
+                                         r".*in: the input masks are never overwritten$"):
+        postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                          "--num_workers", "0"])
+    assert _hashes(tmp_path / "in") == before
+
+
 def test_script_refuses_overlapping_output(tmp_path):
     _write(tmp_path / "in" / "case.nii.gz", np.zeros((4, 4, 4), np.uint8), np.eye(4))
     for target in (tmp_path / "in", tmp_path / "in" / "post", tmp_path):
@@ -178,9 +190,15 @@ def test_bad_labels_and_unreadable_files_name_the_file(tmp_path):
     bad = np.zeros((4, 4, 4), np.uint8)
     bad[0, 0, 0] = 3
     _write(tmp_path / "in" / "bad.nii.gz", bad, np.eye(4))
-    with pytest.raises(DataError, match=r"bad\.nii\.gz.*\[3\]"):
+    with pytest.raises(DataError) as error:
         postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "o1"),
                           "--num_workers", "0"])
+    # a mask relabelled for a BraTS 2023 upload: told so, not to rename case files
+    assert str(error.value) == (
+        f"case bad: {tmp_path / 'in' / 'bad.nii.gz'}: unexpected label values [3]; allowed (0, 1, 2, "
+        "4); masks hold BraTS 2018's labels (ET 4), as eval.py writes them: relabel 3 -> 4, or "
+        f"post-process and score masks before relabelling them for BraTS 2023; {tmp_path / 'o1' / 'bad.nii.gz'} "
+        "is not written: replace the file, then run the same command again")
     (tmp_path / "in2").mkdir()
     (tmp_path / "in2" / "broken.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(DataError, match=r"broken\.nii\.gz"):

@@ -9,10 +9,17 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.imageglobals import logger as nibabel_logger
 
 from datasets.brats import nifti_stem, open_files, read_label_map, to_nifti_order
 from utils.io import atomic_path
+
+# Where the fixes of a NIfTI-2 header made NIfTI-1 are logged: nowhere (nibabel's own logger
+# would print one line per mask; a logger of our own keeps the writer threads apart).
+_CONVERSION_LOG = logging.getLogger(__name__ + ".nifti1")
+_CONVERSION_LOG.addHandler(logging.NullHandler())
+_CONVERSION_LOG.propagate = False
+MASK_LABEL_3_HINT = ("masks hold BraTS 2018's labels (ET 4), as eval.py writes them: relabel 3 "
+                     "-> 4, or post-process and score masks before relabelling them for BraTS 2023")
 
 
 def save_labels(label, affine, header, path):
@@ -37,12 +44,8 @@ def write_mask(data, affine, header, path):
     if type(header) is nib.Nifti1Header:
         header = header.copy()
     else:
-        level = nibabel_logger.level
-        nibabel_logger.setLevel(logging.ERROR)
-        try:
-            header = nib.Nifti1Header.from_header(header)
-        finally:
-            nibabel_logger.setLevel(level)
+        header = nib.Nifti1Header.from_header(header, check=False)
+        header.check_fix(logger=_CONVERSION_LOG)
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(None, None)
     header["cal_min"], header["cal_max"] = 0, 0
@@ -58,4 +61,4 @@ def read_mask(path):
     path = Path(path)
     case = nifti_stem(path)
     image = open_files(case, {"seg": path})["seg"]
-    return read_label_map(case, path, image), image
+    return read_label_map(case, path, image, label_3_hint=MASK_LABEL_3_HINT), image

@@ -92,8 +92,13 @@ def case_slices(case, subsets, labels):
 
 
 def _turn(affine):
-    """Per NIfTI axis of a grid with `affine`: (the BraTS axis it lies along, flip -1 or 1)."""
-    return ornt_transform(io_orientation(affine), axcodes2ornt(BRATS_AXES))
+    """Per NIfTI axis of a grid with `affine`: (the BraTS axis it lies along, flip -1 or 1).
+    An affine that gives an axis no direction (singular, which the checks of a case let pass
+    when finite) leaves the volume as stored."""
+    orientation = io_orientation(affine)
+    if np.isnan(orientation).any():
+        return np.array([[0, 1], [1, 1], [2, 1]])
+    return ornt_transform(orientation, axcodes2ornt(BRATS_AXES))
 
 
 def along_brats_axes(volume, affine):

@@ -2,10 +2,9 @@
 
 The published protocol tiles the volume with the training patch, overlap 1/3, windows clamped
 to the volume, and averages the overlapping predictions: the exported masks average the
-windows' sigmoid probabilities, the teacher election their logits (AVERAGES). Options beyond it
-follow nnU-Net: a
-Gaussian importance map (centre voxels count more than border voxels), mirror test-time
-augmentation and mixed precision. Outputs and weights are accumulated in float32 on the
+windows' sigmoid probabilities, the teacher election their logits (AVERAGES). Options beyond
+it follow nnU-Net: a Gaussian importance map (centre voxels count more than border voxels),
+mirror test-time augmentation and mixed precision. Outputs and weights are accumulated in float32 on the
 device, so a whole-volume prediction never leaves the GPU until the caller asks for it.
 """
 import itertools
@@ -66,7 +65,7 @@ def sliding_window(predict, image, window, overlap=1 / 3, gaussian=False, batch_
                    mirror=False, device=None, amp="off"):
     """Average `predict` over overlapping windows covering `image`.
 
-    predict: maps a float32 batch (B, C, d, h, w) to (B, K, d, h, w) (logits, typically).
+    predict: maps a float32 batch (B, C, d, h, w) to (B, K, d, h, w) (logits or probabilities).
     image: (C, D, H, W) tensor or array; moved to `device` (default: the image's device).
     window: (d, h, w), the training patch. overlap: fraction shared by neighbouring windows;
     step = ceil(window * (1 - overlap)) per axis. A volume smaller than the window along an

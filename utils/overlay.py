@@ -35,7 +35,9 @@ def overlay(image, regions, brightness=1.0):
 def view(image, regions, brightness=1.0):
     """overlay() of an (H, W) slice, transposed -> RGB (W, H, 3): rows follow the second NIfTI
     axis, so that for BraTS's affine diag(-1, -1, 1) a slice is seen in the radiological view
-    (anterior up, the patient's left on the right), as in every figure and TensorBoard image."""
+    (anterior up, the patient's left on the right). The case figures first turn every case onto
+    those axes (figures.along_brats_axes); the TensorBoard overlay shows the training cache's
+    slices as stored."""
     return overlay(image, regions, brightness).transpose(1, 0, 2)
 
 
