@@ -33,8 +33,8 @@ recipe (run.sh: 80 000 iterations of stage 1, 35 000 of stage 2, an election eve
 the 57 cases of datalist/BraTS18/BraTS18_val.csv) from the loop rates and the election time.
 
 Rows are printed as they are measured (a run stopped at a time limit keeps the rows so far):
-first the first two variants (the targets: the published step and run.sh's default) in both
-stages, then their projection, then the other variants. A row whose measurement fails prints
+first the first three variants (the targets: the published step, run.sh's default and the bf16
+eager step it is compared with) in both stages, then their projection, then the other variants. A row whose measurement fails prints
 FAILED with the error, the others still run, and the exit status is 1.
 
 Variants (rows): published = the published step: all four modalities encoded per forward,
@@ -65,7 +65,7 @@ import train  # noqa: E402
 from datasets.augment import augment_batch  # noqa: E402
 from datasets.brats import datalist_entries, resolve_list  # noqa: E402
 from datasets.preprocess import preprocess  # noqa: E402
-from datasets.sampling import PatchDataset  # noqa: E402
+from datasets.sampling import PatchDataset, loader_options  # noqa: E402
 from datasets.synthetic import generate, split_counts  # noqa: E402
 from models import MODEL_SIZES  # noqa: E402
 from utils import distributed, speed  # noqa: E402
@@ -145,14 +145,15 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="stage 1,stage 2", help="comma-separated: stage 1, stage 2")
     p.add_argument("--warmup", type=int, help="untimed iterations (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, help="timed iterations (default 30 on CUDA, 10 on CPU)")
-    p.add_argument("--num_workers", type=int, help="DataLoader workers (default 8 on CUDA, 1 on CPU)")
+    p.add_argument("--num_workers", type=int, help="DataLoader workers (default -1 on CUDA: sized "
+                   "from the machine, as run.sh's train.py; 1 on CPU)")
     p.add_argument("--cases", type=int, default=4, help="synthetic cases (60%% train)")
     p.add_argument("--work_dir", default="", help="data, cache, snapshots (default: temporary)")
     p.add_argument("--election", action=argparse.BooleanOptionalAction, default=True,
                    help="time the teacher election in the stage 2 rows (for the projection)")
     args = resolve_defaults(p.parse_args(argv), {
         "variants": ("published,bf16_cl_compile,bf16,bf16_cl,fp32", "published,fp32,fp32_cl"),
-        "warmup": (10, 3), "steps": (30, 10), "num_workers": (8, 1)})
+        "warmup": (10, 3), "steps": (30, 10), "num_workers": (-1, 1)})
     args.variants = args.variants.split(",")
     args.stages = [s.strip() for s in args.stages.split(",")]
     for name in args.variants:
@@ -310,21 +311,33 @@ def bare_step(targs, device, batch, timed, warmup):
     return rate, memory, warmup_seconds
 
 
+_FLOPS = {}  # step_flops' counts of this run, by (modality counts, all modalities encoded)
+
+
 def step_flops(targs, device, batch):
     """{modality count: conv/matmul FLOPs of one training step (forward + backward)}, counted
-    on an eager fp32 NCDHW model (FLOPs depend on none of those)."""
+    once per stage and encoder work on an eager fp32 NCDHW model (FLOPs depend on none of
+    those), with cuDNN's autotuning off: a counting pass need not tune fp32 kernels."""
+    key = (tuple(len(s) for s in count_subsets(targs)), targs.encode_all_modalities)
+    if key in _FLOPS:
+        return _FLOPS[key]
     eager = argparse.Namespace(**{**vars(targs), "amp": "off", "channels_last": "off", "compile": "off"})
     model, _, _ = train.build_model(eager, device)
     model.train()
     image, regions = batch
-    counts = {}
-    for subset in count_subsets(targs):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            logits, kd = model(image, subset=subset, teachers=parse_teachers(targs.teachers))
-            segmentation_loss(logits, regions, kd, targs.kd_weight)[0].backward()
-        counts[len(subset)] = counter.get_total_flops()
+    counts, benchmark = {}, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        for subset in count_subsets(targs):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                logits, kd = model(image, subset=subset, teachers=parse_teachers(targs.teachers))
+                segmentation_loss(logits, regions, kd, targs.kd_weight)[0].backward()
+            counts[len(subset)] = counter.get_total_flops()
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     del model
+    _FLOPS[key] = counts
     return counts
 
 
@@ -469,7 +482,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"bench_train: {name} | torch {torch.__version__} | model {args.model} | patch {args.patch} "
           f"batch {args.batch} | {args.warmup} warm-up + {args.steps} timed iterations | "
-          f"{args.num_workers} DataLoader workers", flush=True)
+          f"{loader_options(args.num_workers, device)['num_workers']} DataLoader workers", flush=True)
     amps = [train.parse_args(variant_flags(v, device.type)).amp for v in args.variants]
     for amp in dict.fromkeys(amps):
         print(f"MFU peak for amp {amp}: {peak_tflops(device, amp)[1]}", flush=True)
@@ -478,9 +491,9 @@ def main(argv=None):
         work = Path(args.work_dir or tmp)
         if not (work / "data" / "train.csv").exists():
             generate(work / "data", args.cases, shape_xyz=tuple(int(s) for s in args.shape.split(",")))
-        # The targets first (the first two variants, both stages, their projection): a run
+        # The targets first (the first three variants, both stages, their projection): a run
         # stopped at a lent GPU's time limit keeps them. Each row is printed when measured.
-        for group in (args.variants[:2], args.variants[2:]):
+        for group in (args.variants[:3], args.variants[3:]):
             group_rows = []
             for stage in args.stages if group else ():
                 print(f"\n{stage} (--mode {STAGES[stage]}){' continued' if rows else ''}:")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures in the README's performance section, on one card:
-#   bash benchmarks/gpu.sh OUT_DIR [PART ...]      PARTS: checks train profile eval model (default: all)
+#   bash benchmarks/gpu.sh OUT_DIR [PART ...]      PARTS: train eval checks profile model (default: all,
+#                                                   in this order: the issue's targets first)
 # checks   tests/test_speed.py and tests/test_normalize.py: the speed options' numerics and, on
 #          CUDA, that a training iteration (data path, augmentation, step) never synchronises
 #          the host, that bf16 conv gradients match fp32 (on a CPU they do not: train.py refuses
@@ -13,36 +14,42 @@
 #          time per kernel category, the top kernels, OUT_DIR/trace.json.gz;
 # eval     bench_eval.py: full-volume evaluation of all 15 subsets, bf16;
 # model    bench_model.py: train step and 15-subset decode, fp32 and bf16.
-# Each part's output is appended to OUT_DIR/<part>.txt (and the terminal) as it is measured,
-# under a dated header (a re-run keeps the earlier output), its log to OUT_DIR/<part>.log. A
-# part that fails does not stop the others; the exit status is 1 if any failed.
+# Every part's output is appended to OUT_DIR/results.txt (and the terminal) as it is measured,
+# under a dated header naming the part (a re-run keeps the earlier output), its log to
+# OUT_DIR/stderr.log: with trace.json.gz, three files (a lent GPU returns at most 8). A part
+# that fails does not stop the others; the exit status is 1 if any failed.
 #
 # Knobs (environment):
 #   PYTHON (python3), DEVICE (cuda; cpu runs the same steps on tiny settings: a dry run of
-#   this script's logic), VARIANTS, STAGES, WARMUP, STEPS, WORKERS (bench_train), PROFILE_VARIANT,
+#   this script's logic), BUDGET_S (start no part once the parts have run this many seconds:
+#   a lent GPU's time limit; 0 = none), VARIANTS, STAGES, WARMUP, STEPS, WORKERS (bench_train; -1,
+#   the default, sizes them from the machine as run.sh does), PROFILE_VARIANT,
 #   PROFILE_STAGE, and WORK, a folder to keep bench_train's synthetic cases and cache in for a
 #   re-run (default: a temporary folder; 4 cases of 240x240x155 take ~0.1 GB).
 #   WHEELS: a folder of wheels (default .whl) installed into a private folder first when the
 #   python lacks nibabel, for a machine without a package index (the lent GPUs): where there is
 #   one, `python -m pip download --no-deps --only-binary=:all: --python-version 3.12 nibabel -d .whl`.
 # A time-limited run (a lent GPU): the train part prints each row as soon as it is measured,
-# the targets first, so what a cut-off run measured is in OUT_DIR/train.txt.
+# the targets first, so what a cut-off run measured is in OUT_DIR/results.txt. For a lent GPU
+# (about 9 minutes): BUDGET_S=360 VARIANTS=published,bf16_cl_compile,bf16 bash benchmarks/gpu.sh OUT
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [checks] [train] [profile] [eval] [model]}
+OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [train] [eval] [checks] [profile] [model]}
 shift
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2  # relative to the caller's folder
+cd "$(dirname "$0")/.."
 PARTS=("$@")
-if [ ${#PARTS[@]} -eq 0 ]; then PARTS=(checks train profile eval model); fi
+if [ ${#PARTS[@]} -eq 0 ]; then PARTS=(train eval checks profile model); fi
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 WHEELS=${WHEELS:-.whl}
-mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-0}
+case $BUDGET_S in '' | *[!0-9]*) echo "BUDGET_S=$BUDGET_S: expected whole seconds (0: no budget)" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1
 
 for part in "${PARTS[@]}"; do
   case $part in
     checks | train | profile | eval | model) ;;
-    *) echo "unknown part $part: use checks, train, profile, eval, model" >&2; exit 2 ;;
+    *) echo "unknown part $part: use train, eval, checks, profile, model" >&2; exit 2 ;;
   esac
 done
 
@@ -55,7 +62,7 @@ if ! "$PYTHON" -c "import nibabel" 2>/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELS"/*.whl || exit 2
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PYTHON" - <<'PY' | tee "$OUT/gpu.txt"
+"$PYTHON" - <<'PY' | tee -a "$OUT/results.txt"
 import importlib.util, platform, torch
 cuda = torch.cuda.is_available()
 print(f"python {platform.python_version()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
@@ -75,21 +82,29 @@ else
 fi
 
 failed=()
-# run NAME COMMAND...: stdout to OUT/NAME.txt and the terminal, stderr to OUT/NAME.log.
+skipped=()
+# run NAME COMMAND...: stdout to OUT/results.txt and the terminal, stderr to OUT/stderr.log.
 run() {
   local name=$1
   shift
   local start=$SECONDS
-  # A re-run into the same OUT_DIR appends: each run's output starts with its own header.
-  echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') $name: $* ==" | tee -a "$OUT/$name.log" >>"$OUT/$name.txt"
-  if ! "$@" 2>>"$OUT/$name.log" | tee -a "$OUT/$name.txt"; then
-    tail -n 40 "$OUT/$name.log"
+  # A re-run into the same OUT_DIR appends: each part's output starts with its own header.
+  echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') $name: $* ==" | tee -a "$OUT/stderr.log" >>"$OUT/results.txt"
+  local before
+  before=$(wc -l <"$OUT/stderr.log")
+  if ! "$@" 2>>"$OUT/stderr.log" | tee -a "$OUT/results.txt"; then
+    tail -n +"$((before + 1))" "$OUT/stderr.log" | tail -n 40
     failed+=("$name")
   fi
-  echo "[$name: $((SECONDS - start)) s]" | tee -a "$OUT/$name.txt"
+  echo "[$name: $((SECONDS - start)) s]" | tee -a "$OUT/results.txt"
 }
 
+parts_start=$SECONDS
 for part in "${PARTS[@]}"; do
+  if [ "$BUDGET_S" -gt 0 ] && [ $((SECONDS - parts_start)) -ge "$BUDGET_S" ]; then
+    skipped+=("$part")
+    continue
+  fi
   case $part in
     checks)
       run checks "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_speed.py \
@@ -102,7 +117,7 @@ for part in "${PARTS[@]}"; do
         --patch "$PATCH" --batch 2 --shape "$SHAPE" --cases "$CASES" "${work[@]}" \
         --variants "${VARIANTS:-published,bf16_cl_compile,bf16,bf16_cl,fp32}" \
         --stages "${STAGES:-stage 1,stage 2}" --warmup "${WARMUP:-10}" --steps "${STEPS:-30}" \
-        --num_workers "${WORKERS:-8}"
+        --num_workers "${WORKERS:--1}"
       ;;
     profile)
       run profile "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --model "$MODEL" \
@@ -121,7 +136,10 @@ for part in "${PARTS[@]}"; do
       ;;
   esac
 done
+if [ ${#skipped[@]} -gt 0 ]; then
+  echo "not started, over BUDGET_S=$BUDGET_S s: ${skipped[*]}" | tee -a "$OUT/results.txt" >&2
+fi
 if [ ${#failed[@]} -gt 0 ]; then
-  echo "failed parts: ${failed[*]} (logs: $OUT/<part>.log)" >&2
+  echo "failed parts: ${failed[*]} (log: $OUT/stderr.log)" >&2
   exit 1
 fi

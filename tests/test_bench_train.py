@@ -124,11 +124,15 @@ def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path, monkeypatc
 
 def test_the_targets_come_first_with_their_projection(tmp_path, monkeypatch, capsys):
     measured = fake_measurements(monkeypatch)
-    bench_train.main(["--device", "cpu", "--variants", "published,fp32,fp32_cl", "--work_dir", str(tmp_path)])
+    # the first three (on CUDA: published, run.sh's default, the bf16 step it is compared with)
+    # in both stages, then their projection, then the others
+    bench_train.main(["--device", "cpu", "--variants", "published,fp32,fp32_cl,fp32",
+                      "--work_dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert measured == [("stage 1", "published"), ("stage 1", "fp32"), ("stage 2", "published"),
-                        ("stage 2", "fp32"), ("stage 1", "fp32_cl"), ("stage 2", "fp32_cl")]
-    assert out.index("\n  fp32: ") < out.index("stage 1 (--mode 0,1,2,3) continued:") < out.index("\n  fp32_cl: ")
+    assert measured == [("stage 1", "published"), ("stage 1", "fp32"), ("stage 1", "fp32_cl"),
+                        ("stage 2", "published"), ("stage 2", "fp32"), ("stage 2", "fp32_cl"),
+                        ("stage 1", "fp32"), ("stage 2", "fp32")]
+    assert (out.index("\n  fp32_cl: ") < out.index("stage 1 (--mode 0,1,2,3) continued:"))
     assert out.count("  fp32_cl | off | 2.000 | 4.000 | 0.50 | 5.0% | 1.00 | 1.00 |") == 2  # ratios to published
 
 
@@ -195,3 +199,34 @@ def test_the_loop_draws_the_subsets_the_bare_step_is_timed_on(tmp_path, monkeypa
                       "--steps", "5", "--num_workers", "0", "--no-election", "--work_dir", str(tmp_path)])
     (_, timed), loop = seen[0], seen[1:]
     assert len(loop) == 3 + 5 and loop[3:] == timed  # warm-up lengthened to 3: k = 1, 2, 3
+
+
+def test_step_flops_are_counted_once_per_stage_and_encoder_work_without_autotuning(monkeypatch):
+    monkeypatch.setattr(bench_train, "_FLOPS", {})
+    built, tuning = [], []
+    build, loss = train.build_model, bench_train.segmentation_loss
+
+    def counted(args, device):
+        built.append(args.encode_all_modalities)
+        return build(args, device)
+
+    def loss_seeing_the_tuning(*args):
+        tuning.append(torch.backends.cudnn.benchmark)
+        return loss(*args)
+    monkeypatch.setattr(train, "build_model", counted)
+    monkeypatch.setattr(bench_train, "segmentation_loss", loss_seeing_the_tuning)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as train.set_backends on CUDA
+    batch = (torch.randn(2, 4, 16, 32, 32), torch.zeros(2, 3, 16, 32, 32))
+    common = ["--device", "cpu", "--model_size", "small", "--input_size", "16,32,32", "--teachers", "0"]
+    stage2 = train.parse_args([*common, "--mode", "random"])
+    first = bench_train.step_flops(stage2, torch.device("cpu"), batch)
+    assert sorted(first) == [1, 2, 3] and first[1] < first[2] < first[3]  # one encoder pass per modality
+    again = bench_train.step_flops(train.parse_args([*common, "--mode", "random", "--amp", "off",
+                                                     "--channels_last", "on"]), torch.device("cpu"), batch)
+    assert again == first and built == [False]  # another variant of the stage: counted before
+    published = bench_train.step_flops(train.parse_args([*common, "--mode", "random",
+                                                         "--encode_all_modalities", "True"]),
+                                       torch.device("cpu"), batch)
+    assert built == [False, True] and published[1] > first[1]  # all four encoded: more work
+    assert tuning == [False] * 6  # each counting pass ran untuned ...
+    assert torch.backends.cudnn.benchmark is True  # ... and the setting is restored
