@@ -118,7 +118,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true",
                    help="continue a stopped evaluation in --output_dir: keep its masks (scored from "
                         "the files), predict the rest; the run's settings must be the first's")
-    g.add_argument("--restore_from", type=path_given, required=True, help="checkpoint (.pth) written by train.py")
+    g.add_argument("--restore_from", type=path_given, required=True,
+                   help="checkpoint (.pth) written by train.py")
     add_model_args(p)
     g = add_inference_args(p)
     g.add_argument("--mode", default="0,1,2,3",

@@ -34,8 +34,9 @@ the 57 cases of datalist/BraTS18/BraTS18_val.csv) from the loop rates and the el
 
 Rows are printed as they are measured (a run stopped at a time limit keeps the rows so far):
 first the first three variants (the targets: the published step, run.sh's default and the bf16
-eager step it is compared with) in both stages, then their projection, then the other variants. A row whose measurement fails prints
-FAILED with the error, the others still run, and the exit status is 1.
+eager step it is compared with) in both stages, then their projection, then the other
+variants. A row whose measurement fails prints FAILED with the error, the others still run,
+and the exit status is 1.
 
 Variants (rows): published = the published step: all four modalities encoded per forward,
 fp16 autocast with a loss scaler (as apex O1), NCDHW, eager, torch's default SGD (whose loss

@@ -78,20 +78,21 @@ def case_slices(case, subsets, labels):
     stored in another orientation is drawn the same way up; the title names the slice's index
     in the case's files.
     """
-    turn = lambda volume: along_brats_axes(volume, case.affine)
-    truth = turn(case.label) if case.label is not None else None
-    labels = [turn(label) for label in labels]
+    turn = brats_turn(case.affine)
+    along = lambda volume: along_brats_axes(volume, turn)
+    truth = along(case.label) if case.label is not None else None
+    labels = [along(label) for label in labels]
     d = tumour_slice(truth if truth is not None else labels[-1])
     columns = [MODALITIES[i] for i in case.available]
     rows = [("ground truth", truth[d], columns)] if truth is not None else []
     rows += [(subset_name(s), label[d], [MODALITIES[i] for i in s])
              for s, label in zip(subsets, labels)]
-    axis, index = file_slice(d, case.image.shape[1:], case.affine)
+    axis, index = file_slice(d, case.image.shape[1:], turn)
     where = f"axial slice {index}" + ("" if axis == 2 else f" (the files' axis {'XYZ'[axis]})")
-    return f"{case.name}, {where}", turn(case.image)[list(case.available), d], columns, rows
+    return f"{case.name}, {where}", along(case.image)[list(case.available), d], columns, rows
 
 
-def _turn(affine):
+def brats_turn(affine):
     """Per NIfTI axis of a grid with `affine`: (the BraTS axis it lies along, flip -1 or 1).
     An affine that gives an axis no direction (singular, which the checks of a case let pass
     when finite) leaves the volume as stored."""
@@ -101,21 +102,20 @@ def _turn(affine):
     return ornt_transform(orientation, axcodes2ornt(BRATS_AXES))
 
 
-def along_brats_axes(volume, affine):
-    """A network-order volume (..., D, H, W) on the grid of `affine` -> a view of the same
-    voxels along BraTS's axes (BRATS_AXES), the ones overlay.view shows radiologically."""
+def along_brats_axes(volume, turn):
+    """A network-order volume (..., D, H, W) on a grid whose brats_turn is `turn` -> a view of
+    the same voxels along BraTS's axes (BRATS_AXES), the ones overlay.view shows radiologically."""
     lead = volume.ndim - 3
     order = [0, 0, 0]
-    for k, (to, flip) in enumerate(_turn(affine)):  # NIfTI axis k is network axis (k + 1) % 3
+    for k, (to, flip) in enumerate(turn):  # NIfTI axis k is network axis (k + 1) % 3
         if flip < 0:
             volume = np.flip(volume, lead + (k + 1) % 3)
         order[(int(to) + 1) % 3] = lead + (k + 1) % 3
     return volume.transpose(*range(lead), *order)
 
 
-def file_slice(d, shape_dhw, affine):
+def file_slice(d, shape_dhw, turn):
     """Axial slice d of along_brats_axes' volume -> (NIfTI axis, index) of it in the files."""
-    turn = _turn(affine)
     axis = int(np.flatnonzero(turn[:, 0] == 2)[0])  # the files' axis along BraTS's z (S)
     size = shape_dhw[(axis + 1) % 3]
     return axis, (size - 1 - d if turn[axis, 1] < 0 else d)

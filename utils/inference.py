@@ -4,8 +4,9 @@ The published protocol tiles the volume with the training patch, overlap 1/3, wi
 to the volume, and averages the overlapping predictions: the exported masks average the
 windows' sigmoid probabilities, the teacher election their logits (AVERAGES). Options beyond
 it follow nnU-Net: a Gaussian importance map (centre voxels count more than border voxels),
-mirror test-time augmentation and mixed precision. Outputs and weights are accumulated in float32 on the
-device, so a whole-volume prediction never leaves the GPU until the caller asks for it.
+mirror test-time augmentation and mixed precision. Outputs and weights are accumulated in
+float32 on the device, so a whole-volume prediction never leaves the GPU until the caller asks
+for it.
 """
 import itertools
 import math
