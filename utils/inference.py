@@ -39,7 +39,7 @@ def window_starts(size, window, step):
     return starts
 
 
-def gaussian_map(window, sigma_scale=1 / 8, device=None):
+def gaussian_map(window, device=None):
     """Importance map (d, h, w) float32: a Gaussian with sigma = window / 8 per axis, peak 1.
 
     Centred at (n - 1) / 2 so the map is symmetric under flips (mirror TTA stays unbiased);
@@ -48,7 +48,7 @@ def gaussian_map(window, sigma_scale=1 / 8, device=None):
     axes = []
     for n in window:
         x = torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2
-        axes.append(torch.exp(-0.5 * (x / (n * sigma_scale)) ** 2))
+        axes.append(torch.exp(-0.5 * (x / (n / 8)) ** 2))
     g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     return (g / g.max()).clamp_min(GAUSSIAN_FLOOR).float()
 
