@@ -35,7 +35,6 @@ leaks information from a modality it did not have; rule 2 finds each case's T1ce
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from utils.lock import exclusive_lock
 from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
 from utils.postprocessing import (add_threshold_args, orientation_warning, postprocess_label,
                                   rules_from_args, unused_threshold)
-from utils.workers import worker_pool
+from utils.workers import default_workers, worker_pool
 
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
@@ -222,7 +221,7 @@ def parse_args(argv=None):
                    help="folder of the case folders (<images>/<case>/), for their T1ce "
                         "(default: the folders eval.py recorded in input_dir/cases.csv)")
     add_threshold_args(parser, g)
-    parser.add_argument("--num_workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--num_workers", type=int_at_least(0), default=default_workers(),
                         help="parallel processes; 0 = run in this process (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the masks in --output_dir that this run does not write (an "

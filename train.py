@@ -91,7 +91,7 @@ def get_parser():
     g.add_argument("--batch_size", type=int, default=2, help="per process")
     g.add_argument("--num_workers", type=int, default=-1, help="DataLoader workers per process "
                    "(-1: sized from the machine, see datasets.sampling.loader_options); also "
-                   "the preprocessing processes (-1: datasets.preprocess.default_workers)")
+                   "the preprocessing processes (-1: utils.workers.default_workers)")
     g.add_argument("--random_mirror", type=str2bool, default=True)
     g.add_argument("--random_scale", type=str2bool, default=True)
     g.add_argument("--augment", type=str2bool, default=True,

@@ -60,7 +60,7 @@ from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
 from utils.regions import LABELS, REGIONS
-from utils.workers import worker_pool
+from utils.workers import default_workers, worker_pool
 
 CACHE_VERSION = 2
 IMAGE, LABEL, LOCATIONS, META = "image.npy", "label.npy", "locations.npy", "meta.json"
@@ -437,10 +437,6 @@ def _open_own(cache_dir, name, sources):
                         f"files ({next(iter(theirs.values()), {}).get('path')}); give each dataset "
                         "its own cache folder (--cache_dir)")
     return case
-
-
-def default_workers():
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _run(jobs, num_workers, done):

@@ -7,6 +7,12 @@ from concurrent.futures import ProcessPoolExecutor
 PARENT_POLL_S = 0.5
 
 
+def default_workers():
+    """How many processes datasets.preprocess and postprocess.py start unless told: one per
+    CPU, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def worker_pool(num_workers, mp_context=None):
     """A ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory)
     raises BrokenProcessPool instead of hanging the run. Its workers exit when the process that
