@@ -55,7 +55,7 @@ from tqdm import tqdm
 from datasets import normalize as norm
 from datasets.brats import CaseError, case_files, read_datalist, read_files, refuse_duplicates
 from datasets.sampling import foreground_locations
-from utils.cli import ArgumentParser, path_given, run_cli
+from utils.cli import ArgumentParser, path_given, positive_int, run_cli
 from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
@@ -530,7 +530,8 @@ def main(argv=None):
                         help="output folder (one subfolder per case)")
     parser.add_argument("--data_root", default=None,
                         help="re-base the datalist entries under this folder ('': none, as in train.py)")
-    parser.add_argument("--num_workers", type=int, default=default_workers())
+    parser.add_argument("--num_workers", type=positive_int, default=default_workers(),
+                        help="processes (1: in this process; default %(default)s)")
     args = parser.parse_args(argv)
     cases = preprocess(args.data_list, args.cache_dir, args.data_root or None, args.num_workers,
                        progress=True)
