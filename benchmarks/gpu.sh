@@ -43,13 +43,13 @@ PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 WHEELS=${WHEELS:-.whl}
 BUDGET_S=${BUDGET_S:-0}
-case $BUDGET_S in '' | *[!0-9]*) echo "BUDGET_S=$BUDGET_S: expected whole seconds (0: no budget)" >&2; exit 2 ;; esac
+case $BUDGET_S in '' | *[!0-9]*) echo "error: BUDGET_S=$BUDGET_S: expected whole seconds (0: no budget)" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1
 
 for part in "${PARTS[@]}"; do
   case $part in
     checks | train | profile | eval | model) ;;
-    *) echo "unknown part $part: use train, eval, checks, profile, model" >&2; exit 2 ;;
+    *) echo "error: unknown part $part: use train, eval, checks, profile, model" >&2; exit 2 ;;
   esac
 done
 

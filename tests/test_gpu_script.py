@@ -66,7 +66,7 @@ def test_no_part_starts_once_the_budget_is_spent(tmp_path):
     assert "not started, over BUDGET_S=1 s: model" in run.stderr
     assert (out / "results.txt").read_text().endswith("not started, over BUDGET_S=1 s: model\n")
     run = gpu_sh("relative", "eval", BUDGET_S="9m", cwd=tmp_path)
-    assert run.returncode == 2 and run.stderr.strip() == "BUDGET_S=9m: expected whole seconds (0: no budget)"
+    assert run.returncode == 2 and run.stderr.strip() == "error: BUDGET_S=9m: expected whole seconds (0: no budget)"
     assert (tmp_path / "relative").is_dir()  # OUT_DIR is the caller's, not the repository's
 
 
@@ -82,7 +82,7 @@ def test_a_failing_part_does_not_stop_the_others(tmp_path):
 
 def test_refusals_before_anything_runs(tmp_path):
     run = gpu_sh(tmp_path / "out", "train", "speed")
-    assert run.returncode == 2 and "unknown part speed: use train, eval, checks, profile, model" in run.stderr
+    assert run.returncode == 2 and run.stderr.strip() == "error: unknown part speed: use train, eval, checks, profile, model"
     # A python without nibabel and no wheel folder: one line saying what to do.
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/sh\ncase "$*" in *"import nibabel"*) exit 1;; esac\nexec "{sys.executable}" "$@"\n')
