@@ -5,9 +5,9 @@
 A 240x240x155 volume at 1 mm: the reference is a ball of radius 40 voxels, the prediction the
 same ball shifted by 3 voxels plus a fraction of random voxels (what an untrained model's masks
 look like). For each fraction, utils.metrics.surface_distances runs with each method forced
-(EDT_VOXELS_PER_POINT 0: always the k-d tree; infinite: always the distance transform) and as
-chosen; prints the surface voxels per box voxel, the best of --repeats seconds of each, their
-ratio, which one the rule picks, and whether the two returned the same distances.
+(EDT_VOXELS_PER_POINT 0: always the k-d tree; infinite: always the distance transform); prints
+the surface voxels per box voxel, the best of --repeats seconds of each, their ratio, which
+one the rule (by_distance_transform) picks, and whether the two returned the same distances.
 """
 import time
 
