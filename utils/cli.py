@@ -133,11 +133,11 @@ def _stop_signal(signum, frame):
         return
     if signum == signal.SIGTERM and _stopping:
         return
-    stopping()
+    mark_stopping()
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
-def stopping():
+def mark_stopping():
     """Record that a stop signal is being acted on (also train.py's loop, which handles its
     own): from now on a repeated SIGTERM is ignored, and no deferred one is sent again."""
     global _stopping
@@ -294,7 +294,7 @@ class StopSignals:
 
     def __exit__(self, *exc):
         if self.signum is not None:  # run_cli's handler, back, must not act on it again
-            stopping()
+            mark_stopping()
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
