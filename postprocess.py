@@ -167,10 +167,10 @@ def t1ce_files(sources, input_dir, record, images):
         except ValueError:  # not a subset folder
             subset = parse_subset(predicted_from[case]) if case in predicted_from else None
         files = case_files(folder, allow_missing=True)
-        if subset is not None and T1CE in subset:
-            require_modalities(folder, files, (T1CE,))
         if subset is not None:
             uses_t1ce = T1CE in subset
+            if uses_t1ce:
+                require_modalities(folder, files, (T1CE,))
         else:  # as eval.py and predict.py: an all-zero T1ce is a missing one's placeholder
             path = files.get("t1ce")
             uses_t1ce = path is not None and not is_placeholder(
