@@ -33,7 +33,11 @@
 # the targets first, so what a cut-off run measured is in OUT_DIR/results.txt. For a lent GPU
 # (about 9 minutes): BUDGET_S=360 VARIANTS=published,bf16_cl_compile,bf16 bash benchmarks/gpu.sh OUT
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [train] [eval] [checks] [profile] [model]}
+if [ $# -eq 0 ]; then
+  echo "usage: bash benchmarks/gpu.sh OUT_DIR [train] [eval] [checks] [profile] [model]" >&2
+  exit 2
+fi
+OUT=$1
 shift
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2  # relative to the caller's folder
 cd "$(dirname "$0")/.."

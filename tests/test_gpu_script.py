@@ -81,6 +81,8 @@ def test_a_failing_part_does_not_stop_the_others(tmp_path):
 
 
 def test_refusals_before_anything_runs(tmp_path):
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("usage: bash benchmarks/gpu.sh OUT_DIR ")
     run = gpu_sh(tmp_path / "out", "train", "speed")
     assert run.returncode == 2 and run.stderr.strip() == "error: unknown part speed: use train, eval, checks, profile, model"
     # A python without nibabel and no wheel folder: one line saying what to do.
