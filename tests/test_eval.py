@@ -28,6 +28,7 @@ from test_figures import assert_regions_drawn, read_png
 from utils import figures
 from utils.inference import predict_subsets
 from utils.lock import exclusive_lock
+from utils.metrics import hd95
 from utils.modalities import ALL_SUBSETS, subset_name
 from utils.segment import add_model_args, load_model, segment as real_segment
 from utils.cli import UsageError, run_cli
@@ -80,6 +81,19 @@ def test_mode_all_writes_15_subsets_and_table_equal_to_single_runs(segmentation_
                                      "sensitivity", "specificity"]
     et_flair = metrics[(metrics.subset == "flair") & (metrics.region == "ET")].dice.mean()
     assert summary.loc[0, "ET Dice"] == pytest.approx(100 * et_flair)
+    # ... and each row scores the exported mask against the case's seg file (recomputed here)
+    for case in cases:
+        seg = nib.load(case / f"{case.name}_seg.nii.gz")
+        truth, spacing = np.asanyarray(seg.dataobj), seg.header.get_zooms()[:3]
+        for subset in ("flair", "t1ce", "flair+t1+t1ce+t2"):
+            mask = np.asanyarray(nib.load(tmp_path / "all" / subset / f"{case.name}.nii.gz").dataobj)
+            for region, labels in (("ET", (4,)), ("WT", (1, 2, 4)), ("TC", (1, 4))):
+                p, g = np.isin(mask, labels), np.isin(truth, labels)
+                total = int(p.sum() + g.sum())
+                row = metrics[(metrics.case == case.name) & (metrics.subset == subset)
+                              & (metrics.region == region)]
+                assert row.dice.item() == pytest.approx(2 * (p & g).sum() / total if total else 1.0)
+                assert row.hd95.item() == pytest.approx(hd95(p, g, spacing))
 
     # one pass for all subsets gives the same masks as one run per subset, up to voxels
     # whose probability is within float rounding of 0.5 (the encoder's batch differs; the
@@ -1170,3 +1184,22 @@ def test_torchrun_a_rank_that_fails_is_named_by_it_and_the_others_say_one_line(s
             "printed with this one, or killed: torchrun's summary below gives its exit code)") in done.stderr
     assert "[rank0]: Traceback" not in done.stderr
     assert [p.name for p in (out / "t1ce").glob("*.nii.gz")] == [f"{cases[0].name}.nii.gz"]
+
+
+def test_the_inference_flags_reach_the_sliding_window(segmentation_setup, tmp_path, monkeypatch):
+    # eval_config.json records them; here they must also be what the windows are predicted with
+    import utils.segment
+    root, _ = segmentation_setup
+    seen, real = [], utils.segment.predict_subsets
+
+    def spy(model, image, subsets, window, average, **kwargs):
+        seen.append(dict(kwargs, average=average, window=tuple(window)))
+        return real(model, image, subsets, window, average, **kwargs)
+
+    monkeypatch.setattr(utils.segment, "predict_subsets", spy)
+    run(root, tmp_path / "out", "--mode", "t1ce", "--overlap", "0.5", "--gaussian", "--mirror",
+        "--amp", "bf16", "--batch_size", "3", "--average", "logits", "--input_size", "16,32,32",
+        data_list="one.csv")
+    assert seen == [{"overlap": 0.5, "gaussian": True, "mirror": True, "amp": "bf16",
+                     "batch_size": 3, "average": "logits", "window": (16, 32, 32),
+                     "device": torch.device("cpu")}]

@@ -1,4 +1,5 @@
 import itertools
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -109,7 +110,15 @@ def test_amp_runs_and_accumulates_in_float32(amp):
     conv = torch.nn.Conv3d(2, 3, 3, padding=1)
     image = torch.randn(2, 12, 20, 20)
     ref = sliding_window(conv, image, (8, 16, 16))
-    out = sliding_window(conv, image, (8, 16, 16), amp=amp)
+    dtypes = []
+
+    def predict(x):
+        y = conv(x)
+        dtypes.append(y.dtype)
+        return y
+
+    out = sliding_window(predict, image, (8, 16, 16), amp=amp)
+    assert dtypes and set(dtypes) == {torch.bfloat16 if amp == "bf16" else torch.float16}
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
     with pytest.raises(ValueError):
@@ -189,3 +198,19 @@ def test_windows_average_probabilities_as_published_export_or_logits_as_the_elec
 def test_predict_subsets_refuses_an_unknown_average():
     with pytest.raises(ValueError, match="average must be one of"):
         predict_subsets(LastColumnModel(), torch.zeros(4, 8, 16, 16), [(0,)], (8, 16, 16), "mean")
+
+
+def test_gaussian_weights_the_windows_by_their_centre_distance():
+    # W = 27, window 16, step 11: windows at 0 and 11, predicting 0 and 1 everywhere. Voxel w = 12
+    # is 4.5 voxels from the first window's centre (7.5) and 6.5 from the second's; with sigma =
+    # 16 / 8 = 2 the weights are exp(-4.5**2 / 8) and exp(-6.5**2 / 8) (the D and H factors cancel).
+    values = iter([0.0, 1.0])
+    predict = lambda x: torch.full((x.shape[0], 1) + tuple(x.shape[2:]), next(values))
+    out = sliding_window(predict, torch.zeros(1, 8, 16, 27), (8, 16, 16), gaussian=True, batch_size=1)
+    near, far = math.exp(-4.5 ** 2 / 8), math.exp(-6.5 ** 2 / 8)
+    assert out[0, 4, 8, 12].item() == pytest.approx(far / (near + far), rel=1e-5)  # 0.0600
+    assert out[0, 4, 8, 13].item() == pytest.approx(0.5, rel=1e-5)  # 5.5 from both centres
+    uniform = iter([0.0, 1.0])
+    out = sliding_window(lambda x: torch.full((x.shape[0], 1) + tuple(x.shape[2:]), next(uniform)),
+                         torch.zeros(1, 8, 16, 27), (8, 16, 16), batch_size=1)
+    assert out[0, 4, 8, 12].item() == 0.5

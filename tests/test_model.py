@@ -212,13 +212,22 @@ def test_bf16_autocast_on_cpu():
 
 def test_encoder_checkpointing_gives_the_same_gradients():
     x = image(1, (16, 32, 32))
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
         model = make_model(checkpoint_encoder=checkpointing).train()
+        stage_calls = []
+        for stage in model.encoder.stages:  # count the stages' runs (forward hooks miss the recompute)
+            stage.forward = (lambda run: lambda *a: stage_calls.append(1) or run(*a))(stage.forward)
         logits, kd = model(x, (1, 2), teachers=(1,))
+        forward = len(stage_calls)
         (logits.square().mean() + kd).backward()
+        calls.append((forward, len(stage_calls)))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    # checkpointing really recomputes every stage in backward; without it nothing is rerun
+    (plain_forward, plain_total), (ckpt_forward, ckpt_total) = calls
+    assert plain_forward > 0 and plain_total == plain_forward
+    assert ckpt_forward == plain_forward and ckpt_total == 2 * ckpt_forward
 
 
 def test_config_and_input_validation():

@@ -352,7 +352,10 @@ def test_two_preprocessors_on_one_cache_do_not_race(dataset, monkeypatch):
     building = threading.Event()
     real_read_files, real_save = preprocess_module.read_files, np.save
 
+    read_by = []
+
     def read_files_then_wait(*args, **kwargs):
+        read_by.append(threading.current_thread().name)
         if threading.current_thread().name == "second":
             deadline = time.monotonic() + 5
             while not meta.exists() and time.monotonic() < deadline:
@@ -385,6 +388,8 @@ def test_two_preprocessors_on_one_cache_do_not_race(dataset, monkeypatch):
     assert errors == []
     assert [c.name for c in results["first"]] == ["Brats18_A", "Brats18_C"]
     assert [c.name for c in results["second"]] == ["Brats18_A"]
+    # the second waited for the case's lock and re-used what the first built: it read no source
+    assert read_by == ["first", "first"]
 
 
 def test_an_unreadable_source_is_named(dataset):

@@ -108,7 +108,9 @@ def test_two_stages_resume_exactly(data, tmp_path):
     out = train.main(flags(data, straight, 14, 3, *stage2))
     assert len(out["losses"]) == 6
     lr = scalars(straight, "lr")
-    assert min(lr) == 8 and lr[8] == pytest.approx(train.poly_lr(1e-2, 8, 14, 0.9), rel=1e-6)
+    # the published poly schedule, lr = 1e-2 * (1 - i / 14) ** 0.9, by hand: 4.6647e-3 at 8
+    assert min(lr) == 8 and lr[8] == pytest.approx(4.6647e-3, rel=1e-4)
+    assert lr == pytest.approx({i: 1e-2 * (1 - i / 14) ** 0.9 for i in range(8, 14)}, rel=1e-6)
     assert [h["iteration"] for h in json.loads((straight / "teachers.json").read_text())] == [9, 12]
 
     # ---- the same stage 2 killed after iteration 10; the same command again resumes from the
@@ -126,6 +128,25 @@ def test_two_stages_resume_exactly(data, tmp_path):
     assert a["teachers"] == b["teachers"] and a["iteration"] == b["iteration"] == 14
     assert json.loads((straight / "teachers.json").read_text()) == \
         json.loads((killed / "teachers.json").read_text())
+
+
+def test_the_distillation_term_is_trained_with_its_weight(data, tmp_path, monkeypatch):
+    # At --input_size 16,32,32 (the other tests') the deepest map is 1x1x1, which InstanceNorm
+    # reduces to its bias: every modality's deep feature is the same and KD is exactly 0. At
+    # 32,64,64 it is 2x2x2 and the teacher's features differ from the students'.
+    drawn = []
+    real_step = train.step
+    monkeypatch.setattr(train, "step", lambda *a: drawn.append((a[5], a[6], a[8])) or real_step(*a))
+    snapshot = tmp_path / "kd"
+    train.main(flags(data, snapshot, 6, 100, "--val_list", "", "--mode", "random", "--teachers",
+                     "t2", "--kd_weight", "0.5", "--input_size", "32,64,64", "--augment", "False"))
+    assert all(teachers == (3,) and weight == 0.5 for _, teachers, weight in drawn)
+    total, dice, bce, kd = (scalars(snapshot, f"loss/{part}") for part in ("total", "dice", "bce", "kd"))
+    distils = [i for i, (subset, _, _) in enumerate(drawn) if 3 in subset and len(subset) > 1]
+    assert distils and sorted(kd) == list(range(6))
+    for i in range(6):
+        assert (kd[i] > 0) == (i in distils)
+        assert total[i] == pytest.approx(dice[i] + bce[i] + 0.5 * kd[i], rel=1e-5)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_state(data, tmp_path, monkeypatch):
