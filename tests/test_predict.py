@@ -2,6 +2,7 @@
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import eval as evaluate
 import predict
@@ -227,3 +228,22 @@ def test_a_folder_in_place_of_the_mask_or_figure_is_refused_before_predicting(
         f"error: cannot write {figure}: it is a folder; remove it, or choose another name")
     assert sorted(tmp_path.iterdir()) == [figure, folder]
     assert not any(folder.iterdir()) and not any(figure.iterdir())
+
+
+def test_the_inference_flags_reach_the_sliding_window(segmentation_setup, tmp_path, monkeypatch):
+    import utils.segment
+    root, cases = segmentation_setup
+    seen, real = [], utils.segment.predict_subsets
+
+    def spy(model, image, subsets, window, average, **kwargs):
+        seen.append(dict(kwargs, subsets=subsets, average=average, window=tuple(window)))
+        return real(model, image, subsets, window, average, **kwargs)
+
+    monkeypatch.setattr(utils.segment, "predict_subsets", spy)
+    predict.main([*files_of(cases[0], "flair", "t2"), "--checkpoint", str(root / "final.pth"),
+                  "-o", str(tmp_path / "mask.nii.gz"), "--device", "cpu", "--overlap", "0.5",
+                  "--gaussian", "--mirror", "--amp", "bf16", "--batch_size", "3",
+                  "--average", "logits", "--input_size", "16,32,32"])
+    assert seen == [{"subsets": [(0, 3)], "overlap": 0.5, "gaussian": True, "mirror": True,
+                     "amp": "bf16", "batch_size": 3, "average": "logits", "window": (16, 32, 32),
+                     "device": torch.device("cpu")}]
