@@ -76,7 +76,7 @@ from datasets.brats import (
 from datasets.normalize import normalize_case
 from utils import distributed, figures
 from utils.cli import ArgumentParser, UsageError, path_given, positive_int, run_cli
-from utils.export import read_mask, save_labels
+from utils.export import CASES_RECORD, EVAL_RECORD, read_mask, save_labels
 from utils.io import (atomic_path, check_file_writable, file_sha256, is_temp,
                       remove_stale_temps, write_text)
 from utils.lock import exclusive_lock
@@ -91,7 +91,7 @@ TABLE_MODALITIES = ("FLAIR", "T1", "T1ce", "T2")  # MODALITIES as the paper writ
 PRESENT, ABSENT = "●", "○"
 UNUSED_FIX = "replace it, or move it out of the case folder (no subset asked uses it)"
 # Everything eval.py writes into --output_dir: what --overwrite removes, and nothing else.
-RECORD_FILES = ("eval_config.json", "cases.csv")  # written before any mask
+RECORD_FILES = (EVAL_RECORD, CASES_RECORD)  # written before any mask
 REPORT_FILES = ("metrics.csv", "summary.csv", "summary.md", "dice.png")  # written after the last
 RUN_FILES = RECORD_FILES + REPORT_FILES
 FIGURE_FOLDER = "figures"
@@ -251,8 +251,8 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
     if not found:
         return set()  # nothing to continue: a fresh run
     try:
-        previous = json.loads((output_dir / "eval_config.json").read_text())
-        listed = pd.read_csv(output_dir / "cases.csv", dtype=str, keep_default_na=False)
+        previous = json.loads((output_dir / EVAL_RECORD).read_text())
+        listed = pd.read_csv(output_dir / CASES_RECORD, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as error:
         raise UsageError(f"--resume: {output_dir} holds files of an evaluation (e.g. "
                          f"{found[0].name}) but not its record ({error}); pass --overwrite to "
@@ -261,7 +261,7 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
         previous.setdefault("average", "logits")  # what eval.py did before --average
     for key in MASK_SETTINGS:
         if key not in previous:
-            raise UsageError(f"--resume: {output_dir / 'eval_config.json'} does not record "
+            raise UsageError(f"--resume: {output_dir / EVAL_RECORD} does not record "
                              f"{key} (an older eval.py wrote it); pass --overwrite to redo the "
                              "evaluation")
         if previous[key] != record[key]:
@@ -276,7 +276,7 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
     if before != now:
         i = next(i for i in range(max(len(before), len(now))) if before[i:i + 1] != now[i:i + 1])
         entry = lambda rows: rows[i] if i < len(rows) else "none"
-        raise UsageError(f"--resume: {output_dir / 'cases.csv'} lists {len(before)} cases, this "
+        raise UsageError(f"--resume: {output_dir / CASES_RECORD} lists {len(before)} cases, this "
                          f"run {len(now)}; entry {i + 1} differs ({entry(before)} vs "
                          f"{entry(now)}); resume with the first run's cases, or pass --overwrite")
     files = set(found)
@@ -469,9 +469,9 @@ def main(argv=None):
             # evaluation before any rank writes; the others load the checkpoint it found sound.
             def check_and_record():
                 checked = check(args, info, device, held)
-                write_text(args.output_dir / "eval_config.json",
+                write_text(args.output_dir / EVAL_RECORD,
                            json.dumps(checked.record, indent=2))
-                with atomic_path(args.output_dir / "cases.csv") as tmp:
+                with atomic_path(args.output_dir / CASES_RECORD) as tmp:
                     checked.cases.to_csv(tmp, index=False)
                 if args.resume:
                     done, total = len(checked.done), len(checked.folders)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from datasets.brats import (EXTENSIONS, CaseError, case_files, is_placeholder, named_like_a_scan,
                             nifti_stem, open_files, read_files, require_modalities, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, run_cli
-from utils.export import read_mask, write_mask
+from utils.export import CASES_RECORD, EVAL_RECORD, read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
 from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
@@ -55,8 +55,6 @@ from utils.workers import default_workers, worker_pool
 # eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
 DEFAULT_INPUT_DIR = Path("outputs/LCKD")
 DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")
-CASES_RECORD = "cases.csv"  # eval.py's record of each case's folder
-EVAL_RECORD = "eval_config.json"  # eval.py's settings, with the subsets it writes masks of
 
 
 def read_t1ce(case, path, shape):

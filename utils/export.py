@@ -18,6 +18,9 @@ from utils.io import atomic_path
 _CONVERSION_LOG = logging.getLogger(__name__ + ".nifti1")
 _CONVERSION_LOG.addHandler(logging.NullHandler())
 _CONVERSION_LOG.propagate = False
+# The records eval.py writes next to the masks, which postprocess.py reads
+EVAL_RECORD = "eval_config.json"  # the settings, with the subsets masks were written of
+CASES_RECORD = "cases.csv"  # each case's folder and the modalities it has
 MASK_LABEL_3_HINT = ("masks hold BraTS 2018's labels (ET 4), as eval.py writes them: relabel 3 "
                      "-> 4, or post-process and score masks before relabelling them for BraTS 2023")
 
