@@ -96,6 +96,23 @@ def find_masks(input_dir):
     )
 
 
+def check_input(sources, input_dir, args):
+    """Refuse an input that is not one folder of masks: MRI scans (a data folder), or masks
+    more than one sub-folder down (a folder of several runs: their masks would be mixed in one
+    upload)."""
+    scans = [p for p in sources if named_like_a_scan(p)]
+    if scans:
+        raise UsageError(f"--input_dir {args.input_dir} holds MRI scans or labels, not masks "
+                         f"(e.g. {scans[0].relative_to(input_dir)}): give eval.py's output folder "
+                         f"({DEFAULT_INPUT_DIR} after eval.sh) or a folder of masks")
+    deep = [p for p in sources if len(p.relative_to(input_dir).parts) > 2]
+    if deep:
+        example = deep[0].relative_to(input_dir)
+        raise UsageError(f"--input_dir {args.input_dir} holds masks more than one folder down "
+                         f"(e.g. {example}), the outputs of several runs? Give one run's folder "
+                         f"(e.g. --input_dir {Path(args.input_dir) / example.parts[0]})")
+
+
 def read_cases_record(input_dir):
     """eval.py's cases.csv in input_dir (case, folder, available), or None without one."""
     if not (input_dir / CASES_RECORD).is_file():
@@ -240,6 +257,7 @@ def main(argv=None):
         raise UsageError(f"--output_dir {args.output_dir} must not be, contain or lie inside "
                          f"--input_dir {args.input_dir}: the input masks are never overwritten")
     sources = find_masks(input_dir)
+    check_input(sources, input_dir, args)
     record = read_cases_record(input_dir)
     check_complete(input_dir, record, sources, args)
     if not sources:

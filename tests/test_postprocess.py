@@ -532,6 +532,32 @@ def test_a_data_folder_as_output_is_refused_even_with_overwrite(tmp_path, name):
     assert _hashes(data) == before and not (data / "flair").exists()
 
 
+def test_a_data_folder_or_a_folder_of_several_runs_as_input_is_refused(tmp_path):
+    # Pointed at the dataset, the scans would be read as masks ("labels outside (0, 1, 2, 4)"
+    # and "replace the file"); pointed at outputs/, every run below it would be mixed in one upload.
+    label = np.zeros((30, 30, 30), np.uint8)
+    _cube(label, (5, 5, 10), 8, 2)
+    _write(tmp_path / "data" / "Synth_0000" / "Synth_0000_flair.nii.gz", label, np.eye(4))
+    for run in ("LCKD", "val"):
+        _write(tmp_path / "outputs" / run / "flair" / "A.nii.gz", label, np.eye(4))
+    _write(tmp_path / "outputs" / "demo_predict" / "mask.nii.gz", label, np.eye(4))
+    out = tmp_path / "out"
+    for given, message in (
+            ("data", "holds MRI scans or labels, not masks (e.g. Synth_0000/Synth_0000_flair.nii.gz): "
+                     "give eval.py's output folder (outputs/LCKD after eval.sh) or a folder of masks"),
+            ("outputs", "holds masks more than one folder down (e.g. LCKD/flair/A.nii.gz), the "
+                        f"outputs of several runs? Give one run's folder (e.g. --input_dir "
+                        f"{tmp_path / 'outputs' / 'LCKD'})")):
+        with pytest.raises(UsageError) as error:
+            postprocess.main(["--input_dir", str(tmp_path / given), "--output_dir", str(out),
+                              "--num_workers", "0"])
+        assert str(error.value) == f"--input_dir {tmp_path / given} {message}"
+    assert not out.exists()  # refused before the output folder is made or locked
+    postprocess.main(["--input_dir", str(tmp_path / "outputs" / "LCKD"), "--output_dir", str(out),
+                      "--num_workers", "0"])
+    assert [str(p.relative_to(out)) for p in out.rglob("*.nii.gz")] == ["flair/A.nii.gz"]
+
+
 def test_masks_of_cases_named_like_scans_are_masks():
     # the layout tells a scan (in its case's folder) from a mask (in a subset's, or flat)
     assert postprocess.named_like_a_scan(Path("data/Sub_T1/Sub_T1_flair.nii.gz"))
