@@ -112,7 +112,9 @@ def parse_args(argv=None):
     g.add_argument("--data_list", default=None, help=f"datalist (default {PUBLISHED_DATA_LIST})")
     g.add_argument("--data_root", default=None,
                    help="re-base the list's case folders onto this folder (see datasets.brats)")
-    g.add_argument("--output_dir", type=path_given, default=Path("outputs"))
+    g.add_argument("--output_dir", type=path_given, default=Path("outputs/LCKD"),
+                   help="default %(default)s, eval.sh's and postprocess.py's (outputs/ holds every "
+                        "run's folder)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous evaluation in --output_dir (only eval.py's files)")
     g.add_argument("--resume", action="store_true",

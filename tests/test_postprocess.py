@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import eval as evaluate
 import postprocess
 from datasets.brats import CaseError, DataError
 from utils.cli import UsageError
@@ -210,6 +211,8 @@ def test_bad_labels_and_unreadable_files_name_the_file(tmp_path):
 def test_defaults_follow_eval_sh(tmp_path, monkeypatch):
     args = postprocess.parse_args([])
     assert args.input_dir == Path("outputs/LCKD") and args.output_dir == Path("outputs/LCKD_postprocessed")
+    # ... and plain `python eval.py` (eval.sh's NAME=LCKD)
+    assert evaluate.parse_args(["--restore_from", "x.pth"]).output_dir == Path("outputs/LCKD")
     # Plain `python postprocess.py` from the repository root, after `bash eval.sh 0`.
     monkeypatch.chdir(tmp_path)
     _write(tmp_path / "outputs" / "LCKD" / "flair+t1+t1ce+t2" / "Brats18_A.nii.gz",
