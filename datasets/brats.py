@@ -113,7 +113,9 @@ def _candidates(entry, list_dir, data_root):
     """Where a datalist entry may live, most specific first."""
     if data_root is None:
         path = Path(entry)
-        return [path] if path.is_absolute() else [list_dir / path, Path.cwd() / path]
+        if path.is_absolute():
+            return [path]
+        return list(dict.fromkeys([list_dir / path, Path.cwd() / path]))  # the same one once
     parts = _strip_relative_prefix(entry)
     # data_root/data/BraTS-2018/.../HGG/X, then .../HGG/X, then data_root/X.
     return [Path(data_root).joinpath(*parts[i:]) for i in range(len(parts))]
@@ -129,7 +131,8 @@ def resolve_list(path, data_dir):
         if Path(path).is_absolute():  # data_dir / path is path itself
             raise DataError(f"datalist {path} not found; check the path")
         raise DataError(f"datalist {path} not found, nor {Path(data_dir) / path} (--data_dir "
-                        f"{data_dir}); check the path")
+                        f"{data_dir}); check the path (relative paths start in the current "
+                        "folder: run from the repository root, or pass --data_dir)")
     return Path(data_dir) / path
 
 
@@ -172,18 +175,23 @@ def read_datalist(list_path, data_root=None):
     list_path = Path(list_path)
     if data_root is not None:  # a typo is named as such, not as the list's first case missing
         require_folder(data_root, "data root ")
-    folders = []
-    for number, entry in datalist_entries(list_path):
+    entries = datalist_entries(list_path)
+    found = [next((path for path in _candidates(entry, list_path.parent, data_root)
+                   if path.is_dir()), None) for _, entry in entries]
+    missing = [i for i, path in enumerate(found) if path is None]
+    if missing:
+        # All of them counted: a partial download is then fixed in one go, not one run per case.
+        number, entry = entries[missing[0]]
         tried = _candidates(entry, list_path.parent, data_root)
-        found = next((path for path in tried if path.is_dir()), None)
-        if found is None:
-            hint = "" if data_root is not None else " (pass a data root to re-base the entries)"
-            raise DataError(
-                f"{list_path}:{number}: case folder {entry!r} not found; tried "
-                + ", ".join(str(path) for path in tried) + hint
-            )
-        folders.append(named_folder(found))
-    return folders
+        others = (f" (and {len(missing) - 1} more of its {len(entries)} entries)"
+                  if len(missing) > 1 else "")
+        hint = ("" if data_root is not None else
+                "; pass --data_root DIR, the folder holding the cases (or "
+                "MICCAI_BraTS_2018_Data_Training/), to re-base the entries (DATA_ROOT=DIR for "
+                "run.sh and eval.sh)")
+        raise DataError(f"{list_path}:{number}: case folder {entry!r} not found{others}; tried "
+                        + ", ".join(str(path) for path in tried) + hint)
+    return [named_folder(path) for path in found]
 
 
 def require_folder(folder, what=""):

@@ -303,6 +303,26 @@ def test_data_root_missing_lists_tried_paths(tmp_path):
     message = str(info.value)
     assert str(tmp_path / "root" / "HGG" / "Brats18_X") in message
     assert str(tmp_path / "root" / "Brats18_X") in message
+    assert message.startswith(f"{lst}:1: case folder {PUBLISHED!r} not found; tried ")
+    assert "--data_root" not in message  # given already
+
+
+def test_every_missing_entry_is_counted_and_the_data_root_flag_named(tmp_path, monkeypatch):
+    # A partial download: the first missing entry is named, the others counted.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Brats18_B").mkdir()
+    lst = tmp_path / "l.csv"
+    lst.write_text("Brats18_B\nBrats18_A\n# a comment\nBrats18_B\nBrats18_C\n")
+    with pytest.raises(DataError) as info:
+        read_datalist(lst)
+    assert str(info.value) == (
+        f"{lst}:2: case folder 'Brats18_A' not found (and 1 more of its 4 entries); tried "
+        f"{tmp_path / 'Brats18_A'}; pass --data_root DIR, the folder "
+        "holding the cases (or MICCAI_BraTS_2018_Data_Training/), to re-base the entries "
+        "(DATA_ROOT=DIR for run.sh and eval.sh)")
+    lst.write_text("Brats18_B\nBrats18_A\n")
+    with pytest.raises(DataError, match=r"^\S+:2: case folder 'Brats18_A' not found; tried "):
+        read_datalist(lst)
 
 
 def test_a_data_root_that_is_not_there_is_named(tmp_path, monkeypatch):
@@ -328,7 +348,9 @@ def test_resolve_list_published_data_dir(tmp_path, monkeypatch):
     assert resolve_list("datalist/BraTS18/test.csv", "datalist/") == Path("datalist/BraTS18/test.csv")
     assert resolve_list("missing.csv", "") == Path("missing.csv")  # no data_dir: as given
     with pytest.raises(DataError, match=r"^datalist missing.csv not found, nor datalist/missing.csv "
-                                        r"\(--data_dir datalist/\); check the path$"):
+                                        r"\(--data_dir datalist/\); check the path \(relative "
+                                        r"paths start in the current folder: run from the "
+                                        r"repository root, or pass --data_dir\)$"):
         resolve_list("missing.csv", "datalist/")
     # an absolute path is data_dir / path itself: named once
     with pytest.raises(DataError) as error:
