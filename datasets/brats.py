@@ -588,7 +588,8 @@ def case_files(case_dir, require_label=False, allow_missing=False):
     case_dir = Path(case_dir)
     files = find_case_files(case_dir, allow_missing)
     if require_label and "seg" not in files:
-        raise CaseError(case_dir.name, expected_file(case_dir, files, "seg"), "missing label (seg) file")
+        raise CaseError(case_dir.name, expected_file(case_dir, files, "seg"), "missing label (seg) "
+                        "file (training and the teacher election of --val_list need labels)")
     return files
 
 

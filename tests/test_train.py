@@ -787,7 +787,8 @@ def test_a_case_without_its_seg_file_is_named_before_training(data, tmp_path, li
                  str(tmp_path / "cache"), listed, str(tmp_path / "one.csv"))
     with pytest.raises(CaseError) as error:
         train.main(argv)
-    assert str(error.value) == f"case Synth_0001: {seg}: missing label (seg) file"
+    assert str(error.value) == (f"case Synth_0001: {seg}: missing label (seg) file (training and "
+                                "the teacher election of --val_list need labels)")
     assert not (snapshot / "config.json").exists()
     (tmp_path / seg.name).rename(seg)
     train.main(argv)
