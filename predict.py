@@ -18,12 +18,13 @@ K-means rule when T1ce is given. --figure writes a PNG of a slice through the tu
 the mask's name, .png).
 """
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import (brats_like_warnings, nifti_stem, read_files, to_network_order,
+from datasets.brats import (ALIASES, brats_like_warnings, nifti_stem, read_files, to_network_order,
                             to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
@@ -97,6 +98,21 @@ def check_args(args):
     return files
 
 
+def patients_warning(files):
+    """A warning when the files are named after different cases ('A_flair', 'B_t1ce': <case>
+    then a modality's name), or None. eval.py refuses such a case folder; here the files may be
+    named anyhow, so the names only warn."""
+    cases = {}
+    for modality, path in files.items():
+        named = re.fullmatch(r"(.+)[_-]([^_-]+)", nifti_stem(path))
+        if named and named[2].lower() in ALIASES[modality]:
+            cases[modality] = named[1]
+    if len({case.lower() for case in cases.values()}) > 1:
+        return ("the files are named after different cases (" + ", ".join(
+            f"--{m} {files[m].name}" for m in cases) + "): scans of one patient are expected")
+    return None
+
+
 def figure_path(args):
     """Where --figure writes (None without it): the given PNG, or the mask's name with .png."""
     if args.figure is None:
@@ -118,7 +134,7 @@ def main(argv=None):
     for part, path in dropped.items():
         print(f"{path.name} is all zero: {part} counted as missing")
     case = read_files(name, files)
-    for warning in brats_like_warnings(case):
+    for warning in [w for w in (patients_warning(files), *brats_like_warnings(case)) if w]:
         print(f"warning: {warning}", file=sys.stderr)
     model, _, window = load_model(args.checkpoint, args, device)
 

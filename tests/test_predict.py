@@ -1,4 +1,6 @@
 """predict.py: one case from explicit files, the same mask as eval.py, checks and warnings."""
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -134,6 +136,26 @@ def test_input_that_does_not_look_like_brats_is_warned_about(segmentation_setup,
     err = capsys.readouterr().err
     assert "warning: case m: flair_head.nii.gz: only 0% of the voxels are 0; not skull-stripped?" in err
     assert (tmp_path / "m.nii.gz").is_file()
+    assert "named after different cases" not in err  # 'flair_head' is not named <case>_<modality>
+    # another patient's T1ce: eval.py refuses such a case folder; here the names warn
+    predict.main([*files_of(case, "flair"), *files_of(cases[1], "t1ce"), "--checkpoint",
+                  str(root / "final.pth"), "--device", "cpu", "-o", str(tmp_path / "m2.nii.gz")])
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: the files are named after different cases (--flair "
+                          f"{case.name}_flair.nii.gz, --t1ce {cases[1].name}_t1ce.nii.gz): scans of "
+                          "one patient are expected\n")
+
+
+def test_file_names_of_one_case_in_any_scheme_do_not_warn():
+    def files(**names):
+        return {m: Path("in") / name for m, name in names.items()}
+    assert predict.patients_warning(files(flair="P01_flair.nii.gz", t1ce="p01_T1CE.nii")) is None
+    assert predict.patients_warning(files(t1="BraTS-GLI-00001-000-t1n.nii.gz",
+                                          t2="BraTS-GLI-00001-000-t2w.nii.gz")) is None
+    assert predict.patients_warning(files(flair="scan.nii.gz", t2="P02_t2.nii.gz")) is None
+    assert "(--t1 BraTS-GLI-00001-000-t1n.nii.gz, --t2 BraTS-GLI-00002-000-t2w.nii.gz)" in (
+        predict.patients_warning(files(t1="BraTS-GLI-00001-000-t1n.nii.gz",
+                                       t2="BraTS-GLI-00002-000-t2w.nii.gz")))
 
 
 def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path):
