@@ -149,6 +149,17 @@ def test_the_distillation_term_is_trained_with_its_weight(data, tmp_path, monkey
         assert total[i] == pytest.approx(dice[i] + bce[i] + 0.5 * kd[i], rel=1e-5)
 
 
+def test_the_bar_written_to_a_log_is_redrawn_every_10_s(data, tmp_path, capsys, monkeypatch):
+    # run.sh tees the output into logs/: a bar redrawn 10 times a second would fill it
+    real_step = train.step
+    monkeypatch.setattr(train, "step", lambda *a: time.sleep(0.05) or real_step(*a))
+    started = time.perf_counter()
+    train.main(flags(data, tmp_path / "run", 40, 100, "--val_list", ""))
+    seconds = time.perf_counter() - started
+    redraws = capsys.readouterr().err.count("/40 [")
+    assert seconds > 2 and 1 <= redraws <= 2 + seconds / 10  # the first, the last, every 10 s
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_state(data, tmp_path, monkeypatch):
     calls = []
 
