@@ -21,7 +21,8 @@
 #
 # The demo (GPU_ID = demo) needs no data and no GPU (it uses one if present): it generates the
 # synthetic BraTS-like dataset (20 cases of 96x96x64 voxels, a reduced size so that the whole
-# job fits in 15 minutes on 2 CPU cores) into data/synthetic/ if absent, trains the small model
+# job fits in 15 minutes on 2 CPU cores) into data/synthetic/ unless there already (other
+# DEMO_CASES or DEMO_SHAPE than the folder's are refused), trains the small model
 # through both stages (snapshots/demo_stage{1,2}/), exports masks for the test cases for all 15
 # subsets with a figure per case and a Dice chart (outputs/demo/), post-processes them
 # (outputs/demo_postprocessed/), segments one test case from its FLAIR and T1ce alone with
@@ -126,8 +127,8 @@ stage() {
 
 EXTRA=("$@")
 SECONDS=0
-if [ "$GPU" = demo ] && [ ! -f "$DEMO_DATA/test.csv" ]; then
-    "$PYTHON" -m datasets.synthetic --out_dir "$DEMO_DATA" --num_cases "$DEMO_CASES" --shape "$DEMO_SHAPE"
+if [ "$GPU" = demo ]; then  # kept when the folder holds it already, refused if of other settings
+    "$PYTHON" -m datasets.synthetic --out_dir "$DEMO_DATA" --num_cases "$DEMO_CASES" --shape "$DEMO_SHAPE" --reuse
 fi
 stage "${NAME}_stage1" --mode 0,1,2,3 --num_steps "$STAGE1_STEPS"
 # Stage 2 takes the iteration to continue from out of stage 1's final.pth (80000); re-run, it
@@ -141,9 +142,11 @@ if [ "$GPU" = demo ]; then
     "$PYTHON" eval.py --restore_from "snapshots/${NAME}_stage2/final.pth" --data_list "$DEMO_DATA/test.csv" \
         --mode all --output_dir "$OUT" --device auto --overwrite --figures
     # The published thresholds (2000 and 500 voxels) are for 240x240x155 volumes: scaled to
-    # the demo's 96x96x64 by the ratio of voxel counts (0.066).
+    # DEMO_SHAPE by the ratio of voxel counts, rounded (96x96x64: 0.066, 132 and 33 voxels).
+    IFS=, read -r X Y Z <<< "$DEMO_SHAPE"
     "$PYTHON" postprocess.py --input_dir "$OUT" --output_dir "${OUT}_postprocessed" \
-        --min_component 132 --et_threshold 33
+        --min_component $(( (2000 * X * Y * Z + 4464000) / 8928000 )) \
+        --et_threshold $(( (500 * X * Y * Z + 4464000) / 8928000 ))
     # One case as someone holding only its FLAIR and T1ce scans would segment it: the first of
     # the test list, read as eval.py reads lists (a BOM, CRLF, comments) -> name, flair, t1ce.
     CASE=$("$PYTHON" -c 'import sys; from datasets.brats import case_files, read_datalist

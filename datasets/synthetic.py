@@ -1,11 +1,13 @@
 """A BraTS-like synthetic dataset, generated on demand, in the BraTS 2018 layout.
 
     python -m datasets.synthetic --out_dir data/synthetic --num_cases 20 [--shape 240,240,155]
-                                 [--seed 0] [--format nii|nii.gz]
+                                 [--seed 0] [--format nii|nii.gz] [--reuse]
 
 writes DIR/Synth_0000/Synth_0000_{flair,t1,t1ce,t2,seg}.<fmt> ... and the split lists
 DIR/{train,val,test}.csv (one case folder name per line, relative to DIR, no header): in case
 order, the last 20 % (rounded, at least 1) are test, the 20 % before them val, the rest train.
+DIR/synthetic.json, written last, records the settings: with --reuse (run.sh demo) a folder
+that holds the dataset of the same settings is kept as it is, one of other settings refused.
 
 Each case: a brain (ellipsoid with a smoothly deformed surface) of white matter, grey matter
 (outer ribbon), CSF (lateral ventricles and a thin outer shell) and one tumour: edema (label 2)
@@ -25,6 +27,7 @@ same bytes (gzip is written with mtime 0 and no file name in its header).
 """
 import argparse
 import gzip
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,11 +35,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from utils.cli import ArgumentParser, int_at_least, path_given, run_cli
+from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, run_cli
 from utils.io import atomic_path, check_writable, write_text
 from utils.modalities import MODALITIES
 
 CASE_PREFIX = "Synth_"
+RECORD = "synthetic.json"  # the settings of the dataset in the folder
 SPLIT_FRACTIONS = {"val": 0.2, "test": 0.2}  # the rest is train
 
 # Mean intensity of each tissue per modality, relative to white matter on T1 (before the
@@ -333,6 +337,28 @@ def generate(out_dir, num_cases, shape_xyz=(240, 240, 155), seed=0, fmt="nii.gz"
     return case_dirs
 
 
+def reused(out_dir, settings):
+    """--reuse: whether out_dir holds the dataset of `settings` (its RECORD says so), which is
+    then kept; UsageError when it holds one of other settings. A folder without a record
+    (none, or an older version's dataset) is generated (the same settings give the same bytes)."""
+    try:
+        found = json.loads((out_dir / RECORD).read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{out_dir / RECORD}: unreadable ({err}); delete it to generate the "
+                         "dataset again") from None
+    if found != settings:
+        def describe(s):
+            return (f"{s.get('num_cases')} cases of {'x'.join(map(str, s.get('shape') or ()))}, "
+                    f"seed {s.get('seed')}, {s.get('format')}")
+        raise UsageError(f"{out_dir} holds a synthetic dataset of {describe(found)}, not "
+                         f"{describe(settings)}: delete the folder to generate it again, or give "
+                         "another one (DEMO_DATA for run.sh demo)")
+    print(f"{out_dir}: the synthetic dataset of these settings, kept ({RECORD})")
+    return True
+
+
 def main(argv=None):
     p = ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,14 +368,23 @@ def main(argv=None):
     p.add_argument("--shape", default="240,240,155", help="X,Y,Z volume size in voxels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="nii.gz", choices=("nii", "nii.gz"))
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the dataset the folder holds if it has these settings (a folder of "
+                        "other settings is refused)")
     args = p.parse_args(argv)
     try:
         shape = _volume_shape(args.shape.split(","))
     except ValueError:  # a size that is not an integer, or the check's own refusal
         p.error(f"--shape must be three comma-separated sizes >= 16, got {args.shape!r}")
     check_writable(args.out_dir)  # a file in its place: one line, not the first write's error
+    settings = {"num_cases": args.num_cases, "shape": list(shape), "seed": args.seed,
+                "format": args.format}
+    if args.reuse and reused(args.out_dir, settings):
+        return
     start = time.perf_counter()
+    (args.out_dir / RECORD).unlink(missing_ok=True)  # until the new dataset is complete
     cases = generate(args.out_dir, args.num_cases, shape, args.seed, args.format)
+    write_text(args.out_dir / RECORD, json.dumps(settings) + "\n")
     n_train, n_val, n_test = split_counts(len(cases))
     earlier = sorted(p.name for p in Path(args.out_dir).glob(f"{CASE_PREFIX}*") if p.is_dir()
                      and p not in cases)

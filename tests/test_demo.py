@@ -79,6 +79,14 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
                            text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "demo_stage2/final.pth exists" in again.stdout and "demo finished" in again.stdout
+    assert "data/synthetic: the synthetic dataset of these settings, kept" in again.stdout
+    # ... with another DEMO_SHAPE: refused, not trained on the old data without a word
+    other = subprocess.run(["bash", "run.sh", "demo"], cwd=repo, env=dict(env, DEMO_SHAPE="64,64,48"),
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and other.stderr == (
+        "error: data/synthetic holds a synthetic dataset of 5 cases of 64x64x32, seed 0, "
+        "nii.gz, not 5 cases of 64x64x48, seed 0, nii.gz: delete the folder to generate it again, "
+        "or give another one (DEMO_DATA for run.sh demo)\n")
     # ... and with a longer stage 1, stopped at once: the finished stage is not that run
     longer = subprocess.run(["bash", "run.sh", "demo"], cwd=repo, env=dict(env, STAGE1_STEPS="6"),
                             capture_output=True, text=True, timeout=600)

@@ -1,5 +1,7 @@
 """The synthetic BraTS-like generator: layout, file format, determinism and designed contrasts."""
 import gzip
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from scipy.ndimage import gaussian_filter
 from datasets import synthetic
 from datasets.brats import load_case
 from datasets.normalize import case_params
+from utils.cli import UsageError
 from utils.modalities import MODALITIES
 from utils.regions import REGIONS, labels_to_regions
 
@@ -49,12 +52,47 @@ def test_writing_over_an_earlier_dataset_leaves_one_file_per_part_and_names_extr
         "of its lists: delete them before reading the folder as a whole (eval.py --input)\n")
 
 
+def test_reuse_keeps_the_same_dataset_and_refuses_one_of_other_settings(tmp_path, capsys):
+    # run.sh demo: a second run must neither rewrite the data nor train on a dataset of other
+    # DEMO_CASES / DEMO_SHAPE without a word.
+    flags = ["--out_dir", str(tmp_path), "--num_cases", "2", "--shape", "16,16,16", "--reuse"]
+    synthetic.main(flags)
+    assert json.loads((tmp_path / "synthetic.json").read_text()) == {
+        "num_cases": 2, "shape": [16, 16, 16], "seed": 0, "format": "nii.gz"}
+    flair = tmp_path / "Synth_0000" / "Synth_0000_flair.nii.gz"
+    written = flair.stat().st_mtime_ns
+    capsys.readouterr()
+    synthetic.main(flags)
+    assert capsys.readouterr().out == f"{tmp_path}: the synthetic dataset of these settings, kept (synthetic.json)\n"
+    assert flair.stat().st_mtime_ns == written
+    with pytest.raises(UsageError) as error:
+        synthetic.main([*flags[:4], "--shape", "16,16,24", "--reuse"])
+    assert str(error.value) == (
+        f"{tmp_path} holds a synthetic dataset of 2 cases of 16x16x16, seed 0, nii.gz, not 2 cases "
+        "of 16x16x24, seed 0, nii.gz: delete the folder to generate it again, or give another one "
+        "(DEMO_DATA for run.sh demo)")
+    assert flair.stat().st_mtime_ns == written
+    # without --reuse the folder is written again, with the new settings recorded
+    synthetic.main([*flags[:4], "--shape", "16,16,24"])
+    assert nib.load(flair).shape == (16, 16, 24)
+    assert json.loads((tmp_path / "synthetic.json").read_text())["shape"] == [16, 16, 24]
+    # a dataset of an older version (no record) is generated again: the same settings, the same bytes
+    (tmp_path / "synthetic.json").unlink()
+    before = _sha(flair)
+    synthetic.main([*flags[:4], "--shape", "16,16,24", "--reuse"])
+    assert _sha(flair) == before and (tmp_path / "synthetic.json").is_file()
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_cli_writes_brats_layout(tmp_path):
     synthetic.main(["--out_dir", str(tmp_path), "--num_cases", "3", "--shape", "48,48,32",
                     "--seed", "1"])
     names = ["Synth_0000", "Synth_0001", "Synth_0002"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["test.csv", "train.csv",
-                                                                         "val.csv"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        names + ["synthetic.json", "test.csv", "train.csv", "val.csv"])
     for name in names:
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(
             f"{name}_{k}.nii.gz" for k in FILES)
