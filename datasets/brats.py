@@ -374,16 +374,33 @@ def find_case_files(case_dir, allow_missing=False):
     _refuse_strangers(case_dir, files, scheme, unknown, missing)
     if len(missing) == len(MODALITIES):
         names = ", ".join(expected_file(case_dir, files, part).name for part in MODALITIES)
-        nested = next((p for p in sorted(case_dir.iterdir())
-                       if p.is_dir() and not p.name.startswith(".") and _holds_nifti(p)), None)
-        hint = (f"; it is a folder of case folders (e.g. {nested.name}), not a case: point "
-                "--input at it, or list its case folders" if nested else "")
+        nested = _nested_case(case_dir)
+        if nested is None:
+            hint = ""
+        elif nested.parent == case_dir:
+            hint = (f"; it is a folder of case folders (e.g. {nested.name}), not a case: point "
+                    "--input at it, or list its case folders")
+        else:  # a dataset's root (MICCAI_BraTS_2018_Data_Training/HGG/<case>)
+            hint = (f"; case folders lie two levels down (e.g. {nested.parent.name}/{nested.name}), "
+                    f"not a case: point --input at {case_dir / nested.parent.name}, or give a "
+                    f"--data_list with --data_root {case_dir}")
         raise CaseError(case, case_dir,
                         f"no modality file (expected at least one of {names}){hint}")
     if missing and not allow_missing:
         raise CaseError(case, expected_file(case_dir, files, missing[0]),
                         f"missing {missing[0]} file (found {sorted(files)})")
     return {part: files[part] for part in (*MODALITIES, "seg") if part in files}
+
+
+def _nested_case(folder):
+    """The first folder holding NIfTI files one or two levels below `folder` (what a folder of
+    case folders taken for a case holds), or None. Only for a message."""
+    def subfolders(f):
+        return [p for p in sorted(f.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+    level1 = subfolders(folder)
+    return next((p for p in level1 if _holds_nifti(p)), None) or next(
+        (q for p in level1 for q in subfolders(p) if _holds_nifti(q)), None)
 
 
 def _refuse_strangers(case_dir, files, scheme, unknown, missing):

@@ -480,6 +480,12 @@ def test_a_folder_of_cases_taken_for_a_case_is_named_so(tmp_path):
         f"case HGG: {hgg}: no modality file (expected at least one of HGG_flair.nii.gz, "
         "HGG_t1.nii.gz, HGG_t1ce.nii.gz, HGG_t2.nii.gz); it is a folder of case folders (e.g. "
         "Brats18_X), not a case: point --input at it, or list its case folders")
+    # eval.py --input at the dataset's root: Training (and Validation) taken for cases
+    with pytest.raises(CaseError) as info:
+        find_case_files(tmp_path / "Training", allow_missing=True)
+    assert str(info.value).endswith(
+        "; case folders lie two levels down (e.g. HGG/Brats18_X), not a case: point --input at "
+        f"{hgg}, or give a --data_list with --data_root {tmp_path / 'Training'}")
 
 
 def test_a_case_without_any_modality_names_the_files_expected(tmp_path):
