@@ -611,11 +611,11 @@ def report(args, mode, cases, rows):
     if mode == AVAILABLE:
         names = set(cases["available"])
         subsets = [s for s in ALL_SUBSETS if subset_name(s) in names]
-        print(f"masks of {len(cases)} cases, each with the modalities it has, written to "
+        print(f"masks of {len(cases)} case(s), each with the modalities it has, written to "
               f"{output_dir / AVAILABLE}")
     else:
         subsets = mode
-        print(f"masks of {len(cases)} cases x {len(subsets)} subset(s) written to {output_dir}")
+        print(f"masks of {len(cases)} case(s) x {len(subsets)} subset(s) written to {output_dir}")
     if args.figures:
         print(f"figures: {output_dir / FIGURE_FOLDER}/<case>.png")
     if not rows:
