@@ -36,11 +36,14 @@ import nibabel as nib
 import numpy as np
 
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, run_cli
+from datasets.brats import datalist_entries
 from utils.io import atomic_path, check_writable, write_text
 from utils.modalities import MODALITIES
 
 CASE_PREFIX = "Synth_"
 RECORD = "synthetic.json"  # the settings of the dataset in the folder
+BRATS18_LISTS = Path(__file__).resolve().parents[1] / "datalist" / "BraTS18"
+LAYOUTS = ("flat", "brats18")
 SPLIT_FRACTIONS = {"val": 0.2, "test": 0.2}  # the rest is train
 
 # Mean intensity of each tissue per modality, relative to white matter on T1 (before the
@@ -305,28 +308,39 @@ def _volume_shape(sizes):
     return shape
 
 
+def _check_format(fmt):
+    if fmt not in ("nii", "nii.gz"):
+        raise ValueError(f"fmt must be 'nii' or 'nii.gz', got {fmt!r}")
+
+
+def _write_case(case_dir, rng, shape_xyz, fmt, labelled=True):
+    """Draw one case from `rng` and write it into case_dir as <folder name>_<part>.<fmt>."""
+    name = case_dir.name
+    images, label = _synth_case(rng, shape_xyz)
+    affine = affine_for(shape_xyz)
+    # A case written before in the other format, or with its label, would leave stray files.
+    other = "nii" if fmt == "nii.gz" else "nii.gz"
+    for part in (*images, "seg"):
+        (case_dir / f"{name}_{part}.{other}").unlink(missing_ok=True)
+    (case_dir / f"{name}_seg.{fmt}").unlink(missing_ok=True)
+    for modality, vol in images.items():
+        _write_nifti(vol, affine, case_dir / f"{name}_{modality}.{fmt}")
+    if labelled:
+        _write_nifti(label, affine, case_dir / f"{name}_seg.{fmt}")
+
+
 def generate(out_dir, num_cases, shape_xyz=(240, 240, 155), seed=0, fmt="nii.gz"):
     """Write `num_cases` synthetic cases and the split lists into `out_dir`; return the case
     folders (Paths, in index order). Case k is drawn from np.random.default_rng([seed, k])."""
-    if fmt not in ("nii", "nii.gz"):
-        raise ValueError(f"fmt must be 'nii' or 'nii.gz', got {fmt!r}")
+    _check_format(fmt)
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     shape_xyz = _volume_shape(shape_xyz)
     out_dir = Path(out_dir)
-    affine = affine_for(shape_xyz)
     case_dirs = []
-    other = "nii" if fmt == "nii.gz" else "nii.gz"  # an earlier run's format, to remove
     for k in range(num_cases):
-        name = case_name(k)
-        images, label = _synth_case(np.random.default_rng([seed, k]), shape_xyz)
-        case_dir = out_dir / name
-        # A case written before in the other format would leave two files per part.
-        for part in (*images, "seg"):
-            (case_dir / f"{name}_{part}.{other}").unlink(missing_ok=True)
-        for modality, vol in images.items():
-            _write_nifti(vol, affine, case_dir / f"{name}_{modality}.{fmt}")
-        _write_nifti(label, affine, case_dir / f"{name}_seg.{fmt}")
+        case_dir = out_dir / case_name(k)
+        _write_case(case_dir, np.random.default_rng([seed, k]), shape_xyz, fmt)
         case_dirs.append(case_dir)
     n_train, n_val, _ = split_counts(num_cases)
     names = [d.name for d in case_dirs]
@@ -350,8 +364,10 @@ def reused(out_dir, settings):
                          "dataset again") from None
     if found != settings:
         def describe(s):
-            return (f"{s.get('num_cases')} cases of {'x'.join(map(str, s.get('shape') or ()))}, "
-                    f"seed {s.get('seed')}, {s.get('format')}")
+            cases = ("the BraTS 2018 layout" if s.get("layout") == "brats18"
+                     else f"{s.get('num_cases')} cases")
+            return (f"{cases} of {'x'.join(map(str, s.get('shape') or ()))}, seed {s.get('seed')}, "
+                    f"{s.get('format')}")
         raise UsageError(f"{out_dir} holds a synthetic dataset of {describe(found)}, not "
                          f"{describe(settings)}: delete the folder to generate it again, or give "
                          "another one (DEMO_DATA for run.sh demo)")
@@ -359,12 +375,45 @@ def reused(out_dir, settings):
     return True
 
 
+def brats18_cases(list_dir=BRATS18_LISTS):
+    """The folders of the official BraTS 2018 lists, relative to the dataset's root, each with
+    whether it is labelled: the 285 training cases (MICCAI_BraTS_2018_Data_Training/HGG or
+    LGG/<case>, labelled) and the 66 validation cases (MICCAI_BraTS_2018_Data_Validation/<case>,
+    no seg file, as the challenge gives them). -> [(relative Path, labelled)]"""
+    cases = []
+    for name, labelled in (("BraTS18_train_all.csv", True), ("BraTS18_test.csv", False)):
+        for _, entry in datalist_entries(Path(list_dir) / name):
+            parts = Path(entry).parts
+            root = next(i for i, part in enumerate(parts) if part.startswith("MICCAI_BraTS_2018_"))
+            cases.append((Path(*parts[root:]), labelled))
+    return cases
+
+
+def generate_brats18(out_dir, shape_xyz=(240, 240, 155), seed=0, fmt="nii.gz"):
+    """Write a synthetic case for every case of the official BraTS 2018 lists (brats18_cases)
+    under out_dir, in the challenge's layout, so that the official lists, run.sh and eval.sh
+    run on it with DATA_ROOT=out_dir; return the case folders. Case k of brats18_cases is
+    drawn from np.random.default_rng([seed, k])."""
+    _check_format(fmt)
+    shape_xyz = _volume_shape(shape_xyz)
+    case_dirs = []
+    for k, (folder, labelled) in enumerate(brats18_cases()):
+        case_dir = Path(out_dir) / folder
+        _write_case(case_dir, np.random.default_rng([seed, k]), shape_xyz, fmt, labelled)
+        case_dirs.append(case_dir)
+    return case_dirs
+
+
 def main(argv=None):
     p = ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", type=path_given, required=True,
                    help="output folder (created if needed)")
-    p.add_argument("--num_cases", type=int_at_least(1), required=True)
+    p.add_argument("--num_cases", type=int_at_least(1),
+                   help="cases of the flat layout (the brats18 layout has the official lists' 351)")
+    p.add_argument("--layout", default="flat", choices=LAYOUTS,
+                   help="flat: Synth_0000/ ... and train/val/test.csv; brats18: the official "
+                        "lists' cases in the challenge's folders (default %(default)s)")
     p.add_argument("--shape", default="240,240,155", help="X,Y,Z volume size in voxels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="nii.gz", choices=("nii", "nii.gz"))
@@ -372,17 +421,28 @@ def main(argv=None):
                    help="keep the dataset the folder holds if it has these settings (a folder of "
                         "other settings is refused)")
     args = p.parse_args(argv)
+    if (args.layout == "flat") != (args.num_cases is not None):
+        p.error("--num_cases is needed by the flat layout, and has no use in the brats18 layout "
+                "(the official lists' 351 cases)")
     try:
         shape = _volume_shape(args.shape.split(","))
     except ValueError:  # a size that is not an integer, or the check's own refusal
         p.error(f"--shape must be three comma-separated sizes >= 16, got {args.shape!r}")
     check_writable(args.out_dir)  # a file in its place: one line, not the first write's error
-    settings = {"num_cases": args.num_cases, "shape": list(shape), "seed": args.seed,
-                "format": args.format}
+    settings = {"layout": args.layout, "num_cases": args.num_cases, "shape": list(shape),
+                "seed": args.seed, "format": args.format}
     if args.reuse and reused(args.out_dir, settings):
         return
     start = time.perf_counter()
     (args.out_dir / RECORD).unlink(missing_ok=True)  # until the new dataset is complete
+    if args.layout == "brats18":
+        cases = generate_brats18(args.out_dir, shape, args.seed, args.format)
+        write_text(args.out_dir / RECORD, json.dumps(settings) + "\n")
+        print(f"wrote {len(cases)} cases of {'x'.join(map(str, shape))} to {args.out_dir} in the "
+              f"BraTS 2018 layout (the official lists' training cases with labels, validation "
+              f"cases without) in {time.perf_counter() - start:.1f} s; use it as the data root: "
+              f"DATA_ROOT={args.out_dir} bash run.sh ...")
+        return
     cases = generate(args.out_dir, args.num_cases, shape, args.seed, args.format)
     write_text(args.out_dir / RECORD, json.dumps(settings) + "\n")
     n_train, n_val, n_test = split_counts(len(cases))

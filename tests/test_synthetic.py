@@ -12,7 +12,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from datasets import synthetic
-from datasets.brats import load_case
+from datasets.brats import case_files, load_case, read_datalist
 from datasets.normalize import case_params
 from utils.cli import UsageError
 from utils.modalities import MODALITIES
@@ -58,7 +58,7 @@ def test_reuse_keeps_the_same_dataset_and_refuses_one_of_other_settings(tmp_path
     flags = ["--out_dir", str(tmp_path), "--num_cases", "2", "--shape", "16,16,16", "--reuse"]
     synthetic.main(flags)
     assert json.loads((tmp_path / "synthetic.json").read_text()) == {
-        "num_cases": 2, "shape": [16, 16, 16], "seed": 0, "format": "nii.gz"}
+        "layout": "flat", "num_cases": 2, "shape": [16, 16, 16], "seed": 0, "format": "nii.gz"}
     flair = tmp_path / "Synth_0000" / "Synth_0000_flair.nii.gz"
     written = flair.stat().st_mtime_ns
     capsys.readouterr()
@@ -117,6 +117,31 @@ def test_cli_writes_brats_layout(tmp_path):
     assert lists == {"train": ["Synth_0000"], "val": ["Synth_0001"], "test": ["Synth_0002"]}
 
 
+def test_brats18_layout_serves_the_official_lists(tmp_path, capsys):
+    # So that DATA_ROOT=<it> bash run.sh / eval.sh run with the official lists before the data come.
+    synthetic.main(["--out_dir", str(tmp_path), "--layout", "brats18", "--shape", "16,16,16"])
+    assert capsys.readouterr().out.startswith(f"wrote 351 cases of 16x16x16 to {tmp_path} in the "
+                                              "BraTS 2018 layout")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "MICCAI_BraTS_2018_Data_Training", "MICCAI_BraTS_2018_Data_Validation", "synthetic.json"]
+    lists = ROOT / "datalist" / "BraTS18"
+    for name, count, labelled in (("BraTS18_train_all.csv", 285, True), ("BraTS18_train.csv", 228, True),
+                                  ("BraTS18_val.csv", 57, True), ("BraTS18_test.csv", 66, False)):
+        folders = read_datalist(lists / name, tmp_path)
+        assert len(folders) == count
+        for folder in folders:
+            assert ("seg" in case_files(folder)) == labelled, folder
+    hgg = tmp_path / "MICCAI_BraTS_2018_Data_Training" / "HGG"
+    assert len(list(hgg.iterdir())) + len(list(hgg.with_name("LGG").iterdir())) == 285
+    # the training list's first case is the generator's case 0, as in the flat layout
+    first = read_datalist(lists / "BraTS18_train_all.csv", tmp_path)[0]
+    flat = synthetic.generate(tmp_path / "flat", 1, shape_xyz=(16, 16, 16))[0]
+    for part in FILES:
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(first / f"{first.name}_{part}.nii.gz").dataobj),
+            np.asarray(nib.load(flat / f"{flat.name}_{part}.nii.gz").dataobj))
+
+
 def test_generate_nii_and_splits(tmp_path):
     dirs = synthetic.generate(tmp_path, 5, shape_xyz=SMALL, seed=0, fmt="nii")
     assert dirs == [tmp_path / f"Synth_{k:04d}" for k in range(5)]
@@ -145,6 +170,10 @@ def test_bad_arguments():
     (["--num_cases", "2", "--shape", "8,64,64"], "--shape must be three comma-separated sizes >= 16, got '8,64,64'"),
     (["--num_cases", "2", "--shape", "64,64"], "--shape must be three comma-separated sizes >= 16, got '64,64'"),
     (["--num_cases", "1", "--out_dir", ""], "argument --out_dir: expected a path, got ''"),
+    ([], "--num_cases is needed by the flat layout, and has no use in the brats18 layout (the "
+         "official lists' 351 cases)"),
+    (["--num_cases", "3", "--layout", "brats18"], "--num_cases is needed by the flat layout, and "
+     "has no use in the brats18 layout (the official lists' 351 cases)"),
 ])
 def test_cli_mistakes_are_one_line(tmp_path, flags, expected):
     run = subprocess.run([sys.executable, "-m", "datasets.synthetic", "--out_dir", str(tmp_path / "out"),
