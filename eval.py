@@ -75,7 +75,7 @@ from datasets.brats import (
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
-from utils.cli import ArgumentParser, UsageError, path_given, positive_int, run_cli
+from utils.cli import ArgumentParser, UsageError, path_given, positive_int, progress_interval, run_cli
 from utils.export import CASES_RECORD, EVAL_RECORD, read_mask, save_labels
 from utils.io import (atomic_path, check_file_writable, file_sha256, is_temp,
                       remove_stale_temps, write_text)
@@ -572,7 +572,8 @@ def run(args, mode, folders, files, model, window, device, done=frozenset(), pro
     with ThreadPoolExecutor(1) as reader, thread_pool(args.workers) as writers:
         waiting = deque()
         next_case = reader.submit(read, folders[0]) if folders else None
-        for i in tqdm(range(len(folders)), desc="cases", unit="case", disable=not progress):
+        for i in tqdm(range(len(folders)), desc="cases", unit="case", disable=not progress,
+                      mininterval=progress_interval()):
             case, warnings = next_case.result()
             if i + 1 < len(folders):
                 next_case = reader.submit(read, folders[i + 1])

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from datasets.brats import (EXTENSIONS, CaseError, case_files, is_placeholder, named_like_a_scan,
                             nifti_stem, open_files, read_files, require_modalities, to_nifti_order)
-from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, run_cli
+from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, progress_interval, run_cli
 from utils.export import CASES_RECORD, EVAL_RECORD, read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
@@ -281,7 +281,8 @@ def main(argv=None):
         stale = remove_temps_below(output_dir)
         if stale:
             print(f"deleted {stale} temporary file(s) left in {args.output_dir} by interrupted writes")
-        progress = dict(total=len(jobs), desc="postprocess", unit="mask")
+        progress = dict(total=len(jobs), desc="postprocess", unit="mask",
+                        mininterval=progress_interval())
         if args.num_workers == 0:
             infos = [process_file(job) for job in tqdm(jobs, **progress)]
         else:

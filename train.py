@@ -58,7 +58,8 @@ from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
 from utils.cli import (PUBLISHED_INPUT_SIZE, USER_ERRORS, ArgumentParser, StopSignals, UsageError,
-                       ignore_stop_signals, run_cli, str2bool, window_size)
+                       ignore_stop_signals, progress_interval, run_cli, str2bool,
+                       window_size)
 from utils.election import (append_history, elect, format_result, mean_dice, read_history,
                             teacher_names)
 from utils.overlay import overlay_panel
@@ -642,10 +643,8 @@ def train(args, lists, dist_info, device):
     losses = []
     good = snapshot(start)  # checked finite when loaded, or freshly initialised
     window, window_subsets, window_start = [], [], start
-    # Not on a terminal (run.sh's tee writes it to the log too), the bar is redrawn every 10 s
-    # instead of 10 times a second: megabytes of redraws an hour of training, in one line.
     progress = tqdm(total=args.num_steps, initial=start, disable=not main_rank, dynamic_ncols=True,
-                    mininterval=0.1 if sys.stderr.isatty() else 10)
+                    mininterval=progress_interval())
     t0 = time.perf_counter()
     timing_start, data_wait = None, 0.0  # steady-state timing, after --timing_warmup iterations
     with (StopSignals(log) as stop_signals, progress,  # the bar is closed before any message

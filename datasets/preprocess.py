@@ -55,7 +55,7 @@ from tqdm import tqdm
 from datasets import normalize as norm
 from datasets.brats import CaseError, case_files, read_datalist, read_files, refuse_duplicates
 from datasets.sampling import foreground_locations
-from utils.cli import ArgumentParser, path_given, positive_int, run_cli
+from utils.cli import ArgumentParser, path_given, positive_int, progress_interval, run_cli
 from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
@@ -503,7 +503,8 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
     names = [folder.name for folder in folders]
     jobs = [(folder, case_folder(cache_dir, name), require_label) for folder, name in zip(folders, names)]
     num_workers = default_workers() if num_workers is None else num_workers
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress,
+               mininterval=progress_interval())
     built, sources = [], {}
 
     def done(result):

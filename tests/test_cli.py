@@ -238,3 +238,11 @@ def test_run_cli_sets_the_thread_hook_from_the_main_thread_only_and_restores_it(
     worker.start()
     worker.join()
     assert seen[1] is before and threading.excepthook is before  # another thread: untouched
+
+
+def test_progress_bars_are_redrawn_every_10_s_off_a_terminal(monkeypatch):
+    # run.sh / eval.sh tee the bars into logs/: tqdm's 0.1 s there is megabytes of redraws
+    from utils.cli import progress_interval
+    for tty, interval in ((True, 0.1), (False, 10)):
+        monkeypatch.setattr(sys, "stderr", type("Stream", (), {"isatty": lambda self, t=tty: t})())
+        assert progress_interval() == interval

@@ -219,6 +219,13 @@ def _set_stdout_errors(errors):
     return previous
 
 
+def progress_interval():
+    """tqdm's mininterval for a progress bar on stderr: tqdm's 0.1 s on a terminal; 10 s
+    elsewhere (run.sh and eval.sh tee the output into logs/), where 10 redraws a second would
+    fill a long run's log with megabytes of them, in one line."""
+    return 0.1 if sys.stderr.isatty() else 10
+
+
 def run_cli(main, user_errors=USER_ERRORS, argv=None):
     """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
