@@ -143,10 +143,12 @@ if [ "$GPU" = demo ]; then
         --mode all --output_dir "$OUT" --device auto --overwrite --figures
     # The published thresholds (2000 and 500 voxels) are for 240x240x155 volumes: scaled to
     # DEMO_SHAPE by the ratio of voxel counts, rounded (96x96x64: 0.066, 132 and 33 voxels).
-    IFS=, read -r X Y Z <<< "$DEMO_SHAPE"
+    # Base 10, spaces dropped, as datasets.synthetic read the sizes (bash reads '064' as octal).
+    IFS=, read -r X Y Z <<< "${DEMO_SHAPE// /}"
+    VOXELS=$(( 10#$X * 10#$Y * 10#$Z ))
     "$PYTHON" postprocess.py --input_dir "$OUT" --output_dir "${OUT}_postprocessed" \
-        --min_component $(( (2000 * X * Y * Z + 4464000) / 8928000 )) \
-        --et_threshold $(( (500 * X * Y * Z + 4464000) / 8928000 ))
+        --min_component $(( (2000 * VOXELS + 4464000) / 8928000 )) \
+        --et_threshold $(( (500 * VOXELS + 4464000) / 8928000 ))
     # One case as someone holding only its FLAIR and T1ce scans would segment it: the first of
     # the test list, read as eval.py reads lists (a BOM, CRLF, comments) -> name, flair, t1ce.
     CASE=$("$PYTHON" -c 'import sys; from datasets.brats import case_files, read_datalist

@@ -28,6 +28,7 @@ same bytes (gzip is written with mtime 0 and no file name in its header).
 import argparse
 import gzip
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -424,8 +425,13 @@ def main(argv=None):
     if (args.layout == "flat") != (args.num_cases is not None):
         p.error("--num_cases is needed by the flat layout, and has no use in the brats18 layout "
                 "(the official lists' 351 cases)")
+    sizes = args.shape.split(",")
     try:
-        shape = _volume_shape(args.shape.split(","))
+        # Decimal digits only: run.sh demo reads DEMO_SHAPE in bash too, where '+96', '6_4' and
+        # other digits than 0-9 (all ints to Python) are errors.
+        if not all(re.fullmatch(r" *[0-9]+ *", size) for size in sizes):
+            raise ValueError(args.shape)
+        shape = _volume_shape(sizes)
     except ValueError:  # a size that is not an integer, or the check's own refusal
         p.error(f"--shape must be three comma-separated sizes >= 16, got {args.shape!r}")
     check_writable(args.out_dir)  # a file in its place: one line, not the first write's error

@@ -296,3 +296,25 @@ def test_a_python_path_with_a_space_a_linked_script_and_a_name_with_a_slash(tmp_
         assert (refused.returncode, refused.stderr) == (2, (
             "error: NAME=team/exp1 holds a '/': NAME names folders and log files "
             "(snapshots/NAME_stage1, logs/...); give one without '/'\n"))
+
+
+@pytest.mark.parametrize("shape, thresholds", [
+    ("96,96,64", ("132", "33")), ("96, 96, 064", ("132", "33")), ("0096,96,64", ("132", "33")),
+    ("32,32,24", ("6", "1")),
+])
+def test_run_sh_demo_scales_the_thresholds_from_demo_shape_in_base_10(tmp_path, shape, thresholds):
+    # datasets.synthetic reads '064' as 64; bash arithmetic read it as octal 52 (107 and 27,
+    # silently) and '0096' as an error, after the whole training.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    copy_scripts(repo, "run.sh")
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "$@"\n')  # prints the command the script starts
+    python.chmod(0o755)
+    done = subprocess.run(["bash", "run.sh", "demo"], cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=str(python), DEMO_SHAPE=shape,
+                                   LAUNCH=str(python)), timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (post,) = [line.split() for line in done.stdout.splitlines() if line.startswith("postprocess.py")]
+    flags = dict(zip(post[1::2], post[2::2]))
+    assert (flags["--min_component"], flags["--et_threshold"]) == thresholds
