@@ -37,6 +37,8 @@ from utils.postprocessing import (add_threshold_args, orientation_warning, postp
 from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
+MODALITY_TOKENS = set().union(*ALIASES.values())  # any modality's name in a file name
+
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="predict.py", description=__doc__,
@@ -104,10 +106,13 @@ def patients_warning(files):
     named anyhow, so the names only warn."""
     cases = {}
     for modality, path in files.items():
-        named = re.fullmatch(r"(.+)[_-]([^_-]+)", nifti_stem(path))
-        if named and named[2].lower() in ALIASES[modality]:
-            cases[modality] = named[1]
-    if len({case.lower() for case in cases.values()}) > 1:
+        *case, token = re.split(r"[_-]", nifti_stem(path).lower())
+        if case and token in ALIASES[modality]:
+            # other modality tokens before it belong to the modality's name: P01_T2_FLAIR, P01_t1_ce
+            while len(case) > 1 and case[-1] in MODALITY_TOKENS:
+                case.pop()
+            cases[modality] = case
+    if len({tuple(case) for case in cases.values()}) > 1:
         return ("the files are named after different cases (" + ", ".join(
             f"--{m} {files[m].name}" for m in cases) + "): scans of one patient are expected")
     return None

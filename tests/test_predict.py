@@ -153,6 +153,13 @@ def test_file_names_of_one_case_in_any_scheme_do_not_warn():
     assert predict.patients_warning(files(t1="BraTS-GLI-00001-000-t1n.nii.gz",
                                           t2="BraTS-GLI-00001-000-t2w.nii.gz")) is None
     assert predict.patients_warning(files(flair="scan.nii.gz", t2="P02_t2.nii.gz")) is None
+    # a modality named in two tokens: T2_FLAIR, T1_ce
+    assert predict.patients_warning(files(flair="P01_T2_FLAIR.nii.gz", t1="P01_T1.nii.gz",
+                                          t1ce="P01-t1-ce.nii.gz", t2="p01_t2.nii.gz")) is None
+    assert predict.patients_warning(files(flair="sub-01_ses-1_FLAIR.nii.gz",
+                                          t1="sub-01_ses-1_T1w.nii.gz")) is None
+    assert "(--flair P02_T2_FLAIR.nii.gz, --t1 P01_T1.nii.gz)" in predict.patients_warning(
+        files(flair="P02_T2_FLAIR.nii.gz", t1="P01_T1.nii.gz"))
     assert "(--t1 BraTS-GLI-00001-000-t1n.nii.gz, --t2 BraTS-GLI-00002-000-t2w.nii.gz)" in (
         predict.patients_warning(files(t1="BraTS-GLI-00001-000-t1n.nii.gz",
                                        t2="BraTS-GLI-00002-000-t2w.nii.gz")))
