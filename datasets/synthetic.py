@@ -358,6 +358,8 @@ def reused(out_dir, settings):
     (none, or an older version's dataset) is generated (the same settings give the same bytes)."""
     try:
         found = json.loads((out_dir / RECORD).read_text())
+        if not isinstance(found, dict) or not isinstance(found.get("shape"), list):
+            raise ValueError("not a record of settings")  # edited: no traceback below
     except FileNotFoundError:
         return False
     except (OSError, ValueError) as err:

@@ -83,6 +83,19 @@ def test_reuse_keeps_the_same_dataset_and_refuses_one_of_other_settings(tmp_path
     assert _sha(flair) == before and (tmp_path / "synthetic.json").is_file()
 
 
+@pytest.mark.parametrize("record, why", [("{", "Expecting property name enclosed in double quotes: "
+                                                  "line 1 column 2 (char 1)"),
+                                          ("[]", "not a record of settings"),
+                                          ('{"shape": 5}', "not a record of settings")])
+def test_reuse_names_a_record_it_cannot_read(tmp_path, record, why):
+    (tmp_path / "synthetic.json").write_text(record)
+    with pytest.raises(UsageError) as error:
+        synthetic.main(["--out_dir", str(tmp_path), "--num_cases", "2", "--shape", "16,16,16",
+                        "--reuse"])
+    assert str(error.value) == (f"{tmp_path / 'synthetic.json'}: unreadable ({why}); delete it to "
+                                "generate the dataset again")
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
