@@ -99,10 +99,12 @@ def find_masks(input_dir):
 def check_input(sources, input_dir, args):
     """Refuse an input that is not one folder of masks: MRI scans (a data folder), or masks
     more than one sub-folder down (a folder of several runs: their masks would be mixed in one
-    upload)."""
-    scans = [p for p in sources if named_like_a_scan(p)]
+    upload). A data folder is told by its scans: '<folder>_seg' files alone are masks named
+    like labels in a folder named like their cases (BraTS2021/BraTS2021_00000_seg.nii.gz)."""
+    scans = [p for p in sources if named_like_a_scan(p)
+             and not nifti_stem(p).lower().endswith(("_seg", "-seg"))]
     if scans:
-        raise UsageError(f"--input_dir {args.input_dir} holds MRI scans or labels, not masks "
+        raise UsageError(f"--input_dir {args.input_dir} holds MRI scans, not masks "
                          f"(e.g. {scans[0].relative_to(input_dir)}): give eval.py's output folder "
                          f"({DEFAULT_INPUT_DIR} after eval.sh) or a folder of masks")
     deep = [p for p in sources if len(p.relative_to(input_dir).parts) > 2]

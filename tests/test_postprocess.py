@@ -546,7 +546,7 @@ def test_a_data_folder_or_a_folder_of_several_runs_as_input_is_refused(tmp_path)
     _write(tmp_path / "outputs" / "demo_predict" / "mask.nii.gz", label, np.eye(4))
     out = tmp_path / "out"
     for given, message in (
-            ("data", "holds MRI scans or labels, not masks (e.g. Synth_0000/Synth_0000_flair.nii.gz): "
+            ("data", "holds MRI scans, not masks (e.g. Synth_0000/Synth_0000_flair.nii.gz): "
                      "give eval.py's output folder (outputs/LCKD after eval.sh) or a folder of masks"),
             ("outputs", "holds masks more than one folder down (e.g. LCKD/flair/A.nii.gz), the "
                         f"outputs of several runs? Give one run's folder (e.g. --input_dir "
@@ -559,6 +559,16 @@ def test_a_data_folder_or_a_folder_of_several_runs_as_input_is_refused(tmp_path)
     postprocess.main(["--input_dir", str(tmp_path / "outputs" / "LCKD"), "--output_dir", str(out),
                       "--num_workers", "0"])
     assert [str(p.relative_to(out)) for p in out.rglob("*.nii.gz")] == ["flair/A.nii.gz"]
+
+
+def test_a_flat_folder_of_masks_named_like_labels_is_read(tmp_path):
+    # masks named <case>_seg in a folder named as the cases begin: no scan, so not a data folder
+    label = np.zeros((30, 30, 30), np.uint8)
+    _cube(label, (5, 5, 10), 8, 2)
+    _write(tmp_path / "BraTS2021" / "BraTS2021_00000_seg.nii.gz", label, np.eye(4))
+    postprocess.main(["--input_dir", str(tmp_path / "BraTS2021"), "--output_dir",
+                      str(tmp_path / "out"), "--num_workers", "0"])
+    assert (tmp_path / "out" / "BraTS2021_00000_seg.nii.gz").is_file()
 
 
 def test_masks_of_cases_named_like_scans_are_masks():
