@@ -185,10 +185,12 @@ def read_datalist(list_path, data_root=None):
         tried = _candidates(entry, list_path.parent, data_root)
         others = (f" (and {len(missing) - 1} more of its {len(entries)} entries)"
                   if len(missing) > 1 else "")
+        # The official lists' root is the parent of both challenge folders: the Training one
+        # would not hold BraTS18_test.csv's cases (MICCAI_BraTS_2018_Data_Validation/<case>).
         hint = ("" if data_root is not None else
-                "; pass --data_root DIR, the folder holding the cases (or "
-                "MICCAI_BraTS_2018_Data_Training/), to re-base the entries (DATA_ROOT=DIR for "
-                "run.sh and eval.sh)")
+                "; pass --data_root DIR, the folder holding the cases (for the official lists, "
+                "the one holding MICCAI_BraTS_2018_Data_Training/ and _Validation/), to re-base "
+                "the entries (DATA_ROOT=DIR for run.sh and eval.sh)")
         raise DataError(f"{list_path}:{number}: case folder {entry!r} not found{others}; tried "
                         + ", ".join(str(path) for path in tried) + hint)
     return [named_folder(path) for path in found]

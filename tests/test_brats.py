@@ -317,12 +317,30 @@ def test_every_missing_entry_is_counted_and_the_data_root_flag_named(tmp_path, m
         read_datalist(lst)
     assert str(info.value) == (
         f"{lst}:2: case folder 'Brats18_A' not found (and 1 more of its 4 entries); tried "
-        f"{tmp_path / 'Brats18_A'}; pass --data_root DIR, the folder "
-        "holding the cases (or MICCAI_BraTS_2018_Data_Training/), to re-base the entries "
-        "(DATA_ROOT=DIR for run.sh and eval.sh)")
+        f"{tmp_path / 'Brats18_A'}; pass --data_root DIR, the folder holding the cases (for "
+        "the official lists, the one holding MICCAI_BraTS_2018_Data_Training/ and _Validation/), "
+        "to re-base the entries (DATA_ROOT=DIR for run.sh and eval.sh)")
     lst.write_text("Brats18_B\nBrats18_A\n")
     with pytest.raises(DataError, match=r"^\S+:2: case folder 'Brats18_A' not found; tried "):
         read_datalist(lst)
+
+
+def test_the_data_root_hint_serves_the_official_validation_list(tmp_path, monkeypatch):
+    # eval.py's default list holds MICCAI_BraTS_2018_Data_Validation/ cases: the root named by
+    # the hint must be the parent of both challenge folders, not the Training folder
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "BraTS2018"
+    (root / "MICCAI_BraTS_2018_Data_Training" / "HGG" / "Brats18_T").mkdir(parents=True)
+    (root / "MICCAI_BraTS_2018_Data_Validation" / "Brats18_V").mkdir(parents=True)
+    lst = tmp_path / "test.csv"
+    lst.write_text("../data/BraTS-2018/MICCAI_BraTS_2018_Data_Validation/Brats18_V\n")
+    with pytest.raises(DataError) as info:
+        read_datalist(lst)
+    assert ("pass --data_root DIR, the folder holding the cases (for the official lists, the one "
+            "holding MICCAI_BraTS_2018_Data_Training/ and _Validation/)") in str(info.value)
+    assert [f.name for f in read_datalist(lst, root)] == ["Brats18_V"]  # the hint followed
+    with pytest.raises(DataError):  # what the hint named before: the Training folder itself
+        read_datalist(lst, root / "MICCAI_BraTS_2018_Data_Training")
 
 
 def test_a_data_root_that_is_not_there_is_named(tmp_path, monkeypatch):
