@@ -385,7 +385,7 @@ def find_case_files(case_dir, allow_missing=False):
         else:  # a dataset's root (MICCAI_BraTS_2018_Data_Training/HGG/<case>)
             hint = (f"; case folders lie two levels down (e.g. {nested.parent.name}/{nested.name}), "
                     f"not a case: point --input at {case_dir / nested.parent.name}, or give a "
-                    f"--data_list with --data_root {case_dir}")
+                    f"--data_list with --data_root {case_dir.parent}")
         raise CaseError(case, case_dir,
                         f"no modality file (expected at least one of {names}){hint}")
     if missing and not allow_missing:

@@ -503,7 +503,7 @@ def test_a_folder_of_cases_taken_for_a_case_is_named_so(tmp_path):
         find_case_files(tmp_path / "Training", allow_missing=True)
     assert str(info.value).endswith(
         "; case folders lie two levels down (e.g. HGG/Brats18_X), not a case: point --input at "
-        f"{hgg}, or give a --data_list with --data_root {tmp_path / 'Training'}")
+        f"{hgg}, or give a --data_list with --data_root {tmp_path}")
 
 
 def test_a_case_without_any_modality_names_the_files_expected(tmp_path):
