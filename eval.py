@@ -76,7 +76,7 @@ from datasets.brats import (
 from datasets.normalize import normalize_case
 from utils import distributed, figures
 from utils.cli import ArgumentParser, UsageError, path_given, positive_int, progress_interval, run_cli
-from utils.export import CASES_RECORD, EVAL_RECORD, read_mask, save_labels
+from utils.export import CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_mask, save_labels
 from utils.io import (atomic_path, check_file_writable, file_sha256, is_temp,
                       remove_stale_temps, write_text)
 from utils.lock import exclusive_lock
@@ -112,7 +112,7 @@ def parse_args(argv=None):
     g.add_argument("--data_list", default=None, help=f"datalist (default {PUBLISHED_DATA_LIST})")
     g.add_argument("--data_root", default=None,
                    help="re-base the list's case folders onto this folder (see datasets.brats)")
-    g.add_argument("--output_dir", type=path_given, default=Path("outputs/LCKD"),
+    g.add_argument("--output_dir", type=path_given, default=EVAL_OUTPUT_DIR,
                    help="default %(default)s, eval.sh's and postprocess.py's (outputs/ holds every "
                         "run's folder)")
     g.add_argument("--overwrite", action="store_true",

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from datasets.brats import (EXTENSIONS, CaseError, case_files, is_placeholder, named_like_a_scan,
                             nifti_stem, open_files, read_files, require_modalities, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, progress_interval, run_cli
-from utils.export import CASES_RECORD, EVAL_RECORD, read_mask, write_mask
+from utils.export import CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
 from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
@@ -52,9 +52,7 @@ from utils.postprocessing import (add_threshold_args, orientation_warning, postp
                                   rules_from_args, unused_threshold)
 from utils.workers import default_workers, worker_pool
 
-# eval.sh writes outputs/${NAME}/<subset>/<case>.nii.gz with NAME=LCKD by default.
-DEFAULT_INPUT_DIR = Path("outputs/LCKD")
-DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")
+DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")  # beside eval.py's EVAL_OUTPUT_DIR
 
 
 def read_t1ce(case, path, shape):
@@ -106,7 +104,7 @@ def check_input(sources, input_dir, args):
     if scans:
         raise UsageError(f"--input_dir {args.input_dir} holds MRI scans, not masks "
                          f"(e.g. {scans[0].relative_to(input_dir)}): give eval.py's output folder "
-                         f"({DEFAULT_INPUT_DIR} after eval.sh) or a folder of masks")
+                         f"({EVAL_OUTPUT_DIR} after eval.sh) or a folder of masks")
     deep = [p for p in sources if len(p.relative_to(input_dir).parts) > 2]
     if deep:
         example = deep[0].relative_to(input_dir)
@@ -225,7 +223,7 @@ def _overlap(a, b):
 def parse_args(argv=None):
     parser = ArgumentParser(prog="postprocess.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_dir", type=path_given, default=DEFAULT_INPUT_DIR,
+    parser.add_argument("--input_dir", type=path_given, default=EVAL_OUTPUT_DIR,
                         help="folder of <case>.nii.gz masks, or eval output with one folder per "
                              "subset (default %(default)s: eval.sh's output)")
     parser.add_argument("--output_dir", type=path_given, default=DEFAULT_OUTPUT_DIR,

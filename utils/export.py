@@ -18,6 +18,8 @@ from utils.io import atomic_path
 _CONVERSION_LOG = logging.getLogger(__name__ + ".nifti1")
 _CONVERSION_LOG.addHandler(logging.NullHandler())
 _CONVERSION_LOG.propagate = False
+# eval.py's output folder unless told (eval.sh's with NAME=LCKD), postprocess.py's input
+EVAL_OUTPUT_DIR = Path("outputs/LCKD")
 # The records eval.py writes next to the masks, which postprocess.py reads
 EVAL_RECORD = "eval_config.json"  # the settings, with the subsets masks were written of
 CASES_RECORD = "cases.csv"  # each case's folder and the modalities it has
