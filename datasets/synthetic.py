@@ -36,8 +36,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, run_cli
 from datasets.brats import datalist_entries
+from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, run_cli
 from utils.io import atomic_path, check_writable, write_text
 from utils.modalities import MODALITIES
 
