@@ -118,6 +118,23 @@ def patients_warning(files):
     return None
 
 
+def modality_names_warning(files):
+    """A warning when a file is named as another modality's scan than the flag it is given to
+    (--t2 X-t2f.nii.gz: BraTS 2023's t2f is the FLAIR, t2w the T2; --flair X_t1ce.nii.gz), or
+    None. The network would be given it as the flag's modality, without a word: the names only
+    warn, as patients_warning's, since the files may be named anyhow."""
+    wrong = []
+    for modality, path in files.items():
+        token = re.split(r"[_-]", nifti_stem(path).lower())[-1]
+        named = next((m for m, aliases in ALIASES.items() if token in aliases), None)
+        if named is not None and named != modality:
+            wrong.append(f"--{modality} {path.name} is named as a {named} scan ({token})")
+    if not wrong:
+        return None
+    return ("; ".join(wrong) + ": each file is given to the network as its flag's modality; "
+            "check the flags (BraTS 2023 names: t2f = FLAIR, t1n = T1, t1c = T1ce, t2w = T2)")
+
+
 def figure_path(args):
     """Where --figure writes (None without it): the given PNG, or the mask's name with .png."""
     if args.figure is None:
@@ -139,7 +156,8 @@ def main(argv=None):
     for part, path in dropped.items():
         print(f"{path.name} is all zero: {part} counted as missing")
     case = read_files(name, files)
-    for warning in [w for w in (patients_warning(files), *brats_like_warnings(case)) if w]:
+    warnings = (modality_names_warning(files), patients_warning(files), *brats_like_warnings(case))
+    for warning in filter(None, warnings):
         print(f"warning: {warning}", file=sys.stderr)
     model, _, window = load_model(args.checkpoint, args, device)
 

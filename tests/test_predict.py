@@ -276,3 +276,35 @@ def test_the_inference_flags_reach_the_sliding_window(segmentation_setup, tmp_pa
     assert seen == [{"subsets": [(0, 3)], "overlap": 0.5, "gaussian": True, "mirror": True,
                      "amp": "bf16", "batch_size": 3, "average": "logits", "window": (16, 32, 32),
                      "device": torch.device("cpu")}]
+
+
+def test_a_file_named_as_another_modality_is_warned_about(segmentation_setup, tmp_path, capsys):
+    # BraTS 2023's t2f is the FLAIR and t2w the T2: '--t2 X-t2f.nii.gz' would give the network a
+    # FLAIR as T2 without a word.
+    root, cases = segmentation_setup
+    case = cases[0]
+    renamed = tmp_path / "BraTS-GLI-00001-000"
+    renamed.mkdir()
+    for modality, suffix in (("flair", "t2f"), ("t1ce", "t1c")):
+        (renamed / f"{renamed.name}-{suffix}.nii.gz").write_bytes(
+            (case / f"{case.name}_{modality}.nii.gz").read_bytes())
+    common = ["--checkpoint", str(root / "final.pth"), "--device", "cpu"]
+    predict.main(["--t2", str(renamed / f"{renamed.name}-t2f.nii.gz"),
+                  "--t1ce", str(renamed / f"{renamed.name}-t1c.nii.gz"), *common,
+                  "-o", str(tmp_path / "m.nii.gz")])
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: --t2 {renamed.name}-t2f.nii.gz is named as a flair scan (t2f): "
+                          "each file is given to the network as its flag's modality; check the "
+                          "flags (BraTS 2023 names: t2f = FLAIR, t1n = T1, t1c = T1ce, t2w = T2)\n")
+    assert (tmp_path / "m.nii.gz").is_file()  # a warning: the files may be named anyhow
+    # the right flags, in any scheme, or names without a modality: no warning
+    def files(**names):
+        return {m: Path("in") / name for m, name in names.items()}
+    assert predict.modality_names_warning(files(flair="BraTS-GLI-00001-000-t2f.nii.gz",
+                                                t1="BraTS-GLI-00001-000-t1n.nii.gz",
+                                                t1ce="BraTS-GLI-00001-000-t1c.nii.gz",
+                                                t2="BraTS-GLI-00001-000-t2w.nii.gz")) is None
+    assert predict.modality_names_warning(files(flair="P01_T2_FLAIR.nii.gz", t1ce="P01-t1-ce.nii",
+                                                t1="sub-01_T1w.nii.gz", t2="scan.nii.gz")) is None
+    assert "--flair P01_t1ce.nii.gz is named as a t1ce scan (t1ce)" in (
+        predict.modality_names_warning(files(flair="P01_t1ce.nii.gz", t1ce="P01_flair.nii.gz")))
