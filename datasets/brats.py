@@ -42,6 +42,10 @@ ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we use the 2018 value 4
 # What a 3 in a label map under BraTS 2018 names most likely means, and what to do.
 SEG_LABEL_3_HINT = ("BraTS 2023 writes enhancing tumour as 3: its cases are read as such when "
                     "their files have BraTS 2023's names (<case>-seg.nii.gz, -t1c, -t1n, -t2w, -t2f)")
+# What a 4 in a label map under BraTS 2023 names most likely means: a seg already relabelled.
+SEG_LABEL_4_HINT = ("BraTS 2023 writes enhancing tumour as 3 (read as 4), and this file holds 4, "
+                    "BraTS 2018's value: relabelled already? Set 4 back to 3, or name the case's "
+                    "files as BraTS 2018-2021 do (_flair, _t1, _t1ce, _t2, _seg; ET 4)")
 AFFINE_TOLERANCE = 1e-3
 # What a BraTS-trained model assumes of its input (see brats_like_warnings).
 SPACING_RANGE_MM = (0.8, 1.25)  # BraTS is resampled to 1 mm isotropic
@@ -485,7 +489,11 @@ def _check_label(case, path, data, scheme, label_3_hint):
     if data.dtype.kind == "f" and not (np.isfinite(data).all() and np.array_equal(data, np.round(data))):
         raise CaseError(case, path, "label map has non-integer or non-finite values")
     if data.min() < 0 or data.max() > max(allowed):
-        raise CaseError(case, path, f"labels outside {allowed}: min {data.min()}, max {data.max()}")
+        # only 0/1/2/4: relabelled; a 3 beside a 4 is another labelling (BraTS-PED's four)
+        hint = (f"; {SEG_LABEL_4_HINT}" if scheme == "brats2023"
+                and set(np.unique(data).tolist()) <= {0, 1, 2, 4} else "")
+        raise CaseError(case, path,
+                        f"labels outside {allowed}: min {data.min()}, max {data.max()}{hint}")
     label = data.astype(np.uint8)
     present = np.nonzero(np.bincount(label.reshape(-1)))[0]
     unexpected = sorted(set(present.tolist()) - set(allowed))

@@ -251,8 +251,18 @@ def test_2023_label_4_is_unexpected(tmp_path):
     folder, _ = write_case(tmp_path, "BraTS-GLI-00001-000", "2023")
     seg = make_volumes()["seg"]  # holds 4, which 2023 files never use
     save(seg, part_path(folder, "seg", "2023"))
-    with pytest.raises(CaseError, match="BraTS-GLI-00001-000-seg.nii.gz"):
+    with pytest.raises(CaseError, match="BraTS-GLI-00001-000-seg.nii.gz") as error:
         load_case(folder)
+    # most likely a 2023 seg relabelled to BraTS 2018's ET 4 already: say so, and what to do
+    assert str(error.value).endswith(
+        "labels outside (0, 1, 2, 3): min 0, max 4; BraTS 2023 writes enhancing tumour as 3 (read "
+        "as 4), and this file holds 4, BraTS 2018's value: relabelled already? Set 4 back to 3, or "
+        "name the case's files as BraTS 2018-2021 do (_flair, _t1, _t1ce, _t2, _seg; ET 4)")
+    seg[0, 0, 0] = 3  # 3 and 4: not a relabelled seg (BraTS-PED labels four regions), no hint
+    save(seg, part_path(folder, "seg", "2023"))
+    with pytest.raises(CaseError) as error:
+        load_case(folder)
+    assert str(error.value).endswith("labels outside (0, 1, 2, 3): min 0, max 4")
 
 
 def test_duplicate_part_and_missing_folder(tmp_path):
