@@ -100,13 +100,18 @@ def check_args(args):
     return files
 
 
+def name_tokens(path):
+    """'P01_T2-FLAIR.nii.gz' -> ['p01', 't2', 'flair']: what the file-name warnings compare."""
+    return re.split(r"[_-]", nifti_stem(path).lower())
+
+
 def patients_warning(files):
     """A warning when the files are named after different cases ('A_flair', 'B_t1ce': <case>
     then a modality's name), or None. eval.py refuses such a case folder; here the files may be
     named anyhow, so the names only warn."""
     cases = {}
     for modality, path in files.items():
-        *case, token = re.split(r"[_-]", nifti_stem(path).lower())
+        *case, token = name_tokens(path)
         if case and token in ALIASES[modality]:
             # other modality tokens before it belong to the modality's name: P01_T2_FLAIR, P01_t1_ce
             while len(case) > 1 and case[-1] in MODALITY_TOKENS:
@@ -125,7 +130,7 @@ def modality_names_warning(files):
     warn, as patients_warning's, since the files may be named anyhow."""
     wrong = []
     for modality, path in files.items():
-        token = re.split(r"[_-]", nifti_stem(path).lower())[-1]
+        token = name_tokens(path)[-1]
         named = next((m for m, aliases in ALIASES.items() if token in aliases), None)
         if named is not None and named != modality:
             wrong.append(f"--{modality} {path.name} is named as a {named} scan ({token})")
