@@ -41,8 +41,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from datasets.brats import (EXTENSIONS, CaseError, case_files, is_placeholder, named_like_a_scan,
-                            nifti_stem, open_files, read_files, require_modalities, to_nifti_order)
+from datasets.brats import (ET_2018, ET_2023, EXTENSIONS, CaseError, case_files, is_placeholder,
+                            named_like_a_scan, nifti_stem, open_files, read_files,
+                            require_modalities, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, progress_interval, run_cli
 from utils.export import CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
@@ -64,11 +65,12 @@ def read_t1ce(case, path, shape):
 
 
 def process_file(job):
-    """(input path, output path, Rules, T1ce path or None, name) -> info dict; the worker.
+    """(input path, output path, Rules, T1ce path or None, name, ET label) -> info dict; the
+    worker.
 
     A file that fails in its voxels (the headers were checked before any work) leaves no mask
     at the output path: an earlier run's there would be uploaded beside this run's masks."""
-    source, target, rules, t1ce_path, name = job
+    source, target, rules, t1ce_path, name, et_label = job
     try:
         label, image = read_mask(source)
         t1ce = None if t1ce_path is None else read_t1ce(nifti_stem(source), t1ce_path, label.shape)
@@ -80,6 +82,8 @@ def process_file(job):
     warning = orientation_warning(image.affine, name)
     if warning:
         info["warnings"].insert(0, warning)
+    if et_label != ET_2018:  # BraTS 2023's scorer: the rules above work on BraTS 2018's labels
+        cleaned[cleaned == ET_2018] = et_label
     write_mask(cleaned, image.affine, image.header, target)
     return {"file": str(source), **info}
 
@@ -236,6 +240,9 @@ def parse_args(argv=None):
                    help="folder of the case folders (<images>/<case>/), for their T1ce "
                         "(default: the folders eval.py recorded in input_dir/cases.csv)")
     add_threshold_args(parser, g)
+    parser.add_argument("--et_label", type=int, choices=(ET_2018, ET_2023), default=ET_2018,
+                        help="enhancing tumour's value in the written masks: 4, BraTS 2018-2021's "
+                             "(default), or 3 for BraTS 2023's online evaluation")
     parser.add_argument("--num_workers", type=int_at_least(0), default=default_workers(),
                         help="parallel processes; 0 = run in this process (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
@@ -267,8 +274,8 @@ def main(argv=None):
     rules = rules_from_args(args)
     t1ce = (t1ce_files(sources, input_dir, record, args.images) if args.kmeans_necrosis
             else [None] * len(sources))
-    jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)))
-            for s, t in zip(sources, t1ce)]
+    jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)),
+             args.et_label) for s, t in zip(sources, t1ce)]
     for job in jobs:  # named now, not by a worker once the masks before it are written
         if job[1].parent.resolve().is_relative_to(input_dir):  # a folder linked into the input
             raise UsageError(f"--output_dir {args.output_dir}: {job[1].parent} leads into "

@@ -38,7 +38,8 @@ SCHEMES = {
 ALIASES = {"flair": ("flair", "t2f", "t2flair", "fl"), "t1": ("t1", "t1w", "t1n", "t1native"),
            "t1ce": ("t1ce", "t1c", "t1gd", "t1wce", "t1post", "ce"), "t2": ("t2", "t2w")}
 ALLOWED_LABELS = {"brats2018": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
-ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we use the 2018 value 4
+ET_2018 = 4  # enhancing tumour's label in BraTS 2018-2021, ours
+ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we read it as ET_2018
 # What a 3 in a label map under BraTS 2018 names most likely means, and what to do.
 SEG_LABEL_3_HINT = ("BraTS 2023 writes enhancing tumour as 3: its cases are read as such when "
                     "their files have BraTS 2023's names (<case>-seg.nii.gz, -t1c, -t1n, -t2w, -t2f)")
@@ -501,7 +502,7 @@ def _check_label(case, path, data, scheme, label_3_hint):
         hint = f"; {label_3_hint}" if scheme == "brats2018" and ET_2023 in unexpected else ""
         raise CaseError(case, path, f"unexpected label values {unexpected}; allowed {allowed}{hint}")
     if scheme == "brats2023":
-        label[label == ET_2023] = 4
+        label[label == ET_2023] = ET_2018
     return label
 
 

@@ -141,6 +141,29 @@ def test_script_flat_folder_in_process(tmp_path):
     assert not np.asanyarray(nib.load(str(tmp_path / "out" / "case.nii.gz")).dataobj).any()
 
 
+def test_et_label_3_writes_brats_2023_labels_after_the_rules(tmp_path):
+    # BraTS 2023's scorer reads ET as 3. The rules run on the 2018 labels first: a small ET is
+    # still relabelled as NCR (1), a large one is written as 3.
+    small, large = np.zeros((30, 30, 60), np.uint8), np.zeros((30, 30, 60), np.uint8)
+    for label, et_side in ((small, 3), (large, 9)):  # above the lowest 25 slices
+        _cube(label, (2, 2, 35), 14, 2)
+        _cube(label, (4, 4, 37), et_side, 4)  # 27 ET voxels (< 500 -> NCR) or 729 (kept)
+        _cube(label, (13, 13, 42), 2, 1)
+    _write(tmp_path / "in" / "small.nii.gz", small, np.eye(4))
+    _write(tmp_path / "in" / "large.nii.gz", large, np.eye(4))
+    postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+                      "--num_workers", "0", "--et_label", "3", "--min_component", "1"])
+    written = {name: np.asanyarray(nib.load(str(tmp_path / "out" / f"{name}.nii.gz")).dataobj)
+               for name in ("small", "large")}
+    expected = small.copy()
+    expected[expected == 4] = 1
+    np.testing.assert_array_equal(written["small"], expected)
+    expected = large.copy()
+    expected[expected == 4] = 3
+    np.testing.assert_array_equal(written["large"], expected)
+    assert (written["large"] == 3).sum() == 729
+
+
 def test_output_header_is_a_plain_uint8_mask_with_the_input_geometry(tmp_path):
     # A mask saved by another tool with a display range: the upload must not carry it.
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
