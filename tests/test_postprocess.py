@@ -221,7 +221,8 @@ def test_bad_labels_and_unreadable_files_name_the_file(tmp_path):
     assert str(error.value) == (
         f"case bad: {tmp_path / 'in' / 'bad.nii.gz'}: unexpected label values [3]; allowed (0, 1, 2, "
         "4); masks hold BraTS 2018's labels (ET 4), as eval.py writes them: relabel 3 -> 4, or "
-        f"post-process and score masks before relabelling them for BraTS 2023; {tmp_path / 'o1' / 'bad.nii.gz'} "
+        "post-process eval.py's masks (postprocess.py --et_label 3 writes BraTS 2023's labels "
+        f"last); {tmp_path / 'o1' / 'bad.nii.gz'} "
         "is not written: replace the file, then run the same command again")
     (tmp_path / "in2").mkdir()
     (tmp_path / "in2" / "broken.nii.gz").write_bytes(b"not a nifti")

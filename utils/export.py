@@ -24,7 +24,8 @@ EVAL_OUTPUT_DIR = Path("outputs/LCKD")
 EVAL_RECORD = "eval_config.json"  # the settings, with the subsets masks were written of
 CASES_RECORD = "cases.csv"  # each case's folder and the modalities it has
 MASK_LABEL_3_HINT = ("masks hold BraTS 2018's labels (ET 4), as eval.py writes them: relabel 3 "
-                     "-> 4, or post-process and score masks before relabelling them for BraTS 2023")
+                     "-> 4, or post-process eval.py's masks (postprocess.py --et_label 3 writes "
+                     "BraTS 2023's labels last)")
 
 
 def save_labels(label, affine, header, path):
