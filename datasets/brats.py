@@ -546,13 +546,23 @@ def _opened(case, files):
 
 
 def _check_grids(case, files, images):
-    """Raise CaseError naming the first file of `files` not on the grid of the first one."""
-    reference = None
+    """Raise CaseError naming the first file of `files` not on the grid of the first one (and
+    saying so when it is an all-zero placeholder, often written with a default affine)."""
+    reference = first = None
     for part, path in files.items():
         shape, affine = images[part].shape[:3], images[part].affine
         if reference is None:
-            reference = path, shape, affine
-        check_grid(case, path, shape, affine, reference)
+            reference, first = (path, shape, affine), part
+        try:
+            check_grid(case, path, shape, affine, reference)
+        except CaseError:
+            for odd, other in ((part, first), (first, part)):  # either may be the placeholder
+                if odd in MODALITIES and is_placeholder(case, files[odd], images[odd]):
+                    raise CaseError(case, files[odd], "all zero, the placeholder of a missing "
+                                    f"modality, on another grid than {files[other].name}: training "
+                                    "needs every modality (eval.py and predict.py read the case "
+                                    "without it)") from None
+            raise
 
 
 def is_placeholder(case, path, img):

@@ -785,6 +785,20 @@ def test_placeholders_are_dropped_whatever_their_grid_and_the_scans_grid_is_chec
     kept, dropped = brats.without_placeholders("Brats18_X", files)
     assert dropped == {"flair": files["flair"]}
     assert kept == {part: path for part, path in files.items() if part != "flair"}
+    # read as a whole case (training), the placeholder's grid is named, and what it is
+    with pytest.raises(CaseError) as error:
+        brats.open_files("Brats18_X", files)
+    assert str(error.value) == (
+        f"case Brats18_X: {files['flair']}: all zero, the placeholder of a missing modality, on "
+        "another grid than Brats18_X_t1.nii.gz: training needs every modality (eval.py and "
+        "predict.py read the case without it)")
+    save(make_volumes()["flair"], files["flair"])  # the placeholder not the first file
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), files["t2"])
+    with pytest.raises(CaseError, match=f"^case Brats18_X: {files['t2']}: all zero, the "
+                                        "placeholder of a missing modality, on another grid than "
+                                        "Brats18_X_flair.nii.gz: "):
+        brats.open_files("Brats18_X", files)
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), files["flair"])
 
     save(make_volumes()["t2"], files["t2"], affine=np.eye(4))  # a scan off the grid: refused
     with pytest.raises(CaseError, match=f"case Brats18_X: {files['t2']}: affine differs from "
