@@ -548,21 +548,42 @@ def _opened(case, files):
 def _check_grids(case, files, images):
     """Raise CaseError naming the first file of `files` not on the grid of the first one (and
     saying so when it is an all-zero placeholder, often written with a default affine)."""
-    reference = first = None
+    reference = None
     for part, path in files.items():
         shape, affine = images[part].shape[:3], images[part].affine
         if reference is None:
-            reference, first = (path, shape, affine), part
+            reference = path, shape, affine
         try:
             check_grid(case, path, shape, affine, reference)
         except CaseError:
-            for odd, other in ((part, first), (first, part)):  # either may be the placeholder
-                if odd in MODALITIES and is_placeholder(case, files[odd], images[odd]):
-                    raise CaseError(case, files[odd], "all zero, the placeholder of a missing "
-                                    f"modality, on another grid than {files[other].name}: training "
-                                    "needs every modality (eval.py and predict.py read the case "
-                                    "without it)") from None
+            _name_placeholder_off_grid(case, files, images)
             raise
+
+
+def _name_placeholder_off_grid(case, files, images):
+    """After a grid mismatch in `files`: raise CaseError naming an all-zero placeholder that
+    is off the grid of the other files (the scans and the label), or naming the first of
+    those off the grid of the others; return when neither explains it. The grid is the
+    scans', not the first file's: a placeholder on it is not named when another file is off."""
+    placeholders = [part for part in files
+                    if part in MODALITIES and is_placeholder(case, files[part], images[part])]
+    others = [part for part in files if part not in placeholders]
+    if not placeholders or not others:
+        return
+    grid = lambda part: (files[part], images[part].shape[:3], images[part].affine)
+    for part in others[1:]:  # a scan or label off the scans' grid: named as such
+        check_grid(case, *grid(part), grid(others[0]))
+    off = []
+    for part in placeholders:
+        try:
+            check_grid(case, *grid(part), grid(others[0]))
+        except CaseError:
+            off.append(files[part])
+    if off:
+        also = f" (so is {', '.join(p.name for p in off[1:])})" if off[1:] else ""
+        raise CaseError(case, off[0], "all zero, the placeholder of a missing modality, on "
+                        f"another grid than {files[others[0]].name}{also}: training needs every "
+                        "modality (eval.py and predict.py read the case without it)") from None
 
 
 def is_placeholder(case, path, img):

@@ -809,3 +809,36 @@ def test_placeholders_are_dropped_whatever_their_grid_and_the_scans_grid_is_chec
     with pytest.raises(CaseError, match=f"case Brats18_X: {files['flair']}: all zero, as every "
                                         "modality file of the case: nothing to predict from"):
         brats.without_placeholders("Brats18_X", files)
+
+
+def test_a_placeholder_on_the_grid_is_not_named_for_another_file_off_it(tmp_path):
+    # The placeholder is named only when it is the file off the scans' grid: a first-file
+    # placeholder on the grid, with the seg or a scan off it, leaves that file named.
+    folder, volumes = write_case(tmp_path, "Brats18_X")
+    files = find_case_files(folder)
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), AFFINE), files["flair"])  # on the grid
+    save(volumes["seg"], files["seg"], affine=np.eye(4))
+    with pytest.raises(CaseError, match=f"^case Brats18_X: {files['seg']}: affine differs from "
+                                        "Brats18_X_t1.nii.gz"):
+        brats.open_files("Brats18_X", files)
+    save(volumes["seg"], files["seg"])
+    save(volumes["t1ce"], files["t1ce"], affine=np.eye(4))
+    with pytest.raises(CaseError, match=f"^case Brats18_X: {files['t1ce']}: affine differs from "
+                                        "Brats18_X_t1.nii.gz"):
+        brats.open_files("Brats18_X", files)
+    save(volumes["t1ce"], files["t1ce"])
+    for part in ("flair", "t2"):  # two placeholders off the grid: both named
+        nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), files[part])
+    with pytest.raises(CaseError) as error:
+        brats.open_files("Brats18_X", files)
+    assert str(error.value) == (
+        f"case Brats18_X: {files['flair']}: all zero, the placeholder of a missing modality, on "
+        "another grid than Brats18_X_t1.nii.gz (so is Brats18_X_t2.nii.gz): training needs every "
+        "modality (eval.py and predict.py read the case without it)")
+    not_zero = np.zeros(SHAPE, np.int16)
+    not_zero[0, 0, 0] = 1  # not a placeholder: the grids are compared as for scans
+    save(not_zero, files["flair"], affine=np.eye(4))
+    save(volumes["t2"], files["t2"])
+    with pytest.raises(CaseError, match=f"^case Brats18_X: {files['t1']}: affine differs from "
+                                        "Brats18_X_flair.nii.gz"):
+        brats.open_files("Brats18_X", files)
