@@ -38,6 +38,7 @@ from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
 MODALITY_TOKENS = set().union(*ALIASES.values())  # any modality's name in a file name
+CONTRAST = ("post", "gd", "gad", "contrast", "c")  # after a T1's name: a T1ce (P01_T1_post)
 
 
 def parse_args(argv=None):
@@ -123,6 +124,22 @@ def patients_warning(files):
     return None
 
 
+def named_modality(path):
+    """(the modality a file's name says, the words that say it), or (None, None): its last
+    token, a T1 with BIDS's contrast entity (sub-01_ce-gd_T1w) or a contrast word after it
+    (P01_T1_post) being a T1ce."""
+    tokens = name_tokens(path)
+    token = tokens[-1]
+    named = next((m for m, aliases in ALIASES.items() if token in aliases), None)
+    if named == "t1":
+        bids = re.search(r"_(ce-[a-z0-9]+)_", nifti_stem(path).lower())
+        if bids:
+            return "t1ce", f"{bids[1]} {token}"
+    elif named is None and len(tokens) > 1 and tokens[-2] in ALIASES["t1"] and token in CONTRAST:
+        return "t1ce", f"{tokens[-2]} {token}"
+    return named, token if named else None
+
+
 def modality_names_warning(files):
     """A warning when a file is named as another modality's scan than the flag it is given to
     (--t2 X-t2f.nii.gz: BraTS 2023's t2f is the FLAIR, t2w the T2; --flair X_t1ce.nii.gz), or
@@ -130,8 +147,7 @@ def modality_names_warning(files):
     warn, as patients_warning's, since the files may be named anyhow."""
     wrong = []
     for modality, path in files.items():
-        token = name_tokens(path)[-1]
-        named = next((m for m, aliases in ALIASES.items() if token in aliases), None)
+        named, token = named_modality(path)
         if named is not None and named != modality:
             wrong.append(f"--{modality} {path.name} is named as a {named} scan ({token})")
     if not wrong:

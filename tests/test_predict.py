@@ -308,3 +308,21 @@ def test_a_file_named_as_another_modality_is_warned_about(segmentation_setup, tm
                                                 t1="sub-01_T1w.nii.gz", t2="scan.nii.gz")) is None
     assert "--flair P01_t1ce.nii.gz is named as a t1ce scan (t1ce)" in (
         predict.modality_names_warning(files(flair="P01_t1ce.nii.gz", t1ce="P01_flair.nii.gz")))
+
+
+def test_contrast_enhanced_t1_names_are_read_as_t1ce():
+    # BIDS names a contrast-enhanced T1 with its ce entity (sub-01_ce-gd_T1w), others put a
+    # contrast word after T1 (P01_T1_post): a T1ce given to --t1ce, not a T1 (no warning), and
+    # given to --t1 it is warned about.
+    def files(**names):
+        return {m: Path("in") / name for m, name in names.items()}
+    assert predict.modality_names_warning(files(flair="sub-01_FLAIR.nii.gz", t1="sub-01_T1w.nii.gz",
+                                                t1ce="sub-01_ce-gd_T1w.nii.gz",
+                                                t2="sub-01_T2w.nii.gz")) is None
+    assert predict.modality_names_warning(files(t1ce="P01_T1_post.nii.gz")) is None
+    assert predict.modality_names_warning(files(t1="sub-01_ce-gd_T1w.nii.gz")).startswith(
+        "--t1 sub-01_ce-gd_T1w.nii.gz is named as a t1ce scan (ce-gd t1w): ")
+    assert predict.modality_names_warning(files(t1="P01_T1_post.nii.gz")).startswith(
+        "--t1 P01_T1_post.nii.gz is named as a t1ce scan (t1 post): ")
+    # a name without a modality's, or a contrast word alone, says nothing
+    assert predict.modality_names_warning(files(t1="P01_post.nii.gz", t2="flair_ax.nii.gz")) is None
