@@ -454,8 +454,8 @@ def main(argv=None):
     cases = generate(args.out_dir, args.num_cases, shape, args.seed, args.format)
     write_text(args.out_dir / RECORD, json.dumps(settings) + "\n")
     n_train, n_val, n_test = split_counts(len(cases))
-    earlier = sorted(p.name for p in Path(args.out_dir).glob(f"{CASE_PREFIX}*") if p.is_dir()
-                     and p not in cases)
+    earlier = sorted(folder.name for folder in Path(args.out_dir).glob(f"{CASE_PREFIX}*")
+                     if folder.is_dir() and folder not in cases)
     if earlier:
         print(f"warning: {args.out_dir} also holds {len(earlier)} case folder(s) of an earlier run "
               f"({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}), in none of its "
