@@ -105,7 +105,7 @@ def get_parser():
     g.add_argument("--norm_cfg", choices=NORMS, default="IN")
     g.add_argument("--activation_cfg", choices=ACTIVATIONS, default="LeakyReLU")
     g.add_argument("--checkpoint_encoder", type=str2bool, default=False,
-                   help="activation checkpointing in the encoder (less memory, ~30%% slower)")
+                   help="activation checkpointing in the encoder (less memory; its forward runs twice)")
     g.add_argument("--encode_all_modalities", type=str2bool, default=False,
                    help="encode all four modalities in every forward, missing ones zeroed, as "
                    "the published code does (same results, more work; for benchmarks)")
