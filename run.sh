@@ -8,8 +8,8 @@
 #   bash run.sh GPU_ID [extra train.py flags]     GPU_ID: 0, 1, ... or cpu
 #   DATA_ROOT=/data/BraTS2018 bash run.sh 0       data outside ../data/BraTS-2018
 #   bash run.sh 0 --amp off                       extra flags go to both stages; here fp32
-#   bash run.sh 0 --amp off --channels_last off --compile off     the step as before the speed
-#                                                 options (GPU default: bf16 autocast,
+#   bash run.sh 0 --amp off --channels_last off --compile off     the plain step: fp32, NCDHW,
+#                                                 eager (GPU default: bf16 autocast,
 #                                                 channels-last, torch.compile; README)
 #   bash run.sh demo [extra train.py flags]       the whole pipeline on synthetic data (below)
 #
