@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import (ALIASES, brats_like_warnings, nifti_stem, read_files, to_network_order,
-                            to_nifti_order, without_placeholders)
+from datasets.brats import (ALIASES, brats_like_warnings, name_tokens, nifti_stem, read_files,
+                            to_network_order, to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, path_given, run_cli
@@ -99,11 +99,6 @@ def check_args(args):
         raise UsageError(f"{existing[0]} exists (an earlier prediction?); pass --overwrite to "
                          "replace it, or choose another -o")
     return files
-
-
-def name_tokens(path):
-    """'P01_T2-FLAIR.nii.gz' -> ['p01', 't2', 'flair']: what the file-name warnings compare."""
-    return re.split(r"[_-]", nifti_stem(path).lower())
 
 
 def patients_warning(files):

@@ -290,22 +290,22 @@ def named_like_a_scan(path):
     if split is None:
         return False
     stem, case = split[0].lower(), path.parent.name.lower()
-    token = _last_token(path)
+    token = name_tokens(path)[-1]
     return (stem[:len(case) + 1] in (f"{case}_", f"{case}-")
             and (token == "seg" or any(token in aliases for aliases in ALIASES.values())))
 
 
-def _last_token(path):
-    """'X_T1w.nii.gz' -> 't1w', 'X_t1.mha' -> 't1': the last '_'- or '-'-separated token of a
-    NIfTI or OTHER_IMAGE name, lower."""
+def name_tokens(path):
+    """'P01_T2-FLAIR.nii.gz' -> ['p01', 't2', 'flair'], 'X_t1.mha' -> ['x', 't1']: the
+    '_'- or '-'-separated tokens of a NIfTI or OTHER_IMAGE name's stem, lower."""
     split = _split_name(Path(path))
     stem = split[0] if split else OTHER_IMAGE.match(Path(path).name).group(1)
-    return re.split(r"[_-]", stem.lower())[-1]
+    return re.split(r"[_-]", stem.lower())
 
 
 def _missing_part_named(path, missing):
     """The modality among `missing` that `path` is named after (an ALIASES token), or None."""
-    return next((part for part in missing if _last_token(path) in ALIASES[part]), None)
+    return next((part for part in missing if name_tokens(path)[-1] in ALIASES[part]), None)
 
 
 def nifti_stem(path):
