@@ -42,7 +42,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from datasets.brats import (ET_2018, ET_2023, EXTENSIONS, CaseError, case_files, is_placeholder,
-                            named_like_a_scan, nifti_stem, open_files, read_files,
+                            name_tokens, named_like_a_scan, nifti_stem, open_files, read_files,
                             require_modalities, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, progress_interval, run_cli
 from utils.export import CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_mask, write_mask
@@ -103,8 +103,7 @@ def check_input(sources, input_dir, args):
     more than one sub-folder down (a folder of several runs: their masks would be mixed in one
     upload). A data folder is told by its scans: '<folder>_seg' files alone are masks named
     like labels in a folder named like their cases (BraTS2021/BraTS2021_00000_seg.nii.gz)."""
-    scans = [p for p in sources if named_like_a_scan(p)
-             and not nifti_stem(p).lower().endswith(("_seg", "-seg"))]
+    scans = [p for p in sources if named_like_a_scan(p) and name_tokens(p)[-1] != "seg"]
     if scans:
         raise UsageError(f"--input_dir {args.input_dir} holds MRI scans, not masks "
                          f"(e.g. {scans[0].relative_to(input_dir)}): give eval.py's output folder "
