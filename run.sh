@@ -146,9 +146,10 @@ if [ "$GPU" = demo ]; then
     # Base 10, spaces dropped, as datasets.synthetic read the sizes (bash reads '064' as octal).
     IFS=, read -r X Y Z <<< "${DEMO_SHAPE// /}"
     VOXELS=$(( 10#$X * 10#$Y * 10#$Z ))
+    BRATS_VOXELS=$(( 240 * 240 * 155 ))
     "$PYTHON" postprocess.py --input_dir "$OUT" --output_dir "${OUT}_postprocessed" \
-        --min_component $(( (2000 * VOXELS + 4464000) / 8928000 )) \
-        --et_threshold $(( (500 * VOXELS + 4464000) / 8928000 ))
+        --min_component $(( (2000 * VOXELS + BRATS_VOXELS / 2) / BRATS_VOXELS )) \
+        --et_threshold $(( (500 * VOXELS + BRATS_VOXELS / 2) / BRATS_VOXELS ))
     # One case as someone holding only its FLAIR and T1ce scans would segment it: the first of
     # the test list, read as eval.py reads lists (a BOM, CRLF, comments) -> name, flair, t1ce.
     CASE=$("$PYTHON" -c 'import sys; from datasets.brats import case_files, read_datalist
