@@ -10,7 +10,7 @@ PARENT_POLL_S = 0.5
 def default_workers():
     """How many processes datasets.preprocess and postprocess.py start unless told: one per
     CPU, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    return min(8, os.cpu_count() or 1)
 
 
 def worker_pool(num_workers, mp_context=None):
