@@ -55,6 +55,18 @@ def make_volumes(seed=0, shape=SHAPE):
     return volumes
 
 
+def save_placeholder(path, affine=AFFINE):
+    """An all-zero modality file: how a missing modality is filled for the published code."""
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), affine), path)
+
+
+def off_grid_placeholder(path, other):
+    """The error that names an all-zero placeholder off its case's grid (Brats18_X)."""
+    return (f"case Brats18_X: {path}: all zero, the placeholder of a missing modality, on another "
+            f"grid than {other}: training needs every modality (eval.py and predict.py read the "
+            "case without it)")
+
+
 def save(array, path, affine=AFFINE):
     img = nib.Nifti1Image(array, affine)
     img.header.set_zooms(ZOOMS[: array.ndim])
@@ -781,31 +793,28 @@ def test_placeholders_are_dropped_whatever_their_grid_and_the_scans_grid_is_chec
     # grid does not matter, and the case's grid is that of its scans, not of its first file.
     folder, _ = write_case(tmp_path, "Brats18_X")
     files = find_case_files(folder)
-    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), files["flair"])
+    save_placeholder(files["flair"], np.eye(4))
     kept, dropped = brats.without_placeholders("Brats18_X", files)
     assert dropped == {"flair": files["flair"]}
     assert kept == {part: path for part, path in files.items() if part != "flair"}
     # read as a whole case (training), the placeholder's grid is named, and what it is
     with pytest.raises(CaseError) as error:
         brats.open_files("Brats18_X", files)
-    assert str(error.value) == (
-        f"case Brats18_X: {files['flair']}: all zero, the placeholder of a missing modality, on "
-        "another grid than Brats18_X_t1.nii.gz: training needs every modality (eval.py and "
-        "predict.py read the case without it)")
+    assert str(error.value) == off_grid_placeholder(files["flair"], "Brats18_X_t1.nii.gz")
     save(make_volumes()["flair"], files["flair"])  # the placeholder not the first file
-    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), files["t2"])
+    save_placeholder(files["t2"], np.eye(4))
     with pytest.raises(CaseError, match=f"^case Brats18_X: {files['t2']}: all zero, the "
                                         "placeholder of a missing modality, on another grid than "
                                         "Brats18_X_flair.nii.gz: "):
         brats.open_files("Brats18_X", files)
-    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), files["flair"])
+    save_placeholder(files["flair"], np.eye(4))
 
     save(make_volumes()["t2"], files["t2"], affine=np.eye(4))  # a scan off the grid: refused
     with pytest.raises(CaseError, match=f"case Brats18_X: {files['t2']}: affine differs from "
                                         "Brats18_X_t1.nii.gz"):
         brats.without_placeholders("Brats18_X", files)
     for part in MODALITIES:
-        nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), AFFINE), files[part])
+        save_placeholder(files[part])
     with pytest.raises(CaseError, match=f"case Brats18_X: {files['flair']}: all zero, as every "
                                         "modality file of the case: nothing to predict from"):
         brats.without_placeholders("Brats18_X", files)
@@ -816,7 +825,7 @@ def test_a_placeholder_on_the_grid_is_not_named_for_another_file_off_it(tmp_path
     # placeholder on the grid, with the seg or a scan off it, leaves that file named.
     folder, volumes = write_case(tmp_path, "Brats18_X")
     files = find_case_files(folder)
-    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), AFFINE), files["flair"])  # on the grid
+    save_placeholder(files["flair"])  # on the grid
     save(volumes["seg"], files["seg"], affine=np.eye(4))
     with pytest.raises(CaseError, match=f"^case Brats18_X: {files['seg']}: affine differs from "
                                         "Brats18_X_t1.nii.gz"):
@@ -828,13 +837,11 @@ def test_a_placeholder_on_the_grid_is_not_named_for_another_file_off_it(tmp_path
         brats.open_files("Brats18_X", files)
     save(volumes["t1ce"], files["t1ce"])
     for part in ("flair", "t2"):  # two placeholders off the grid: both named
-        nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), files[part])
+        save_placeholder(files[part], np.eye(4))
     with pytest.raises(CaseError) as error:
         brats.open_files("Brats18_X", files)
-    assert str(error.value) == (
-        f"case Brats18_X: {files['flair']}: all zero, the placeholder of a missing modality, on "
-        "another grid than Brats18_X_t1.nii.gz (so is Brats18_X_t2.nii.gz): training needs every "
-        "modality (eval.py and predict.py read the case without it)")
+    assert str(error.value) == off_grid_placeholder(
+        files["flair"], "Brats18_X_t1.nii.gz (so is Brats18_X_t2.nii.gz)")
     not_zero = np.zeros(SHAPE, np.int16)
     not_zero[0, 0, 0] = 1  # not a placeholder: the grids are compared as for scans
     save(not_zero, files["flair"], affine=np.eye(4))
