@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import (ALIASES, brats_like_warnings, name_tokens, nifti_stem, read_files,
-                            to_network_order, to_nifti_order, without_placeholders)
+from datasets.brats import (ALIASES, MODALITY_TOKENS, brats_like_warnings, name_tokens, nifti_stem,
+                            read_files, to_network_order, to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, path_given, run_cli
@@ -37,7 +37,6 @@ from utils.postprocessing import (add_threshold_args, orientation_warning, postp
 from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
-MODALITY_TOKENS = set().union(*ALIASES.values())  # any modality's name in a file name
 CONTRAST = ("post", "gd", "gad", "contrast", "c")  # after a T1's name: a T1ce (P01_T1_post)
 
 

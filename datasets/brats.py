@@ -37,6 +37,7 @@ SCHEMES = {
 # modality beside such a file (X_T1w.nii.gz) holds its scan under a name no scheme uses.
 ALIASES = {"flair": ("flair", "t2f", "t2flair", "fl"), "t1": ("t1", "t1w", "t1n", "t1native"),
            "t1ce": ("t1ce", "t1c", "t1gd", "t1wce", "t1post", "ce"), "t2": ("t2", "t2w")}
+MODALITY_TOKENS = set().union(*ALIASES.values())  # any modality's name in a file name
 ALLOWED_LABELS = {"brats2018": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
 ET_2018 = 4  # enhancing tumour's label in BraTS 2018-2021, ours
 ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we read it as ET_2018
@@ -292,7 +293,7 @@ def named_like_a_scan(path):
     stem, case = split[0].lower(), path.parent.name.lower()
     token = name_tokens(path)[-1]
     return (stem[:len(case) + 1] in (f"{case}_", f"{case}-")
-            and (token == "seg" or any(token in aliases for aliases in ALIASES.values())))
+            and (token == "seg" or token in MODALITY_TOKENS))
 
 
 def name_tokens(path):
