@@ -400,6 +400,65 @@ def build_model(args, device):
     return model, optimizer, options
 
 
+def checked_start(source, own, model, config, args):
+    """The checkpoint a run starts from (a full one, or a bare state_dict: weights only),
+    refused when it cannot continue this run. `own`: the folder's last.pth, whose settings
+    must be this run's."""
+    try:
+        checkpoint = load_checkpoint(source)
+    except CheckpointError as error:
+        if own:  # written atomically, so damaged since: the run cannot be continued
+            raise CheckpointError(f"{error}; --overwrite True starts the run over") from error
+        raise
+    weights = checkpoint.get("model", checkpoint)
+    bad = non_finite(weights)
+    if bad:
+        raise FloatingPointError(f"{source} holds non-finite weights ({len(bad)}/{len(weights)} "
+                                 f"tensors, first {bad[0]}): start from another checkpoint")
+    if own:
+        snapshot_dir = Path(args.snapshot_dir)
+        refuse_changed_settings(checkpoint["config"], config, snapshot_dir)
+        read_history(snapshot_dir / "teachers.json")  # damaged: said now, not at the next election
+    mismatch = network_mismatch(model, weights, f"--model_size {args.model_size} "
+                                                f"--norm_cfg {args.norm_cfg}")
+    if mismatch:
+        raise UsageError(f"{source} holds another network {mismatch}")
+    return checkpoint
+
+
+def resume(checkpoint, own, optimizer, scaler, subset_rng, args, device):
+    """Load a full checkpoint's optimiser, scaler and subset stream (the weights are loaded
+    already). Returns (start, teachers, elected_at, random_start): the iteration to continue
+    at, the teachers and when they were elected, and where --mode random began."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # this run's flags, not the checkpoint's
+        group.update(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True,
+                     **speed.sgd_implementation(device))
+    if checkpoint["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"], subset_rng)
+    # --start_iters re-bases a run started from --reload_path, not the folder's own
+    start = checkpoint["iteration"] if own else args.start_iters or checkpoint["iteration"]
+    mode = checkpoint["config"].get("mode")  # None: a checkpoint of another version
+    same_stage = mode is not None and same_setting("mode", mode, args.mode)
+    random_start = checkpoint.get("random_start", start) if same_stage else start
+    return start, tuple(checkpoint["teachers"]), checkpoint["elected_at"], random_start
+
+
+def check_point(model, window, flags, dist_info):
+    """The loop's host synchronisation (and, with DDP, its one all-reduce). `window`: each
+    iteration's (total, dice, bce, kd) since the last check, on the device. Returns those
+    averaged over ranks (iterations, 4), whether any rank's weights hold NaN/inf, and each
+    of `flags` raised on any rank."""
+    weights_ok = torch.stack([w.isfinite().all() for w in unwrap(model).state_dict().values()
+                              if w.is_floating_point()]).all()
+    sync = torch.cat([torch.stack(window).flatten(), (~weights_ok).float()[None],
+                      torch.tensor(flags, dtype=torch.float32, device=weights_ok.device)])
+    sync = distributed.all_reduce_sum(sync, dist_info).cpu()
+    raised = (sync[-1 - len(flags):] > 0).tolist()
+    return (sync[:-1 - len(flags)].view(-1, 4) / dist_info.world_size, *raised)
+
+
 def main(argv=None):
     def read_flags():
         args = parse_args(argv)
@@ -471,58 +530,23 @@ def train(args, lists, dist_info, device):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     # ---- resume: weights, optimiser, scaler, iteration, teachers, RNG streams
-    start = args.start_iters
+    start = random_start = args.start_iters
     teachers, elected_at = parse_teachers(args.teachers), None
     subset_rng = random.Random(derived_seed(args.random_seed, start))
-    random_start = start
     own = source == snapshot_dir / "last.pth"  # this folder's run, continued where it stopped
-
-    def checked():
-        """The checkpoint to start from, refused when it cannot continue this run."""
-        try:
-            checkpoint = load_checkpoint(source)
-        except CheckpointError as error:
-            if own:  # written atomically, so damaged since: the run cannot be continued
-                raise CheckpointError(f"{error}; --overwrite True starts the run over") from error
-            raise
-        weights = checkpoint.get("model", checkpoint)  # a bare state_dict: weights only
-        bad = non_finite(weights)
-        if bad:
-            raise FloatingPointError(f"{source} holds non-finite weights ({len(bad)}/{len(weights)} "
-                                     f"tensors, first {bad[0]}): start from another checkpoint")
-        if own:
-            refuse_changed_settings(checkpoint["config"], config, snapshot_dir)
-            read_history(snapshot_dir / "teachers.json")  # damaged: said now, not at the next election
-        mismatch = network_mismatch(model, weights, f"--model_size {args.model_size} "
-                                                    f"--norm_cfg {args.norm_cfg}")
-        if mismatch:
-            raise UsageError(f"{source} holds another network {mismatch}")
-        return checkpoint
-
     if source is not None:
         # The same file on every rank: rank 0 checks it (and alone reports what is wrong).
-        checkpoint = distributed.on_main_rank(checked, dist_info, f"checking {source}")
+        checkpoint = distributed.on_main_rank(
+            lambda: checked_start(source, own, model, config, args), dist_info, f"checking {source}")
         checkpoint = checkpoint if main_rank else load_checkpoint(source)
-        weights = checkpoint.get("model", checkpoint)
-        model.load_state_dict(weights)
+        model.load_state_dict(checkpoint.get("model", checkpoint))
         if "model" not in checkpoint:
             log(f"loaded weights from {source}")
         else:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            for group in optimizer.param_groups:  # this run's flags, not the checkpoint's
-                group.update(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True,
-                             **speed.sgd_implementation(device))
-            if checkpoint["scaler"] and scaler.is_enabled():
-                scaler.load_state_dict(checkpoint["scaler"])
-            teachers, elected_at = tuple(checkpoint["teachers"]), checkpoint["elected_at"]
-            set_rng_state(checkpoint["rng"], subset_rng)
-            # --start_iters re-bases a run started from --reload_path, not the folder's own
-            start = checkpoint["iteration"] if own else args.start_iters or checkpoint["iteration"]
-            mode = checkpoint["config"].get("mode")  # None: a checkpoint of another version
-            same_stage = mode is not None and same_setting("mode", mode, args.mode)
-            random_start = checkpoint.get("random_start", start) if same_stage else start
-            log(f"reloaded {source}: iteration {checkpoint['iteration']} (mode {mode}), "
-                f"continuing at {start} in mode {args.mode}")
+            start, teachers, elected_at, random_start = resume(
+                checkpoint, own, optimizer, scaler, subset_rng, args, device)
+            log(f"reloaded {source}: iteration {checkpoint['iteration']} (mode "
+                f"{checkpoint['config'].get('mode')}), continuing at {start} in mode {args.mode}")
     if start >= args.num_steps:
         raise UsageError(f"nothing to train: the run would start at iteration {start} ({source}) "
                          f"and --num_steps is {args.num_steps}")
@@ -686,17 +710,11 @@ def train(args, lists, dist_info, device):
             if (done % args.log_every and done % args.val_pred_every and done != stop
                     and not (stop_signals.signum and not dist_info.enabled)):
                 continue
-            # ---- check point: the loop's host synchronisation (and, with DDP, one all-reduce)
-            weights_ok = torch.stack([w.isfinite().all() for w in unwrap(model).state_dict().values()
-                                      if w.is_floating_point()]).all()
+            # ---- check point
             save_due = (main_rank and args.save_every_min > 0
                         and time.monotonic() - last_saved >= 60 * args.save_every_min)
-            flags = torch.tensor([stop_signals.signum is not None, save_due], dtype=torch.float32,
-                                 device=device)
-            sync = torch.cat([torch.stack(window).flatten(), (~weights_ok).float()[None], flags])
-            sync = distributed.all_reduce_sum(sync, dist_info).cpu()
-            window_parts = sync[:-3].view(-1, 4) / dist_info.world_size  # (iterations, 4)
-            weights_bad, stop_requested, save_due = (sync[-3:] > 0).tolist()
+            window_parts, weights_bad, stop_requested, save_due = check_point(
+                model, window, (stop_signals.signum is not None, save_due), dist_info)
             finite = torch.isfinite(window_parts).all(1)
             if not finite.all():
                 row = int((~finite).nonzero()[0])

@@ -27,7 +27,8 @@ from models import LCKD, LCKDConfig
 from datasets.brats import CaseError, DataError
 from datasets.preprocess import preprocess
 from datasets.synthetic import generate
-from utils.checkpoint import CheckpointError, load_checkpoint, non_finite, save_checkpoint, set_rng_state
+from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, non_finite,
+                              save_checkpoint, set_rng_state)
 from utils.cli import StopSignals, UsageError
 from utils import election
 from utils.election import append_history, elect, winners
@@ -982,6 +983,48 @@ def test_missing_schedule_and_subset_draws():
     assert train.draw_subset("random", rng, 0.0) == FULL
     assert train.draw_subset((0, 2), rng, 1.0) == (0, 2)
 
+
+def test_resume_restores_the_run_and_where_its_missing_modality_ramp_began():
+    """resume(): the folder's own checkpoint continues at its iteration with its ramp start;
+    one given by --reload_path keeps the ramp start only in the same --mode (stage 1 -> 2
+    starts the ramp where stage 2 starts), and --start_iters re-bases it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()  # a momentum buffer to restore
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    saved_stream = random.Random(5)
+    saved = lambda mode, **extra: make_checkpoint(
+        model, optimizer, scaler, 300, (2,), 200, saved_stream,
+        {} if mode is None else {"mode": mode}, **extra)
+    args = lambda mode, start_iters=0: SimpleNamespace(
+        mode=mode, start_iters=start_iters, momentum=0.99, weight_decay=0.0)
+
+    def resumed(checkpoint, own, flags):
+        fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5, weight_decay=1.0)
+        stream = random.Random(0)
+        result = train.resume(checkpoint, own, fresh, scaler, stream, flags, torch.device("cpu"))
+        return result, fresh, stream
+
+    (result, fresh, stream), expected = resumed(saved("random", random_start=120), True,
+                                                args("random")), random.Random(5)
+    assert result == (300, (2,), 200, 120)
+    assert stream.random() == expected.random()  # the subset stream continues
+    momentum = optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], momentum)
+    group = fresh.param_groups[0]  # this run's flags, not the checkpoint's or the fresh ones
+    assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.99, 0.0, True)
+
+    stage1 = saved("0,1,2,3", random_start=0)
+    assert resumed(stage1, False, args("random"))[0] == (300, (2,), 200, 300)
+    assert resumed(stage1, False, args("random", start_iters=50))[0] == (50, (2,), 200, 50)
+    # --reload_path of the same stage, however --mode is spelt
+    assert resumed(saved("random", random_start=120), False, args("Random"))[0][3] == 120
+    assert resumed(saved("0,1,2,3", random_start=7), False, args("3,2,1,0"))[0][3] == 7
+    # a checkpoint without the entry (another version) or without a mode: the ramp starts here
+    assert resumed(saved("random"), True, args("random"))[0][3] == 300
+    assert resumed(saved(None, random_start=120), False, args("random"))[0][3] == 300
 
 def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
     path = tmp_path / "cfg.json"
