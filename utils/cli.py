@@ -226,6 +226,17 @@ def progress_interval():
     return 0.1 if sys.stderr.isatty() else 10
 
 
+def _failure_behind(error):
+    """The PeerFailed that a SIGTERM cut short, else `error`. When a process of a torchrun job
+    ends (killed, or on its error), torchrun sends SIGTERM to the others: one already unwinding
+    from that loss (its collective failed first) would otherwise say "terminated" instead of
+    which rank was gone, depending on which came first."""
+    context = error.__context__ if isinstance(error, Terminated) else None
+    while context is not None and not isinstance(context, PeerFailed):
+        context = context.__context__
+    return context or error
+
+
 def run_cli(main, user_errors=USER_ERRORS, argv=None):
     """Run a script's main(argv): a user mistake or an outside condition (UsageError, or one of
     `user_errors`) prints one line `error: ...` to stderr and exits 2 (usage) or 1; Ctrl-C
@@ -254,6 +265,7 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     except MainRankFailed as stopped:
         sys.exit(exit_status(stopped.error_type, user_errors) or 1)
     except (KeyboardInterrupt, UsageError, *user_errors) as error:
+        error = _failure_behind(error)
         status = exit_status(type(error), user_errors)
         # A stop signal reaches every process of a torchrun job (the scheduler's, or torchrun
         # passing its own on): rank 0 says it once.
