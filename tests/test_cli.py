@@ -101,7 +101,6 @@ def test_sigterm_unwinds_the_script_and_exits_143(capsys, again):
     assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
 
 
-
 @pytest.mark.parametrize("failure, status, line", [
     (PeerFailed("rank 0: another process of this run is gone"), 1,
      "error: rank 0: another process of this run is gone"),
@@ -122,6 +121,7 @@ def test_sigterm_while_a_lost_peer_is_reported_keeps_the_report(capsys, failure,
         run_cli(main)
     assert exit_.value.code == status
     assert capsys.readouterr().err.splitlines() == [line]
+
 
 @pytest.mark.parametrize("signum, status, line", [(signal.SIGTERM, 143, "terminated"),
                                                   (signal.SIGINT, 130, "interrupted")])

@@ -1026,6 +1026,7 @@ def test_resume_restores_the_run_and_where_its_missing_modality_ramp_began():
     assert resumed(saved("random"), True, args("random"))[0][3] == 300
     assert resumed(saved(None, random_start=120), False, args("random"))[0][3] == 300
 
+
 def test_config_file_sets_defaults_and_cli_overrides(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"num_steps": 7, "mode": "random", "patch_size": [1, 2, 3]}))
