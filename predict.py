@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import (ALIASES, MODALITY_TOKENS, brats_like_warnings, name_tokens, nifti_stem,
-                            read_files, to_network_order, to_nifti_order, without_placeholders)
+from datasets.brats import (ALIASES, MODALITY_TOKENS, brats_like_warnings, modality_named,
+                            name_tokens, nifti_stem, read_files, to_network_order, to_nifti_order,
+                            without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, path_given, run_cli
@@ -123,8 +124,7 @@ def named_modality(path):
     token, a T1 with BIDS's contrast entity (sub-01_ce-gd_T1w) or a contrast word after it
     (P01_T1_post) being a T1ce."""
     tokens = name_tokens(path)
-    token = tokens[-1]
-    named = next((m for m, aliases in ALIASES.items() if token in aliases), None)
+    token, named = tokens[-1], modality_named(path)
     if named == "t1":
         bids = re.search(r"_(ce-[a-z0-9]+)_", nifti_stem(path).lower())
         if bids:

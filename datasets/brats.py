@@ -304,9 +304,10 @@ def name_tokens(path):
     return re.split(r"[_-]", stem.lower())
 
 
-def _missing_part_named(path, missing):
-    """The modality among `missing` that `path` is named after (an ALIASES token), or None."""
-    return next((part for part in missing if name_tokens(path)[-1] in ALIASES[part]), None)
+def modality_named(path, among=MODALITIES):
+    """The modality among `among` that `path` is named after (its last token is one of its
+    ALIASES: 'X_T1w.nii.gz' -> 't1'), or None."""
+    return next((part for part in among if name_tokens(path)[-1] in ALIASES[part]), None)
 
 
 def nifti_stem(path):
@@ -427,7 +428,7 @@ def _refuse_strangers(case_dir, files, scheme, unknown, missing):
         raise CaseError(case, files[odd[0]], f"its name does not start as the case's other files "
                         f"do ({others}): a file of another case? Rename or move it")
     for path in unknown:
-        part = _missing_part_named(path, missing)
+        part = modality_named(path, missing)
         if part:
             expected = expected_file(case_dir, files, part).name
             problem, fix = (("under another name", f"name it {expected} if it is one")
