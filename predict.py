@@ -53,7 +53,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("post-processing (postprocess.py's rules and thresholds)")
     g.add_argument("--postprocess", action="store_true", help="apply the published rules")
     g.add_argument("--kmeans_necrosis", action="store_true",
-                   help="with --postprocess: the released K-means rule (needs --t1ce)")
+                   help="with --postprocess: the released K-means rule (uses --t1ce; skipped "
+                        "without it)")
     add_threshold_args(g, g)
     p.add_argument("--figure", nargs="?", const="", default=None, metavar="PNG",
                    help="write a figure (default path: the mask's, with .png)")
