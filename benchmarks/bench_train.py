@@ -38,15 +38,16 @@ eager step it is compared with) in both stages, then their projection, then the 
 variants. A row whose measurement fails prints FAILED with the error, the others still run,
 and the exit status is 1.
 
-Variants (rows): published = the published step: all four modalities encoded per forward,
-fp16 autocast with a loss scaler (as apex O1), NCDHW, eager, torch's default SGD (whose loss
-scaler reads the overflow flag on the host every step) (on a CPU in fp32: the published
-code needs a GPU, and CPU fp16 autocast runs ~10x slower than fp32); fp32 = this repository's
-step before the speed options; fp32_cl = fp32 + channels-last (the one option a CPU might
-use); bf16 = bf16 autocast; bf16_cl = + channels-last; bf16_compile = bf16 + torch.compile;
-bf16_cl_compile = all three, run.sh's default on a GPU (fp32 is its default on a CPU).
-Default rows, in this order (the targets first): published, bf16_cl_compile, bf16, bf16_cl,
-fp32 on CUDA; published, fp32, fp32_cl on a CPU.
+Variants (rows): published = the published step: all four modalities encoded per forward, fp16
+autocast with a loss scaler (issue 9's baseline; the released train.py has no autocast and
+trains in fp32), NCDHW, eager, torch's default SGD (whose loss scaler reads the overflow flag on
+the host every step) (on a CPU in fp32: the published code needs a GPU, and CPU fp16 autocast
+runs ~10x slower than fp32); fp32 = this repository's step before the speed options; fp32_cl =
+fp32 + channels-last (the one option a CPU might use); bf16 = bf16 autocast; bf16_cl = +
+channels-last; bf16_compile = bf16 + torch.compile; bf16_cl_compile = all three, run.sh's
+default on a GPU (fp32 is its default on a CPU). Default rows, in this order (the targets
+first): published, bf16_cl_compile, bf16, bf16_cl, fp32 on CUDA; published, fp32, fp32_cl on a
+CPU.
 """
 import argparse
 import contextlib
