@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from datasets.brats import (ET_2018, ET_2023, EXTENSIONS, CaseError, case_files, is_placeholder,
                             name_tokens, named_like_a_scan, nifti_stem, open_files, read_files,
-                            require_modalities, to_nifti_order)
+                            require_modalities, scan_of, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, progress_interval, run_cli
 from utils.export import CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
@@ -99,15 +99,27 @@ def find_masks(input_dir):
 
 
 def check_input(sources, input_dir, args):
-    """Refuse an input that is not one folder of masks: MRI scans (a data folder), or masks
-    more than one sub-folder down (a folder of several runs: their masks would be mixed in one
-    upload). A data folder is told by its scans: '<folder>_seg' files alone are masks named
-    like labels in a folder named like their cases (BraTS2021/BraTS2021_00000_seg.nii.gz)."""
+    """Refuse an input that is not one folder of masks: MRI scans (a data folder), a case's scan
+    or label beside its mask (X_seg.nii.gz next to X.nii.gz), or masks more than one sub-folder
+    down (a folder of several runs: their masks would be mixed in one upload). A data folder is
+    told by its scans: '<folder>_seg' files alone are masks named like labels in a folder named
+    like their cases (BraTS2021/BraTS2021_00000_seg.nii.gz)."""
     scans = [p for p in sources if named_like_a_scan(p) and name_tokens(p)[-1] != "seg"]
     if scans:
         raise UsageError(f"--input_dir {args.input_dir} holds MRI scans, not masks "
                          f"(e.g. {scans[0].relative_to(input_dir)}): give eval.py's output folder "
                          f"({EVAL_OUTPUT_DIR} after eval.sh) or a folder of masks")
+    # A case's scan or label copied in beside its mask would be uploaded as one more mask, or
+    # stop the run halfway, some masks written, on its values.
+    masks = {}
+    for path in sources:
+        masks.setdefault(path.parent, {})[nifti_stem(path).lower()] = path
+    for path in sources:
+        case = scan_of(path, masks[path.parent])
+        if case is not None:
+            raise UsageError(f"--input_dir {args.input_dir} holds {path.relative_to(input_dir)} "
+                             f"beside the mask {masks[path.parent][case].relative_to(input_dir)}: "
+                             f"a scan or label of that case, not a mask; move it out of the folder")
     deep = [p for p in sources if len(p.relative_to(input_dir).parts) > 2]
     if deep:
         example = deep[0].relative_to(input_dir)

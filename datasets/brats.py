@@ -286,14 +286,19 @@ def named_like_a_scan(path):
     """Whether a NIfTI file is named as a scan or label in its case folder (X/X_flair, X/X-t1c,
     X/X_T1w, X/X_seg: the folder's name, then a scheme's suffix or an ALIASES token), not as a
     mask eval.py writes (<subset>/<case>.nii.gz, whatever the case's name ends with)."""
-    path = Path(path)
-    split = _split_name(path)
-    if split is None:
-        return False
-    stem, case = split[0].lower(), path.parent.name.lower()
-    token = name_tokens(path)[-1]
-    return (stem[:len(case) + 1] in (f"{case}_", f"{case}-")
-            and (token == "seg" or token in MODALITY_TOKENS))
+    return scan_of(path, {Path(path).parent.name.lower()}) is not None
+
+
+def scan_of(path, cases):
+    """The case among `cases` (lower-case names) that a NIfTI file is named as a scan or label
+    of ('X_seg.nii.gz', 'X-T2-FLAIR.nii.gz': 'x'; the name goes on after a '_' or '-' and ends
+    in a scheme's suffix or an ALIASES token), or None."""
+    stem = nifti_stem(path)
+    if stem is None or name_tokens(path)[-1] not in (*MODALITY_TOKENS, "seg"):
+        return None
+    stem = stem.lower()
+    return next((stem[:sep.start()] for sep in re.finditer("[_-]", stem)
+                 if stem[:sep.start()] in cases), None)
 
 
 def name_tokens(path):

@@ -595,6 +595,38 @@ def test_a_flat_folder_of_masks_named_like_labels_is_read(tmp_path):
     assert (tmp_path / "out" / "BraTS2021_00000_seg.nii.gz").is_file()
 
 
+@pytest.mark.parametrize("stray, beside", [("Synth_0000_seg.nii.gz", "Synth_0000.nii.gz"),
+                                           ("flair/Synth_0001-T1w.nii.gz", "flair/Synth_0001.nii.gz")])
+def test_a_scan_or_label_beside_its_cases_mask_is_refused_before_anything_is_written(
+        tmp_path, stray, beside):
+    # Copied into the masks by mistake, a label would be uploaded as a ninth mask of eight cases
+    # (its values are labels too), and a scan would stop the run halfway on its values.
+    label = np.zeros((30, 30, 30), np.uint8)
+    _cube(label, (5, 5, 10), 8, 2)
+    masks, out = tmp_path / "masks", tmp_path / "out"
+    folder = Path(beside).parent
+    for case in ("Synth_0000", "Synth_0001", "Synth_0002"):
+        _write(masks / folder / f"{case}.nii.gz", label, np.eye(4))
+    _write(masks / stray, label, np.eye(4))
+    with pytest.raises(UsageError) as error:
+        postprocess.main(["--input_dir", str(masks), "--output_dir", str(out), "--num_workers", "0"])
+    assert str(error.value) == (f"--input_dir {masks} holds {stray} beside the mask {beside}: a scan "
+                                f"or label of that case, not a mask; move it out of the folder")
+    assert not out.exists()
+    (masks / stray).unlink()
+    postprocess.main(["--input_dir", str(masks), "--output_dir", str(out), "--num_workers", "0"])
+    assert len(list(out.rglob("*.nii.gz"))) == 3
+
+
+def test_scan_of_names_the_case_a_file_is_a_scan_or_label_of():
+    cases = {"brats18_2013_2_1", "x", "pat"}
+    for name, case in (("Brats18_2013_2_1_t1ce.nii.gz", "brats18_2013_2_1"),
+                       ("X_T2-FLAIR.nii.gz", "x"), ("x-seg.nii", "x"), ("Pat_ce.nii.gz", "pat"),
+                       ("X.nii.gz", None), ("X_mask.nii.gz", None), ("Y_t1.nii.gz", None),
+                       ("X_t1.txt", None), ("Brats18_2013_2_1.nii.gz", None)):
+        assert postprocess.scan_of(Path("any") / name, cases) == case, name
+
+
 def test_masks_of_cases_named_like_scans_are_masks():
     # the layout tells a scan (in its case's folder) from a mask (in a subset's, or flat)
     assert postprocess.named_like_a_scan(Path("data/Sub_T1/Sub_T1_flair.nii.gz"))
