@@ -3,11 +3,13 @@ one-line errors."""
 import argparse
 import errno
 import io
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -17,8 +19,8 @@ import predict
 import train
 from datasets.brats import DataError
 from test_demo import REPO
-from utils.cli import Terminated, UsageError, run_cli, str2bool
-from utils import distributed
+from utils import cli, distributed
+from utils.cli import SAME_REQUEST_S, Terminated, UsageError, run_cli, str2bool
 from utils.distributed import MainRankFailed, PeerFailed
 
 
@@ -99,6 +101,54 @@ def test_sigterm_unwinds_the_script_and_exits_143(capsys, again):
     assert exit_.value.code == 143 and unwound == ["started", "finished"]
     assert capsys.readouterr().err.splitlines() == ["terminated"]
     assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
+
+
+@pytest.mark.parametrize("first, second, status, line", [
+    (signal.SIGINT, signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, signal.SIGINT, 143, "terminated")])
+def test_a_ctrl_c_just_after_the_stop_is_the_same_request_and_the_cleanup_runs(
+        capsys, first, second, status, line):
+    # eval.sh and run.sh pass a stop signal on to their script, which the terminal's Ctrl-C
+    # reaches too: two signals a moment apart are one request. A SIGINT raised again during the
+    # unwinding would cut short its cleanup (a writer thread's file left as a temporary,
+    # Python's traceback from its exit, or an abort in torch's threads).
+    unwound = []
+
+    def main(argv):
+        try:
+            os.kill(os.getpid(), first)
+            signal.pause()  # not reached: the handler raises as soon as the signal arrives
+        finally:
+            unwound.append("started")
+            os.kill(os.getpid(), second)  # delivered here, before the next line
+            unwound.append("finished")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    assert exit_.value.code == status and unwound == ["started", "finished"]
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_a_ctrl_c_a_second_after_the_stop_cuts_the_unwinding_short(capsys, monkeypatch):
+    # A Ctrl-C pressed again, SAME_REQUEST_S or more after the stop, is the user's: it is not
+    # ignored (here run_cli's clock moves on by that much each time it is read).
+    clock = itertools.count(100.0, SAME_REQUEST_S)
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    unwound = []
+
+    def main(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.pause()
+        finally:
+            unwound.append("started")
+            os.kill(os.getpid(), signal.SIGINT)
+            unwound.append("finished")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    assert exit_.value.code == 130 and unwound == ["started"]
+    assert capsys.readouterr().err.splitlines() == ["interrupted"]
 
 
 @pytest.mark.parametrize("failure, status, line", [

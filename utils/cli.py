@@ -112,26 +112,33 @@ class Terminated(KeyboardInterrupt):
 # run_cli's stop signals (_stop_signal): the process's, so module-level.
 _forks = []  # one entry per fork in progress: from its first at-fork hook to its last
 _deferred = None  # a stop signal that came meanwhile, sent again after the fork
-_stopping = False  # a stop signal was raised: the script is unwinding
+_stopping = None  # when a stop signal was raised (time.monotonic()): the script is unwinding
 _resends = []  # the timers sending deferred signals again, cancelled when run_cli returns
 _fork_hooks_registered = False
 # How long after a fork a deferred stop signal is sent again: time for the main thread to
 # return from the fork's hooks into the script's own code.
 RESEND_S = 0.1
+# A second SIGINT this soon after the first stop signal is the same request reaching the process
+# twice (a sender that signals every process of the job, and run.sh or eval.sh passing it on),
+# not a second Ctrl-C.
+SAME_REQUEST_S = 1.0
 
 
 def _stop_signal(signum, frame):
     """run_cli's handler of SIGTERM and SIGINT: Terminated or KeyboardInterrupt, raised in the
     main thread so that the script unwinds. A repeated SIGTERM is the same request (a scheduler
     signals every process of the job, run.sh and torchrun pass it on; after Ctrl-C, torchrun
-    sends SIGTERM): it must not cut short the unwinding of the first. During a fork (a
+    sends SIGTERM), and so is a SIGINT within SAME_REQUEST_S (the terminal's Ctrl-C reaches both
+    eval.sh and eval.py, and the script passes it on): neither may cut short the unwinding of
+    the first. A later Ctrl-C is the user's: it stops the unwinding too. During a fork (a
     DataLoader starting its workers) the signal is handled in an at-fork hook (logging's),
     where an exception is only printed (and logging's lock stays held): it is deferred."""
     global _deferred
     if _forks:
         _deferred = signum
         return
-    if signum == signal.SIGTERM and _stopping:
+    if _stopping is not None and (signum == signal.SIGTERM
+                                  or time.monotonic() - _stopping < SAME_REQUEST_S):
         return
     mark_stopping()
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
@@ -139,13 +146,14 @@ def _stop_signal(signum, frame):
 
 def mark_stopping():
     """Record that a stop signal is being acted on (also train.py's loop, which handles its
-    own): from now on a repeated SIGTERM is ignored, and no deferred one is sent again."""
+    own): from now on a repeated SIGTERM is ignored, a SIGINT too within SAME_REQUEST_S, and no
+    deferred signal is sent again."""
     global _stopping
-    _stopping = True
+    _stopping = time.monotonic()
 
 
 def _resend(signum):
-    if not _stopping:  # another stop already unwinds the script
+    if _stopping is None:  # another stop already unwinds the script
         os.kill(os.getpid(), signum)
 
 
@@ -250,7 +258,7 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
     previous, thread_hook = {}, threading.excepthook
     if in_main:  # the handlers are the process's: set (and restored) by its main thread alone
         _register_fork_hooks()
-        _stopping, _deferred = False, None
+        _stopping, _deferred = None, None
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _stop_signal)
         # SIGINT only where it has Python's own handler (a background job starts ignoring it)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -288,12 +296,6 @@ def run_cli(main, user_errors=USER_ERRORS, argv=None):
                 if handler is not None:  # None: set outside Python
                     signal.signal(signum, handler)
             _set_stdout_errors(stdout_errors)
-
-
-# A second SIGINT this soon after the first stop signal is the same request reaching the process
-# twice (a sender that signals every process of the job, and run.sh passing it on), not a
-# second Ctrl-C.
-SAME_REQUEST_S = 1.0
 
 
 class StopSignals:
