@@ -137,13 +137,16 @@ def named_modality(path):
 
 def modality_names_warning(files):
     """A warning when a file is named as another modality's scan than the flag it is given to
-    (--t2 X-t2f.nii.gz: BraTS 2023's t2f is the FLAIR, t2w the T2; --flair X_t1ce.nii.gz), or
-    None. The network would be given it as the flag's modality, without a word: the names only
-    warn, as patients_warning's, since the files may be named anyhow."""
+    (--t2 X-t2f.nii.gz: BraTS 2023's t2f is the FLAIR, t2w the T2; --flair X_t1ce.nii.gz) or
+    as a label (--flair X_seg.nii.gz), or None. The network would be given it as the flag's
+    modality, without a word: the names only warn, as patients_warning's, since the files may be
+    named anyhow."""
     wrong = []
     for modality, path in files.items():
         named, token = named_modality(path)
-        if named is not None and named != modality:
+        if name_tokens(path)[-1] == "seg":
+            wrong.append(f"--{modality} {path.name} is named as a label (seg), not a scan")
+        elif named is not None and named != modality:
             wrong.append(f"--{modality} {path.name} is named as a {named} scan ({token})")
     if not wrong:
         return None

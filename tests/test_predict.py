@@ -308,6 +308,12 @@ def test_a_file_named_as_another_modality_is_warned_about(segmentation_setup, tm
                                                 t1="sub-01_T1w.nii.gz", t2="scan.nii.gz")) is None
     assert "--flair P01_t1ce.nii.gz is named as a t1ce scan (t1ce)" in (
         predict.modality_names_warning(files(flair="P01_t1ce.nii.gz", t1ce="P01_flair.nii.gz")))
+    # the case's label given as a scan (a label map read as an MRI: a mask of nothing useful)
+    labels = files(flair="P01_seg.nii.gz", t1ce="BraTS-GLI-1-000-seg.nii")
+    assert predict.modality_names_warning(labels) == (
+        "--flair P01_seg.nii.gz is named as a label (seg), not a scan; --t1ce BraTS-GLI-1-000-seg.nii "
+        "is named as a label (seg), not a scan: each file is given to the network as its flag's "
+        "modality; check the flags (BraTS 2023 names: t2f = FLAIR, t1n = T1, t1c = T1ce, t2w = T2)")
 
 
 def test_contrast_enhanced_t1_names_are_read_as_t1ce():
