@@ -1,6 +1,7 @@
 """Checkpoints: weights_only round trip, RNG streams continue, atomic writes, clear errors."""
 import contextlib
 import errno
+import gzip
 import os
 import random
 import stat
@@ -89,6 +90,23 @@ def test_pickled_objects_and_missing_files_are_refused(tmp_path):
         load_checkpoint(tmp_path / "folder.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(tmp_path / "nope.pth")
+    # another kind of file (a log, a NIfTI) said as such; a cut one as damaged
+    good = tmp_path / "good.pth"
+    torch.save({"iteration": 3}, good)
+    for name, content in (("log.pth", b"iter = 100 of 80000 completed\n"),
+                          ("scan.pth", gzip.compress(b"\x5c\x01\x00\x00" + bytes(344)))):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(RuntimeError) as error:
+            load_checkpoint(tmp_path / name)
+        assert str(error.value) == (f"cannot read checkpoint {tmp_path / name}: not a PyTorch "
+                                    "checkpoint (torch.save writes a zip archive or a pickle)")
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:300])
+    with pytest.raises(RuntimeError, match=r"cut.pth: RuntimeError: .* \(a truncated or damaged "
+                                           r"file\?\)$"):
+        load_checkpoint(tmp_path / "cut.pth")
+    (tmp_path / "empty.pth").touch()
+    with pytest.raises(RuntimeError, match=r"empty.pth: the file is empty$"):
+        load_checkpoint(tmp_path / "empty.pth")
 
 
 def _record_syncs(monkeypatch, folder_error=None):

@@ -155,12 +155,27 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(error)}") from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(error, path)}"
+                              ) from error
 
 
-def _load_failure(error):
+# How every file torch.save writes begins: a zip archive, or (before PyTorch 1.6) a pickle
+TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def _load_failure(error, path):
     """torch.load's error -> what it says of the file, in one line. (Its text, coloured with
-    terminal escapes, advises weights_only=False, which would run the file's pickled code.)"""
+    terminal escapes, advises weights_only=False, which would run the file's pickled code; of a
+    text file it says 'KeyError: 101'.)"""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(4)
+    except OSError:  # unreadable (permissions): torch.load's error says so
+        start = None
+    if start == b"":
+        return "the file is empty"
+    if start is not None and not start.startswith(TORCH_SAVE_STARTS):
+        return "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle)"
     pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if pickled:
         return (f"it pickles {pickled.group(1)} objects (the published code saves whole models), "
