@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -103,11 +104,20 @@ def test_sigterm_unwinds_the_script_and_exits_143(capsys, again):
     assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
 
 
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler for the test: pytest started in the background (a script's
+    `pytest … &`) has SIGINT ignored, and run_cli then leaves it so."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("first, second, status, line", [
     (signal.SIGINT, signal.SIGINT, 130, "interrupted"),
     (signal.SIGTERM, signal.SIGINT, 143, "terminated")])
 def test_a_ctrl_c_just_after_the_stop_is_the_same_request_and_the_cleanup_runs(
-        capsys, first, second, status, line):
+        capsys, ctrl_c, first, second, status, line):
     # eval.sh and run.sh pass a stop signal on to their script, which the terminal's Ctrl-C
     # reaches too: two signals a moment apart are one request. A SIGINT raised again during the
     # unwinding would cut short its cleanup (a writer thread's file left as a temporary,
@@ -117,7 +127,7 @@ def test_a_ctrl_c_just_after_the_stop_is_the_same_request_and_the_cleanup_runs(
     def main(argv):
         try:
             os.kill(os.getpid(), first)
-            signal.pause()  # not reached: the handler raises as soon as the signal arrives
+            time.sleep(60)  # not reached: the handler raises as soon as the signal arrives
         finally:
             unwound.append("started")
             os.kill(os.getpid(), second)  # delivered here, before the next line
@@ -129,7 +139,7 @@ def test_a_ctrl_c_just_after_the_stop_is_the_same_request_and_the_cleanup_runs(
     assert capsys.readouterr().err.splitlines() == [line]
 
 
-def test_a_ctrl_c_a_second_after_the_stop_cuts_the_unwinding_short(capsys, monkeypatch):
+def test_a_ctrl_c_a_second_after_the_stop_cuts_the_unwinding_short(capsys, monkeypatch, ctrl_c):
     # A Ctrl-C pressed again, SAME_REQUEST_S or more after the stop, is the user's: it is not
     # ignored (here run_cli's clock moves on by that much each time it is read).
     clock = itertools.count(100.0, SAME_REQUEST_S)
@@ -139,7 +149,7 @@ def test_a_ctrl_c_a_second_after_the_stop_cuts_the_unwinding_short(capsys, monke
     def main(argv):
         try:
             os.kill(os.getpid(), signal.SIGINT)
-            signal.pause()
+            time.sleep(60)  # not reached
         finally:
             unwound.append("started")
             os.kill(os.getpid(), signal.SIGINT)
