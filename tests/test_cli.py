@@ -118,10 +118,10 @@ def ctrl_c():
     (signal.SIGTERM, signal.SIGINT, 143, "terminated")])
 def test_a_ctrl_c_just_after_the_stop_is_the_same_request_and_the_cleanup_runs(
         capsys, ctrl_c, first, second, status, line):
-    # eval.sh and run.sh pass a stop signal on to their script, which the terminal's Ctrl-C
-    # reaches too: two signals a moment apart are one request. A SIGINT raised again during the
-    # unwinding would cut short its cleanup (a writer thread's file left as a temporary,
-    # Python's traceback from its exit, or an abort in torch's threads).
+    # Ctrl-C pressed twice in a row, or a sender that signals every process of a job: two
+    # signals a moment apart are one request. A SIGINT raised again during the unwinding would
+    # cut short its cleanup (in eval.py: a writer thread's file left as a temporary, Python's
+    # traceback from its exit, or an abort in torch's threads).
     unwound = []
 
     def main(argv):

@@ -119,8 +119,8 @@ _fork_hooks_registered = False
 # return from the fork's hooks into the script's own code.
 RESEND_S = 0.1
 # A second SIGINT this soon after the first stop signal is the same request reaching the process
-# twice (a sender that signals every process of the job, and run.sh or eval.sh passing it on),
-# not a second Ctrl-C.
+# twice (a sender that signals every process of the job, and run.sh passing it on; Ctrl-C
+# pressed twice in a row), not a second Ctrl-C.
 SAME_REQUEST_S = 1.0
 
 
@@ -128,9 +128,9 @@ def _stop_signal(signum, frame):
     """run_cli's handler of SIGTERM and SIGINT: Terminated or KeyboardInterrupt, raised in the
     main thread so that the script unwinds. A repeated SIGTERM is the same request (a scheduler
     signals every process of the job, run.sh and torchrun pass it on; after Ctrl-C, torchrun
-    sends SIGTERM), and so is a SIGINT within SAME_REQUEST_S (the terminal's Ctrl-C reaches both
-    eval.sh and eval.py, and the script passes it on): neither may cut short the unwinding of
-    the first. A later Ctrl-C is the user's: it stops the unwinding too. During a fork (a
+    sends SIGTERM), and so is a SIGINT within SAME_REQUEST_S (Ctrl-C pressed twice in a row, a
+    sender that signals every process of the job): neither may cut short the unwinding of the
+    first. A later Ctrl-C is the user's: it stops the unwinding too. During a fork (a
     DataLoader starting its workers) the signal is handled in an at-fork hook (logging's),
     where an exception is only printed (and logging's lock stays held): it is deferred."""
     global _deferred
