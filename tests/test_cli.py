@@ -78,32 +78,6 @@ def test_user_errors_print_one_line(capsys, error, status):
     assert capsys.readouterr().err.splitlines() == [expected]
 
 
-@pytest.mark.parametrize("again", [False, True])
-def test_sigterm_unwinds_the_script_and_exits_143(capsys, again):
-    # Without a handler SIGTERM ends the process on the spot; under run_cli the script's `finally`
-    # blocks run (temporary files removed, locks released), then one line and status 143. A
-    # scheduler signals every process of the job and run.sh passes the signal on too, so a
-    # second SIGTERM can come during the unwinding: the cleanup still runs to its end.
-    previous = signal.getsignal(signal.SIGTERM)
-    unwound = []
-
-    def main(argv):
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.pause()  # not reached: the handler raises as soon as the signal arrives
-        finally:
-            unwound.append("started")
-            if again:
-                os.kill(os.getpid(), signal.SIGTERM)  # delivered here, before the next line
-            unwound.append("finished")
-
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(main)
-    assert exit_.value.code == 143 and unwound == ["started", "finished"]
-    assert capsys.readouterr().err.splitlines() == ["terminated"]
-    assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
-
-
 @pytest.fixture
 def ctrl_c():
     """Python's own SIGINT handler for the test: pytest started in the background (a script's
@@ -113,15 +87,28 @@ def ctrl_c():
     signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("first, second, status, line", [
-    (signal.SIGINT, signal.SIGINT, 130, "interrupted"),
-    (signal.SIGTERM, signal.SIGINT, 143, "terminated")])
-def test_a_ctrl_c_just_after_the_stop_is_the_same_request_and_the_cleanup_runs(
-        capsys, ctrl_c, first, second, status, line):
-    # Ctrl-C pressed twice in a row, or a sender that signals every process of a job: two
-    # signals a moment apart are one request. A SIGINT raised again during the unwinding would
-    # cut short its cleanup (in eval.py: a writer thread's file left as a temporary, Python's
+WHOLE = ["started", "finished"]  # the script's cleanup ran to its end
+
+
+@pytest.mark.parametrize("first, second, apart, status, line, unwound_as", [
+    (signal.SIGTERM, None, 0, 143, "terminated", WHOLE),
+    # a scheduler signals every process of the job and run.sh passes the signal on too
+    (signal.SIGTERM, signal.SIGTERM, SAME_REQUEST_S, 143, "terminated", WHOLE),
+    # Ctrl-C pressed twice in a row, or a sender that signals every process of a job
+    (signal.SIGINT, signal.SIGINT, 0, 130, "interrupted", WHOLE),
+    (signal.SIGTERM, signal.SIGINT, 0, 143, "terminated", WHOLE),
+    # Ctrl-C pressed again a second or more later: the user's, it cuts the unwinding short
+    (signal.SIGINT, signal.SIGINT, SAME_REQUEST_S, 130, "interrupted", ["started"])])
+def test_a_stop_signal_unwinds_the_script_and_a_repeat_is_the_same_request(
+        capsys, monkeypatch, ctrl_c, first, second, apart, status, line, unwound_as):
+    # Without a handler SIGTERM ends the process on the spot; under run_cli the script's `finally`
+    # blocks run (temporary files removed, locks released), then one line and status 143 or 130.
+    # The same request arriving again during the unwinding must not cut its cleanup short (in
+    # eval.py a second KeyboardInterrupt left a writer thread's file as a temporary, Python's
     # traceback from its exit, or an abort in torch's threads).
+    clock = itertools.count(100.0, apart)  # run_cli's clock: `apart` s later at each reading
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    previous = signal.getsignal(signal.SIGTERM)
     unwound = []
 
     def main(argv):
@@ -130,35 +117,15 @@ def test_a_ctrl_c_just_after_the_stop_is_the_same_request_and_the_cleanup_runs(
             time.sleep(60)  # not reached: the handler raises as soon as the signal arrives
         finally:
             unwound.append("started")
-            os.kill(os.getpid(), second)  # delivered here, before the next line
+            if second:
+                os.kill(os.getpid(), second)  # delivered here, before the next line
             unwound.append("finished")
 
     with pytest.raises(SystemExit) as exit_:
         run_cli(main)
-    assert exit_.value.code == status and unwound == ["started", "finished"]
+    assert exit_.value.code == status and unwound == unwound_as
     assert capsys.readouterr().err.splitlines() == [line]
-
-
-def test_a_ctrl_c_a_second_after_the_stop_cuts_the_unwinding_short(capsys, monkeypatch, ctrl_c):
-    # A Ctrl-C pressed again, SAME_REQUEST_S or more after the stop, is the user's: it is not
-    # ignored (here run_cli's clock moves on by that much each time it is read).
-    clock = itertools.count(100.0, SAME_REQUEST_S)
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
-    unwound = []
-
-    def main(argv):
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(60)  # not reached
-        finally:
-            unwound.append("started")
-            os.kill(os.getpid(), signal.SIGINT)
-            unwound.append("finished")
-
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(main)
-    assert exit_.value.code == 130 and unwound == ["started"]
-    assert capsys.readouterr().err.splitlines() == ["interrupted"]
+    assert signal.getsignal(signal.SIGTERM) is previous  # the caller's handler is back
 
 
 @pytest.mark.parametrize("failure, status, line", [
