@@ -79,7 +79,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
 
-def test_pickled_objects_and_missing_files_are_refused(tmp_path):
+def test_pickled_objects_and_missing_files_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "published_style.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, path)  # the published code saved whole modules
     with pytest.raises(RuntimeError, match="it pickles torch.nn.modules.linear.Linear objects "
@@ -107,6 +107,15 @@ def test_pickled_objects_and_missing_files_are_refused(tmp_path):
     (tmp_path / "empty.pth").touch()
     with pytest.raises(RuntimeError, match=r"empty.pth: the file is empty$"):
         load_checkpoint(tmp_path / "empty.pth")
+    # a file that cannot be opened is not called damaged (raised by hand: root may open anything)
+    def denied(path, **_):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(RuntimeError) as error:
+        load_checkpoint(good)
+    assert str(error.value) == (f"cannot read checkpoint {good}: permission denied; check the "
+                                "file's permissions")
 
 
 def _record_syncs(monkeypatch, folder_error=None):

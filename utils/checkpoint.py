@@ -167,14 +167,13 @@ def _load_failure(error, path):
     """torch.load's error -> what it says of the file, in one line. (Its text, coloured with
     terminal escapes, advises weights_only=False, which would run the file's pickled code; of a
     text file it says 'KeyError: 101'.)"""
-    try:
-        with open(path, "rb") as file:
-            start = file.read(4)
-    except OSError:  # unreadable (permissions): torch.load's error says so
-        start = None
+    if isinstance(error, OSError) and error.strerror:  # not opened (permissions): not damaged
+        return f"{error.strerror.lower()}; check the file's permissions"
+    with open(path, "rb") as file:
+        start = file.read(4)
     if start == b"":
         return "the file is empty"
-    if start is not None and not start.startswith(TORCH_SAVE_STARTS):
+    if not start.startswith(TORCH_SAVE_STARTS):
         return "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle)"
     pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
     if pickled:
