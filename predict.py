@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.brats import (ALIASES, MODALITY_TOKENS, brats_like_warnings, modality_named,
-                            name_tokens, nifti_stem, read_files, to_network_order, to_nifti_order,
-                            without_placeholders)
+from datasets.brats import (ALIASES, EXTENSIONS, MODALITY_TOKENS, brats_like_warnings,
+                            modality_named, name_tokens, nifti_stem, read_files, to_network_order,
+                            to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, path_given, run_cli
@@ -71,13 +71,11 @@ def check_args(args):
     if not files:
         raise UsageError("give at least one modality: --flair, --t1, --t1ce, --t2")
     for modality, path in files.items():
-        if nifti_stem(path) is None:
-            raise UsageError(f"--{modality} {path}: expected a NIfTI file (.nii or .nii.gz)")
+        check_nifti_name(f"--{modality}", path)
         if not path.is_file():
             raise UsageError(f"--{modality} {path}: " + ("a folder, not a NIfTI file"
                                                          if path.is_dir() else "not found"))
-    if nifti_stem(args.output) is None:
-        raise UsageError(f"-o {args.output}: the mask is written as NIfTI, name it .nii.gz or .nii")
+    check_nifti_name("-o", args.output)
     given = [path.resolve() for path in files.values()]
     if args.output.resolve() in given:
         raise UsageError(f"-o {args.output} is one of the inputs")
@@ -100,6 +98,14 @@ def check_args(args):
         raise UsageError(f"{existing[0]} exists (an earlier prediction?); pass --overwrite to "
                          "replace it, or choose another -o")
     return files
+
+
+def check_nifti_name(flag, path):
+    """UsageError unless `path` is named as a NIfTI file."""
+    if nifti_stem(path) is None:
+        raise UsageError(f"{flag} {path}: " + (
+            "no name before the extension (an unset variable?)" if path.name.lower() in EXTENSIONS
+            else "expected a NIfTI file, named .nii.gz or .nii"))
 
 
 def patients_warning(files):
@@ -201,7 +207,7 @@ def main(argv=None):
               else "none left")
         print(f"post-processing: {info['components_removed']} components removed, ET {et}{kmeans}")
     old_figure = mask_figure(args.output)
-    if args.output.exists() and args.figure is None and old_figure.is_file():
+    if args.output.exists() and old_figure.is_file() and old_figure != figure_path(args):
         old_figure.unlink()  # replacing a mask (--overwrite): its old figure would mislead
     save_labels(label, case.affine, case.header, args.output)
     counts = np.bincount(label.ravel(), minlength=5)

@@ -274,10 +274,11 @@ def refuse_duplicates(folders, source):
 
 # ----------------------------------------------------------------------------- case folders
 def _split_name(path):
-    """'X_flair.nii.gz' -> ('X_flair', '.nii.gz'), or None if not a NIfTI name (any case: .NII.GZ)."""
+    """'X_flair.nii.gz' -> ('X_flair', '.nii.gz'), or None if not a NIfTI name (any case: .NII.GZ;
+    nothing before the extension, as '$CASE.nii.gz' with CASE unset, is not one)."""
     name = path.name
     for ext in EXTENSIONS:
-        if name.lower().endswith(ext):
+        if name.lower().endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)], ext
     return None
 

@@ -179,7 +179,11 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
         f"error: --flair {tmp_path / 'scan.nii'}: a folder, not a NIfTI file")
     assert cli([*files_of(case, "t2"), *ckpt, "--checkpoint", "", "-o", str(out)]) == (
         "error: argument --checkpoint: expected a path, got '' (see predict.py --help)")  # not the cwd
-    assert "name it .nii.gz" in cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "m.png")])
+    assert cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "m.png")]) == (
+        f"error: -o {tmp_path / 'm.png'}: expected a NIfTI file, named .nii.gz or .nii")
+    for empty in (".nii.gz", ".NII"):  # -o "$OUT/$CASE.nii.gz" with CASE unset
+        assert cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / empty)]) == (
+            f"error: -o {tmp_path / empty}: no name before the extension (an unset variable?)")
     assert "add --postprocess" in cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--kmeans_necrosis"])
     assert cli([*files_of(case, "t2"), *ckpt, "-o", str(out), "--et_threshold", "33"]) == (
         "error: --et_threshold is a threshold of post-processing: add --postprocess")
@@ -233,6 +237,12 @@ def test_an_existing_mask_is_replaced_only_with_overwrite(segmentation_setup, tm
     np.testing.assert_array_equal(mask(out), mask(tmp_path / "f.nii.gz"))
     assert not np.array_equal(mask(out), before)
     assert not (tmp_path / "m.png").exists()
+    # nor when the new figure is written elsewhere
+    predict.main([*files_of(case, "flair"), *common, "--overwrite", "--figure"])
+    assert (tmp_path / "m.png").is_file()
+    predict.main([*files_of(case, "flair", "t1ce"), *common, "--overwrite", "--figure",
+                  str(tmp_path / "other.png")])
+    assert not (tmp_path / "m.png").exists() and (tmp_path / "other.png").is_file()
     # a folder of that name is no figure: left alone (unlink crashed on it after predicting)
     (tmp_path / "m.png").mkdir()
     (tmp_path / "m.png" / "kept").write_text("x")
