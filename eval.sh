@@ -41,6 +41,7 @@ if [ "$GPU" = "cpu" ]; then
     export CUDA_VISIBLE_DEVICES=""
     DEVICE=cpu
 else
+    check_gpu_id "$GPU" cpu
     export CUDA_VISIBLE_DEVICES=$GPU  # under torchrun, process i takes the i-th GPU listed
     DEVICE=cuda
 fi
@@ -48,7 +49,8 @@ fi
 enter_repository
 . utils/logged.sh
 mkdir -p logs
-LOG=logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//,/-}.log
+# MODE in a file name: eval.py says what is wrong with a MODE such as 0/2, in the log
+LOG=logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//[^A-Za-z0-9+]/-}.log
 echo "log: $LOG"
 if [ -n "$INPUT" ]; then cases=(--input="$INPUT"); else cases=(--data_list="$DATA_LIST"); fi
 # The patch size and model flags come from the checkpoint's config (published: 80,160,160,

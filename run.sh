@@ -95,6 +95,7 @@ if [ "$GPU" = cpu ]; then
 elif [ "$GPU" = demo ]; then
     DEVICE=auto
 else
+    check_gpu_id "$GPU" "cpu or demo"
     export CUDA_VISIBLE_DEVICES=$GPU
     DEVICE=cuda
     AMP=${AMP:-bf16}  # bf16 autocast on GPUs; fp32 with --amp off

@@ -298,6 +298,31 @@ def test_a_python_path_with_a_space_a_linked_script_and_a_name_with_a_slash(tmp_
             "(snapshots/NAME_stage1, logs/...); give one without '/'\n"))
 
 
+def test_a_gpu_id_cuda_cannot_read_is_refused_and_mode_never_breaks_the_log_name(tmp_path):
+    # CUDA reads CUDA_VISIBLE_DEVICES=gpu as no device: the error would then blame the driver.
+    # LAUNCH=echo prints the command each script would run.
+    copy_scripts(tmp_path, "run.sh", "eval.sh")
+    env = dict(os.environ, LAUNCH="echo")
+
+    def run(script, gpu, **variables):
+        return subprocess.run(["bash", script, gpu], cwd=tmp_path, capture_output=True,
+                              text=True, env=dict(env, **variables), timeout=60)
+    for script, others in (("run.sh", "cpu or demo"), ("eval.sh", "cpu")):
+        for gpu in ("gpu", "cuda:0", "0 1", "0,", ""):
+            refused = run(script, gpu)
+            assert (refused.returncode, refused.stdout, refused.stderr) == (2, "", (
+                f"error: GPU_ID '{gpu}': expected a CUDA index (0, 1, ...), a comma-separated "
+                f"list of them or GPU UUIDs, or {others}\n")), gpu
+        for gpu in ("0", "1,3", "GPU-8f6a2b1c-52e1-4c0b-9d3e-2a7c5e1f0b9d",
+                    "MIG-GPU-8f6a2b1c-52e1-4c0b-9d3e-2a7c5e1f0b9d/1/0"):
+            assert run(script, gpu).returncode == 0, gpu
+    # eval.py is given the MODE as it is, to say what is wrong with it; the log is still written
+    done = run("eval.sh", "cpu", MODE="0/2")
+    assert done.returncode == 0 and "--mode=0/2" in done.stdout.split(), done.stderr
+    (log,) = (tmp_path / "logs").glob("*_eval_LCKD_0-2.log")
+    assert "--mode=0/2" in log.read_text().split()
+
+
 @pytest.mark.parametrize("shape, thresholds", [
     ("96,96,64", ("132", "33")), ("96, 96, 064", ("132", "33")), ("0096,96,64", ("132", "33")),
     ("32,32,24", ("6", "1")),

@@ -14,6 +14,10 @@
 #                           word (a path with spaces)
 #   check_name              NAME goes into folder and log names: one line and exit 2 if it
 #                           holds a '/'
+#   check_gpu_id ID OTHERS  ID (the script's GPU_ID, not one of OTHERS, its other words) goes
+#                           into CUDA_VISIBLE_DEVICES: one line and exit 2 unless it is CUDA
+#                           indices or GPU-/MIG- UUIDs, comma-separated (CUDA would read 'gpu'
+#                           as no device, and the error would blame the driver)
 #   enter_repository        change into the script's folder (the real one: the script may be
 #                           run through a link); started elsewhere, say so (the paths the
 #                           script prints are relative to it)
@@ -43,6 +47,14 @@ launch_command() {
 check_name() {
     if [[ $NAME == */* ]]; then
         echo "error: NAME=$NAME holds a '/': NAME names folders and log files (snapshots/NAME_stage1, logs/...); give one without '/'" >&2
+        exit 2
+    fi
+}
+
+check_gpu_id() {
+    local id='([0-9]+|(GPU|MIG)-[0-9A-Za-z/-]+)'
+    if ! [[ $1 =~ ^$id(,$id)*$ ]]; then
+        echo "error: GPU_ID '$1': expected a CUDA index (0, 1, ...), a comma-separated list of them or GPU UUIDs, or $2" >&2
         exit 2
     fi
 }
