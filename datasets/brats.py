@@ -760,6 +760,13 @@ def brats_like_warnings(case):
     reference = None
     for i in case.available:
         path = case.files[MODALITIES[i]]
+        top = case.image[i].max()
+        if 0 < top <= max(max(labels) for labels in ALLOWED_LABELS.values()) and (
+                case.image[i].min() >= 0 and np.array_equal(case.image[i], np.round(case.image[i]))):
+            warnings.append(f"case {case.name}: {path.name} holds only whole numbers from 0 to "
+                            f"{top:g}, as a label map (segmentation) does: no scan does; check "
+                            "the files given as scans")
+            continue
         brain = case.image[i] != 0
         background = 1 - np.count_nonzero(brain) / brain.size
         if background < MIN_BACKGROUND_FRACTION:

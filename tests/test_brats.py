@@ -707,6 +707,16 @@ def test_brats_like_warnings(tmp_path):
         f"case Brats18_X: Brats18_X_t2.nii.gz: its non-zero voxels (the brain) overlap those of "
         f"Brats18_X_flair.nii.gz with a Dice of only {dice:.2f}; not co-registered, or "
         "skull-stripped differently?"]
+    # a label map given as a scan (named anyhow): only 0, 1, 2, 4 in it, which no scan holds;
+    # not compared with the others' brain
+    save(volumes["seg"].astype(np.int16), part_path(folder, "t2"))
+    case = load_case(folder)
+    case.spacing = (1.0, 1.0, 1.0)
+    assert brats_like_warnings(case)[1:] == [
+        "case Brats18_X: Brats18_X_t2.nii.gz holds only whole numbers from 0 to 4, as a label map "
+        "(segmentation) does: no scan does; check the files given as scans"]
+    case.image[3] = case.image[3] * 0.5  # halved: 0.5 is no label, the brain compared instead
+    assert len(brats_like_warnings(case)) == 2 and "overlap" in brats_like_warnings(case)[1]
     # two empty modalities: nothing to compare (numpy warned of 0/0 and the NaN said nothing)
     case.image[:] = 0
     with warnings.catch_warnings():
