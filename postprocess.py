@@ -7,7 +7,8 @@
 
 --input_dir is either a folder of <case>.nii.gz masks or eval.py's output folder with one
 sub-folder per modality subset; every mask found below it is written to the same relative
-path under --output_dir (which must not overlap --input_dir: the input is never modified).
+path under --output_dir (which must not overlap --input_dir: the input is never modified,
+nor be an eval.py output folder: its metrics.csv scores its own masks).
 An eval.py folder whose evaluation did not finish (a mask folder lacking a case its cases.csv
 lists) is refused: finish it with eval.py --resume first.
 The defaults follow eval.sh run with its defaults (NAME=LCKD) from the repository root, which
@@ -274,6 +275,13 @@ def main(argv=None):
     if _overlap(input_dir, output_dir):
         raise UsageError(f"--output_dir {args.output_dir} must not be, contain or lie inside "
                          f"--input_dir {args.input_dir}: the input masks are never overwritten")
+    # An evaluation's masks are what its metrics.csv scores (and eval.py --resume keeps):
+    # post-processed masks in their place would be scored, and uploaded, as the model's.
+    records = [name for name in (EVAL_RECORD, CASES_RECORD) if (output_dir / name).is_file()]
+    if records:
+        raise UsageError(f"--output_dir {args.output_dir} is an eval.py output folder (it holds "
+                         f"{records[0]}): its masks are the evaluation's; choose another "
+                         "--output_dir")
     sources = find_masks(input_dir)
     check_input(sources, input_dir, args)
     record = read_cases_record(input_dir)

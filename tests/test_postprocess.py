@@ -559,6 +559,27 @@ def test_a_data_folder_as_output_is_refused_even_with_overwrite(tmp_path, name):
     assert _hashes(data) == before and not (data / "flair").exists()
 
 
+@pytest.mark.parametrize("record", ["cases.csv", "eval_config.json"])
+def test_an_evaluation_folder_as_output_is_refused_even_with_overwrite(tmp_path, record):
+    # Its masks are what its metrics.csv scores: post-processed ones in their place would be
+    # scored by a later eval.py --resume, and uploaded, as the model's.
+    _write(tmp_path / "in" / "flair" / "A.nii.gz", np.full((8, 8, 8), 2, np.uint8), np.eye(4))
+    evaluation = tmp_path / "eval"
+    _eval_folder(evaluation, ["A"], ["flair/A"])
+    if record == "eval_config.json":  # eval.py writes it first: a run stopped right after
+        (evaluation / "cases.csv").unlink()
+        (evaluation / record).write_text('{"subsets": ["flair"]}')
+    before = _hashes(evaluation)
+    flags = ["--input_dir", str(tmp_path / "in"), "--output_dir", str(evaluation), "--num_workers", "0"]
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(UsageError) as error:
+            postprocess.main([*flags, *overwrite])
+        assert str(error.value) == (f"--output_dir {evaluation} is an eval.py output folder (it "
+                                    f"holds {record}): its masks are the evaluation's; choose "
+                                    "another --output_dir")
+    assert _hashes(evaluation) == before  # not even the lock file
+
+
 def test_a_data_folder_or_a_folder_of_several_runs_as_input_is_refused(tmp_path):
     # Pointed at the dataset, the scans would be read as masks ("labels outside (0, 1, 2, 4)"
     # and "replace the file"); pointed at outputs/, every run below it would be mixed in one upload.
