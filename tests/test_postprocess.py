@@ -678,6 +678,26 @@ def test_a_negative_worker_count_is_a_usage_error(capsys):
     assert "--num_workers: must be at least 0, got -1" in capsys.readouterr().err
 
 
+COUNT, SHARE = "must be at least 0", "must be in [0, 1]"
+
+
+@pytest.mark.parametrize("flag, bad, allowed, edge", [
+    ("--min_component", "-1", COUNT, "0"), ("--bottom_slices", "-1", COUNT, "0"),
+    ("--et_threshold", "-5", COUNT, "0"), ("--kmeans_et_value_sum", "-1", COUNT, "0"),
+    ("--kmeans_max_ncr", "-1", COUNT, "0"), ("--min_fraction", "2", SHARE, "1"),
+    ("--min_fraction", "-0.1", SHARE, "0"), ("--kmeans_case_et_ratio", "1.5", SHARE, "1"),
+    ("--kmeans_component_et_share", "-0.01", SHARE, "0")])
+def test_a_threshold_out_of_its_range_is_a_usage_error(capsys, flag, bad, allowed, edge):
+    # Counts of voxels or slices, or shares: --bottom_slices -1 counted from the top and removed
+    # every tumour voxel, --min_fraction 2 dropped even the largest component.
+    with pytest.raises(SystemExit) as exit_:
+        postprocess.parse_args([flag, bad])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"error: argument {flag}: {allowed}, got {bad} "
+                                       "(see postprocess.py --help)\n")
+    assert getattr(postprocess.parse_args([flag, edge]), flag[2:]) == int(edge)  # a threshold still
+
+
 def test_a_kmeans_threshold_without_the_kmeans_rule_is_refused(tmp_path):
     # it would change nothing: the rule is off
     with pytest.raises(UsageError, match=r"^--kmeans_max_ncr is a threshold of the K-means rule: "

@@ -88,10 +88,14 @@ def test_postprocess_is_the_published_rules_on_the_mask(segmentation_setup, tmp_
                   "cpu", "-o", str(tmp_path / "flair.nii.gz"), "--postprocess", "--kmeans_necrosis"])
     assert "K-means rule skipped: no T1ce" in capsys.readouterr().out
 
-    # postprocess.py's thresholds (here: every component below twice the largest is dropped)
+    # postprocess.py's thresholds (here: every component smaller than the largest dropped, and
+    # ET relabelled as NCR below a million voxels: all of it, the mask's only change)
     predict.main([*common, "-o", str(tmp_path / "strict.nii.gz"), "--postprocess",
-                  "--min_component", "1000000", "--min_fraction", "2"])
-    assert expected.any() and not mask(tmp_path / "strict.nii.gz").any()
+                  "--min_component", "1000000", "--min_fraction", "1", "--et_threshold", "1000000"])
+    strict, _ = postprocess_label(raw, Rules(min_component=1000000, min_fraction=1,
+                                             et_threshold=1000000))
+    np.testing.assert_array_equal(mask(tmp_path / "strict.nii.gz"), strict)
+    assert not np.array_equal(strict, postprocess_label(raw)[0])
 
 
 def test_the_kmeans_rule_visits_components_in_nifti_order_as_postprocess_py(
@@ -205,6 +209,18 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
     assert cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "afile" / "m.nii.gz")]) == (
         f"error: cannot write in {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a "
         "folder; choose another folder, or fix its permissions")  # before predicting
+
+
+def test_thresholds_out_of_range_are_refused_as_by_postprocess_py(capsys):
+    # the same flags as postprocess.py's (add_threshold_args), so the same ranges
+    given = ["--t2", "P01_t2.nii.gz", "--checkpoint", "final.pth", "-o", "m.nii.gz", "--postprocess"]
+    for flag, bad, allowed in (("--bottom_slices", "-1", "must be at least 0"),
+                               ("--min_fraction", "2", "must be in [0, 1]")):
+        with pytest.raises(SystemExit) as exit_:
+            predict.parse_args([*given, flag, bad])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == (f"error: argument {flag}: {allowed}, got {bad} "
+                                           "(see predict.py --help)\n")
 
 
 def test_one_scan_for_two_modalities_and_a_figure_not_png_are_refused(segmentation_setup, tmp_path):

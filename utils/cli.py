@@ -74,6 +74,17 @@ def overlap_fraction(text):
     return value
 
 
+def unit_fraction(text):
+    """'0.1' -> float in [0, 1]: a share or ratio (postprocessing's --min_fraction...)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.1, got {text!r}") from None
+    if not 0 <= value <= 1:  # nan too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def int_at_least(minimum):
     """An argparse type: an integer >= minimum."""
     def parse(text):

@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from utils.cli import int_at_least, unit_fraction
+
 SLICE_AXIS = 2  # z in NIfTI order; index 0 is the lowest slice (see orientation_warning)
 
 
@@ -44,12 +46,14 @@ THRESHOLD_HELP = {
 
 def add_threshold_args(group, kmeans):
     """--min_component, --min_fraction, --bottom_slices, --et_threshold (published defaults),
-    and the K-means rule's --kmeans_* thresholds in `kmeans` (an argument group)."""
+    and the K-means rule's --kmeans_* thresholds in `kmeans` (an argument group). Every integer
+    threshold counts voxels or slices (>= 0; a negative --bottom_slices counted from the top and
+    removed every tumour); every float one is a share of voxels or label values, in [0, 1]."""
     for name, help_text in THRESHOLD_HELP.items():
         default = getattr(Rules, name)
         (kmeans if name.startswith("kmeans_") else group).add_argument(
-            f"--{name}", type=type(default), default=default,
-            help=f"{help_text} (default %(default)s)")
+            f"--{name}", type=int_at_least(0) if isinstance(default, int) else unit_fraction,
+            default=default, help=f"{help_text} (default %(default)s)")
 
 
 def unused_threshold(args, postprocess, kmeans):
