@@ -42,9 +42,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from datasets.brats import (ET_2018, ET_2023, EXTENSIONS, CaseError, case_files, is_placeholder,
-                            name_tokens, named_like_a_scan, nifti_stem, open_files, read_files,
-                            require_modalities, scan_of, to_nifti_order)
+from datasets.brats import (ET_2018, ET_2023, EXTENSIONS, MODALITY_TOKENS, CaseError, case_files,
+                            is_placeholder, name_tokens, named_like_a_scan, nifti_stem, open_files,
+                            read_files, require_modalities, scan_of, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, progress_interval, run_cli
 from utils.export import CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_mask, write_mask
 from utils.io import check_file_writable, remove_temps_below
@@ -99,28 +99,40 @@ def find_masks(input_dir):
     )
 
 
-def check_input(sources, input_dir, args):
-    """Refuse an input that is not one folder of masks: MRI scans (a data folder), a case's scan
-    or label beside its mask (X_seg.nii.gz next to X.nii.gz), or masks more than one sub-folder
-    down (a folder of several runs: their masks would be mixed in one upload). A data folder is
-    told by its scans: '<folder>_seg' files alone are masks named like labels in a folder named
-    like their cases (BraTS2021/BraTS2021_00000_seg.nii.gz)."""
-    scans = [p for p in sources if named_like_a_scan(p) and name_tokens(p)[-1] != "seg"]
-    if scans:
-        raise UsageError(f"--input_dir {args.input_dir} holds MRI scans, not masks "
-                         f"(e.g. {scans[0].relative_to(input_dir)}): give eval.py's output folder "
-                         f"({EVAL_OUTPUT_DIR} after eval.sh) or a folder of masks")
-    # A case's scan or label copied in beside its mask would be uploaded as one more mask, or
-    # stop the run halfway, some masks written, on its values.
+def check_input(sources, input_dir, record, args):
+    """Refuse an input that is not one folder of masks: files named as MRI scans (a data
+    folder, a case's scan copied in among the masks), a case's label beside its mask or among
+    masks not named as labels (X_seg.nii.gz next to X.nii.gz or Y.nii.gz), or masks more than
+    one sub-folder down (a folder of several runs: their masks would be mixed in one upload).
+    Names are those of a scan or label when their last '_' or '-' token is a modality's (any
+    ALIASES spelling) or 'seg'; the cases eval.py's cases.csv (`record`) lists are masks
+    whatever their names end with, and so are masks all named as labels
+    (BraTS2021/BraTS2021_00000_seg.nii.gz)."""
+    listed = set() if record is None else set(record["case"])
+    named = {p: name_tokens(p)[-1] for p in sources if nifti_stem(p) not in listed}
+    # A case's scan or label copied in among the masks would be uploaded as one more mask (a
+    # label's values are a mask's), or stop the run halfway, some masks written, on its values.
     masks = {}
     for path in sources:
         masks.setdefault(path.parent, {})[nifti_stem(path).lower()] = path
-    for path in sources:
+    for path in named:
         case = scan_of(path, masks[path.parent])
         if case is not None:
             raise UsageError(f"--input_dir {args.input_dir} holds {path.relative_to(input_dir)} "
                              f"beside the mask {masks[path.parent][case].relative_to(input_dir)}: "
                              f"a scan or label of that case, not a mask; move it out of the folder")
+    scans = [p for p, token in named.items() if token in MODALITY_TOKENS]
+    if scans:
+        raise UsageError(f"--input_dir {args.input_dir} holds files named as MRI scans, not masks "
+                         f"(e.g. {scans[0].relative_to(input_dir)}): give eval.py's output folder "
+                         f"({EVAL_OUTPUT_DIR} after eval.sh) or a folder of masks only")
+    for path in (p for p, token in named.items() if token == "seg"):
+        mask = next((p for p in masks[path.parent].values() if name_tokens(p)[-1] != "seg"), None)
+        if mask is not None:
+            raise UsageError(f"--input_dir {args.input_dir} holds {path.relative_to(input_dir)}, "
+                             f"named as a label, among masks not so named (e.g. "
+                             f"{mask.relative_to(input_dir)}): a case's label copied in? Move it "
+                             "out of the folder")
     deep = [p for p in sources if len(p.relative_to(input_dir).parts) > 2]
     if deep:
         example = deep[0].relative_to(input_dir)
@@ -283,8 +295,8 @@ def main(argv=None):
                          f"{records[0]}): its masks are the evaluation's; choose another "
                          "--output_dir")
     sources = find_masks(input_dir)
-    check_input(sources, input_dir, args)
     record = read_cases_record(input_dir)
+    check_input(sources, input_dir, record, args)
     check_complete(input_dir, record, sources, args)
     if not sources:
         raise UsageError(f"no {' or '.join(EXTENSIONS)} masks found under {args.input_dir}")

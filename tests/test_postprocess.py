@@ -591,8 +591,9 @@ def test_a_data_folder_or_a_folder_of_several_runs_as_input_is_refused(tmp_path)
     _write(tmp_path / "outputs" / "demo_predict" / "mask.nii.gz", label, np.eye(4))
     out = tmp_path / "out"
     for given, message in (
-            ("data", "holds MRI scans, not masks (e.g. Synth_0000/Synth_0000_flair.nii.gz): "
-                     "give eval.py's output folder (outputs/LCKD after eval.sh) or a folder of masks"),
+            ("data", "holds files named as MRI scans, not masks (e.g. Synth_0000/Synth_0000_flair"
+                     ".nii.gz): give eval.py's output folder (outputs/LCKD after eval.sh) or a "
+                     "folder of masks only"),
             ("outputs", "holds masks more than one folder down (e.g. LCKD/flair/A.nii.gz), the "
                         f"outputs of several runs? Give one run's folder (e.g. --input_dir "
                         f"{tmp_path / 'outputs' / 'LCKD'})")):
@@ -637,6 +638,35 @@ def test_a_scan_or_label_beside_its_cases_mask_is_refused_before_anything_is_wri
     (masks / stray).unlink()
     postprocess.main(["--input_dir", str(masks), "--output_dir", str(out), "--num_workers", "0"])
     assert len(list(out.rglob("*.nii.gz"))) == 3
+
+
+def test_files_named_as_scans_or_labels_among_masks_are_refused_before_anything_is_written(tmp_path):
+    # A case's files copied in among the masks: the label was uploaded as one more mask, the
+    # scan stopped the run on its values after the other masks were written.
+    label = np.zeros((30, 30, 30), np.uint8)
+    _cube(label, (5, 5, 10), 8, 2)
+    masks, out = tmp_path / "masks", tmp_path / "out"
+    for name in ("Synth_0000", "Synth_0001", "Synth_0005_seg", "Synth_0005_t1"):
+        _write(masks / f"{name}.nii.gz", label, np.eye(4))
+    flags = ["--input_dir", str(masks), "--output_dir", str(out), "--num_workers", "0"]
+    for stray, message in (
+            ("Synth_0005_t1", "holds files named as MRI scans, not masks (e.g. Synth_0005_t1.nii.gz): "
+                              "give eval.py's output folder (outputs/LCKD after eval.sh) or a folder "
+                              "of masks only"),
+            ("Synth_0005_seg", "holds Synth_0005_seg.nii.gz, named as a label, among masks not so "
+                               "named (e.g. Synth_0000.nii.gz): a case's label copied in? Move it out "
+                               "of the folder")):
+        with pytest.raises(UsageError) as error:
+            postprocess.main(flags)
+        assert str(error.value) == f"--input_dir {masks} {message}"
+        assert not out.exists()
+        (masks / f"{stray}.nii.gz").unlink()
+    # eval.py's masks are its cases' names (cases.csv), whatever they end with
+    evaluation = tmp_path / "eval"
+    _eval_folder(evaluation, ["Brats18_CBICA_AAB_1", "Sub_T1", "P_seg"],
+                 ["flair/Brats18_CBICA_AAB_1", "flair/Sub_T1", "flair/P_seg"])
+    assert len(postprocess.main(["--input_dir", str(evaluation), "--output_dir", str(out),
+                                 "--num_workers", "0"])) == 3
 
 
 def test_scan_of_names_the_case_a_file_is_a_scan_or_label_of():
