@@ -100,14 +100,22 @@ def find_masks(input_dir):
 
 
 def check_input(sources, input_dir, record, args):
-    """Refuse an input that is not one folder of masks: files named as MRI scans (a data
-    folder, a case's scan copied in among the masks), a case's label beside its mask or among
-    masks not named as labels (X_seg.nii.gz next to X.nii.gz or Y.nii.gz), or masks more than
-    one sub-folder down (a folder of several runs: their masks would be mixed in one upload).
+    """Refuse an input that is not one folder of masks: two masks of one case (X.nii and
+    X.nii.gz), files named as MRI scans (a data folder, a case's scan copied in among the
+    masks), a case's label beside its mask or among masks not named as labels (X_seg.nii.gz
+    next to X.nii.gz or Y.nii.gz), or masks more than one sub-folder down (a folder of several
+    runs: their masks would be mixed in one upload).
     Names are those of a scan or label when their last '_' or '-' token is a modality's (any
     ALIASES spelling) or 'seg'; the cases eval.py's cases.csv (`record`) lists are masks
     whatever their names end with, and so are masks all named as labels
     (BraTS2021/BraTS2021_00000_seg.nii.gz)."""
+    seen = {}  # X.nii beside X.nii.gz: two masks of one case, both uploaded
+    for path in sources:
+        first = seen.setdefault((path.parent, nifti_stem(path)), path)
+        if first is not path:
+            raise UsageError(f"--input_dir {args.input_dir} holds {first.relative_to(input_dir)} "
+                             f"and {path.relative_to(input_dir)}, two masks of case "
+                             f"{nifti_stem(path)}: both would be uploaded; keep one of them")
     listed = set() if record is None else set(record["case"])
     named = {p: name_tokens(p)[-1] for p in sources if nifti_stem(p) not in listed}
     # A case's scan or label copied in among the masks would be uploaded as one more mask (a

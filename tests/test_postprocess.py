@@ -669,6 +669,18 @@ def test_files_named_as_scans_or_labels_among_masks_are_refused_before_anything_
                                  "--num_workers", "0"])) == 3
 
 
+def test_two_masks_of_one_case_are_refused_naming_both(tmp_path):
+    # X.nii and X.nii.gz would both go into the upload folder
+    masks, out = tmp_path / "masks", tmp_path / "out"
+    for name in ("flair/X.nii", "flair/X.nii.gz", "flair/Y.nii.gz", "t1/X.nii.gz"):
+        _write(masks / name, np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    with pytest.raises(UsageError) as error:
+        postprocess.main(["--input_dir", str(masks), "--output_dir", str(out), "--num_workers", "0"])
+    assert str(error.value) == (f"--input_dir {masks} holds flair/X.nii and flair/X.nii.gz, two "
+                                "masks of case X: both would be uploaded; keep one of them")
+    assert not out.exists()
+
+
 def test_scan_of_names_the_case_a_file_is_a_scan_or_label_of():
     cases = {"brats18_2013_2_1", "x", "pat"}
     for name, case in (("Brats18_2013_2_1_t1ce.nii.gz", "brats18_2013_2_1"),
