@@ -288,6 +288,8 @@ def main(argv=None):
     unused = unused_threshold(args, True, args.kmeans_necrosis)
     if unused:
         raise UsageError(unused)
+    if args.images is not None and not args.kmeans_necrosis:  # it would change nothing
+        raise UsageError("--images is where the K-means rule finds T1ce: add --kmeans_necrosis")
     input_dir, output_dir = args.input_dir.resolve(), args.output_dir.resolve()
     if not input_dir.is_dir():
         raise UsageError(f"--input_dir {args.input_dir} is not a folder (run from the repository "

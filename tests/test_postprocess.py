@@ -747,6 +747,13 @@ def test_a_kmeans_threshold_without_the_kmeans_rule_is_refused(tmp_path):
         postprocess.main(["--input_dir", str(tmp_path), "--kmeans_max_ncr", "5"])
 
 
+def test_images_without_the_kmeans_rule_is_refused(tmp_path):
+    # only the K-means rule reads images: without it --images was silently ignored
+    with pytest.raises(UsageError) as error:
+        postprocess.main(["--input_dir", str(tmp_path), "--images", str(tmp_path)])
+    assert str(error.value) == "--images is where the K-means rule finds T1ce: add --kmeans_necrosis"
+
+
 # ---------------------------------------------------------- stopped evaluations, stale temporaries
 def _eval_folder(folder, cases, masks):
     """An eval.py output folder: cases.csv lists `cases` (written before any mask), `masks` the
