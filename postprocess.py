@@ -57,12 +57,9 @@ from utils.workers import default_workers, worker_pool
 DEFAULT_OUTPUT_DIR = Path("outputs/LCKD_postprocessed")  # beside eval.py's EVAL_OUTPUT_DIR
 
 
-def read_t1ce(case, path, shape):
-    """The raw T1ce of a case in NIfTI order, checked to lie on the mask's grid (`shape`)."""
-    image = to_nifti_order(read_files(case, {"t1ce": path}).image[T1CE])
-    if image.shape != tuple(shape):
-        raise CaseError(case, path, f"shape {image.shape} differs from the mask's {tuple(shape)}")
-    return image
+def read_t1ce(case, path):
+    """The raw T1ce of a case in NIfTI order (t1ce_files checked its shape, the mask's)."""
+    return to_nifti_order(read_files(case, {"t1ce": path}).image[T1CE])
 
 
 def process_file(job):
@@ -74,7 +71,7 @@ def process_file(job):
     source, target, rules, t1ce_path, name, et_label = job
     try:
         label, image = read_mask(source)
-        t1ce = None if t1ce_path is None else read_t1ce(nifti_stem(source), t1ce_path, label.shape)
+        t1ce = None if t1ce_path is None else read_t1ce(nifti_stem(source), t1ce_path)
     except CaseError as err:
         target.unlink(missing_ok=True)
         raise CaseError(err.case, err.path, f"{err.problem}; {target} is not written: replace "
@@ -226,8 +223,28 @@ def t1ce_files(sources, input_dir, record, images):
             path = files.get("t1ce")
             uses_t1ce = path is not None and not is_placeholder(
                 case, path, open_files(case, {"t1ce": path})["t1ce"])
+        if uses_t1ce:
+            check_t1ce_shape(case, files["t1ce"], source, input_dir, images)
         paths.append(files["t1ce"] if uses_t1ce else None)
     return paths
+
+
+def check_t1ce_shape(case, t1ce, source, input_dir, images):
+    """Refuse a T1ce whose shape is not its mask's (the K-means rule reads them voxel by
+    voxel), from the headers, before any mask is written. A mask lies on its case's grid
+    (eval.py and predict.py write it there): the T1ce is another case's, most likely from an
+    --images naming another dataset, the mask is not to blame."""
+    shape = open_files(case, {"t1ce": t1ce})["t1ce"].shape[:3]
+    mask_shape = open_files(case, {"seg": source})["seg"].shape[:3]
+    if shape == mask_shape:
+        return
+    mask = source.relative_to(input_dir)
+    problem = f"shape {shape}, not the shape {mask_shape} of the mask {mask}"
+    if images is not None:
+        raise UsageError(f"--images {images}: its T1ce {t1ce} has {problem}: another dataset's "
+                         "case? Check --images (the folder of these masks' case folders)")
+    raise CaseError(case, t1ce, f"{problem}: not the case folder evaluated? Pass --images (the "
+                                "folder of these masks' case folders)")
 
 
 def clear_other_masks(output_dir, targets, args):

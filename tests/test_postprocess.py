@@ -508,6 +508,22 @@ def test_script_kmeans_reads_t1ce_only_for_subsets_that_had_it(tmp_path, capsys)
         postprocess.main([*flags, "--output_dir", str(tmp_path / "out4")])
 
 
+def test_a_t1ce_of_another_shape_than_its_mask_blames_images_before_anything_is_written(tmp_path):
+    # --images pointing at another dataset: the T1ce is not this mask's case's, the mask is fine
+    label, t1ce = kmeans_case()
+    images, masks, out = tmp_path / "other", tmp_path / "eval", tmp_path / "out"
+    _images(images, "A", label[:, :, :30], t1ce[:, :, :30])
+    _write(masks / "flair+t1ce" / "A.nii.gz", label, np.eye(4))
+    with pytest.raises(UsageError) as error:
+        postprocess.main(["--input_dir", str(masks), "--output_dir", str(out), "--num_workers", "0",
+                          "--kmeans_necrosis", "--images", str(images)])
+    assert str(error.value) == (
+        f"--images {images}: its T1ce {images / 'A' / 'A_t1ce.nii.gz'} has shape "
+        f"{SHAPE[:2] + (30,)}, not the shape {SHAPE} of the mask flair+t1ce/A.nii.gz: another "
+        "dataset's case? Check --images (the folder of these masks' case folders)")
+    assert not out.exists()
+
+
 def test_masks_of_an_earlier_run_are_refused_or_deleted_never_uploaded_with_the_new(tmp_path, capsys):
     # The output folder is what gets zipped for the upload: an earlier run's other cases or
     # subsets must not stay among the new masks.
