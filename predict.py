@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.brats import (ALIASES, EXTENSIONS, MODALITY_TOKENS, brats_like_warnings,
-                            modality_named, name_tokens, nifti_stem, read_files, to_network_order,
-                            to_nifti_order, without_placeholders)
+                            modality_named, name_tokens, named_like_a_scan, nifti_stem, read_files,
+                            to_network_order, to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, path_given, run_cli
@@ -79,6 +79,11 @@ def check_args(args):
     given = [path.resolve() for path in files.values()]
     if args.output.resolve() in given:
         raise UsageError(f"-o {args.output} is one of the inputs")
+    if named_like_a_scan(args.output):  # eval.py would read the mask as the case's own file
+        case = args.output.parent.name
+        raise UsageError(f"-o {args.output} is named as a scan or label of case {case} in its "
+                         f"folder, where eval.py reads it as one (a label: the ground truth); "
+                         f"name the mask otherwise, e.g. {case}_pred.nii.gz")
     for (modality, path), resolved in zip(files.items(), given):
         if given.count(resolved) > 1:
             raise UsageError(f"--{modality} {path} is given for another modality too: each "

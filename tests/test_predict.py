@@ -197,6 +197,14 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
                     *extra]) == f"error: --kmeans_max_ncr is a threshold of the K-means rule: add {needed}"
     same = str(case / f"{case.name}_t2.nii.gz")
     assert cli([*files_of(case, "t2"), *ckpt, "-o", same]) == f"error: -o {same} is one of the inputs"
+    # a case's label (or another of its scans), even with --overwrite: eval.py would score
+    # against the prediction
+    for part in ("seg", "t1"):
+        own = case / f"{case.name}_{part}.nii.gz"
+        assert cli([*files_of(case, "t2"), *ckpt, "-o", str(own), "--overwrite"]) == (
+            f"error: -o {own} is named as a scan or label of case {case.name} in its folder, "
+            f"where eval.py reads it as one (a label: the ground truth); name the mask otherwise, "
+            f"e.g. {case.name}_pred.nii.gz")
 
     thin = tmp_path / "t1ce_thin.nii.gz"
     t1ce = nib.load(case / f"{case.name}_t1ce.nii.gz")
