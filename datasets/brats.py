@@ -545,11 +545,18 @@ def open_files(case, files):
 
 
 def _opened(case, files):
-    """{part: Path} -> {part: nibabel image}, each readable and 3-D (see _grid_shape)."""
+    """{part: Path} -> {part: nibabel image}, each readable, 3-D (see _grid_shape) and of one
+    real number per voxel (an RGB file failed deep in numpy; a complex one lost its imaginary
+    part with no word of the case)."""
     images = {}
     for part, path in files.items():
         images[part] = _guarded(case, path, lambda: nib.load(path))
         _grid_shape(case, path, images[part])
+        dtype = images[part].get_data_dtype()
+        if dtype.kind not in "iuf":
+            kind = "RGB" if dtype.fields else dtype.name
+            raise CaseError(case, path, f"voxels of type {kind}, not one real number each; store "
+                            "a scalar volume (e.g. int16 or float32)")
     return images
 
 

@@ -259,6 +259,21 @@ def test_trailing_dimensions_of_size_1_are_dropped(tmp_path):
         "volume as a 3-D file of its own (split a 4-D file, e.g. with fslsplit)")
 
 
+@pytest.mark.parametrize("part", ["t1", "seg"])
+@pytest.mark.parametrize("dtype, said", [
+    (np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]), "RGB"),  # numpy failed on it, deep down
+    (np.complex64, "complex64"),  # its imaginary part was dropped with numpy's warning alone
+])
+def test_a_volume_of_other_than_one_real_number_per_voxel_is_named(tmp_path, part, dtype, said):
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    path = part_path(folder, part)
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, dtype), AFFINE), path)
+    with pytest.raises(CaseError) as error:
+        load_case(folder)
+    assert str(error.value) == (f"case Brats18_X: {path}: voxels of type {said}, not one real "
+                                "number each; store a scalar volume (e.g. int16 or float32)")
+
+
 def test_2023_label_4_is_unexpected(tmp_path):
     folder, _ = write_case(tmp_path, "BraTS-GLI-00001-000", "2023")
     seg = make_volumes()["seg"]  # holds 4, which 2023 files never use
