@@ -781,6 +781,12 @@ def brats_like_warnings(case):
                             "are 0; not skull-stripped? BraTS volumes are skull-stripped with a "
                             "background of exactly 0 (about 80 % of the voxels)")
             continue
+        corner = case.image[i][0, 0, 0]
+        if corner != 0:
+            warnings.append(f"case {case.name}: {path.name}: its corner voxel is {corner:g}, not 0: "
+                            "the normalisation takes the corner's value for the background (as "
+                            f"published), so the {background:.0%} of the voxels that are 0 are "
+                            "normalised as brain; BraTS volumes are 0 outside the brain")
         if reference is None:
             reference = path, brain
             continue

@@ -722,6 +722,13 @@ def test_brats_like_warnings(tmp_path):
         f"case Brats18_X: Brats18_X_t2.nii.gz: its non-zero voxels (the brain) overlap those of "
         f"Brats18_X_flair.nii.gz with a Dice of only {dice:.2f}; not co-registered, or "
         "skull-stripped differently?"]
+    # a corner voxel that is not the background: the normalisation takes it for it
+    case.image[0][0, 0, 0] = 7
+    background = 1 - np.count_nonzero(case.image[0]) / case.image[0].size
+    assert brats_like_warnings(case)[0] == (
+        f"case Brats18_X: Brats18_X_flair.nii.gz: its corner voxel is 7, not 0: the normalisation "
+        f"takes the corner's value for the background (as published), so the {background:.0%} of "
+        "the voxels that are 0 are normalised as brain; BraTS volumes are 0 outside the brain")
     # a label map given as a scan (named anyhow): only 0, 1, 2, 4 in it, which no scan holds;
     # not compared with the others' brain
     save(volumes["seg"].astype(np.int16), part_path(folder, "t2"))
