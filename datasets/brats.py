@@ -758,6 +758,12 @@ def brats_like_warnings(case):
     # Training mirrors every axis, so flipped axes (RAS or LPS) are seen, not swapped ones: a
     # volume stored sagittal or coronal is read as a brain lying on its side (measured on
     # 3 synthetic cases, small model: WT Dice 83 % as stored, 73 % and 53 % axes permuted).
+    # HD95 is in mm of the pixdim (header.get_zooms()), as ITK's (BraTS's evaluation) reads it
+    affine_sizes = tuple(nib.affines.voxel_sizes(case.affine))
+    if not np.allclose(affine_sizes, (x, y, z), rtol=1e-3):
+        warnings.append(f"case {case.name}: voxel size {x:g} x {y:g} x {z:g} mm in the header "
+                        "(pixdim), " + " x ".join(f"{s:.4g}" for s in affine_sizes) +
+                        " mm in its affine: distances (HD95) use the pixdim; fix the header")
     axes = nib.aff2axcodes(case.affine)
     if not (axes[0] in ("L", "R") and axes[1] in ("A", "P") and axes[2] in ("S", "I")):
         warnings.append(f"case {case.name}: voxel axes {''.join(a or '?' for a in axes)}; a "

@@ -700,6 +700,11 @@ def test_the_current_folder_is_named_after_itself(tmp_path, monkeypatch):
     assert load_case(find_cases(".")[0]).name == "Brats18_A"
 
 
+def as_1mm(case):
+    """A case read as if its files said 1 mm voxels (header and affine)."""
+    case.spacing, case.affine = (1.0, 1.0, 1.0), np.eye(4)
+
+
 def test_brats_like_warnings(tmp_path):
     folder, volumes = write_case(tmp_path, "Brats18_X")
     # ZOOMS (1, 1.5, 2) mm: not the 1 mm BraTS is resampled to
@@ -707,14 +712,18 @@ def test_brats_like_warnings(tmp_path):
         "case Brats18_X: voxel size 1 x 1.5 x 2 mm; a BraTS-trained model expects about 1 mm "
         "isotropic volumes (resample them first)"]
     case = load_case(folder)
-    case.spacing = (1.0, 1.0, 1.0)  # as if 1 mm: nothing else to say
+    case.spacing = (1.0, 1.0, 1.0)  # the header's pixdim alone says 1 mm: contradicts the affine
+    assert brats_like_warnings(case) == [
+        "case Brats18_X: voxel size 1 x 1 x 1 mm in the header (pixdim), 1 x 1.5 x 2 mm in its "
+        "affine: distances (HD95) use the pixdim; fix the header"]
+    as_1mm(case)  # nothing else to say
     assert brats_like_warnings(case) == []
     # not skull-stripped: no background voxel is 0
     save(volumes["t1"] + np.int16(1), part_path(folder, "t1"))
     # not co-registered: the brain (non-zero voxels) moved 6 voxels along x, of 18
     save(np.roll(volumes["t2"], 6, axis=0), part_path(folder, "t2"))
     case = load_case(folder)
-    case.spacing = (1.0, 1.0, 1.0)
+    as_1mm(case)
     dice = 2 * (12 * 14 * 12) / (2 * 18 * 14 * 12)  # overlapping boxes, by hand: 0.67
     assert brats_like_warnings(case) == [
         "case Brats18_X: Brats18_X_t1.nii.gz: only 0% of the voxels are 0; not skull-stripped? "
@@ -733,7 +742,7 @@ def test_brats_like_warnings(tmp_path):
     # not compared with the others' brain
     save(volumes["seg"].astype(np.int16), part_path(folder, "t2"))
     case = load_case(folder)
-    case.spacing = (1.0, 1.0, 1.0)
+    as_1mm(case)
     assert brats_like_warnings(case)[1:] == [
         "case Brats18_X: Brats18_X_t2.nii.gz holds only whole numbers from 0 to 4, as a label map "
         "(segmentation) does: no scan does; check the files given as scans"]
