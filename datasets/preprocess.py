@@ -53,7 +53,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from datasets import normalize as norm
-from datasets.brats import CaseError, case_files, read_datalist, read_files, refuse_duplicates
+from datasets.brats import (CaseError, brats_like_warnings, case_files, read_datalist, read_files,
+                            refuse_duplicates)
 from datasets.sampling import foreground_locations
 from utils.cli import ArgumentParser, path_given, positive_int, progress_interval, run_cli
 from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
@@ -347,12 +348,14 @@ def _save_npy(path, array):
 
 def _build(name, files, case_cache, sources):
     """Read and validate the case `name` from `files` ({part: Path}), compact and write it;
-    meta.json goes last.
+    meta.json goes last. -> what the case does not look like of BraTS (brats_like_warnings:
+    training on it would go on without a word).
 
     `sources` is fingerprinted before reading, so a file changed while we read it leaves
     a stale fingerprint and the case is rebuilt next time.
     """
     case = read_files(name, files)
+    warnings = brats_like_warnings(case)
     cached = CachedCase.from_arrays(case.name, case.image, case.label, norm.case_params(case))
     (case_cache / META).unlink(missing_ok=True)  # the case is invalid until its meta is back
     arrays = {IMAGE: cached.raw, LABEL: cached.label,
@@ -385,12 +388,13 @@ def _build(name, files, case_cache, sources):
         "modalities": list(MODALITIES),
     }
     write_text(case_cache / META, json.dumps(meta, indent=1))
+    return warnings
 
 
 def _process(job):
     """Worker: bring one case's cache up to date -> (name, why it was built: None if it was
     re-used, '' for a case never (completely) cached, else the CacheInvalid message; the
-    fingerprints of the sources its cache now holds)."""
+    fingerprints of the sources its cache now holds; the warnings of a built case)."""
     case_dir, case_cache, require_label = job
     name = case_cache.name
     # One writer per case; a second preprocessor waits here, then finds the case fresh.
@@ -411,12 +415,11 @@ def _process(job):
                     with contextlib.suppress(OSError):  # stat: recorded to save hashing it again
                         write_text(case_cache / META, json.dumps(
                             {**meta, "sources": sources, "arrays": arrays}, indent=1))
-                return name, None, sources
+                return name, None, sources, []
             except CacheInvalid as err:
                 reason = str(err)
         sources = fingerprint(name, files)
-        _build(case_dir.name, files, case_cache, sources)
-        return name, reason, sources
+        return name, reason, sources, _build(case_dir.name, files, case_cache, sources)
 
 
 def _open_own(cache_dir, name, sources):
@@ -508,9 +511,11 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
     built, sources = [], {}
 
     def done(result):
-        name, reason, sources[name] = result
+        name, reason, sources[name], warnings = result
         if reason:
             tqdm.write(f"{reason}; rebuilt", file=sys.stderr)
+        for warning in warnings:
+            tqdm.write(f"warning: {warning}", file=sys.stderr)
         if reason is not None:
             built.append(name)
         bar.update()

@@ -121,6 +121,23 @@ def test_cli_empty_data_root_is_none_and_empty_list_is_refused(dataset, capsys):
                                        "(see python -m datasets.preprocess --help)\n")
 
 
+def test_what_does_not_look_like_brats_is_warned_about_when_the_case_is_built(dataset, capsys):
+    # eval.py and predict.py warn of it; training took it without a word (a label map saved
+    # over a scan trained as one)
+    data, lst, cache = dataset
+    volumes = make_volumes(seed=1)
+    save(volumes["seg"].astype(np.int16), part_path(data / "Brats18_A", "t1"))
+    preprocess(lst, cache, num_workers=1)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert ("warning: case Brats18_A: Brats18_A_t1.nii.gz holds only whole numbers from 0 to 4, "
+            "as a label map (segmentation) does: no scan does; check the files given as scans"
+            in warnings)
+    # one per case and condition, as brats_like_warnings says: ZOOMS is not 1 mm
+    assert len(warnings) == 4 and sum("voxel size 1 x 1.5 x 2 mm;" in w for w in warnings) == 3
+    preprocess(lst, cache, num_workers=1)  # re-used: said when built
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_errors_name_case_and_file(dataset):
     data, lst, cache = dataset
     bad = part_path(data / "Brats18_A", "t2")
