@@ -553,6 +553,11 @@ def run(args, mode, folders, files, model, window, device, done=frozenset(), pro
                 return saved_case(case_dir, files[case_dir]), []
             case = read_files(case_dir.name, files[case_dir])
             warnings = brats_like_warnings(case)
+            if case.label is not None and not case.label.any():
+                warnings.append(f"case {case.name}: {case.files['seg'].name} is all 0: scored as "
+                                "a case without tumour (Dice 0 where a region is predicted); move "
+                                "a placeholder label out of the case folder to export the case "
+                                "without scoring it")
             case.image = normalize_case(case)
             return case, warnings
         except CaseError as err:  # seen only in the voxels: NaN, a truncated or corrupted file

@@ -770,10 +770,6 @@ def brats_like_warnings(case):
                         "BraTS-trained model expects axial volumes, x left-right, y "
                         "anterior-posterior, z inferior-superior (reorient them first, e.g. "
                         "fslreorient2std)")
-    if case.label is not None and not case.label.any():
-        warnings.append(f"case {case.name}: {case.files['seg'].name} is all 0: scored as a case "
-                        "without tumour (Dice 0 where a region is predicted); move a placeholder "
-                        "label out of the case folder to export the case without scoring it")
     reference = None
     for i in case.available:
         path = case.files[MODALITIES[i]]

@@ -718,12 +718,6 @@ def test_brats_like_warnings(tmp_path):
         "affine: distances (HD95) use the pixdim; fix the header"]
     as_1mm(case)  # nothing else to say
     assert brats_like_warnings(case) == []
-    # an all-zero label: a placeholder, or a case without tumour
-    case.label = np.zeros_like(case.label)
-    assert brats_like_warnings(case) == [
-        "case Brats18_X: Brats18_X_seg.nii.gz is all 0: scored as a case without tumour (Dice 0 "
-        "where a region is predicted); move a placeholder label out of the case folder to export "
-        "the case without scoring it"]
     # not skull-stripped: no background voxel is 0
     save(volumes["t1"] + np.int16(1), part_path(folder, "t1"))
     # not co-registered: the brain (non-zero voxels) moved 6 voxels along x, of 18

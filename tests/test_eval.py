@@ -320,13 +320,20 @@ def test_cases_unlike_brats_are_warned_of_as_predict_py_does(segmentation_setup,
     image = nib.load(flair)  # background no longer 0: not skull-stripped
     nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) + np.int16(30), image.affine,
                              image.header), flair)
+    seg = folder / cases[0].name / f"{cases[0].name}_seg.nii.gz"  # a placeholder: scored as such
+    image = nib.load(seg)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine, image.header), seg)
     evaluate.main(["--input", str(folder), "--mode", "available", "--restore_from",
                    str(root / "final.pth"), "--device", "cpu", "--output_dir",
                    str(tmp_path / "out")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert warnings == [f"warning: case {cases[1].name}: {flair.name}: only 0% of the voxels are "
-                        "0; not skull-stripped? BraTS volumes are skull-stripped with a background "
-                        "of exactly 0 (about 80 % of the voxels)"]
+    assert warnings == [
+        f"warning: case {cases[0].name}: {seg.name} is all 0: scored as a case without tumour "
+        "(Dice 0 where a region is predicted); move a placeholder label out of the case folder to "
+        "export the case without scoring it",
+        f"warning: case {cases[1].name}: {flair.name}: only 0% of the voxels are 0; not "
+        "skull-stripped? BraTS volumes are skull-stripped with a background of exactly 0 (about "
+        "80 % of the voxels)"]
 
 
 def test_input_names_a_nifti_file_beside_the_case_folders(segmentation_setup, tmp_path):
