@@ -22,7 +22,8 @@ Examples (from the repository root):
         --restore_from snapshots/LCKD_stage2/final.pth --mode all --output_dir outputs/brats21 --resume
 
 The network is rebuilt from the configuration stored in the checkpoint (model size, weight
-standardisation, norm, activation, patch size); flags given on the command line override it.
+standardisation, norm, activation, patch size); a model flag given must agree with it (the
+window, --input_size, may differ from the training patch).
 Cases come from a datalist (--data_list) or a folder (--input: a folder of case folders, or one
 case folder). Every case is checked (files present for the subsets asked, headers readable,
 one grid) before anything is written. A modality file that is all zero is the placeholder of a

@@ -155,7 +155,7 @@ def test_model_flags_and_bad_modes_are_checked(segmentation_setup, tmp_path):
     root, _ = segmentation_setup
     with pytest.raises(ValueError, match="training mode"):
         run(root, tmp_path, "--mode", "random")
-    with pytest.raises(UsageError, match="does not fit"):
+    with pytest.raises(UsageError, match="--norm_cfg BN: checkpoint .* trained with --norm_cfg IN"):
         run(root, tmp_path, "--activation_cfg", "ReLU", "--norm_cfg", "BN")
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--restore_from", "x", "--weight_std", "maybe"])
@@ -1138,10 +1138,10 @@ def test_the_network_is_the_one_the_checkpoint_records(tmp_path):
     model, built, window = load_model(tmp_path / "c.pth", parser.parse_args([]), torch.device("cpu"))
     assert built == dataclasses.replace(config, checkpoint_encoder=False) and window == (32, 64, 64)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    # an explicit model flag replaces that part of the recorded network
-    _, built, _ = load_model(tmp_path / "c.pth", parser.parse_args(["--activation_cfg", "ReLU"]),
+    # a model flag agreeing with the record changes nothing (one that does not: below)
+    _, built, _ = load_model(tmp_path / "c.pth", parser.parse_args(["--activation_cfg", "LeakyReLU"]),
                              torch.device("cpu"))
-    assert built.activation == "ReLU" and built.deep_channels == 16
+    assert built == dataclasses.replace(config, checkpoint_encoder=False)
     # a recorded BN / ReLU network without the flag keys is built as recorded
     bn = models.LCKDConfig.small(norm="BN", activation="ReLU")
     torch.save({"model": models.LCKD(bn).state_dict(), "config": {"model_config": bn.to_dict()}},
@@ -1153,6 +1153,37 @@ def test_the_network_is_the_one_the_checkpoint_records(tmp_path):
     with pytest.raises(UsageError, match=r"newer.pth records network settings this version does not "
                                          r"know \(stem_channels\): evaluate it with the version"):
         load_model(tmp_path / "newer.pth", parser.parse_args([]), torch.device("cpu"))
+
+
+def test_a_model_flag_that_contradicts_the_checkpoint_is_refused(segmentation_setup, tmp_path):
+    # Weight standardisation and the activation hold no weights: another value loaded cleanly
+    # and silently changed the masks (rc 0).
+    config = models.LCKDConfig.small()  # weight_std True, IN, LeakyReLU
+    state = models.LCKD(config).state_dict()
+    torch.save({"model": state, "config": {"model_config": config.to_dict()}}, tmp_path / "c.pth")
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    built = lambda path, *flags: load_model(path, parser.parse_args(flags), torch.device("cpu"))[1]
+    for flag, given, recorded in (("--weight_std", "False", "True"), ("--norm_cfg", "BN", "IN"),
+                                  ("--activation_cfg", "ReLU", "LeakyReLU")):
+        with pytest.raises(UsageError) as error:
+            built(tmp_path / "c.pth", flag, given)
+        assert str(error.value) == (f"{flag} {given}: checkpoint {tmp_path / 'c.pth'} holds a network "
+                                    f"trained with {flag} {recorded}; drop the flag, or pass {flag} "
+                                    f"{recorded}")
+    # the recorded values given, or left out: the recorded network
+    assert built(tmp_path / "c.pth", "--weight_std", "True", "--activation_cfg", "LeakyReLU") == config
+    assert built(tmp_path / "c.pth") == config
+    # a bare state_dict records nothing: the flags build the network, as before
+    torch.save(state, tmp_path / "bare.pth")
+    assert built(tmp_path / "bare.pth", "--model_size", "small", "--weight_std", "False") == (
+        dataclasses.replace(config, weight_std=False))
+    # eval.py on a checkpoint recording train.py's flags only (no model_config): nothing written
+    root, _ = segmentation_setup
+    assert cli(argv(root, tmp_path / "out", "--weight_std", "False")) == (
+        f"error: --weight_std False: checkpoint {root / 'final.pth'} holds a network trained with "
+        "--weight_std True; drop the flag, or pass --weight_std True")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_checkpoint_of_another_network_is_one_line_naming_the_flags_it_fits(segmentation_setup, tmp_path):

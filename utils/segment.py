@@ -1,7 +1,7 @@
 """Segmenting cases with a trained checkpoint: what eval.py and predict.py share.
 
-* the network, rebuilt from the configuration train.py stores in the checkpoint, explicit
-  flags overriding it (`add_model_args`, `load_model`);
+* the network, rebuilt from the configuration train.py stores in the checkpoint; a model flag
+  given must agree with it (`add_model_args`, `load_model`);
 * the inference flags, checked when parsed, before any work;
 * a normalised case's label maps for one or several modality subsets (`segment`).
 """
@@ -41,14 +41,34 @@ def add_inference_args(parser):
 
 
 # ------------------------------------------------------------------------------------- model
+# The model flags train.py records -> their LCKDConfig field.
+MODEL_FLAGS = {"weight_std": "weight_std", "norm_cfg": "norm", "activation_cfg": "activation"}
+
+
+def refuse_contradicting_flags(args, saved, path):
+    """UsageError for a model flag given (not None) that differs from the checkpoint's record
+    (`model_config`, else train.py's flag): weight standardisation and the activation hold no
+    weights, so another value would load cleanly and silently change the masks (another norm
+    is caught by the weights too, but said as plainly). A bare state_dict records nothing: the
+    flags build the network."""
+    network = saved.get("model_config", {})
+    for flag, field in MODEL_FLAGS.items():
+        given, recorded = getattr(args, flag), network.get(field, saved.get(flag))
+        if given is not None and recorded is not None and given != recorded:
+            raise UsageError(f"--{flag} {given}: checkpoint {path} holds a network trained with "
+                             f"--{flag} {recorded}; drop the flag, or pass --{flag} {recorded}")
+
+
 def resolve_model_config(args, saved, path):
     """Checkpoint config + explicit flags -> (LCKDConfig, window (d, h, w)).
 
-    The network is the one train.py recorded (`model_config`), each model flag given replacing
-    its part; `--model_size`, a bare state_dict or a config without it start from the named
-    size and the config's flags. The speed-only fields (activation checkpointing, the published
-    encoder work) are off.
+    The network is the one train.py recorded (`model_config`); a model flag given must agree
+    with the record (refuse_contradicting_flags). `--model_size`, a bare state_dict or a config
+    without it start from the named size and the config's flags, the flags given replacing them
+    (a bare state_dict records none). The speed-only fields (activation checkpointing, the
+    published encoder work) are off.
     """
+    refuse_contradicting_flags(args, saved, path)
     pick = lambda flag, key, default: flag if flag is not None else saved.get(key, default)
     if args.model_size is None and "model_config" in saved:
         unknown = sorted(set(saved["model_config"]) - {f.name for f in fields(LCKDConfig)})
