@@ -157,11 +157,6 @@ def case_folders(args):
         if args.data_list is not None:
             raise UsageError("give --input or --data_list, not both")
         folders, source = find_cases(args.input), args.input
-        inside = args.output_dir.resolve().is_relative_to(args.input.resolve())
-        if inside and folders != [named_folder(args.input)]:
-            raise UsageError(f"--output_dir {args.output_dir} is inside --input {args.input}, "
-                             "whose folders are read as cases (the next run would take the "
-                             "masks' folders for cases): choose an output folder outside it")
     else:
         if args.data_list == "":
             raise UsageError("--data_list '' names no list: give a datalist, or --input DIR")
@@ -169,9 +164,34 @@ def case_folders(args):
         folders = read_datalist(source, args.data_root or None)  # as train.py: '' is none
         if not folders:
             raise UsageError(f"--data_list {source} lists no cases")
+    refuse_output_among_cases(args, folders, source)
     refuse_duplicates(folders, source)  # two masks would go to the same file
     refuse_undecodable(folders)
     return folders
+
+
+def refuse_output_among_cases(args, folders, source):
+    """UsageError for an --output_dir that is, or is inside, a folder the cases are read from:
+    the folder of case folders (--input, or one holding a listed case), whose next reading would
+    take the masks' folders for cases, or a case folder (--input one case), whose scans the
+    masks would sit among."""
+    out = args.output_dir.resolve()
+    if args.input is not None:
+        if not out.is_relative_to(args.input.resolve()):
+            return
+        if folders == [named_folder(args.input)]:
+            raise UsageError(f"--output_dir {args.output_dir} is inside --input {args.input}, a "
+                             "case folder (the masks would sit among its scans): choose an "
+                             "output folder outside it")
+        raise UsageError(f"--output_dir {args.output_dir} is inside --input {args.input}, "
+                         "whose folders are read as cases (the next run would take the "
+                         "masks' folders for cases): choose an output folder outside it")
+    for folder in folders:
+        if out.is_relative_to(folder.parent.resolve()):
+            raise UsageError(f"--output_dir {args.output_dir} is inside {folder.parent}, which "
+                             f"holds case folders of --data_list {source} (e.g. {folder.name}): "
+                             "the masks' folders would sit among the cases (--input would take "
+                             "them for cases); choose an output folder outside it")
 
 
 def refuse_undecodable(folders):

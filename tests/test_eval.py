@@ -364,6 +364,28 @@ def test_an_output_folder_inside_the_folder_of_cases_is_refused(segmentation_set
     assert sorted(p.name for p in folder.iterdir()) == sorted(c.name for c in cases)
 
 
+def test_an_output_folder_among_the_cases_of_a_list_or_in_a_case_folder_is_refused(
+        segmentation_setup, tmp_path):
+    # Accepted before: the masks then sat among the cases, and `--input DATA` failed on them.
+    root, cases = segmentation_setup
+    data = copy_cases(cases, tmp_path / "data")
+    (data / "test.csv").write_text(f"{cases[1].name}\n")  # the synthetic layout: list beside the cases
+    case = data / cases[1].name
+    for out in (data, data / "masks", case):
+        assert cli(["--data_list", str(data / "test.csv"), "--restore_from", str(root / "final.pth"),
+                    "--device", "cpu", "--output_dir", str(out)]) == (
+            f"error: --output_dir {out} is inside {data}, which holds case folders of --data_list "
+            f"{data / 'test.csv'} (e.g. {cases[1].name}): the masks' folders would sit among the "
+            "cases (--input would take them for cases); choose an output folder outside it")
+    for out in (case, case / "masks"):
+        assert cli(["--input", str(case), "--restore_from", str(root / "final.pth"), "--device",
+                    "cpu", "--output_dir", str(out)]) == (
+            f"error: --output_dir {out} is inside --input {case}, a case folder (the masks would "
+            "sit among its scans): choose an output folder outside it")
+    assert sorted(p.name for p in data.iterdir()) == sorted([c.name for c in cases] + ["test.csv"])
+    assert sorted(p.name for p in case.iterdir()) == sorted(p.name for p in cases[1].iterdir())
+
+
 def test_input_dot_names_the_case_after_its_folder(segmentation_setup, tmp_path, monkeypatch):
     root, cases = segmentation_setup
     monkeypatch.chdir(cases[1])
