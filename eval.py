@@ -144,7 +144,7 @@ def parse_eval_mode(text):
     try:
         mode = parse_mode(text)
     except ValueError as error:
-        raise UsageError(f"--mode: {error}; or 'all' (the 15 subsets), 'available'") from None
+        raise UsageError(f"--mode: {error}; or 'all' (the 15 subsets) or 'available'") from None
     if mode == "random":
         raise UsageError("--mode random is a training mode: give a subset (e.g. 0,2), 'all' "
                          "or 'available'")

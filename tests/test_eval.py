@@ -514,6 +514,9 @@ def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
     (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda"),
     (["--mode", "random"], "training mode"),
     (["--mode", "flair,dwi"], "--mode: unknown modality 'dwi'"),
+    (["--mode", ""], "error: --mode: no modality given: give indices 0-3 or names flair, t1, t1ce, "
+                     "t2, each once, separated by commas (e.g. 0,2 or flair,t1ce); or 'all' (the "
+                     "15 subsets) or 'available'"),
     (["--input", "x", "--data_list", "y.csv"], "--input or --data_list, not both"),
     (["--resume", "--overwrite"], "give --resume (continue the evaluation in --output_dir) or "
                                   "--overwrite (replace it), not both"),

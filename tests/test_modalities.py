@@ -29,6 +29,25 @@ def test_parse_subset_rejects(text):
         parse_subset(text)
 
 
+SYNTAX = ("give indices 0-3 or names flair, t1, t1ce, t2, each once, separated by commas "
+          "(e.g. 0,2 or flair,t1ce)")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("0,0", "modality flair given twice in '0,0'"),
+    ("flair,flair", "modality flair given twice in 'flair,flair'"),
+    ("t1ce,0,2", "modality t1ce given twice in 't1ce,0,2'"),  # a name and its index
+    ("0,,2", "an empty item in the modality subset '0,,2'"),
+    ("0,2,", "an empty item in the modality subset '0,2,'"),
+    ("", "no modality given"), (" ", "no modality given"),
+])
+def test_a_repeated_modality_or_an_empty_item_is_refused(text, problem):
+    # Read before as the de-duplicated subset: '0,0' ran FLAIR alone, '0,,2' FLAIR + T1ce.
+    with pytest.raises(ValueError) as error:
+        parse_subset(text)
+    assert str(error.value) == f"{problem}: {SYNTAX}"
+
+
 def test_parse_mode_and_teachers():
     assert parse_mode("random") == "random"
     assert parse_mode("ALL") == "all"

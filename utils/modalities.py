@@ -20,23 +20,30 @@ SINGLE_SUBSETS = tuple(s for s in ALL_SUBSETS if len(s) == 1)
 AVAILABLE = "available"
 
 
+SUBSET_SYNTAX = (f"give indices 0-3 or names {', '.join(MODALITIES)}, each once, separated "
+                 "by commas (e.g. 0,2 or flair,t1ce)")
+
+
 def parse_subset(text):
-    """'0,2' or 'flair,t1ce' (or a mix) -> (0, 2). Raises ValueError on anything else."""
-    indices = set()
-    for token in str(text).replace("+", ",").split(","):
-        token = token.strip().lower()
+    """'0,2' or 'flair,t1ce' (or a mix) -> (0, 2). Raises ValueError on anything else: a
+    repeated modality or an empty item ('0,0', 'flair,0', '0,,2') is a typo, not the smaller
+    subset it would otherwise be read as."""
+    tokens = [token.strip().lower() for token in str(text).replace("+", ",").split(",")]
+    if tokens == [""]:
+        raise ValueError(f"no modality given: {SUBSET_SYNTAX}")
+    indices = []
+    for token in tokens:
         if not token:
-            continue
+            raise ValueError(f"an empty item in the modality subset {text!r}: {SUBSET_SYNTAX}")
         if token.isdigit() and int(token) < len(MODALITIES):
-            indices.add(int(token))
+            index = int(token)
         elif token in MODALITIES:
-            indices.add(MODALITIES.index(token))
+            index = MODALITIES.index(token)
         else:
-            raise ValueError(
-                f"unknown modality {token!r} in {text!r}: use indices 0-3 or names {', '.join(MODALITIES)}"
-            )
-    if not indices:
-        raise ValueError(f"empty modality subset {text!r}")
+            raise ValueError(f"unknown modality {token!r} in {text!r}: {SUBSET_SYNTAX}")
+        if index in indices:
+            raise ValueError(f"modality {MODALITIES[index]} given twice in {text!r}: {SUBSET_SYNTAX}")
+        indices.append(index)
     return tuple(sorted(indices))
 
 
