@@ -70,9 +70,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from datasets.brats import (
-    Case, CaseError, available_subset, brats_like_warnings, case_files, check_grid, find_cases,
-    named_folder, read_datalist, read_files, refuse_duplicates, require_modalities, resolve_list,
-    to_network_order, without_placeholders,
+    Case, CaseError, DataError, available_subset, brats_like_warnings, case_files, check_grid,
+    find_cases, named_folder, nifti_stem, read_datalist, read_files, refuse_duplicates,
+    require_folder, require_modalities, resolve_list, to_network_order, without_placeholders,
 )
 from datasets.normalize import normalize_case
 from utils import distributed, figures
@@ -156,11 +156,16 @@ def case_folders(args):
     if args.input is not None:
         if args.data_list is not None:
             raise UsageError("give --input or --data_list, not both")
+        require_folder(args.input, "--input ")
         folders, source = find_cases(args.input), args.input
     else:
         if args.data_list == "":
             raise UsageError("--data_list '' names no list: give a datalist, or --input DIR")
         source = resolve_list(args.data_list or PUBLISHED_DATA_LIST, args.data_dir)
+        if source.is_dir():  # maybe meant as --input
+            fix = (f"to evaluate its case(s), pass --input {source}" if holds_cases(source)
+                   else "give a datalist file (one case folder per line)")
+            raise UsageError(f"--data_list {source} is a folder, not a datalist: {fix}")
         folders = read_datalist(source, args.data_root or None)  # as train.py: '' is none
         if not folders:
             raise UsageError(f"--data_list {source} lists no cases")
@@ -168,6 +173,15 @@ def case_folders(args):
     refuse_duplicates(folders, source)  # two masks would go to the same file
     refuse_undecodable(folders)
     return folders
+
+
+def holds_cases(folder):
+    """Whether `folder` is what --input reads: a case folder, or a folder of them (one at least
+    holding NIfTI files)."""
+    try:
+        return any(nifti_stem(path) for case in find_cases(folder) for path in case.iterdir())
+    except (DataError, OSError):
+        return False
 
 
 def refuse_output_among_cases(args, folders, source):

@@ -144,6 +144,9 @@ def resolve_list(path, data_dir):
 
 def datalist_entries(list_path):
     """A datalist's entries as written: [(line number, entry)], blank and '#' lines skipped."""
+    if Path(list_path).is_dir():  # said as such, not as errno 21
+        raise DataError(f"datalist {list_path} is a folder, not a list (a text file naming one "
+                        "case folder per line)")
     try:
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would be part of the first entry
         text = Path(list_path).read_text(encoding="utf-8-sig")
@@ -180,7 +183,7 @@ def read_datalist(list_path, data_root=None):
     """
     list_path = Path(list_path)
     if data_root is not None:  # a typo is named as such, not as the list's first case missing
-        require_folder(data_root, "data root ")
+        require_folder(data_root, "--data_root ")
     entries = datalist_entries(list_path)
     found = [next((path for path in _candidates(entry, list_path.parent, data_root)
                    if path.is_dir()), None) for _, entry in entries]

@@ -389,7 +389,7 @@ def test_a_data_root_that_is_not_there_is_named(tmp_path, monkeypatch):
     for root, problem in (("BraTS2O18", "not found"), ("file", "not a folder")):
         with pytest.raises(DataError) as info:
             read_datalist(lst, root)
-        assert str(info.value) == f"data root {root} ({tmp_path / root}): {problem}"
+        assert str(info.value) == f"--data_root {root} ({tmp_path / root}): {problem}"
 
 
 def test_resolve_list_published_data_dir(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import torch
 
 import eval as evaluate
 import models
+from datasets.brats import DataError, read_datalist
 from test_demo import LOCAL, REPO
 from test_shell import copy_scripts
 from test_figures import assert_regions_drawn, read_png
@@ -393,6 +394,31 @@ def test_input_dot_names_the_case_after_its_folder(segmentation_setup, tmp_path,
                    "--device", "cpu", "--output_dir", str(tmp_path / "out")])
     assert pd.read_csv(tmp_path / "out" / "cases.csv")["case"].tolist() == [cases[1].name]
     assert sorted(masks(tmp_path / "out" / "t1ce")) == [f"{cases[1].name}.nii.gz"]
+
+
+def test_a_folder_as_data_list_and_a_missing_input_or_data_root_name_the_flag(segmentation_setup,
+                                                                              tmp_path):
+    # Were: "cannot read datalist DATA: [Errno 21] Is a directory", "/nonexistent: not found".
+    root, cases = segmentation_setup
+    common = ["--restore_from", str(root / "final.pth"), "--device", "cpu", "--output_dir",
+              str(tmp_path / "out")]
+    for folder in (root / "data", cases[0]):  # a folder of cases, one case folder
+        assert cli(["--data_list", str(folder), *common]) == (
+            f"error: --data_list {folder} is a folder, not a datalist: to evaluate its case(s), "
+            f"pass --input {folder}")
+    (tmp_path / "lists").mkdir()
+    assert cli(["--data_list", str(tmp_path / "lists"), *common]) == (
+        f"error: --data_list {tmp_path / 'lists'} is a folder, not a datalist: give a datalist "
+        "file (one case folder per line)")
+    with pytest.raises(DataError) as error:  # train.py's and datasets.preprocess's lists
+        read_datalist(tmp_path / "lists")
+    assert str(error.value) == (f"datalist {tmp_path / 'lists'} is a folder, not a list (a text "
+                                "file naming one case folder per line)")
+    assert cli(["--input", str(tmp_path / "nope"), *common]) == (
+        f"error: --input {tmp_path / 'nope'}: not found")
+    assert cli(["--data_list", str(root / "cases.csv"), "--data_root", str(tmp_path / "nope"),
+                *common]) == f"error: --data_root {tmp_path / 'nope'}: not found"
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_list_that_is_not_utf8_is_one_line(segmentation_setup, tmp_path):
