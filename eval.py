@@ -84,7 +84,7 @@ from utils.lock import exclusive_lock
 from utils.metrics import DEFAULT_HD95_METHOD, HD95_METHODS, region_metrics
 from utils.modalities import (ALL_SUBSETS, AVAILABLE, MASK_FOLDERS, MODALITIES, parse_mode,
                               subset_name)
-from utils.segment import add_inference_args, add_model_args, load_model, segment
+from utils.segment import MODEL_FLAGS, add_inference_args, add_model_args, load_model, segment
 
 PUBLISHED_DATA_LIST = "BraTS18/BraTS18_test.csv"
 TABLE_REGIONS = ("ET", "TC", "WT")  # the paper's column order
@@ -302,11 +302,13 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
                              f"{key} (an older eval.py wrote it); pass --overwrite to redo the "
                              "evaluation")
         if previous[key] != record[key]:
-            first, this = previous[key], record[key]
+            setting, first, this = f"{key} ", previous[key], record[key]
             if key == "checkpoint_sha256":  # a hash alone does not say which file it was
                 first, this = (f"{run[key]} ({run['restore_from']})"
                                for run in (previous, record))
-            raise UsageError(f"--resume: the evaluation in {output_dir} was made with {key} "
+            elif key == "model":  # the whole network is some 600 characters: what differs
+                setting, (first, this) = "", network_changes(first, this)
+            raise UsageError(f"--resume: the evaluation in {output_dir} was made with {setting}"
                              f"{first}, this run's is {this}; resume it with its own settings, "
                              "or pass --overwrite to replace it")
     before, now = listed["case"].tolist(), cases["case"].tolist()
@@ -432,6 +434,15 @@ def markdown(table):
         cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def network_changes(first, this):
+    """Two recorded networks (LCKDConfig.to_dict()) -> for each, the fields in which they
+    differ with its values, named by their flags where they have one ('--weight_std True')."""
+    name = {field: f"--{flag}" for flag, field in MODEL_FLAGS.items()}
+    changed = [key for key in sorted(first.keys() | this.keys()) if first.get(key) != this.get(key)]
+    return tuple(", ".join(f"{name.get(key, key)} {run.get(key)}" for key in changed)
+                 for run in (first, this))
 
 
 def process_device(name, info, rank_device):

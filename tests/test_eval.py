@@ -642,6 +642,27 @@ def test_resume_scores_the_masks_left_and_predicts_only_the_cases_missing_one(
     assert json.loads((out / "eval_config.json").read_text())["hd95"] == "pooled"
 
 
+def test_resume_with_another_network_names_only_the_flags_that_differ(segmentation_setup,
+                                                                      tmp_path, monkeypatch):
+    # A bare state_dict records no network: the flags build it, and a --resume with other ones
+    # was refused printing both whole networks (some 600 characters each).
+    root, _ = segmentation_setup
+    monkeypatch.setattr(evaluate, "segment",  # the masks do not matter here: empty ones, at once
+                        lambda model, image, subsets, *a: [np.zeros(image.shape[1:], np.uint8)
+                                                           for _ in subsets])
+    torch.save(torch.load(root / "final.pth", weights_only=True)["model"], tmp_path / "bare.pth")
+    out = tmp_path / "out"
+    flags = [*argv(root, out, "--mode", "t1ce", "--model_size", "small", data_list="one.csv"),
+             "--restore_from", str(tmp_path / "bare.pth")]
+    evaluate.main(flags)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli([*flags, "--resume", "--weight_std", "False", "--activation_cfg", "ReLU"]) == (
+        f"error: --resume: the evaluation in {out} was made with --activation_cfg LeakyReLU, "
+        "--weight_std True, this run's is --activation_cfg ReLU, --weight_std False; resume it "
+        "with its own settings, or pass --overwrite to replace it")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_resume_refuses_another_runs_folder_and_leaves_it_as_it_was(segmentation_setup, tmp_path):
     # One folder must never hold the masks of two models or two ways of predicting.
     root, cases = segmentation_setup
