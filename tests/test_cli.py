@@ -280,6 +280,31 @@ def test_devices_that_are_not_there_are_device_errors(name, expected):
     assert str(error.value).startswith(expected)
 
 
+INFERENCE_ARGV = {eval_script: ["--restore_from", "missing.pth"],
+                  predict: ["--flair", "f.nii.gz", "--checkpoint", "c.pth", "-o", "m.nii.gz"]}
+
+
+@pytest.mark.parametrize("script", [eval_script, predict, train])
+@pytest.mark.parametrize("name", ["gpu", "cuda:x", "meta", ""])
+def test_a_misspelt_device_is_a_flag_error_in_every_script(script, name, capsys):
+    # eval.py and predict.py exited 1 ("--device 'gpu': expected ..."); a flag error is 2.
+    # (train.py's --device is a choice of auto, cpu and cuda.)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(script.main, argv=[*INFERENCE_ARGV.get(script, []), "--device", name])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and line.startswith("error: argument --device: ")
+    if script is not train:
+        assert line == (f"error: argument --device: expected auto, cpu, cuda or cuda:N, got "
+                        f"{name!r} (see {script.__name__}.py --help)")
+
+
+@pytest.mark.parametrize("script", [eval_script, predict])
+def test_a_device_named_right_is_parsed_whatever_the_machine(script):
+    # whether it is here (a GPU, its index) is found when resolved: DeviceError, exit 1
+    for name in ("auto", "cpu", "cuda", "cuda:1"):
+        assert script.parse_args([*INFERENCE_ARGV[script], "--device", name]).device == name
+
+
 def test_run_cli_sets_the_thread_hook_from_the_main_thread_only_and_restores_it():
     before, seen = threading.excepthook, []
     run_cli(lambda argv: seen.append(threading.excepthook))

@@ -524,6 +524,7 @@ def test_a_case_path_that_is_not_utf8_is_refused_before_any_work(segmentation_se
     (["--input_size", "30,64,64"], "D must be a multiple of 16"),
     (["--input_size", "32,64"], "expected D,H,W"),
     (["--hd95", "mean"], "--hd95: invalid choice: 'mean'"),
+    (["--device", "tpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--output_dir", ""], "argument --output_dir: expected a path, got ''"),  # not the cwd
     (["--restore_from", ""], "argument --restore_from: expected a path, got ''"),  # the last counts
 ])
@@ -537,7 +538,6 @@ def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--device", "cuda"], "--device cuda: CUDA is not available"),
-    (["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda"),
     (["--mode", "random"], "training mode"),
     (["--mode", "flair,dwi"], "--mode: unknown modality 'dwi'"),
     (["--mode", ""], "error: --mode: no modality given: give indices 0-3 or names flair, t1, t1ce, "

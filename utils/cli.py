@@ -13,8 +13,8 @@ from pathlib import Path
 
 from datasets.brats import DataError
 from models.lckd import MULTIPLES_RULE, PATCH_MULTIPLES
-from utils.distributed import (DeviceError, MainRankFailed, PeerFailed, RankTimeoutError,
-                               launched_rank)
+from utils.distributed import (DEVICE_NAMES, DeviceError, MainRankFailed, PeerFailed,
+                               RankTimeoutError, launched_rank, named_device)
 from utils.io import DiskFullError, NotWritableError, is_disk_full
 from utils.lock import LockError
 
@@ -99,6 +99,15 @@ def int_at_least(minimum):
 
 
 positive_int = int_at_least(1)
+
+
+def device_name(text):
+    """An argparse type: a --device name as given, once it is one of DEVICE_NAMES, so that a
+    misspelt one ('gpu') is a flag error (exit status 2) as any other; a device named right
+    that is not here (no GPU) is found when resolved (DeviceError)."""
+    if text != "auto" and named_device(text) is None:
+        raise argparse.ArgumentTypeError(f"expected {DEVICE_NAMES}, got {text!r}")
+    return text
 
 
 def path_given(text):

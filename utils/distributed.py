@@ -53,16 +53,26 @@ def device_kind(name):
     return name
 
 
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"  # what --device takes
+
+
+def named_device(name):
+    """A --device name other than 'auto' -> the torch.device it names, or None when it is none
+    of DEVICE_NAMES. Parsing the name only: whether the device is here is resolve_device's."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        return None
+    return device if device.type in ("cpu", "cuda") else None
+
+
 def resolve_device(name, local_rank=None):
     """--device -> torch.device: 'auto' (a GPU if there is one, else the CPU), 'cpu', 'cuda' or
     'cuda:N'. With local_rank given (init passes torchrun's LOCAL_RANK, or 0 for a single
     process), a GPU is cuda:local_rank, made current, whatever index the name holds."""
-    try:
-        device = torch.device(device_kind(name))
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise DeviceError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    device = named_device(device_kind(name))
+    if device is None:
+        raise DeviceError(f"--device {name!r}: expected {DEVICE_NAMES}")
     if device.type == "cpu":
         return device
     if not torch.cuda.is_available():

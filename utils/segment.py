@@ -9,8 +9,9 @@ from dataclasses import fields, replace
 
 from models import ACTIVATIONS, LCKD, MODEL_SIZES, NORMS, LCKDConfig
 from utils.checkpoint import load_checkpoint, network_mismatch
-from utils.cli import (PUBLISHED_INPUT_SIZE, UsageError, overlap_fraction, positive_int, str2bool,
-                       window_size)
+from utils.cli import (PUBLISHED_INPUT_SIZE, UsageError, device_name, overlap_fraction,
+                       positive_int, str2bool, window_size)
+from utils.distributed import DEVICE_NAMES
 from utils.inference import AMP_DTYPES, AVERAGES, predict_subsets
 from utils.regions import regions_to_labels
 
@@ -28,7 +29,7 @@ def add_model_args(parser):
 
 def add_inference_args(parser):
     g = parser.add_argument_group("inference")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", type=device_name, default="auto", help=DEVICE_NAMES)
     g.add_argument("--overlap", type=overlap_fraction, default=1 / 3)
     g.add_argument("--average", choices=AVERAGES, default="probabilities",
                    help="what overlapping windows average: their sigmoid probabilities "
