@@ -338,6 +338,13 @@ def test_a_network_field_this_version_lacks_is_named():
         refuse_changed_settings(saved, {"model_config": {"blocks": [1, 1]}}, "run")
 
 
+def test_a_mode_recorded_before_its_spelling_was_refused_is_another_setting():
+    # '0,0' ran as FLAIR alone before repeats were refused: named, not a traceback
+    saved = {"model_config": {}, "mode": "0,0"}
+    with pytest.raises(UsageError, match=r"^run holds a run with --mode 0,0 \(this command: 0\)"):
+        refuse_changed_settings(saved, {"model_config": {}, "mode": "0"}, "run")
+
+
 def test_a_stage_2_rerun_resumes_its_own_checkpoint_without_the_reload_path(data, tmp_path):
     # Stage 1's final.pth moved or deleted after stage 2 started: stage 2 no longer needs it.
     stage1 = tmp_path / "stage1.pth"

@@ -80,7 +80,10 @@ PARSED_SETTINGS = {"mode": parse_mode, "teachers": parse_teachers}
 def same_setting(key, saved, given):
     """Whether the run's value of setting `key` and this command's are the same setting."""
     parse = PARSED_SETTINGS.get(key, lambda value: value)
-    return parse(saved) == parse(given)
+    try:
+        return parse(saved) == parse(given)
+    except ValueError:  # recorded before such a spelling was refused ('0,0'): not this command's
+        return False
 
 
 def refuse_changed_settings(saved, config, folder, settings=RUN_SETTINGS):
