@@ -194,15 +194,31 @@ def read_datalist(list_path, data_root=None):
         tried = _candidates(entry, list_path.parent, data_root)
         others = (f" (and {len(missing) - 1} more of its {len(entries)} entries)"
                   if len(missing) > 1 else "")
-        # The official lists' root is the parent of both challenge folders: the Training one
-        # would not hold BraTS18_test.csv's cases (MICCAI_BraTS_2018_Data_Validation/<case>).
-        hint = ("" if data_root is not None else
-                "; pass --data_root DIR, the folder holding the cases (for the official lists, "
-                "the one holding MICCAI_BraTS_2018_Data_Training/ and _Validation/), to re-base "
-                "the entries (DATA_ROOT=DIR for run.sh and eval.sh)")
         raise DataError(f"{list_path}:{number}: case folder {entry!r} not found{others}; tried "
-                        + ", ".join(str(path) for path in tried) + hint)
+                        + ", ".join(str(path) for path in tried)
+                        + _missing_entry_hint(entry, tried, data_root))
     return [named_folder(path) for path in found]
+
+
+# The official lists' root is the parent of both challenge folders: the Training one would not
+# hold BraTS18_test.csv's cases (MICCAI_BraTS_2018_Data_Validation/<case>).
+DATA_ROOT_HINT = ("the folder holding the cases (for the official lists, the one holding "
+                  "MICCAI_BraTS_2018_Data_Training/ and _Validation/)")
+
+
+def _missing_entry_hint(entry, tried, data_root):
+    """What to do about a datalist entry found nowhere (`tried`): '; ...' or ''."""
+    if re.search(r"[,;\t\"']", entry):  # a spreadsheet's export: columns, quotes
+        return ("; a datalist names one case folder per line and nothing else (no header, no "
+                "other columns, no quotes)")
+    if _split_name(Path(entry)) or any(path.is_file() for path in tried):
+        return "; an entry names a case folder (the folder holding its files), not a file"
+    if data_root is None:
+        return (f"; pass --data_root DIR, {DATA_ROOT_HINT}, to re-base the entries (DATA_ROOT=DIR "
+                "for run.sh and eval.sh)")
+    if _holds_nifti(Path(data_root)):
+        return f"; --data_root {data_root} is one case's folder: give {DATA_ROOT_HINT}"
+    return f"; check --data_root: {DATA_ROOT_HINT}"
 
 
 def require_folder(folder, what=""):

@@ -341,7 +341,40 @@ def test_data_root_missing_lists_tried_paths(tmp_path):
     assert str(tmp_path / "root" / "HGG" / "Brats18_X") in message
     assert str(tmp_path / "root" / "Brats18_X") in message
     assert message.startswith(f"{lst}:1: case folder {PUBLISHED!r} not found; tried ")
-    assert "--data_root" not in message  # given already
+    assert message.endswith(  # given already: checked, not passed
+        "; check --data_root: the folder holding the cases (for the official lists, the one "
+        "holding MICCAI_BraTS_2018_Data_Training/ and _Validation/)")
+    write_case(tmp_path / "root", "Brats18_Y")  # a case's own folder as the root
+    with pytest.raises(DataError) as info:
+        read_datalist(lst, tmp_path / "root" / "Brats18_Y")
+    assert str(info.value).endswith(
+        f"; --data_root {tmp_path / 'root' / 'Brats18_Y'} is one case's folder: give the folder "
+        "holding the cases (for the official lists, the one holding "
+        "MICCAI_BraTS_2018_Data_Training/ and _Validation/)")
+
+
+@pytest.mark.parametrize("line, hint", [
+    # a spreadsheet's export: a header, a second column, quotes
+    ("case_id,path", "a datalist names one case folder per line and nothing else (no header, no "
+                     "other columns, no quotes)"),
+    ("Brats18_A;HGG", "a datalist names one case folder per line and nothing else (no header, no "
+                      "other columns, no quotes)"),
+    ('"Brats18_A"', "a datalist names one case folder per line and nothing else (no header, no "
+                    "other columns, no quotes)"),
+    # a file of the case, named or found
+    ("Brats18_A/Brats18_A_t1.nii.gz", "an entry names a case folder (the folder holding its "
+                                      "files), not a file"),
+    ("notes.txt", "an entry names a case folder (the folder holding its files), not a file"),
+])
+def test_an_entry_that_is_no_case_folder_says_what_a_datalist_holds(tmp_path, line, hint):
+    write_case(tmp_path, "Brats18_A")
+    (tmp_path / "notes.txt").write_text("x")
+    lst = tmp_path / "l.csv"
+    lst.write_text(f"Brats18_A\n{line}\n")
+    with pytest.raises(DataError) as info:
+        read_datalist(lst)
+    assert str(info.value).startswith(f"{lst}:2: case folder {line!r} not found; tried ")
+    assert str(info.value).endswith(f"; {hint}")
 
 
 def test_every_missing_entry_is_counted_and_the_data_root_flag_named(tmp_path, monkeypatch):
