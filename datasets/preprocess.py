@@ -56,7 +56,8 @@ from datasets import normalize as norm
 from datasets.brats import (CaseError, brats_like_warnings, case_files, read_datalist, read_files,
                             refuse_duplicates)
 from datasets.sampling import foreground_locations
-from utils.cli import ArgumentParser, path_given, positive_int, progress_interval, run_cli
+from utils.cli import (ArgumentParser, UsageError, path_given, positive_int, progress_interval,
+                       run_cli)
 from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
 from utils.lock import exclusive_lock
 from utils.modalities import MODALITIES
@@ -541,6 +542,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cases = preprocess(args.data_list, args.cache_dir, args.data_root or None, args.num_workers,
                        progress=True)
+    if not cases:  # as train.py and eval.py say: '0 cases cached' would pass for a success
+        raise UsageError(f"--data_list {args.data_list} lists no cases")
     labelled = sum(case.label is not None for case in cases)
     print(f"{len(cases)} cases ({labelled} with labels) cached in {args.cache_dir}")
 

@@ -22,6 +22,7 @@ from datasets.normalize import normalize_image, normalize_published
 from datasets.preprocess import CacheInvalid, load_cached, main, preprocess
 from datasets.sampling import PatchDataset, foreground_locations
 import utils.io
+from utils.cli import UsageError
 from utils.io import DiskFullError
 from utils.lock import LockError, exclusive_lock
 
@@ -119,6 +120,10 @@ def test_cli_empty_data_root_is_none_and_empty_list_is_refused(dataset, capsys):
     assert info.value.code == 2
     assert capsys.readouterr().err == ("error: argument --data_list: expected a path, got '' "
                                        "(see python -m datasets.preprocess --help)\n")
+    empty = data.parent / "empty.csv"
+    empty.write_text("# nothing yet\n\n")
+    with pytest.raises(UsageError, match=f"^--data_list {empty} lists no cases$"):
+        main(["--data_list", str(empty), "--cache_dir", str(cache)])
 
 
 def test_what_does_not_look_like_brats_is_warned_about_when_the_case_is_built(dataset, capsys):
