@@ -394,7 +394,7 @@ def score_saved(case, folder, subset, output_dir, hd95_method):
     reference = case.files[MODALITIES[case.available[0]]], case.shape_xyz, case.affine
     try:
         label, image = read_mask(path)
-        check_grid(case.name, path, image.shape[:3], image.affine, reference)
+        check_grid(case.name, path, image.shape[:3], image.affine, reference, fix=None)
     except CaseError as err:
         raise CaseError(err.case, err.path, f"{err.problem}; remove it (--resume then predicts "
                         "the case again), or run with --overwrite") from None

@@ -49,6 +49,9 @@ SEG_LABEL_4_HINT = ("BraTS 2023 writes enhancing tumour as 3 (read as 4), and th
                     "BraTS 2018's value: relabelled already? Set 4 back to 3, or name the case's "
                     "files as BraTS 2018-2021 do (_flair, _t1, _t1ce, _t2, _seg; ET 4)")
 AFFINE_TOLERANCE = 1e-3
+# What to do about a file off its case's grid (check_grid): the voxels of a case are read as one.
+GRID_FIX = ("the files of a case must lie on one grid: resample (or reorient) the odd one onto "
+            "the others' grid, e.g. onto the FLAIR's")
 # What a BraTS-trained model assumes of its input (see brats_like_warnings).
 SPACING_RANGE_MM = (0.8, 1.25)  # BraTS is resampled to 1 mm isotropic
 MIN_BACKGROUND_FRACTION = 0.2  # skull-stripped BraTS volumes are about 80 % exact zeros
@@ -654,10 +657,12 @@ def without_placeholders(case, files):
     return kept, dropped
 
 
-def check_grid(case, path, shape, affine, reference):
+def check_grid(case, path, shape, affine, reference, fix=GRID_FIX):
     """Raise CaseError naming `path` unless a volume of this shape and affine lies on the grid
     of `reference`, the (path, shape, affine) of a file of the same case: the same shape, and
-    affines equal within AFFINE_TOLERANCE."""
+    affines equal within AFFINE_TOLERANCE. `fix` (what to do) ends the message; None leaves it
+    to the caller (eval.py --resume: a mask off the grid is predicted again, not resampled)."""
+    fix = f"; {fix}" if fix else ""
     reference_path, reference_shape, reference_affine = reference
     if not np.isfinite(affine).all():  # NaN compares unequal to itself: named as such, here
         raise CaseError(case, path, f"its affine holds non-finite values "
@@ -665,14 +670,14 @@ def check_grid(case, path, shape, affine, reference):
                         "the header; give it a valid one (e.g. another modality's: fslcpgeom)")
     if tuple(shape) != tuple(reference_shape):
         raise CaseError(case, path, f"shape {tuple(shape)} differs from "
-                                    f"{Path(reference_path).name} {tuple(reference_shape)}")
+                                    f"{Path(reference_path).name} {tuple(reference_shape)}{fix}")
     if not np.allclose(affine, reference_affine, rtol=0, atol=AFFINE_TOLERANCE):
         difference = np.abs(affine - reference_affine).max()
         raise CaseError(  # one line: the affines as nested lists
             case, path,
             f"affine differs from {Path(reference_path).name} by up to {difference:.3g} (more "
             f"than {AFFINE_TOLERANCE}): {affine.round(4).tolist()} vs "
-            f"{reference_affine.round(4).tolist()}",
+            f"{reference_affine.round(4).tolist()}{fix}",
         )
 
 

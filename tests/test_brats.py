@@ -598,6 +598,26 @@ def test_present_modalities_must_share_the_grid(tmp_path):
         load_case(folder, allow_missing=True)
 
 
+def test_a_file_off_the_grid_is_told_to_be_resampled(tmp_path):
+    folder, _ = write_case(tmp_path, "Brats18_X")
+    fix = ("the files of a case must lie on one grid: resample (or reorient) the odd one onto "
+           "the others' grid, e.g. onto the FLAIR's")
+    bad = _break_shape(folder)
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value) == (f"case Brats18_X: {bad}: shape (24, 20, 15) differs from "
+                               f"Brats18_X_flair.nii.gz (24, 20, 16); {fix}")
+    save(make_volumes()["t2"], bad)
+    bad = _break_affine(folder)
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value) == (
+        f"case Brats18_X: {bad}: affine differs from Brats18_X_flair.nii.gz by up to 0.01 (more "
+        "than 0.001): [[1.0, 0.0, 0.0, 0.01], [0.0, 1.5, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0.0, "
+        "0.0, 0.0, 1.0]] vs [[1.0, 0.0, 0.0, 0.0], [0.0, 1.5, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], "
+        f"[0.0, 0.0, 0.0, 1.0]]; {fix}")
+
+
 @pytest.mark.parametrize("part", ["flair", "t1"])
 def test_a_non_finite_affine_is_named_as_such(tmp_path, part):
     # NaN is unequal to itself: the file was said to differ from itself ("by up to nan"), and a

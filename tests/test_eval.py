@@ -461,8 +461,9 @@ def all_zero(case, *modalities, suffix=".nii.gz"):
      "no modality file"),
     ("available", lambda case: _other_shape(case, "t1ce"), "_t1ce.nii.gz: shape (64, 64, 31) differs"),
     ("t1ce", lambda case: _other_shape(case, "t2"), "_t2.nii.gz: shape (64, 64, 31) differs"),
-    ("t1ce", lambda case: _other_shape(case, "t2"), "_flair.nii.gz (64, 64, 32); replace it, or "
-     "move it out of the case folder (no subset asked uses it)"),
+    ("t1ce", lambda case: _other_shape(case, "t2"), "_flair.nii.gz (64, 64, 32); the files of a "
+     "case must lie on one grid: resample (or reorient) the odd one onto the others' grid, e.g. "
+     "onto the FLAIR's; replace it, or move it out of the case folder (no subset asked uses it)"),
 ])
 def test_a_bad_case_stops_the_run_before_anything_is_written(segmentation_setup, tmp_path, mode,
                                                             breaks, expected):
@@ -837,6 +838,7 @@ def test_resume_stops_at_a_mask_it_cannot_read_or_on_another_grid(segmentation_s
                               + problem.format(case=cases[1].name))
     assert message.endswith("; remove it (--resume then predicts the case again), or run with "
                             "--overwrite")
+    assert "resample" not in message  # a mask eval.py wrote is predicted again, not resampled
     assert not (out / "metrics.csv").exists()
     path.unlink()  # as the message says: the case is predicted again, as it was the first time
     run(root, out, "--mode", "t1ce", "--resume")

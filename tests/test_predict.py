@@ -211,7 +211,9 @@ def test_user_errors_are_one_line_and_write_nothing(segmentation_setup, tmp_path
     nib.save(nib.Nifti1Image(np.asanyarray(t1ce.dataobj)[:, :, :31], t1ce.affine), thin)
     message = cli([*files_of(case, "flair"), "--t1ce", str(thin), *ckpt, "-o", str(out)])
     assert message == (f"error: case m: {thin}: shape (64, 64, 31) differs from "
-                       f"{case.name}_flair.nii.gz (64, 64, 32)")
+                       f"{case.name}_flair.nii.gz (64, 64, 32); the files of a case must lie on "
+                       "one grid: resample (or reorient) the odd one onto the others' grid, e.g. "
+                       "onto the FLAIR's")
     assert not (tmp_path / "out").exists()
     (tmp_path / "afile").write_text("x")
     assert cli([*files_of(case, "t2"), *ckpt, "-o", str(tmp_path / "afile" / "m.nii.gz")]) == (
