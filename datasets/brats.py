@@ -67,6 +67,10 @@ OTHER_IMAGE = re.compile(r"(.+?)\.(?:mha|mhd|nrrd|nhdr|mgz|mgh|hdr|img|nii(?:\.g
                          r"(?:\.(?:part|partial|crdownload|download|tmp)|~)?$", re.IGNORECASE)
 # Errors nibabel, gzip and numpy raise on a missing, truncated or corrupt NIfTI.
 READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of a gzip stream
+# The first bytes of an uncompressed NIfTI-1 or NIfTI-2 file: sizeof_hdr, 348 or 540, in either
+# byte order.
+NIFTI_MAGICS = {size.to_bytes(4, order) for size in (348, 540) for order in ("little", "big")}
 
 
 class DataError(ValueError):
@@ -489,17 +493,40 @@ def _guarded(case, path, read):
     except READ_ERRORS as err:
         detail = " ".join(str(err).split())  # one line: nibabel's messages span several
         raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: "
-                                    f"{detail}){_misnamed(path)}") from err
+                                    f"{detail}){_misnamed(path) or _truncated(path)}") from err
 
 
 def _misnamed(path):
     """': it is gzip-compressed; name it X.nii.gz' for a .nii file that is (a .nii.gz renamed),
-    of which nibabel only says that it cannot tell the file type; else ''."""
+    of which nibabel only says that it cannot tell the file type, and ': it is not
+    gzip-compressed; name it X.nii' for a .nii.gz file holding an uncompressed NIfTI (a .nii
+    renamed), of which nibabel only says that it 'is not a gzip file'; else ''."""
     path = Path(path)
-    if path.name.lower().endswith(".nii"):
-        with contextlib.suppress(OSError), open(path, "rb") as f:  # a folder, a dead link: ''
-            if f.read(2) == b"\x1f\x8b":
-                return f": it is gzip-compressed; name it {path.name}.gz"
+    start = b""
+    with contextlib.suppress(OSError), open(path, "rb") as f:  # a folder, a dead link: ''
+        start = f.read(4)
+    if path.name.lower().endswith(".nii") and start[:2] == GZIP_MAGIC:
+        return f": it is gzip-compressed; name it {path.name}.gz"
+    if path.name.lower().endswith(".nii.gz") and start in NIFTI_MAGICS:
+        return f": it is not gzip-compressed; name it {path.name[:-3]}"
+    return ""
+
+
+def _truncated(path):
+    """': truncated, ...' for an uncompressed NIfTI shorter than its header says, of which
+    nibabel says 'Whoops, not enough data in file' or 'Expected N bytes, got M bytes'; else
+    ''. A .nii.gz is not measured: its size says nothing of the voxels' (gzip itself says when
+    its stream is cut short)."""
+    path = Path(path)
+    if path.name.lower().endswith(".gz"):
+        return ""
+    with contextlib.suppress(*READ_ERRORS):
+        voxels = nib.load(path).dataobj  # the header only: where the voxels start, how many
+        needed = voxels.offset + voxels.dtype.itemsize * int(np.prod(voxels.shape))
+        size = path.stat().st_size
+        if size < needed:
+            return (f": truncated, {size} bytes where its header says {needed}: an interrupted "
+                    "copy or download? Copy it again")
     return ""
 
 

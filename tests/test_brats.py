@@ -679,6 +679,40 @@ def test_a_compressed_file_named_nii_is_told_to_be_renamed(tmp_path):
     load_case(folder)  # read as it was, the case is sound
 
 
+def test_an_uncompressed_file_named_nii_gz_is_told_to_be_renamed(tmp_path):
+    # nibabel says only "is not a gzip file"; the fix is in the name
+    folder, _ = write_case(tmp_path, "Brats18_X", ext=".nii")
+    plain = part_path(folder, "t1", ext=".nii")
+    packed = plain.with_name("Brats18_X_t1.nii.gz")
+    plain.rename(packed)  # a .nii renamed
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value).startswith(f"case Brats18_X: {packed}: unreadable NIfTI (")
+    assert str(info.value).endswith("): it is not gzip-compressed; name it Brats18_X_t1.nii")
+    _break_garbage(folder)  # neither gzip nor NIfTI: no name would do
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value).endswith("not a gzip file)")
+
+
+def test_a_truncated_nii_is_named_as_such(tmp_path):
+    # nibabel says "Expected 15360 bytes, got 4648 bytes" (the whole volume read) or "Whoops,
+    # not enough data in file" (a slice read: the placeholder check of eval.py and predict.py)
+    folder, _ = write_case(tmp_path, "Brats18_X", ext=".nii")
+    path = part_path(folder, "t1", ext=".nii")
+    path.write_bytes(path.read_bytes()[:5000])  # of 352 header bytes and 15360 voxel bytes
+
+    def checked(folder):  # eval.py's and predict.py's check before any work
+        return brats.without_placeholders("Brats18_X", case_files(folder))
+
+    for read in (load_case, checked):
+        with pytest.raises(CaseError) as info:
+            read(folder)
+        assert str(info.value).startswith(f"case Brats18_X: {path}: unreadable NIfTI (")
+        assert str(info.value).endswith("): truncated, 5000 bytes where its header says 15712: an "
+                                        "interrupted copy or download? Copy it again")
+
+
 def test_headers_are_checked_without_reading_the_voxels(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_X")
     _break_truncated(folder)  # a valid header over half the voxels

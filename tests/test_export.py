@@ -141,7 +141,9 @@ def test_read_mask_errors_are_one_short_line(tmp_path):
     with pytest.raises(CaseError) as error:
         read_mask(truncated)
     assert str(error.value) == (f"case cut: {truncated}: unreadable NIfTI (OSError: Expected 8000 "
-                                f"bytes, got 648 bytes from {truncated} - could the file be damaged?)")
+                                f"bytes, got 648 bytes from {truncated} - could the file be damaged?)"
+                                ": truncated, 1000 bytes where its header says 8352: an interrupted "
+                                "copy or download? Copy it again")
 
     image = tmp_path / "Brats18_X_t1.nii.gz"  # an image put among the masks
     write_input(image, np.arange(8000).reshape(20, 20, 20), np.eye(4))
