@@ -544,8 +544,13 @@ def _check_label(case, path, data, scheme, label_3_hint):
     """Label map as stored -> uint8 (X, Y, Z) in {0,1,2,4}; 2023's ET 3 becomes 4. A 3 under
     the 2018 scheme is refused with `label_3_hint` appended."""
     allowed = ALLOWED_LABELS[scheme]
-    if data.dtype.kind == "f" and not (np.isfinite(data).all() and np.array_equal(data, np.round(data))):
-        raise CaseError(case, path, "label map has non-integer or non-finite values")
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data) | (data != np.round(data))
+        if bad.any():  # counted, one shown: 3.2 tells of labels 2 and 4 blended by resampling
+            raise CaseError(case, path, f"label map has non-integer or non-finite values "
+                            f"({np.count_nonzero(bad)} voxels, e.g. {data[bad][0]:g}): labels "
+                            "must be whole numbers; resampled with linear interpolation? Resample "
+                            "it with nearest-neighbour")
     if data.min() < 0 or data.max() > max(allowed):
         # only 0/1/2/4: relabelled; a 3 beside a 4 is another labelling (BraTS-PED's four)
         hint = (f"; {SEG_LABEL_4_HINT}" if scheme == "brats2023"

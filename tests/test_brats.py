@@ -229,6 +229,26 @@ def test_non_finite_voxels_are_counted_and_named_for_what_they_are(tmp_path):
                                "damaged or badly converted scan")
 
 
+def test_non_integer_labels_are_counted_and_shown(tmp_path):
+    folder, volumes = write_case(tmp_path, "Brats18_X")
+    seg = volumes["seg"].astype(np.float32)
+    seg[10, 8, 7], seg[10, 8, 6] = 3.25, 1.5  # linear interpolation between labels
+    save(seg, part_path(folder, "seg"))
+    fix = ("labels must be whole numbers; resampled with linear interpolation? Resample it with "
+           "nearest-neighbour")
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value) == (f"case Brats18_X: {part_path(folder, 'seg')}: label map has "
+                               f"non-integer or non-finite values (2 voxels, e.g. 1.5): {fix}")
+    seg[10, 8, 6:8] = np.inf  # NaN and infinity are counted too
+    seg[0, 0, 0] = np.nan
+    save(seg, part_path(folder, "seg"))
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value) == (f"case Brats18_X: {part_path(folder, 'seg')}: label map has "
+                               f"non-integer or non-finite values (3 voxels, e.g. nan): {fix}")
+
+
 def test_affine_within_tolerance_accepted(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_X")
     affine = AFFINE.copy()
