@@ -56,6 +56,10 @@ GRID_FIX = ("the files of a case must lie on one grid: resample (or reorient) th
 SPACING_RANGE_MM = (0.8, 1.25)  # BraTS is resampled to 1 mm isotropic
 MIN_BACKGROUND_FRACTION = 0.2  # skull-stripped BraTS volumes are about 80 % exact zeros
 MIN_BRAIN_DICE = 0.9  # co-registered, skull-stripped modalities share their non-zero voxels
+# What to do about an all-zero placeholder of a missing modality where every modality is read
+# (training and its teacher election): eval.py and predict.py drop it.
+PLACEHOLDER_FIX = ("training needs all four modalities: drop the case from the list (eval.py and "
+                   "predict.py read the case without it)")
 # An all-zero volume deflates 200:1 (nibabel's level) to 1000:1, a scan (even 80 % background)
 # about 7:1: a .nii.gz smaller than 1/PLACEHOLDER_DEFLATE of its voxels' bytes is read to tell.
 PLACEHOLDER_DEFLATE = 20
@@ -651,8 +655,8 @@ def _name_placeholder_off_grid(case, files, images):
     if off:
         also = f" (so is {', '.join(p.name for p in off[1:])})" if off[1:] else ""
         raise CaseError(case, off[0], "all zero, the placeholder of a missing modality, on "
-                        f"another grid than {files[others[0]].name}{also}: training needs every "
-                        "modality (eval.py and predict.py read the case without it)") from None
+                        f"another grid than {files[others[0]].name}{also}: {PLACEHOLDER_FIX}"
+                        ) from None
 
 
 def is_placeholder(case, path, img):

@@ -26,7 +26,7 @@ foreground) raise NormalizationError.
 import numpy as np
 import torch
 
-from datasets.brats import CaseError
+from datasets.brats import PLACEHOLDER_FIX, CaseError
 from utils.modalities import MODALITIES
 
 NAME = "published-histogram-zscore"
@@ -47,9 +47,11 @@ def _num_bins(vmin, vmax):
     """int(v.max()) as published, refusing the volumes np.histogram would reject or misread."""
     if not (np.isfinite(vmin) and np.isfinite(vmax)):
         raise NormalizationError(f"volume has non-finite values (min {vmin}, max {vmax})")
+    # Only training normalises every modality file: eval.py and predict.py drop a placeholder
+    # first (is_placeholder), so the fix is training's.
     if vmin == vmax == 0:
         raise NormalizationError("every voxel is 0: an empty volume, such as the placeholder of "
-                                 "a missing modality")
+                                 f"a missing modality; {PLACEHOLDER_FIX}")
     if int(vmax) < 1:
         raise NormalizationError(
             f"volume maximum {vmax} < 1: the published histogram would have int(max) = "

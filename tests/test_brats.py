@@ -63,8 +63,8 @@ def save_placeholder(path, affine=AFFINE):
 def off_grid_placeholder(path, other):
     """The error that names an all-zero placeholder off its case's grid (Brats18_X)."""
     return (f"case Brats18_X: {path}: all zero, the placeholder of a missing modality, on another "
-            f"grid than {other}: training needs every modality (eval.py and predict.py read the "
-            "case without it)")
+            f"grid than {other}: training needs all four modalities: drop the case from the list "
+            "(eval.py and predict.py read the case without it)")
 
 
 def save(array, path, affine=AFFINE):

@@ -491,6 +491,19 @@ def test_cli_errors_are_one_line(dataset):
     assert "Traceback" not in run.stderr and "missing t2 file" in run.stderr
 
 
+def test_a_placeholder_is_told_to_be_dropped_from_the_training_list(dataset):
+    # eval.py and predict.py drop an all-zero modality file; training needs all four
+    data, lst, cache = dataset
+    t2 = part_path(data / "Brats18_A", "t2")
+    save(np.zeros_like(make_volumes()["t2"]), t2)
+    with pytest.raises(CaseError) as info:
+        preprocess(lst, cache, num_workers=1)
+    assert str(info.value) == (
+        f"case Brats18_A: {t2}: cannot normalise: every voxel is 0: an empty volume, such as the "
+        "placeholder of a missing modality; training needs all four modalities: drop the case "
+        "from the list (eval.py and predict.py read the case without it)")
+
+
 def test_cli_names_a_spike_beyond_the_histogram_bound(dataset):
     data, lst, cache = dataset
     flair = part_path(data / "Brats18_A", "flair")
