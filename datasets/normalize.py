@@ -78,14 +78,29 @@ def _too_many_bins(error, vmin, vmax):
     )
 
 
-def _check_foreground(fg, top):
-    if fg.size == 0:
-        raise NormalizationError(
-            f"clipped at {top:g} as published (the last intensity level holding {MIN_COUNT} "
-            "voxels), every voxel equals the background: no level above the background holds "
-            f"{MIN_COUNT} voxels (e.g. a float image scaled to [0, 1]); use the scanner's "
-            "intensities (as BraTS's int16 files), not a rescaled image"
-        )
+def _check_foreground(v, fg, top):
+    """NormalizationError when clipping v (the volume as given) at `top` left no foreground
+    (fg), saying the likely cause: a 2-D slice, too few voxels for the intensity levels (an
+    almost empty volume), or else too few levels (a float image scaled to [0, 1])."""
+    if fg.size:
+        return
+    levels = int(v.max())  # the published histogram's one-unit bins
+    signal = np.count_nonzero(v != v[(0,) * v.ndim])  # voxels other than the background
+    if 1 in v.shape:
+        cause = ("; a dimension of size 1: a 2-D slice? BraTS cases are 3-D volumes; give the "
+                 "whole volume")
+    elif signal < MIN_COUNT * levels:  # fewer than MIN_COUNT per level, on average
+        cause = (f"; only {signal} voxels differ from the background, over {levels} intensity "
+                 "levels: too few to normalise (an almost empty volume?); check that the file "
+                 "holds the whole scan")
+    else:
+        cause = (" (e.g. a float image scaled to [0, 1]); use the scanner's intensities (as "
+                 "BraTS's int16 files), not a rescaled image")
+    raise NormalizationError(
+        f"clipped at {top:g} as published (the last intensity level holding {MIN_COUNT} "
+        "voxels), every voxel equals the background: no level above the background holds "
+        f"{MIN_COUNT} voxels{cause}"
+    )
 
 
 def normalize_published(v):
@@ -101,11 +116,11 @@ def normalize_published(v):
     if full.size == 0:
         raise NormalizationError(f"no histogram bin holds {MIN_COUNT} voxels")
     top = int(full[-1])
-    v = np.minimum(v, np.float32(top))  # float32(top): keep float32 (NEP 50 would promote)
-    background = v[(0,) * v.ndim]
-    mask = v != background
-    fg = v[mask]
-    _check_foreground(fg, top)
+    clipped = np.minimum(v, np.float32(top))  # float32(top): keep float32 (NEP 50 would promote)
+    background = clipped[(0,) * v.ndim]
+    mask = clipped != background
+    fg = clipped[mask]
+    _check_foreground(v, fg, top)
     mean, std = fg.mean(), fg.std()
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
@@ -181,7 +196,7 @@ def _parameters_and_foreground(v):
         background = top
         mask = v < top
         fg = v[mask]
-    _check_foreground(fg, top)
+    _check_foreground(v, fg, top)
     mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
     if not std > 0:
         raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")

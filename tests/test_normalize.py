@@ -242,6 +242,33 @@ def test_an_image_without_a_level_of_50_voxels_is_explained():
     assert f"cannot normalise: {info.value}" == message.split(": ", 2)[2]
 
 
+def test_a_2d_slice_or_an_almost_empty_volume_is_named_as_such():
+    # Not a float image scaled to [0, 1]: too few voxels for any of their intensity levels to
+    # hold 50 (a 64 x 64 slice over 800 levels; 27 voxels)
+    rng = np.random.default_rng(0)
+    slice_2d = np.zeros((1, 64, 64), np.float32)  # network order of a (64, 64, 1) file
+    slice_2d[0, 8:-8, 8:-8] = rng.integers(100, 900, (48, 48))
+    almost_empty = np.zeros((40, 48, 36), np.float32)
+    almost_empty[5:8, 5:8, 5:8] = 300
+    start = ("case X: X_flair.nii.gz: cannot normalise: clipped at 0 as published (the last "
+             "intensity level holding 50 voxels), every voxel equals the background: no level "
+             "above the background holds 50 voxels; ")
+    for v, cause in (
+            (slice_2d, "a dimension of size 1: a 2-D slice? BraTS cases are 3-D volumes; give "
+                       "the whole volume"),
+            (almost_empty, "only 27 voxels differ from the background, over 300 intensity "
+                           "levels: too few to normalise (an almost empty volume?); check that "
+                           "the file holds the whole scan")):
+        case = SimpleNamespace(name="X", image=v[None], available=(0,),
+                               files={"flair": Path("X_flair.nii.gz")})
+        with pytest.raises(CaseError) as info:
+            normalize_case(case)
+        assert str(info.value) == start + cause
+        with pytest.raises(NormalizationError) as info:
+            normalize_published(v)
+        assert f"cannot normalise: {info.value}" == (start + cause).split(": ", 2)[2]
+
+
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="training crops are normalised on CUDA: GPU only"))])
