@@ -59,6 +59,15 @@ def test_a_flag_is_taken_only_by_its_whole_name(capsys):
         train.parse_args(["--num_step", "3"])
     assert capsys.readouterr().err == ("error: unrecognized arguments: --num_step 3 "
                                        "(see train.py --help)\n")
+    # the misspelling named, not the required flag it left out
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--t2", "P01_t2.nii.gz", "--checkpoint", "c.pth", "--out=m.nii.gz"])
+    assert capsys.readouterr().err == ("error: unrecognized arguments: --out (see predict.py "
+                                       "--help)\n")
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--t2", "P01_t2.nii.gz", "-o", "m.nii.gz"])
+    assert capsys.readouterr().err == ("error: the following arguments are required: "
+                                       "--checkpoint (see predict.py --help)\n")
 
 
 def _raises(error):

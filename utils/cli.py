@@ -27,8 +27,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, allow_abbrev=False, **kwargs):
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+        self._given = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
+        # argparse says a required flag is missing before it says which flags it does not
+        # know: `--out m.nii.gz` would be told '-o/--output is required', not its misspelling
+        unknown = [token.split("=")[0] for token in self._given if token.startswith("--")
+                   and token.split("=")[0] not in self._option_string_actions]
+        if unknown and message.startswith("the following arguments are required"):
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
