@@ -497,7 +497,8 @@ def _guarded(case, path, read):
     except READ_ERRORS as err:
         detail = " ".join(str(err).split())  # one line: nibabel's messages span several
         raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: "
-                                    f"{detail}){_misnamed(path) or _truncated(path)}") from err
+                                    f"{detail}){_misnamed(path) or _truncated(path, err)}"
+                        ) from err
 
 
 def _misnamed(path):
@@ -516,14 +517,15 @@ def _misnamed(path):
     return ""
 
 
-def _truncated(path):
+def _truncated(path, error):
     """': truncated, ...' for an uncompressed NIfTI shorter than its header says, of which
-    nibabel says 'Whoops, not enough data in file' or 'Expected N bytes, got M bytes'; else
-    ''. A .nii.gz is not measured: its size says nothing of the voxels' (gzip itself says when
-    its stream is cut short)."""
+    nibabel says 'Whoops, not enough data in file' or 'Expected N bytes, got M bytes', or for a
+    .nii.gz whose gzip stream ends early (`error` an EOFError: 'Compressed file ended before
+    ...'; its size says nothing of the voxels'); else ''."""
     path = Path(path)
     if path.name.lower().endswith(".gz"):
-        return ""
+        return (": truncated, its compressed stream cut short: an interrupted copy or download? "
+                "Copy it again") if isinstance(error, EOFError) else ""
     with contextlib.suppress(*READ_ERRORS):
         voxels = nib.load(path).dataobj  # the header only: where the voxels start, how many
         needed = voxels.offset + voxels.dtype.itemsize * int(np.prod(voxels.shape))

@@ -731,6 +731,16 @@ def test_a_truncated_nii_is_named_as_such(tmp_path):
         assert str(info.value).startswith(f"case Brats18_X: {path}: unreadable NIfTI (")
         assert str(info.value).endswith("): truncated, 5000 bytes where its header says 15712: an "
                                         "interrupted copy or download? Copy it again")
+    # a .nii.gz cut: gzip says its stream ended early
+    folder, _ = write_case(tmp_path, "Brats18_Z")
+    path = part_path(folder, "t1")
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value) == (
+        f"case Brats18_Z: {path}: unreadable NIfTI (EOFError: Compressed file ended before the "
+        "end-of-stream marker was reached): truncated, its compressed stream cut short: an "
+        "interrupted copy or download? Copy it again")
 
 
 def test_headers_are_checked_without_reading_the_voxels(tmp_path):
