@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 from datasets.brats import (
     Case, CaseError, DataError, available_subset, brats_like_warnings, case_files, check_grid,
-    find_cases, named_folder, nifti_stem, read_datalist, read_files, refuse_duplicates,
+    find_cases, holds_nifti, named_folder, read_datalist, read_files, refuse_duplicates,
     require_folder, require_modalities, resolve_list, to_network_order, without_placeholders,
 )
 from datasets.normalize import normalize_case
@@ -179,7 +179,7 @@ def holds_cases(folder):
     """Whether `folder` is what --input reads: a case folder, or a folder of them (one at least
     holding NIfTI files)."""
     try:
-        return any(nifti_stem(path) for case in find_cases(folder) for path in case.iterdir())
+        return any(holds_nifti(case) for case in find_cases(folder))
     except (DataError, OSError):
         return False
 

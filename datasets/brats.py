@@ -227,7 +227,7 @@ def _missing_entry_hint(entry, tried, data_root):
     if data_root is None:
         return (f"; pass --data_root DIR, {DATA_ROOT_HINT}, to re-base the entries (DATA_ROOT=DIR "
                 "for run.sh and eval.sh)")
-    if _holds_nifti(Path(data_root)):
+    if holds_nifti(Path(data_root)):
         return f"; --data_root {data_root} is one case's folder: give {DATA_ROOT_HINT}"
     return f"; check --data_root: {DATA_ROOT_HINT}"
 
@@ -242,7 +242,8 @@ def require_folder(folder, what=""):
                         f"{'not a folder' if folder.exists() else 'not found'}")
 
 
-def _holds_nifti(folder):
+def holds_nifti(folder):
+    """Whether `folder` directly holds a NIfTI file (hidden ones aside)."""
     return any(_split_name(p) for p in folder.iterdir() if not p.name.startswith("."))
 
 
@@ -262,7 +263,7 @@ def find_cases(folder):
     loose = [p for p in entries if not p.is_dir() and _split_name(p)]
     cases = [p for p in entries if p.is_dir()]
     if loose:
-        nested = [p for p in cases if _holds_nifti(p)]
+        nested = [p for p in cases if holds_nifti(p)]
         if nested and len(_parts_found(folder)) < 2:
             raise DataError(f"{folder}: NIfTI files {[p.name for p in loose]} lie beside case "
                             f"folders (e.g. {nested[0].name}) and are not a case: move them out, "
@@ -444,8 +445,8 @@ def _nested_case(folder):
         return [p for p in sorted(f.iterdir()) if p.is_dir() and not p.name.startswith(".")]
 
     level1 = subfolders(folder)
-    return next((p for p in level1 if _holds_nifti(p)), None) or next(
-        (q for p in level1 for q in subfolders(p) if _holds_nifti(q)), None)
+    return next((p for p in level1 if holds_nifti(p)), None) or next(
+        (q for p in level1 for q in subfolders(p) if holds_nifti(q)), None)
 
 
 def _refuse_strangers(case_dir, files, scheme, unknown, missing):
