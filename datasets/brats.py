@@ -520,20 +520,26 @@ def _misnamed(path):
 
 def _truncated(path, error):
     """': truncated, ...' for an uncompressed NIfTI shorter than its header says, of which
-    nibabel says 'Whoops, not enough data in file' or 'Expected N bytes, got M bytes', or for a
-    .nii.gz whose gzip stream ends early (`error` an EOFError: 'Compressed file ended before
-    ...'; its size says nothing of the voxels'); else ''."""
+    nibabel says 'Whoops, not enough data in file' or 'Expected N bytes, got M bytes', or cut
+    inside its header (nibabel: 'Cannot work out file type'), or for a .nii.gz whose gzip stream
+    ends early (`error` an EOFError: 'Compressed file ended before ...'; its size says nothing
+    of the voxels'); else ''."""
     path = Path(path)
+    again = ": an interrupted copy or download? Copy it again"
     if path.name.lower().endswith(".gz"):
-        return (": truncated, its compressed stream cut short: an interrupted copy or download? "
-                "Copy it again") if isinstance(error, EOFError) else ""
+        return (": truncated, its compressed stream cut short" + again
+                ) if isinstance(error, EOFError) else ""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        start, size = f.read(4), path.stat().st_size
+        header = {int.from_bytes(start, order) for order in ("little", "big")} & {348, 540}
+        if header and size < min(header):
+            return f": truncated, {size} bytes, shorter than its {min(header)}-byte header" + again
     with contextlib.suppress(*READ_ERRORS):
         voxels = nib.load(path).dataobj  # the header only: where the voxels start, how many
         needed = voxels.offset + voxels.dtype.itemsize * int(np.prod(voxels.shape))
         size = path.stat().st_size
         if size < needed:
-            return (f": truncated, {size} bytes where its header says {needed}: an interrupted "
-                    "copy or download? Copy it again")
+            return f": truncated, {size} bytes where its header says {needed}" + again
     return ""
 
 

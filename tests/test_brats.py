@@ -731,6 +731,13 @@ def test_a_truncated_nii_is_named_as_such(tmp_path):
         assert str(info.value).startswith(f"case Brats18_X: {path}: unreadable NIfTI (")
         assert str(info.value).endswith("): truncated, 5000 bytes where its header says 15712: an "
                                         "interrupted copy or download? Copy it again")
+    # cut inside its header: nibabel cannot even tell the file type
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CaseError) as info:
+        load_case(folder)
+    assert str(info.value).endswith("Cannot work out file type of \"" + str(path) + "\"): "
+                                    "truncated, 200 bytes, shorter than its 348-byte header: an "
+                                    "interrupted copy or download? Copy it again")
     # a .nii.gz cut: gzip says its stream ended early
     folder, _ = write_case(tmp_path, "Brats18_Z")
     path = part_path(folder, "t1")
