@@ -24,7 +24,8 @@ from datasets.normalize import normalize_image  # noqa: E402
 from datasets.synthetic import generate  # noqa: E402
 from models import LCKD, LCKDConfig  # noqa: E402
 from utils.regions import regions_to_labels  # noqa: E402
-from utils.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser, device_name, run_cli  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 from utils.inference import AMP_DTYPES, predict_subsets  # noqa: E402
 from utils.modalities import ALL_SUBSETS  # noqa: E402
 from utils.speed import synchronize  # noqa: E402
@@ -40,11 +41,11 @@ def main(argv=None):
     p.add_argument("--shape", type=sizes, default=(96, 96, 64), help="synthetic X,Y,Z")
     p.add_argument("--patch", type=sizes, default=(32, 64, 64), help="window D,H,W")
     p.add_argument("--model", choices=("small", "full"), default="small")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
     p.add_argument("--batch_size", type=int, default=2)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         images = [normalize_image(load_case(c).image)
@@ -81,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

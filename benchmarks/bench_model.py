@@ -25,15 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import LCKD, MODEL_SIZES, LCKDConfig  # noqa: E402
 from train import step  # noqa: E402
 from utils.inference import AMP_DTYPES, autocast  # noqa: E402
-from utils.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser, device_name, run_cli  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 from utils.modalities import ALL_SUBSETS, parse_subset  # noqa: E402
 from utils.speed import synchronize  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODEL_SIZES, default="full")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--patch", default="16,32,32", help="D,H,W (published training patch 80,160,160)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
@@ -42,7 +43,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def median_time(fn, device, steps, warmup):
@@ -62,11 +63,11 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     patch = tuple(int(v) for v in args.patch.split(","))
     config = LCKDConfig.from_name(args.model, checkpoint_encoder=args.checkpoint_encoder)
     torch.manual_seed(0)
@@ -110,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,4 +1,5 @@
-"""benchmarks/bench_train.py on a CPU with tiny settings: its logic, not its timings."""
+"""benchmarks/bench_train.py (and the other benchmarks' flags) on a CPU with tiny settings: its
+logic, not its timings."""
 import random
 import re
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import train
-from benchmarks import bench_train, profile_train
+from benchmarks import bench_eval, bench_model, bench_train, profile_train
 from utils import speed
 
 
@@ -165,6 +166,14 @@ def test_settings_train_py_refuses_are_one_usage_error(capsys, flags, message):
         with pytest.raises(SystemExit) as stop:
             parse(["--device", "cpu", *flags])
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parse", [bench_model.parse_args, bench_eval.main, bench_train.parse_args,
+                                   profile_train.parse_args])
+def test_a_device_torch_would_misread_is_a_flag_error(parse, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse(["--device", "gpu"])
+    assert stop.value.code == 2 and "argument --device:" in capsys.readouterr().err
 
 
 def test_bf16_rows_are_refused_on_a_cpu_and_profile_train_defaults_to_fp32_there(capsys):
