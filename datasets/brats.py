@@ -72,9 +72,9 @@ OTHER_IMAGE = re.compile(r"(.+?)\.(?:mha|mhd|nrrd|nhdr|mgz|mgh|hdr|img|nii(?:\.g
 # Errors nibabel, gzip and numpy raise on a missing, truncated or corrupt NIfTI.
 READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of a gzip stream
-# The first bytes of an uncompressed NIfTI-1 or NIfTI-2 file: sizeof_hdr, 348 or 540, in either
-# byte order.
-NIFTI_MAGICS = {size.to_bytes(4, order) for size in (348, 540) for order in ("little", "big")}
+# The first bytes of an uncompressed NIfTI-1 or NIfTI-2 file -> its header size: sizeof_hdr,
+# 348 or 540, in either byte order.
+NIFTI_MAGICS = {size.to_bytes(4, order): size for size in (348, 540) for order in ("little", "big")}
 
 
 class DataError(ValueError):
@@ -508,14 +508,20 @@ def _misnamed(path):
     gzip-compressed; name it X.nii' for a .nii.gz file holding an uncompressed NIfTI (a .nii
     renamed), of which nibabel only says that it 'is not a gzip file'; else ''."""
     path = Path(path)
-    start = b""
-    with contextlib.suppress(OSError), open(path, "rb") as f:  # a folder, a dead link: ''
-        start = f.read(4)
+    start = _file_start(path)
     if path.name.lower().endswith(".nii") and start[:2] == GZIP_MAGIC:
         return f": it is gzip-compressed; name it {path.name}.gz"
     if path.name.lower().endswith(".nii.gz") and start in NIFTI_MAGICS:
         return f": it is not gzip-compressed; name it {path.name[:-3]}"
     return ""
+
+
+def _file_start(path):
+    """A file's first 4 bytes (its magic number), b'' where it cannot be read (a folder, a dead
+    link)."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return f.read(4)
+    return b""
 
 
 def _truncated(path, error):
@@ -529,15 +535,12 @@ def _truncated(path, error):
     if path.name.lower().endswith(".gz"):
         return (": truncated, its compressed stream cut short" + again
                 ) if isinstance(error, EOFError) else ""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        start, size = f.read(4), path.stat().st_size
-        header = {int.from_bytes(start, order) for order in ("little", "big")} & {348, 540}
-        if header and size < min(header):
-            return f": truncated, {size} bytes, shorter than its {min(header)}-byte header" + again
     with contextlib.suppress(*READ_ERRORS):
+        size, header = path.stat().st_size, NIFTI_MAGICS.get(_file_start(path))
+        if header is not None and size < header:
+            return f": truncated, {size} bytes, shorter than its {header}-byte header" + again
         voxels = nib.load(path).dataobj  # the header only: where the voxels start, how many
         needed = voxels.offset + voxels.dtype.itemsize * int(np.prod(voxels.shape))
-        size = path.stat().st_size
         if size < needed:
             return f": truncated, {size} bytes where its header says {needed}" + again
     return ""
