@@ -58,8 +58,8 @@ from utils import distributed, speed
 from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, network_mismatch,
                               non_finite, save_checkpoint, set_rng_state, unwrap)
 from utils.cli import (PUBLISHED_INPUT_SIZE, USER_ERRORS, ArgumentParser, StopSignals, UsageError,
-                       ignore_stop_signals, progress_interval, run_cli, str2bool,
-                       window_size)
+                       ignore_stop_signals, overlap_fraction, progress_interval, run_cli,
+                       str2bool, window_size)
 from utils.election import (append_history, elect, format_result, mean_dice, read_history,
                             teacher_names)
 from utils.overlay import overlay_panel
@@ -145,7 +145,8 @@ def get_parser():
                    help="teacher election and last.pth every this many iterations")
     g.add_argument("--save_every_min", type=float, default=30.0,
                    help="also write last.pth when this many minutes passed since the last one (0 = off)")
-    g.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap in the election")
+    g.add_argument("--overlap", type=overlap_fraction, default=1 / 3,
+                   help="sliding-window overlap in the election, e.g. 1/3 or 0.5")
     g.add_argument("--reload_path", default="", help="checkpoint to start from (e.g. stage 1's "
                    "final.pth); the snapshot folder's own last.pth takes precedence")
     g.add_argument("--reload_from_checkpoint", type=str2bool, default=False,
@@ -235,7 +236,6 @@ def validate_args(args):
     for name in ("weight_decay", "kd_weight"):
         value = getattr(args, name)
         need(math.isfinite(value) and value >= 0, f"--{name} must be finite and >= 0, got {value}")
-    need(0 <= args.overlap < 1, f"--overlap must be in [0, 1), got {args.overlap}")
     need(args.start_iters >= 0, f"--start_iters must be >= 0, got {args.start_iters}")
     # NumPy's global seed takes 32 bits
     need(0 <= args.random_seed < 2**32, f"--random_seed must be in [0, 2**32), got {args.random_seed}")

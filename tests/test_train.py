@@ -774,7 +774,6 @@ EMPTY = "empty.csv"
     (["--input_size", "16,48,32"], "--input_size: 16,48,32: D must be a multiple of 16 and H, W of 32"),
     (["--save_every_min", "-1"], "--save_every_min must be >= 0"),
     (["--dist_timeout_min", "0"], "--dist_timeout_min must be > 0"),
-    (["--overlap", "1"], r"--overlap must be in \[0, 1\)"),
     (["--mode", "all"], "--mode all is for evaluation"),
     (["--reload_path", "nope.pth"], "--reload_path nope.pth does not exist"),
     (["--amp", "bf16"], "--amp bf16 trains on a GPU only: .*use --amp off on a CPU"),
@@ -827,6 +826,21 @@ def test_bf16_training_is_refused_on_a_cpu_only():
     else:
         with pytest.raises(UsageError, match=cpu_bf16):
             train.parse_args(["--device", "auto", "--amp", "bf16"])
+
+
+def test_overlap_is_read_as_eval_py_reads_it(tmp_path, capsys):
+    # README writes the default `--overlap 1/3`; train.py read only decimals, so it refused it
+    assert train.parse_args(["--overlap", "1/3"]).overlap == 1 / 3
+    assert train.parse_args(["--overlap", "0.5"]).overlap == 0.5
+    for bad in ("1", "-0.1", "1/0"):
+        with pytest.raises(SystemExit) as stopped:
+            train.parse_args(["--overlap", bad])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.startswith("error: argument --overlap: ")
+    # a run's config.json holds the float; fed back, it is the same value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"overlap": 1 / 3}))
+    assert train.parse_args(["--config", str(path)]).overlap == 1 / 3
 
 
 def test_cli_prints_one_line_and_exits_2_on_bad_flags(tmp_path):
