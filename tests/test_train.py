@@ -675,11 +675,28 @@ def test_stop_signals_ask_once():
     assert signal.getsignal(signal.SIGINT) == previous
 
 
+def test_a_run_started_ignoring_sigint_goes_on_ignoring_it():
+    # `python train.py … &` in a script starts with SIGINT ignored: the terminal's Ctrl-C is
+    # for the foreground command. The loop took SIGINT all the same and stopped the run.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals(log=lambda message: None) as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum is None
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop still counts
+            assert stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # In a process of its own: SIGINT twice at once (a sender signalling every process of the job,
 # run.sh passing it on) is one request; a Ctrl-C SAME_REQUEST_S later kills the process.
 SECOND_CTRL_C = """
 import os, signal, sys, time
 from utils.cli import SAME_REQUEST_S, StopSignals
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with it ignored
 with StopSignals(log=print) as stop:
     for _ in range(2):
         os.kill(os.getpid(), signal.SIGINT)

@@ -341,7 +341,12 @@ class StopSignals:
         self.log, self.signum, self.since = log, None, None
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # SIGINT as run_cli takes it: a process started ignoring it (a background job: the
+        # terminal's Ctrl-C is meant for the foreground) goes on ignoring it
+        signals = [signal.SIGTERM]
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signals.append(signal.SIGINT)
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
     def __exit__(self, *exc):
