@@ -50,7 +50,7 @@ enter_repository
 . utils/logged.sh
 mkdir -p logs
 # MODE in a file name: eval.py says what is wrong with a MODE such as 0/2, in the log
-LOG=logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//[^A-Za-z0-9+]/-}.log
+LOG=$(new_log "logs/$(date "+%Y%m%d-%H%M%S")_eval_${NAME}_${MODE//[^A-Za-z0-9+]/-}")
 echo "log: $LOG"
 if [ -n "$INPUT" ]; then cases=(--input="$INPUT"); else cases=(--data_list="$DATA_LIST"); fi
 # The patch size and model flags come from the checkpoint's config (published: 80,160,160,

@@ -121,7 +121,7 @@ stage() {
     local dir=snapshots/$name
     mkdir -p logs
     local log
-    log=logs/$(date "+%Y%m%d-%H%M%S")_train_$name.log
+    log=$(new_log "logs/$(date "+%Y%m%d-%H%M%S")_train_$name")
     echo "training $name (log: $log)"
     logged "$log" "${LAUNCH_COMMAND[@]}" train.py "${common[@]}" --snapshot_dir "$dir" "$@" "${EXTRA[@]}"
 }

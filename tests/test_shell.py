@@ -134,6 +134,40 @@ def test_run_sh_goes_on_to_stage_2_when_stage_1_ends_on_its_own(tmp_path):
     assert logs == ["LCKD_stage1.log", "LCKD_stage2.log"]
 
 
+def test_runs_started_in_the_same_second_write_logs_of_their_own(tmp_path):
+    # Both named their log after the second they started: one file, each run's tee truncating
+    # it, so the second run's refusal overwrote the first's opening lines.
+    clock = tmp_path / "clock"
+    clock.mkdir()
+    (clock / "date").write_text("#!/bin/sh\necho 20261207-120000\n")
+    (clock / "date").chmod(0o755)
+    path = f"{clock}{os.pathsep}{os.environ['PATH']}"
+    for run in range(2):
+        process, _ = start(tmp_path, "run.sh", wait_s=0, PATH=path)
+        stdout, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, stdout
+    logs = {path.name: path.read_text() for path in (tmp_path / "logs").iterdir()}
+    assert sorted(logs) == sorted(f"20261207-120000_train_LCKD_stage{stage}{suffix}.log"
+                                  for stage in (1, 2) for suffix in ("", "-2"))
+    assert all(text.splitlines() == ["started"] for text in logs.values()), logs
+
+
+def test_new_log_never_reuses_a_file_and_names_a_folder_it_cannot_write(tmp_path):
+    shell = lambda command: subprocess.run(["bash", "-c", f". {REPO / 'utils/logged.sh'}; {command}"],
+                                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    (tmp_path / "run.log").write_text("kept\n")
+    (tmp_path / "run-2.log").write_text("kept too\n")
+    made = shell("new_log run")
+    assert (made.returncode, made.stdout) == (0, "run-3.log\n")
+    assert (tmp_path / "run-3.log").read_text() == ""
+    assert (tmp_path / "run.log").read_text() == "kept\n"
+    assert (tmp_path / "run-2.log").read_text() == "kept too\n"
+    refused = shell("new_log missing/run")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr == ("error: cannot create the log missing/run.log: make its folder "
+                              "writable\n")
+
+
 # Runs `bash SCRIPT cpu` on a new pseudo-terminal, as typed in a terminal; once the stand-in has
 # started, types Ctrl-C. Prints what the terminal showed, then the script's exit status.
 TERMINAL = textwrap.dedent("""\

@@ -1,5 +1,23 @@
 # Sourced by run.sh and eval.sh.
 #
+#   new_log STEM
+#
+# Creates a new, empty log STEM.log, or STEM-2.log, STEM-3.log... when a run started in the
+# same second took the name (the same command twice: the second run's refusal overwrote the
+# first run's opening lines, both writing one file), and prints its name.
+new_log() {
+    local log=$1.log n=1
+    until (set -C; : >"$log") 2>/dev/null; do  # set -C: created only if it did not exist
+        if [ ! -e "$log" ]; then
+            echo "error: cannot create the log $log: make its folder writable" >&2
+            return 1
+        fi
+        n=$((n + 1))
+        log=$1-$n.log
+    done
+    echo "$log"
+}
+
 #   logged LOG COMMAND [ARGS...]
 #
 # Runs COMMAND with its output (stdout and stderr) printed and written to LOG, and returns its
