@@ -10,7 +10,7 @@ sub-folder per modality subset; every mask found below it is written to the same
 path under --output_dir (which must not overlap --input_dir: the input is never modified,
 nor be an eval.py output folder: its metrics.csv scores its own masks).
 An eval.py folder whose evaluation did not finish (a mask folder lacking a case its cases.csv
-lists) is refused: finish it with eval.py --resume first.
+lists), or one such mask folder, is refused: finish it with eval.py --resume first.
 The defaults follow eval.sh run with its defaults (NAME=LCKD) from the repository root, which
 writes outputs/LCKD/<subset>/<case>.nii.gz; relative paths are taken from the current folder.
 
@@ -146,11 +146,20 @@ def check_input(sources, input_dir, record, args):
                          f"(e.g. --input_dir {Path(args.input_dir) / example.parts[0]})")
 
 
-def read_cases_record(input_dir):
-    """eval.py's cases.csv in input_dir (case, folder, available), or None without one."""
-    if not (input_dir / CASES_RECORD).is_file():
+def evaluation_of(input_dir):
+    """The eval.py output folder input_dir is, or whose one mask folder it is (the upload step
+    zips one subset's folder: --input_dir outputs/LCKD/flair+t1ce), or None."""
+    for folder in (input_dir, input_dir.parent if input_dir.name in MASK_FOLDERS else None):
+        if folder is not None and (folder / CASES_RECORD).is_file():
+            return folder
+    return None
+
+
+def read_cases_record(evaluation):
+    """eval.py's cases.csv (case, folder, available) in the folder `evaluation`, or None."""
+    if evaluation is None:
         return None
-    return pd.read_csv(input_dir / CASES_RECORD, dtype=str, keep_default_na=False)  # '007' stays
+    return pd.read_csv(evaluation / CASES_RECORD, dtype=str, keep_default_na=False)  # '007' stays
 
 
 def mask_folders(input_dir):
@@ -164,24 +173,26 @@ def mask_folders(input_dir):
     return sorted(folders | ({subsets} if isinstance(subsets, str) else set(subsets)))
 
 
-def check_complete(input_dir, record, sources, args):
+def check_complete(input_dir, evaluation, record, sources, args):
     """Refuse a stopped evaluation: eval.py writes cases.csv (`record`) before any mask, listing
     every case of the run, so a mask folder without one of them would be uploaded incomplete.
-    The folders of the evaluation are checked (a run of one --mode writes one); a folder
-    without cases.csv is a folder of one's own masks, not checked."""
-    if record is None:
+    The folders of the evaluation are checked (a run of one --mode writes one), or the one
+    folder given; a folder outside an evaluation holds one's own masks, not checked."""
+    if evaluation is None:
         return
-    found = {(s.parent.name, nifti_stem(s)) for s in sources if s.parent.parent == input_dir}
-    missing = [f"{folder}/{case}" for folder in mask_folders(input_dir)
+    whole = evaluation == input_dir
+    found = {(s.parent.name, nifti_stem(s)) for s in sources if s.parent.parent == evaluation}
+    missing = [f"{folder}/{case}" for folder in (mask_folders(input_dir) if whole else [input_dir.name])
                for case in record["case"] if (folder, case) not in found]
     if missing:
-        raise UsageError(f"--input_dir {args.input_dir} is an evaluation that did not finish: "
+        what = "an evaluation" if whole else "a mask folder of an evaluation"
+        raise UsageError(f"--input_dir {args.input_dir} is {what} that did not finish: "
                          f"{len(missing)} mask(s) of the cases its {CASES_RECORD} lists are missing "
                          f"(e.g. {missing[0]}.nii.gz); finish it with the same eval.py command "
                          "and --resume, then post-process again")
 
 
-def t1ce_files(sources, input_dir, record, images):
+def t1ce_files(sources, input_dir, evaluation, record, images):
     """For the K-means rule: each mask's T1ce file, or None when its subset lacks T1ce.
 
     A mask's subset is its folder's name when that names modalities (eval.py's 'flair+t1ce'
@@ -209,7 +220,7 @@ def t1ce_files(sources, input_dir, record, images):
         elif case in folder_of:
             folder = Path(folder_of[case])
         else:
-            raise CaseError(case, input_dir / CASES_RECORD, "case not listed: pass --images")
+            raise CaseError(case, evaluation / CASES_RECORD, "case not listed: pass --images")
         try:
             subset = parse_subset(source.parent.name)
         except ValueError:  # not a subset folder
@@ -322,15 +333,16 @@ def main(argv=None):
                          f"{records[0]}): its masks are the evaluation's; choose another "
                          "--output_dir")
     sources = find_masks(input_dir)
-    record = read_cases_record(input_dir)
+    evaluation = evaluation_of(input_dir)
+    record = read_cases_record(evaluation)
     check_input(sources, input_dir, record, args)
-    check_complete(input_dir, record, sources, args)
+    check_complete(input_dir, evaluation, record, sources, args)
     if not sources:
         raise UsageError(f"no {' or '.join(EXTENSIONS)} masks found under {args.input_dir}")
     for source in sources:  # headers only: an empty or non-NIfTI mask stops the run before any work
         open_files(nifti_stem(source), {"seg": source})
     rules = rules_from_args(args)
-    t1ce = (t1ce_files(sources, input_dir, record, args.images) if args.kmeans_necrosis
+    t1ce = (t1ce_files(sources, input_dir, evaluation, record, args.images) if args.kmeans_necrosis
             else [None] * len(sources))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)),
              args.et_label) for s, t in zip(sources, t1ce)]

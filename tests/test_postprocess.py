@@ -772,11 +772,11 @@ def test_images_without_the_kmeans_rule_is_refused(tmp_path):
 
 # ---------------------------------------------------------- stopped evaluations, stale temporaries
 def _eval_folder(folder, cases, masks):
-    """An eval.py output folder: cases.csv lists `cases` (written before any mask), `masks` the
-    <subset>/<case> written so far."""
+    """An eval.py output folder: cases.csv lists `cases` (written before any mask; their case
+    folders in data/ beside it, not written), `masks` the <subset>/<case> written so far."""
     folder.mkdir(parents=True)
     (folder / "cases.csv").write_text("case,folder,available\n" + "".join(
-        f"{case},/data/{case},flair+t1+t1ce+t2\n" for case in cases))
+        f"{case},{folder.parent / 'data' / case},flair+t1+t1ce+t2\n" for case in cases))
     for path in masks:
         _write(folder / f"{path}.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
 
@@ -792,6 +792,27 @@ def test_a_stopped_evaluation_is_refused_before_anything_is_written(tmp_path):
         "cases.csv lists are missing (e.g. available/B.nii.gz); finish it with the same eval.py "
         "command and --resume, then post-process again")
     assert not out.exists()
+
+
+def test_one_mask_folder_of_a_stopped_evaluation_is_refused_too(tmp_path):
+    # The upload zips one subset's folder: post-processing that folder alone skipped the check.
+    inp, out = tmp_path / "eval", tmp_path / "post"
+    _eval_folder(inp, ["A", "B"], ["flair/A", "flair+t1ce/A", "flair+t1ce/B"])
+    with pytest.raises(UsageError) as error:
+        postprocess.main(["--input_dir", str(inp / "flair"), "--output_dir", str(out)])
+    assert str(error.value) == (
+        f"--input_dir {inp / 'flair'} is a mask folder of an evaluation that did not finish: 1 "
+        "mask(s) of the cases its cases.csv lists are missing (e.g. flair/B.nii.gz); finish it "
+        "with the same eval.py command and --resume, then post-process again")
+    assert not out.exists()
+    # a folder that holds every case is post-processed; the K-means rule finds the cases
+    # through the evaluation's cases.csv (it asked for --images)
+    infos = postprocess.main(["--input_dir", str(inp / "flair+t1ce"), "--output_dir", str(out),
+                              "--num_workers", "0"])
+    assert sorted(Path(i["file"]).name for i in infos) == ["A.nii.gz", "B.nii.gz"]
+    with pytest.raises(CaseError, match=f"^case A: {tmp_path / 'data' / 'A'}"):
+        postprocess.main(["--input_dir", str(inp / "flair+t1ce"), "--output_dir", str(out),
+                          "--kmeans_necrosis", "--overwrite"])
 
 
 def test_an_evaluation_stopped_in_its_first_case_is_refused_too(tmp_path):
