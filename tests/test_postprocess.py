@@ -405,6 +405,26 @@ def test_three_means_is_the_optimum():
         assert groups == optimal_partition(values, weights)
 
 
+def test_three_means_is_the_best_of_every_pair_of_splits_on_many_values():
+    # three_means halves the range of first splits (more than 32 values): checked against the
+    # error of every pair of splits, each run's error computed from its definition
+    rng = np.random.default_rng(2)
+    for trial, n in enumerate([40, 75, 150, 150, 300]):
+        values = np.unique(np.concatenate([rng.normal(m, s, n // 3) for m, s in ((0, 1), (6, 3), (9, 0.5))]))
+        weights = rng.integers(1, 50, len(values)).astype(float)
+        if trial % 2:
+            weights[0] = 1e5
+        n = len(values)
+        run = {(a, b): np.sum(weights[a:b] * (values[a:b] - np.average(values[a:b], weights=weights[a:b])) ** 2)
+               for a in range(n) for b in range(a + 1, n + 1)}
+        error = {(i, j): run[0, i] + run[i, j] + run[j, n] for i in range(1, n - 1) for j in range(i + 1, n)}
+        best = min(error.values())
+        i, j = three_means(values, weights)
+        assert error[i, j] == pytest.approx(best, rel=1e-9, abs=1e-9)
+        near = [pair for pair, e in error.items() if e <= best * (1 + 1e-9) + 1e-9]
+        assert (i, j) == min(near), near  # the first of the best, as documented
+
+
 @pytest.mark.parametrize("case, rules, fires", [
     (dict(), NO_DROPS, True),
     # the component's ET share as published, 4 nET / (nNCR + 2 nED + 4 nET), below 0.05:

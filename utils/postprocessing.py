@@ -120,8 +120,13 @@ def three_means(values, weights):
     (3 random starts of at most 10 Lloyd steps), whose answer depends on the draw.
 
     values (n,) sorted, distinct, n >= 3; weights (n,) > 0 -> (i, j): the runs are
-    values[:i], values[i:j], values[j:]. Costs O(n^2): n is the number of distinct T1ce
-    intensities of one component's edema, a few thousand at most for BraTS's integer images.
+    values[:i], values[i:j], values[j:], the first such pair (least i, then j) of least error.
+    n is the number of distinct T1ce intensities of one component's edema: a few thousand for
+    BraTS's integer images, up to the edema's voxel count for float ones (~10^5), so trying
+    every pair, O(n^2), could take minutes. The best j for a first split i never decreases as
+    i grows (runs' squared errors satisfy the quadrangle inequality, as in Wang and Song's
+    Ckmeans.1d.dp): splitting the range of i in halves, each half searches only its side of
+    the middle i's j, O(n log n) in all.
     """
     if len(values) < 3:
         raise ValueError(f"3 clusters need 3 distinct values, got {values}")
@@ -130,14 +135,25 @@ def three_means(values, weights):
                   for x in (weights, weights * values, weights * values * values))
     sse = lambda a, b: wvv[b] - wvv[a] - (wv[b] - wv[a]) ** 2 / (w[b] - w[a])
     n = len(values)
-    best = (np.inf, 0, 0)
-    for i in range(1, n - 1):
-        j = np.arange(i + 1, n)
-        error = sse(0, i) + sse(i, j) + sse(j, n)
-        k = int(error.argmin())
-        if error[k] < best[0]:
-            best = (error[k], i, int(j[k]))
-    return best[1], best[2]
+    error, best_j = np.full(n - 1, np.inf), np.zeros(n - 1, dtype=np.int64)  # by first split i
+    ranges = [(1, n - 2, 2, n - 1)]  # first splits lo..hi, their second splits jlo..jhi
+    while ranges:
+        lo, hi, jlo, jhi = ranges.pop()
+        if hi - lo < 32:  # a few first splits: all their pairs at once
+            i = np.arange(lo, hi + 1)[:, None]
+            j = np.maximum(np.arange(jlo, jhi + 1), i + 1)  # j > i: runs are never empty
+            pairs = sse(0, i) + sse(i, j) + sse(j, n)
+            k = pairs.argmin(axis=1)
+            error[lo:hi + 1], best_j[lo:hi + 1] = pairs[np.arange(len(k)), k], j[np.arange(len(k)), k]
+            continue
+        mid = (lo + hi) // 2
+        j = np.arange(max(jlo, mid + 1), jhi + 1)
+        pairs = sse(0, mid) + sse(mid, j) + sse(j, n)
+        k = int(pairs.argmin())
+        error[mid], best_j[mid] = pairs[k], j[k]
+        ranges += [(lo, mid - 1, jlo, j[k]), (mid + 1, hi, j[k], jhi)]
+    i = int(error[1:].argmin()) + 1
+    return i, int(best_j[i])
 
 
 def _middle_edema(t1ce_edema, outside):
