@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
+from utils.checkpoint import (CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint,
+                              set_rng_state)
 
 
 def _tiny_training_state():
@@ -116,6 +117,22 @@ def test_pickled_objects_and_missing_files_are_refused(tmp_path, monkeypatch):
         load_checkpoint(good)
     assert str(error.value) == (f"cannot read checkpoint {good}: permission denied; check the "
                                 "file's permissions")
+
+
+def test_a_flipped_bit_in_a_weight_is_refused(tmp_path):
+    # torch.load does not check the zip records' CRC-32: the damaged weight loaded as it was
+    path = tmp_path / "last.pth"
+    weight = torch.arange(1000, dtype=torch.float32)
+    torch.save({"model": {"w": weight}, "iteration": 3}, path)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(weight.numpy().tobytes())
+    data[at + 2001] ^= 0x01  # a mantissa bit of weight[500]
+    path.write_bytes(data)
+    assert torch.load(path, weights_only=True)["model"]["w"][500] != 500  # torch: silent
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == (f"cannot read checkpoint {path}: its record last/data/0 does not "
+                                "match its checksum (a damaged file?)")
 
 
 def _record_syncs(monkeypatch, folder_error=None):

@@ -19,6 +19,7 @@ import io
 import itertools
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -152,11 +153,27 @@ def load_checkpoint(path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} " + ("is a folder, not a file" if path.is_dir()
                                                          else "does not exist"))
+    damaged = _failed_checksum(path)
+    if damaged is not None:
+        raise CheckpointError(f"cannot read checkpoint {path}: its record {damaged} does not match "
+                              "its checksum (a damaged file?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(error, path)}"
                               ) from error
+
+
+def _failed_checksum(path):
+    """The first record of a zip checkpoint (torch.save's format) whose bytes fail its CRC-32,
+    or None. torch.load does not check them: a flipped bit on a disk or in a copy loads as a
+    changed weight. Of a file that is not a whole zip archive, or not readable, torch.load
+    says what is wrong."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except Exception:  # BadZipFile, OSError, EOFError, ...: torch.load's error names it
+        return None
 
 
 # How every file torch.save writes begins: a zip archive, or (before PyTorch 1.6) a pickle
