@@ -1,5 +1,6 @@
 """Pools of worker processes that never outlive the run that started them."""
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -18,8 +19,23 @@ def worker_pool(num_workers, mp_context=None):
     raises BrokenProcessPool instead of hanging the run. Its workers exit when the process that
     started them is gone: killed with SIGKILL, it leaves them waiting on its queue forever,
     holding their memory and, forked, its open files."""
-    return ProcessPoolExecutor(num_workers, mp_context=mp_context,
-                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+    return _Pool(num_workers, mp_context=mp_context, initializer=_exit_with_parent,
+                 initargs=(os.getpid(),))
+
+
+class _Pool(ProcessPoolExecutor):
+    """Workers that leave SIGINT and SIGTERM to the process that started them, which decides
+    when to stop (a terminal's Ctrl-C reaches every process of the job: a spawned worker still
+    importing torch printed its traceback). A worker starts within a submit (forked, or
+    spawned); started with the signals blocked, it keeps them blocked, its whole life. Here
+    they are blocked for the submit only: one that arrives meanwhile is taken just after."""
+
+    def submit(self, *args, **kwargs):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+        try:
+            return super().submit(*args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _exit_with_parent(parent):
