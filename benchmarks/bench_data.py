@@ -37,7 +37,7 @@ from datasets.normalize import normalize, normalize_published
 from datasets.preprocess import preprocess
 from datasets.sampling import PatchDataset, PatchSampler, foreground_locations
 from utils.modalities import MODALITIES
-from utils.cli import ArgumentParser
+from utils.cli import ArgumentParser, path_given, positive_int, run_cli
 from utils.regions import labels_to_regions
 
 PATCH = (80, 160, 160)
@@ -98,11 +98,12 @@ def best_time(fn, repeats):
 
 def main(argv=None):
     parser = ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n")[0])
-    parser.add_argument("--num_cases", type=int, default=4)
-    parser.add_argument("--patches", type=int, default=200, help="patches timed from the cache")
-    parser.add_argument("--raw_patches", type=int, default=6, help="patches timed from raw NIfTI")
+    parser.add_argument("--num_cases", type=positive_int, default=4)
+    parser.add_argument("--patches", type=positive_int, default=200, help="patches timed from the cache")
+    parser.add_argument("--raw_patches", type=positive_int, default=6, help="patches timed from raw NIfTI")
     parser.add_argument("--format", default="nii", choices=("nii", "nii.gz"))
-    parser.add_argument("--work_dir", default=None, help="keep data and cache here (default: temp)")
+    parser.add_argument("--work_dir", type=path_given, default=None,
+                        help="keep data and cache here (default: a temporary folder)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one worker's view: DataLoader workers run single-threaded
 
@@ -121,11 +122,12 @@ def main(argv=None):
         sizes = [sum(p.stat().st_size for p in (cache / c.name).iterdir()) / 1e6 for c in cases]
         format_1 = 17 * np.prod(SHAPE_XYZ) / 1e6
 
-        dataset = PatchDataset(cases, PATCH, seed=0, length=args.patches + 2)
+        finished = max(4, args.patches // 10)
+        dataset = PatchDataset(cases, PATCH, seed=0, length=max(args.patches, finished) + 1)  # + rate's warm-up
         worker_rate = rate(lambda i: dataset[i], args.patches)
         cpu = torch.device("cpu")
         finish_rate = rate(lambda i: dataset.to_device(
-            torch.utils.data.default_collate([dataset[i]]), cpu), max(4, args.patches // 10))
+            torch.utils.data.default_collate([dataset[i]]), cpu), finished)
         sampler = PatchSampler(PATCH)
         raw_rate = rate(
             lambda i: raw_sample(case_dirs[i % len(case_dirs)], sampler, np.random.default_rng(i)),
@@ -152,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # SIGTERM and Ctrl-C unwind: the temporary folder (about 100 MB a case) is deleted

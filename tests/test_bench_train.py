@@ -1,13 +1,19 @@
 """benchmarks/bench_train.py (and the other benchmarks' flags) on a CPU with tiny settings: its
 logic, not its timings."""
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import train
-from benchmarks import bench_eval, bench_model, bench_train, profile_train
+from benchmarks import bench_data, bench_eval, bench_model, bench_train, profile_train
+from test_demo import REPO
 from utils import speed
 
 
@@ -174,6 +180,35 @@ def test_a_device_torch_would_misread_is_a_flag_error(parse, capsys):
     with pytest.raises(SystemExit) as stop:
         parse(["--device", "gpu"])
     assert stop.value.code == 2 and "argument --device:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--num_cases", "--patches", "--raw_patches"])
+def test_bench_data_refuses_a_count_below_1_in_one_line(flag, capsys):
+    # --patches 0 or -1 ran minutes of data generation, then stopped with an IndexError
+    with pytest.raises(SystemExit) as stop:
+        bench_data.main([flag, "0"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"error: argument {flag}: must be at least 1, got 0 (see python -m "
+                                       "benchmarks.bench_data --help)\n")
+
+
+def test_bench_data_stopped_by_sigterm_deletes_its_temporary_data(tmp_path):
+    # killed on the spot, it left ~100 MB of synthetic cases a case in the temporary folder
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_data", "--num_cases", "2"],
+                               cwd=REPO, env=dict(os.environ, TMPDIR=str(tmp)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp.rglob("*.nii")) and time.monotonic() < deadline:  # generating
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, stderr) == (143, "terminated\n")
+    assert list(tmp.iterdir()) == []
 
 
 def test_bf16_rows_are_refused_on_a_cpu_and_profile_train_defaults_to_fp32_there(capsys):
