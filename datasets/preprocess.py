@@ -506,6 +506,11 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
     refuse_duplicates(folders, list_path)  # one cache folder per case name
     names = [folder.name for folder in folders]
     jobs = [(folder, case_folder(cache_dir, name), require_label) for folder, name in zip(folders, names)]
+    for folder, case_cache, _ in jobs:  # the cache's files (meta.json, label.npy...) among the scans
+        if case_cache.resolve() == folder.resolve():
+            raise UsageError(f"--cache_dir {cache_dir} is the folder of the cases (it holds "
+                             f"{folder.name}): the cache would be written into, and its files "
+                             "deleted from, the case folders; choose another --cache_dir")
     num_workers = default_workers() if num_workers is None else num_workers
     bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress,
                mininterval=progress_interval())

@@ -276,6 +276,19 @@ def test_datalist_entry_dotdot_stays_inside_the_cache(dataset):
             load_cached(cache, name)
 
 
+def test_a_cache_dir_that_is_the_folder_of_the_cases_is_refused(dataset):
+    # it wrote image.npy... into the case folders, and deleted any meta.json or label.npy there
+    data, lst, _ = dataset
+    (data / "Brats18_A" / "label.npy").write_bytes(b"the user's")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError) as error:
+        preprocess(lst, data, num_workers=1)
+    assert str(error.value) == (f"--cache_dir {data} is the folder of the cases (it holds "
+                                "Brats18_A): the cache would be written into, and its files deleted "
+                                "from, the case folders; choose another --cache_dir")
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
 def test_temporary_files_of_killed_writers_are_removed(dataset):
     _, lst, cache = dataset
     preprocess(lst, cache, num_workers=1)
