@@ -414,7 +414,8 @@ def find_case_files(case_dir, allow_missing=False):
     files = {}
     for part, paths in found[scheme].items():
         if len(paths) > 1:
-            raise CaseError(case, paths[0], f"several {part} files: {[p.name for p in paths]}")
+            raise CaseError(case, paths[0], f"several {part} files: {[p.name for p in paths]}: "
+                            "keep one (move the others out of the case folder)")
         files[part] = paths[0]
     missing = [part for part in MODALITIES if part not in files]
     _refuse_strangers(case_dir, files, scheme, unknown, missing)
@@ -498,7 +499,7 @@ def _guarded(case, path, read):
     except READ_ERRORS as err:
         detail = " ".join(str(err).split())  # one line: nibabel's messages span several
         raise CaseError(case, path, f"unreadable NIfTI ({type(err).__name__}: "
-                                    f"{detail}){_misnamed(path) or _truncated(path, err)}"
+                                    f"{detail}){_misnamed(path) or _damaged(path, err)}"
                         ) from err
 
 
@@ -524,17 +525,22 @@ def _file_start(path):
     return b""
 
 
-def _truncated(path, error):
+def _damaged(path, error):
     """': truncated, ...' for an uncompressed NIfTI shorter than its header says, of which
     nibabel says 'Whoops, not enough data in file' or 'Expected N bytes, got M bytes', or cut
     inside its header (nibabel: 'Cannot work out file type'), or for a .nii.gz whose gzip stream
     ends early (`error` an EOFError: 'Compressed file ended before ...'; its size says nothing
-    of the voxels'); else ''."""
+    of the voxels'); ': damaged, ...' for a .nii.gz whose bytes changed (gzip: 'CRC check
+    failed', zlib: 'invalid ...'); else ''."""
     path = Path(path)
     again = ": an interrupted copy or download? Copy it again"
     if path.name.lower().endswith(".gz"):
-        return (": truncated, its compressed stream cut short" + again
-                ) if isinstance(error, EOFError) else ""
+        if isinstance(error, EOFError):
+            return ": truncated, its compressed stream cut short" + again
+        if isinstance(error, zlib.error) or "CRC check failed" in str(error):
+            return (": damaged, its bytes fail the compressed stream's check: a bad copy or "
+                    "disk? Copy it again")
+        return ""
     with contextlib.suppress(*READ_ERRORS):
         size, header = path.stat().st_size, NIFTI_MAGICS.get(_file_start(path))
         if header is not None and size < header:

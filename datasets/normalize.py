@@ -123,7 +123,10 @@ def normalize_published(v):
     _check_foreground(v, fg, top)
     mean, std = fg.mean(), fg.std()
     if not std > 0:
-        raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
+        raise NormalizationError(f"foreground is constant ({fg[0]:g}, clipped at {top:g} as "
+                                 "published): its std is 0: not an MRI scan (a mask, a "
+                                 f"placeholder)? Give the scan; if the modality is missing, "
+                                 f"{PLACEHOLDER_FIX}")
     out = np.zeros_like(v)
     out[mask] = (fg - mean) / std
     return out
@@ -199,7 +202,10 @@ def _parameters_and_foreground(v):
     _check_foreground(v, fg, top)
     mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
     if not std > 0:
-        raise NormalizationError(f"foreground is constant ({fg[0]}): its std is 0")
+        raise NormalizationError(f"foreground is constant ({fg[0]:g}, clipped at {top:g} as "
+                                 "published): its std is 0: not an MRI scan (a mask, a "
+                                 f"placeholder)? Give the scan; if the modality is missing, "
+                                 f"{PLACEHOLDER_FIX}")
     return np.array([top, background, mean, std], np.float32), mask, fg
 
 

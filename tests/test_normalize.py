@@ -157,6 +157,14 @@ def test_a_constant_volume_is_named_as_such():
         with pytest.raises(NormalizationError) as error:
             fn(np.full((24, 20, 16), 300, np.int16))
         assert str(error.value) == "every voxel is 300: a constant volume (an empty modality?)"
+        # a constant foreground (a brain mask saved as a scan) says what to do, too
+        with pytest.raises(NormalizationError) as error:
+            fn(np.pad(np.full((6, 6, 6), 100, np.float32), 1))
+        assert str(error.value) == (
+            "foreground is constant (99, clipped at 99 as published): its std is 0: not an MRI "
+            "scan (a mask, a placeholder)? Give the scan; if the modality is missing, training "
+            "needs all four modalities: drop the case from the list (eval.py and predict.py read "
+            "the case without it)")
 
 
 @pytest.mark.parametrize("spike, shown", [(3e7, "30000000"), (2e9, "2e+09"), (3e38, "3e+38")])
