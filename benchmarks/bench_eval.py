@@ -21,29 +21,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from datasets.brats import load_case  # noqa: E402
 from datasets.normalize import normalize_image  # noqa: E402
-from datasets.synthetic import generate  # noqa: E402
+from datasets.synthetic import generate, volume_shape  # noqa: E402
 from models import LCKD, LCKDConfig  # noqa: E402
 from utils.regions import regions_to_labels  # noqa: E402
-from utils.cli import ArgumentParser, device_name, run_cli  # noqa: E402
+from utils.cli import ArgumentParser, device_name, positive_int, run_cli, window_size  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.inference import AMP_DTYPES, predict_subsets  # noqa: E402
 from utils.modalities import ALL_SUBSETS  # noqa: E402
 from utils.speed import synchronize  # noqa: E402
 
 
-def sizes(text):
-    return tuple(int(v) for v in text.split(","))
-
-
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", type=int, default=2)
-    p.add_argument("--shape", type=sizes, default=(96, 96, 64), help="synthetic X,Y,Z")
-    p.add_argument("--patch", type=sizes, default=(32, 64, 64), help="window D,H,W")
+    p.add_argument("--cases", type=positive_int, default=2)
+    p.add_argument("--shape", type=volume_shape, default=(96, 96, 64), help="synthetic X,Y,Z")
+    p.add_argument("--patch", type=window_size, default=(32, 64, 64), help="window D,H,W")
     p.add_argument("--model", choices=("small", "full"), default="small")
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
-    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--batch_size", type=positive_int, default=2)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from utils import metrics
-from utils.cli import ArgumentParser
+from utils.cli import ArgumentParser, positive_int, run_cli
 
 SHAPE = (155, 240, 240)
 NOISE = (0.0, 0.001, 0.01, 0.05, 0.1, 0.2)
@@ -37,7 +37,7 @@ def timed(pred, gt, voxels_per_point, repeats):
 
 def main(argv=None):
     p = ArgumentParser(prog="python -m benchmarks.bench_metrics", description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=2)
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     z, y, x = np.ogrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
@@ -56,4 +56,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

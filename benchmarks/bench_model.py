@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import LCKD, MODEL_SIZES, LCKDConfig  # noqa: E402
 from train import step  # noqa: E402
 from utils.inference import AMP_DTYPES, autocast  # noqa: E402
-from utils.cli import ArgumentParser, device_name, run_cli  # noqa: E402
+from utils.cli import (ArgumentParser, device_name, int_at_least, positive_int, run_cli,  # noqa: E402
+                       window_size)
 from utils.distributed import resolve_device  # noqa: E402
 from utils.modalities import ALL_SUBSETS, parse_subset  # noqa: E402
 from utils.speed import synchronize  # noqa: E402
@@ -35,14 +36,15 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODEL_SIZES, default="full")
     p.add_argument("--device", type=device_name, default="auto")
-    p.add_argument("--patch", default="16,32,32", help="D,H,W (published training patch 80,160,160)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--patch", type=window_size, default="16,32,32",
+                   help="D,H,W (published training patch 80,160,160)")
+    p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off")
     p.add_argument("--subset", default="0,1,2,3", help="available modalities in the train step")
     p.add_argument("--checkpoint_encoder", action="store_true")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
+    p.add_argument("--steps", type=positive_int, default=5)
+    p.add_argument("--warmup", type=int_at_least(0), default=2)
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="CPU threads (0: PyTorch default)")
     return p.parse_args(argv)
 
 
@@ -68,7 +70,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    patch = tuple(int(v) for v in args.patch.split(","))
+    patch = args.patch
     config = LCKDConfig.from_name(args.model, checkpoint_encoder=args.checkpoint_encoder)
     torch.manual_seed(0)
     model = LCKD(config).to(device)

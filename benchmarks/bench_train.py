@@ -68,10 +68,10 @@ from datasets.augment import augment_batch  # noqa: E402
 from datasets.brats import datalist_entries, resolve_list  # noqa: E402
 from datasets.preprocess import preprocess  # noqa: E402
 from datasets.sampling import PatchDataset, loader_options  # noqa: E402
-from datasets.synthetic import generate, split_counts  # noqa: E402
+from datasets.synthetic import generate, split_counts, volume_shape  # noqa: E402
 from models import MODEL_SIZES  # noqa: E402
 from utils import distributed, speed  # noqa: E402
-from utils.cli import PUBLISHED_INPUT_SIZE, ArgumentParser, UsageError  # noqa: E402
+from utils.cli import PUBLISHED_INPUT_SIZE, ArgumentParser, UsageError, int_at_least  # noqa: E402
 from utils.election import elect  # noqa: E402
 from utils.losses import segmentation_loss  # noqa: E402
 from utils.modalities import FULL, parse_teachers  # noqa: E402
@@ -123,9 +123,10 @@ def add_common_arguments(p):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--model", choices=MODEL_SIZES, help="default: full on CUDA, small on CPU")
     p.add_argument("--patch", help="D,H,W (default: 80,160,160 on CUDA, 32,64,64 on CPU)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--shape", help="case size X,Y,Z (default: 240,240,155 on CUDA, 96,96,64 on CPU)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch default)")
+    p.add_argument("--batch", type=int, default=2)  # train.py's check names it (--batch_size)
+    p.add_argument("--shape", type=volume_shape,
+                   help="case size X,Y,Z (default: 240,240,155 on CUDA, 96,96,64 on CPU)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, help="CPU threads (0: PyTorch default)")
 
 
 def resolve_defaults(args, defaults=None):
@@ -133,7 +134,7 @@ def resolve_defaults(args, defaults=None):
     cuda = distributed.device_kind(args.device) == "cuda"
     args.device = "cuda" if cuda else "cpu"
     defaults = {"model": ("full", "small"), "patch": (PUBLISHED_INPUT_SIZE, "32,64,64"),
-                "shape": ("240,240,155", "96,96,64"), **(defaults or {})}
+                "shape": ((240, 240, 155), (96, 96, 64)), **(defaults or {})}
     for name, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, on_cuda if cuda else on_cpu)
@@ -492,7 +493,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.work_dir or tmp)
         if not (work / "data" / "train.csv").exists():
-            generate(work / "data", args.cases, shape_xyz=tuple(int(s) for s in args.shape.split(",")))
+            generate(work / "data", args.cases, shape_xyz=args.shape)
         # The targets first (the first three variants, both stages, their projection): a run
         # stopped at a lent GPU's time limit keeps them. Each row is printed when measured.
         for group in (args.variants[:3], args.variants[3:]):

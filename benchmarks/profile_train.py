@@ -121,7 +121,7 @@ def main(argv=None):
     train.set_backends(device)
     with tempfile.TemporaryDirectory(prefix="profile_train_") as tmp:
         work = Path(tmp)
-        generate(work / "data", 3, shape_xyz=tuple(int(s) for s in args.shape.split(",")))
+        generate(work / "data", 3, shape_xyz=args.shape)
         targs = train.parse_args(bench_train.train_flags(args, work, args.stage, args.variant))
         image, regions = bench_train.pipeline_batch(targs, device)
     step, options = bench_train.warmed_step(targs, device, (image, regions), args.warmup)

@@ -309,6 +309,20 @@ def _volume_shape(sizes):
     return shape
 
 
+def volume_shape(text):
+    """An argparse type: 'X,Y,Z' -> (X, Y, Z), three sizes >= 16 in decimal digits (run.sh demo
+    reads DEMO_SHAPE in bash too, where '+96', '6_4' and other digits than 0-9, all ints to
+    Python, are errors)."""
+    sizes = str(text).split(",")
+    try:
+        if not all(re.fullmatch(r" *[0-9]+ *", size) for size in sizes):
+            raise ValueError(text)
+        return _volume_shape(sizes)
+    except ValueError:  # a size that is not an integer, or the check's own refusal
+        raise argparse.ArgumentTypeError(f"must be three comma-separated sizes >= 16, got "
+                                         f"{text!r}") from None
+
+
 def _check_format(fmt):
     if fmt not in ("nii", "nii.gz"):
         raise ValueError(f"fmt must be 'nii' or 'nii.gz', got {fmt!r}")
@@ -417,7 +431,7 @@ def main(argv=None):
     p.add_argument("--layout", default="flat", choices=LAYOUTS,
                    help="flat: Synth_0000/ ... and train/val/test.csv; brats18: the official "
                         "lists' cases in the challenge's folders (default %(default)s)")
-    p.add_argument("--shape", default="240,240,155", help="X,Y,Z volume size in voxels")
+    p.add_argument("--shape", type=volume_shape, default="240,240,155", help="X,Y,Z volume size in voxels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="nii.gz", choices=("nii", "nii.gz"))
     p.add_argument("--reuse", action="store_true",
@@ -427,15 +441,7 @@ def main(argv=None):
     if (args.layout == "flat") != (args.num_cases is not None):
         p.error("--num_cases is needed by the flat layout, and has no use in the brats18 layout "
                 "(the official lists' 351 cases)")
-    sizes = args.shape.split(",")
-    try:
-        # Decimal digits only: run.sh demo reads DEMO_SHAPE in bash too, where '+96', '6_4' and
-        # other digits than 0-9 (all ints to Python) are errors.
-        if not all(re.fullmatch(r" *[0-9]+ *", size) for size in sizes):
-            raise ValueError(args.shape)
-        shape = _volume_shape(sizes)
-    except ValueError:  # a size that is not an integer, or the check's own refusal
-        p.error(f"--shape must be three comma-separated sizes >= 16, got {args.shape!r}")
+    shape = args.shape
     check_writable(args.out_dir)  # a file in its place: one line, not the first write's error
     settings = {"layout": args.layout, "num_cases": args.num_cases, "shape": list(shape),
                 "seed": args.seed, "format": args.format}

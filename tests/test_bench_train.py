@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from benchmarks import bench_data, bench_eval, bench_model, bench_train, profile_train
+from benchmarks import bench_data, bench_eval, bench_metrics, bench_model, bench_train, profile_train
 from test_demo import REPO
 from utils import speed
 
@@ -180,6 +180,21 @@ def test_a_device_torch_would_misread_is_a_flag_error(parse, capsys):
     with pytest.raises(SystemExit) as stop:
         parse(["--device", "gpu"])
     assert stop.value.code == 2 and "argument --device:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parse, flags", [
+    (bench_train.parse_args, ["--shape", "abc"]), (bench_train.parse_args, ["--shape", "64,64"]),
+    (profile_train.parse_args, ["--shape", "abc"]), (bench_eval.main, ["--cases", "0"]),
+    (bench_eval.main, ["--patch", "16,30,32"]), (bench_model.parse_args, ["--steps", "0"]),
+    (bench_model.parse_args, ["--patch", "16,30,32"]), (bench_model.parse_args, ["--batch", "0"]),
+    (bench_metrics.main, ["--repeats", "0"])])
+def test_a_benchmark_flag_mistake_is_one_line_before_any_work(parse, flags, capsys):
+    # each of these ended in a traceback, some after minutes of data generation
+    with pytest.raises(SystemExit) as stop:
+        parse(flags)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: argument {flags[0]}: ") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("flag", ["--num_cases", "--patches", "--raw_patches"])

@@ -180,10 +180,10 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("flags, expected", [
     (["--num_cases", "0"], "argument --num_cases: must be at least 1, got 0"),
-    (["--num_cases", "2", "--shape", "8,64,64"], "--shape must be three comma-separated sizes >= 16, got '8,64,64'"),
-    (["--num_cases", "2", "--shape", "64,64"], "--shape must be three comma-separated sizes >= 16, got '64,64'"),
-    (["--num_cases", "2", "--shape", "64,64,3_2"], "--shape must be three comma-separated sizes >= 16, got '64,64,3_2'"),
-    (["--num_cases", "2", "--shape", "+64,64,32"], "--shape must be three comma-separated sizes >= 16, got '+64,64,32'"),
+    (["--num_cases", "2", "--shape", "8,64,64"], "argument --shape: must be three comma-separated sizes >= 16, got '8,64,64'"),
+    (["--num_cases", "2", "--shape", "64,64"], "argument --shape: must be three comma-separated sizes >= 16, got '64,64'"),
+    (["--num_cases", "2", "--shape", "64,64,3_2"], "argument --shape: must be three comma-separated sizes >= 16, got '64,64,3_2'"),
+    (["--num_cases", "2", "--shape", "+64,64,32"], "argument --shape: must be three comma-separated sizes >= 16, got '+64,64,32'"),
     (["--num_cases", "1", "--out_dir", ""], "argument --out_dir: expected a path, got ''"),
     ([], "--num_cases is needed by the flat layout, and has no use in the brats18 layout (the "
          "official lists' 351 cases)"),
