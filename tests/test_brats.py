@@ -220,14 +220,7 @@ def test_validation_error_names_case_and_file(tmp_path, breaker):
     assert bad.name in str(info.value) and "Brats18_TCIA02_300_1" in str(info.value)
 
 
-def test_a_damaged_gz_and_a_scan_in_two_files_say_what_to_do(tmp_path):
-    folder, _ = write_case(tmp_path, "Brats18_X")
-    bad = _break_corrupted(folder)
-    with pytest.raises(CaseError) as info:
-        load_case(folder)
-    assert str(info.value) == (f"case Brats18_X: {bad}: unreadable NIfTI (BadGzipFile: CRC check "
-                               "failed): damaged, its bytes fail the compressed stream's check: a "
-                               "bad copy or disk? Copy it again")
+def test_a_scan_in_two_files_is_told_to_keep_one(tmp_path):
     folder, _ = write_case(tmp_path, "Brats18_Y")
     gz = part_path(folder, "t1")
     (folder / "Brats18_Y_t1.nii").write_bytes(gzip.decompress(gz.read_bytes()))
@@ -238,13 +231,17 @@ def test_a_damaged_gz_and_a_scan_in_two_files_say_what_to_do(tmp_path):
                                "others out of the case folder)")
 
 
-def test_non_finite_voxels_are_counted_and_named_for_what_they_are(tmp_path):
+@pytest.mark.parametrize("breaker, problem", [
+    (_break_nan, "1 non-finite voxels (NaN or infinity): a damaged or badly converted scan"),
+    (_break_corrupted, "unreadable NIfTI (BadGzipFile: CRC check failed): damaged, its bytes fail "
+                       "the compressed stream's check: a bad copy or disk? Copy it again"),
+])
+def test_damaged_voxels_are_named_for_what_they_are(tmp_path, breaker, problem):
     folder, _ = write_case(tmp_path, "Brats18_X")
-    bad = _break_nan(folder)
+    bad = breaker(folder)
     with pytest.raises(CaseError) as info:
         load_case(folder)
-    assert str(info.value) == (f"case Brats18_X: {bad}: 1 non-finite voxels (NaN or infinity): a "
-                               "damaged or badly converted scan")
+    assert str(info.value) == f"case Brats18_X: {bad}: {problem}"
 
 
 def test_non_integer_labels_are_counted_and_shown(tmp_path):
