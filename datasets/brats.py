@@ -531,13 +531,14 @@ def _damaged(path, error):
     inside its header (nibabel: 'Cannot work out file type'), or for a .nii.gz whose gzip stream
     ends early (`error` an EOFError: 'Compressed file ended before ...'; its size says nothing
     of the voxels'); ': damaged, ...' for a .nii.gz whose bytes changed (gzip: 'CRC check
-    failed', zlib: 'invalid ...'); else ''."""
+    failed' or 'Incorrect length of data produced', zlib: 'invalid ...'); else ''."""
     path = Path(path)
     again = ": an interrupted copy or download? Copy it again"
     if path.name.lower().endswith(".gz"):
         if isinstance(error, EOFError):
             return ": truncated, its compressed stream cut short" + again
-        if isinstance(error, zlib.error) or "CRC check failed" in str(error):
+        if isinstance(error, zlib.error) or any(
+                check in str(error) for check in ("CRC check failed", "Incorrect length of data")):
             return (": damaged, its bytes fail the compressed stream's check: a bad copy or "
                     "disk? Copy it again")
         return ""

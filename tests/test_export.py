@@ -109,7 +109,9 @@ def test_a_mask_damaged_at_the_end_of_its_gzip_stream_is_refused(tmp_path, offse
     damaged(path, offset)
     with pytest.raises(CaseError) as error:
         read_mask(path)
-    assert str(error.value) == f"case Brats18_X: {path}: unreadable NIfTI ({problem})"
+    assert str(error.value) == (f"case Brats18_X: {path}: unreadable NIfTI ({problem}): damaged, its "
+                                "bytes fail the compressed stream's check: a bad copy or disk? Copy "
+                                "it again")
 
 
 def test_the_mask_of_a_nifti2_input_is_nifti1_on_its_grid_and_nothing_is_printed(tmp_path, capfd,
