@@ -78,6 +78,14 @@ def _too_many_bins(error, vmin, vmax):
     )
 
 
+def _constant_foreground(fg, top):
+    """The NormalizationError of a foreground of one value (std 0): a mask or a placeholder."""
+    return NormalizationError(f"foreground is constant ({fg[0]:g}, clipped at {top:g} as "
+                              "published): its std is 0: not an MRI scan (a mask, a "
+                              f"placeholder)? Give the scan; if the modality is missing, "
+                              f"{PLACEHOLDER_FIX}")
+
+
 def _check_foreground(v, fg, top):
     """NormalizationError when clipping v (the volume as given) at `top` left no foreground
     (fg), saying the likely cause: a 2-D slice, too few voxels for the intensity levels (an
@@ -123,10 +131,7 @@ def normalize_published(v):
     _check_foreground(v, fg, top)
     mean, std = fg.mean(), fg.std()
     if not std > 0:
-        raise NormalizationError(f"foreground is constant ({fg[0]:g}, clipped at {top:g} as "
-                                 "published): its std is 0: not an MRI scan (a mask, a "
-                                 f"placeholder)? Give the scan; if the modality is missing, "
-                                 f"{PLACEHOLDER_FIX}")
+        raise _constant_foreground(fg, top)
     out = np.zeros_like(v)
     out[mask] = (fg - mean) / std
     return out
@@ -202,10 +207,7 @@ def _parameters_and_foreground(v):
     _check_foreground(v, fg, top)
     mean, std = fg.mean(), fg.std()  # same reductions in the same order as the reference
     if not std > 0:
-        raise NormalizationError(f"foreground is constant ({fg[0]:g}, clipped at {top:g} as "
-                                 "published): its std is 0: not an MRI scan (a mask, a "
-                                 f"placeholder)? Give the scan; if the modality is missing, "
-                                 f"{PLACEHOLDER_FIX}")
+        raise _constant_foreground(fg, top)
     return np.array([top, background, mean, std], np.float32), mask, fg
 
 
