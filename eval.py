@@ -156,6 +156,9 @@ def case_folders(args):
     if args.input is not None:
         if args.data_list is not None:
             raise UsageError("give --input or --data_list, not both")
+        if args.data_root:  # it re-bases a datalist's entries; --input names the cases as they are
+            raise UsageError(f"--data_root re-bases a datalist's case folders: with --input "
+                             f"{args.input} it would do nothing; drop it")
         require_folder(args.input, "--input ")
         folders, source = find_cases(args.input), args.input
     else:

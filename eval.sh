@@ -15,6 +15,7 @@
 #
 # Variables (override from the environment; a relative path you give is taken from the folder
 # you run the script in when it exists there, OUT always; the defaults are the repository's):
+set -euo pipefail
 . "$(dirname "$(readlink -f "$0")")/utils/callers_paths.sh"
 callers_paths inputs CKPT DATA_LIST DATA_ROOT INPUT
 callers_paths outputs OUT
@@ -28,11 +29,10 @@ MODE=${MODE:-0,1,2,3}                               # a subset such as 0,2 or fl
 OUT=${OUT:-outputs/${NAME}}
 PYTHON=${PYTHON:-python}
 launch_command  # how eval.py starts: LAUNCH="torchrun --nproc_per_node 4", else $PYTHON
-set -euo pipefail
 check_name
 
 if [ $# -lt 1 ]; then
-    sed -n '2,5p' "$0" >&2
+    echo "usage: bash eval.sh GPU_ID|cpu [extra eval.py flags]   (GPU_ID: a CUDA index, or a list of them for LAUNCH=torchrun)" >&2
     exit 2
 fi
 GPU=$1

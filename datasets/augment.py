@@ -21,9 +21,10 @@ Differences from batchgenerators, on purpose: labels are never padded with -1 (p
 background); cubic interpolation becomes trilinear (torch has no 3D cubic); batchgenerators
 passes the noise "variance" as the standard deviation, we use its square root.
 
-Missing modalities: a channel that is all zero on input (a missing modality) is exactly zero
-on output — noise and brightness would otherwise make it nonzero. The model zeroes missing
-modalities itself; keeping the zero here keeps the inputs clean and the choice explicit.
+All-zero channels: a channel that is all zero on input (a crop of pure background, where
+normalisation left exactly 0) is exactly zero on output — noise and brightness would otherwise
+make it nonzero. (Missing modalities are not zeroed here: train.py augments all four and the
+model drops the ones a subset lacks.)
 
 Determinism: per-sample parameters come from a CPU torch.Generator seeded with `seed`; noise
 fields from a generator on the batch's device seeded from it. Same seed, same device, same

@@ -1,11 +1,12 @@
 """A BraTS-like synthetic dataset, generated on demand, in the BraTS 2018 layout.
 
     python -m datasets.synthetic --out_dir data/synthetic --num_cases 20 [--shape 240,240,155]
-                                 [--seed 0] [--format nii|nii.gz] [--reuse]
+                                 [--seed 0] [--format nii|nii.gz] [--reuse] [--layout flat|brats18]
 
 writes DIR/Synth_0000/Synth_0000_{flair,t1,t1ce,t2,seg}.<fmt> ... and the split lists
 DIR/{train,val,test}.csv (one case folder name per line, relative to DIR, no header): in case
-order, the last 20 % (rounded, at least 1) are test, the 20 % before them val, the rest train.
+order, the last 20 % (rounded, at least 1 from 3 cases on) are test, the 20 % before them val,
+the rest train.
 DIR/synthetic.json, written last, records the settings: with --reuse (run.sh demo) a folder
 that holds the dataset of the same settings is kept as it is, one of other settings refused.
 

@@ -545,6 +545,8 @@ def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
                      "t2, each once, separated by commas (e.g. 0,2 or flair,t1ce); or 'all' (the "
                      "15 subsets) or 'available'"),
     (["--input", "x", "--data_list", "y.csv"], "--input or --data_list, not both"),
+    (["--input", "x", "--data_root", "/data"], "--data_root re-bases a datalist's case folders: "
+                                               "with --input x it would do nothing; drop it"),
     (["--resume", "--overwrite"], "give --resume (continue the evaluation in --output_dir) or "
                                   "--overwrite (replace it), not both"),
 ])

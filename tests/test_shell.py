@@ -259,10 +259,13 @@ def test_a_stop_is_the_scripts_status_when_the_launcher_exits_1(tmp_path, script
     assert stdout.splitlines()[-1] == "saved after SIGTERM" and len(launched(record)) == 1
 
 
-def test_run_sh_without_arguments_prints_its_usage():
-    run = subprocess.run(["bash", str(REPO / "run.sh")], capture_output=True, text=True, timeout=60)
-    assert (run.returncode, run.stdout) == (2, "")
-    assert run.stderr == "usage: bash run.sh GPU_ID|cpu|demo [extra train.py flags]\n"
+@pytest.mark.parametrize("script, usage", [
+    ("run.sh", "usage: bash run.sh GPU_ID|cpu|demo [extra train.py flags]"),
+    ("eval.sh", "usage: bash eval.sh GPU_ID|cpu [extra eval.py flags]   (GPU_ID: a CUDA index, "
+                "or a list of them for LAUNCH=torchrun)")])
+def test_a_script_without_arguments_prints_its_usage(script, usage):
+    run = subprocess.run(["bash", str(REPO / script)], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout, run.stderr) == (2, "", usage + "\n")
 
 
 def test_relative_paths_given_are_taken_from_the_callers_folder(tmp_path):
