@@ -81,6 +81,8 @@ def get_parser():
     g = p.add_argument_group("data (published flag names)")
     g.add_argument("--data_dir", default="datalist/", help="folder that --train_list/--val_list "
                    "are relative to when they do not exist as given (published)")
+    # the published train.py's default; the published run.sh (and ours) passes the 285 cases
+    # of BraTS18_train_all.csv
     g.add_argument("--train_list", default="datalist/BraTS18/BraTS18_train.csv")
     g.add_argument("--val_list", default="datalist/BraTS18/BraTS18_val.csv",
                    help="labelled cases for the teacher election ('' = no election)")
