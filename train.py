@@ -447,7 +447,7 @@ def resume(checkpoint, own, optimizer, scaler, subset_rng, args, device):
     return start, tuple(checkpoint["teachers"]), checkpoint["elected_at"], random_start
 
 
-def check_point(model, window, flags, dist_info):
+def sync_point(model, window, flags, dist_info):
     """The loop's host synchronisation (and, with DDP, its one all-reduce). `window`: each
     iteration's (total, dice, bce, kd) since the last check, on the device. Returns those
     averaged over ranks (iterations, 4), whether any rank's weights hold NaN/inf, and each
@@ -715,7 +715,7 @@ def train(args, lists, dist_info, device):
             # ---- check point
             save_due = (main_rank and args.save_every_min > 0
                         and time.monotonic() - last_saved >= 60 * args.save_every_min)
-            window_parts, weights_bad, stop_requested, save_due = check_point(
+            window_parts, weights_bad, stop_requested, save_due = sync_point(
                 model, window, (stop_signals.signum is not None, save_due), dist_info)
             finite = torch.isfinite(window_parts).all(1)
             if not finite.all():
