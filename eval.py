@@ -77,7 +77,8 @@ from datasets.brats import (
 from datasets.normalize import normalize_case
 from utils import distributed, figures
 from utils.cli import ArgumentParser, UsageError, path_given, positive_int, progress_interval, run_cli
-from utils.export import CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_mask, save_labels
+from utils.export import (CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_cases_record,
+                          read_mask, save_labels)
 from utils.io import (atomic_path, check_file_writable, file_sha256, is_temp,
                       remove_stale_temps, write_text)
 from utils.lock import exclusive_lock
@@ -292,7 +293,7 @@ def resumed_cases(output_dir, found, record, cases, mode, figures):
         return set()  # nothing to continue: a fresh run
     try:
         previous = json.loads((output_dir / EVAL_RECORD).read_text())
-        listed = pd.read_csv(output_dir / CASES_RECORD, dtype=str, keep_default_na=False)
+        listed = read_cases_record(output_dir)
     except (OSError, ValueError) as error:
         raise UsageError(f"--resume: {output_dir} holds files of an evaluation (e.g. "
                          f"{found[0].name}) but not its record ({error}); pass --overwrite to "

@@ -39,14 +39,14 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
 from tqdm import tqdm
 
 from datasets.brats import (ET_2018, ET_2023, EXTENSIONS, MODALITY_TOKENS, CaseError, case_files,
                             is_placeholder, name_tokens, named_like_a_scan, nifti_stem, open_files,
                             read_files, require_modalities, scan_of, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, progress_interval, run_cli
-from utils.export import CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_mask, write_mask
+from utils.export import (CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_cases_record,
+                          read_mask, write_mask)
 from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
 from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
@@ -155,14 +155,18 @@ def evaluation_of(input_dir):
     return None
 
 
-def read_cases_record(evaluation):
-    """eval.py's cases.csv (case, folder, available) in the folder `evaluation`, or None."""
+def cases_record_of(evaluation):
+    """eval.py's cases.csv in the folder `evaluation`, or None when there is none."""
     if evaluation is None:
         return None
-    return pd.read_csv(evaluation / CASES_RECORD, dtype=str, keep_default_na=False)  # '007' stays
+    try:
+        return read_cases_record(evaluation)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{evaluation / CASES_RECORD}: cannot read eval.py's record of the cases "
+                         f"({error}); re-export with eval.sh (or eval.py --overwrite)") from None
 
 
-def mask_folders(input_dir):
+def evaluation_mask_folders(input_dir):
     """The mask folders of the evaluation in input_dir: those present, and those its
     eval_config.json's subsets name (an evaluation stopped in its first case lacks some)."""
     folders = {f.name for f in input_dir.iterdir() if f.is_dir() and f.name in MASK_FOLDERS}
@@ -182,7 +186,7 @@ def check_complete(input_dir, evaluation, record, sources, args):
         return
     whole = evaluation == input_dir
     found = {(s.parent.name, nifti_stem(s)) for s in sources if s.parent.parent == evaluation}
-    missing = [f"{folder}/{case}" for folder in (mask_folders(input_dir) if whole else [input_dir.name])
+    missing = [f"{folder}/{case}" for folder in (evaluation_mask_folders(input_dir) if whole else [input_dir.name])
                for case in record["case"] if (folder, case) not in found]
     if missing:
         what = "an evaluation" if whole else "a mask folder of an evaluation"
@@ -334,7 +338,7 @@ def main(argv=None):
                          "--output_dir")
     sources = find_masks(input_dir)
     evaluation = evaluation_of(input_dir)
-    record = read_cases_record(evaluation)
+    record = cases_record_of(evaluation)
     check_input(sources, input_dir, record, args)
     check_complete(input_dir, evaluation, record, sources, args)
     if not sources:

@@ -835,6 +835,20 @@ def test_one_mask_folder_of_a_stopped_evaluation_is_refused_too(tmp_path):
                           "--kmeans_necrosis", "--overwrite"])
 
 
+def test_an_evaluations_case_record_is_read_as_text_and_a_damaged_one_is_one_line(tmp_path):
+    inp, out = tmp_path / "eval", tmp_path / "post"
+    _eval_folder(inp, ["007"], ["flair/007"])  # read as a number, the case would be missing
+    assert len(postprocess.main(["--input_dir", str(inp), "--output_dir", str(out),
+                                 "--num_workers", "0"])) == 1
+    (inp / "cases.csv").write_bytes(b"")  # e.g. a copy cut short
+    with pytest.raises(UsageError) as error:
+        postprocess.main(["--input_dir", str(inp), "--output_dir", str(tmp_path / "post2")])
+    assert str(error.value) == (f"{inp / 'cases.csv'}: cannot read eval.py's record of the cases "
+                                "(No columns to parse from file); re-export with eval.sh (or "
+                                "eval.py --overwrite)")
+    assert not (tmp_path / "post2").exists()
+
+
 def test_an_evaluation_stopped_in_its_first_case_is_refused_too(tmp_path):
     # eval.py --mode all stopped after writing flair/A: the other subsets' folders do not exist
     # yet, but eval_config.json names them.

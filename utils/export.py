@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from datasets.brats import nifti_stem, open_files, read_label_map, to_nifti_order
 from utils.io import atomic_path
@@ -23,6 +24,14 @@ EVAL_OUTPUT_DIR = Path("outputs/LCKD")
 # The records eval.py writes next to the masks, which postprocess.py reads
 EVAL_RECORD = "eval_config.json"  # the settings, with the subsets masks were written of
 CASES_RECORD = "cases.csv"  # each case's folder and the modalities it has
+
+
+def read_cases_record(folder):
+    """eval.py's cases.csv in `folder` (case, folder, available), every column as text: a case
+    named '007' stays '007'."""
+    return pd.read_csv(Path(folder) / CASES_RECORD, dtype=str, keep_default_na=False)
+
+
 MASK_LABEL_3_HINT = ("masks hold BraTS 2018's labels (ET 4), as eval.py writes them: relabel 3 "
                      "-> 4, or post-process eval.py's masks (postprocess.py --et_label 3 writes "
                      "BraTS 2023's labels last)")
