@@ -308,7 +308,7 @@ def parse_args(argv=None):
                         help="enhancing tumour's value in the written masks: 4, BraTS 2018-2021's "
                              "(default), or 3 for BraTS 2023's online evaluation")
     parser.add_argument("--num_workers", type=int_at_least(0), default=default_workers(),
-                        help="parallel processes; 0 = run in this process (default %(default)s)")
+                        help="parallel processes; 0 or 1: in this process (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the masks in --output_dir that this run does not write (an "
                              "earlier run's other cases or subsets); refused without it")
@@ -364,7 +364,7 @@ def main(argv=None):
             print(f"deleted {stale} temporary file(s) left in {args.output_dir} by interrupted writes")
         progress = dict(total=len(jobs), desc="postprocess", unit="mask",
                         mininterval=progress_interval())
-        if args.num_workers == 0:
+        if args.num_workers <= 1 or len(jobs) <= 1:  # a pool of one would only add its start
             infos = [process_file(job) for job in tqdm(jobs, **progress)]
         else:
             with worker_pool(min(args.num_workers, len(jobs))) as pool:

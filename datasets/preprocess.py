@@ -56,7 +56,7 @@ from datasets import normalize as norm
 from datasets.brats import (CaseError, brats_like_warnings, case_files, read_datalist, read_files,
                             refuse_duplicates)
 from datasets.sampling import foreground_locations
-from utils.cli import (ArgumentParser, UsageError, path_given, positive_int, progress_interval,
+from utils.cli import (ArgumentParser, UsageError, int_at_least, path_given, progress_interval,
                        run_cli)
 from utils.io import file_sha256, remove_stale_temps, write_bytes, write_text
 from utils.lock import exclusive_lock
@@ -494,7 +494,7 @@ def preprocess(list_path, cache_dir, data_root=None, num_workers=None, progress=
     """Cache every case of a datalist; returns the CachedCases in datalist order.
 
     Valid, fresh cases are re-used; missing, broken, outdated or stale ones are (re)built over
-    num_workers processes (1 = in this process), each rebuild of an existing case announced
+    num_workers processes (0 or 1: in this process), each rebuild of an existing case announced
     on stderr with its reason. Returns once every case is valid; the first case that fails
     raises (CaseError naming the case and the file) and stops the others; so does a case that
     another process sharing cache_dir rebuilt meanwhile from other sources (other data under
@@ -542,8 +542,8 @@ def main(argv=None):
                         help="output folder (one subfolder per case)")
     parser.add_argument("--data_root", default=None,
                         help="re-base the datalist entries under this folder ('': none, as in train.py)")
-    parser.add_argument("--num_workers", type=positive_int, default=default_workers(),
-                        help="processes (1: in this process; default %(default)s)")
+    parser.add_argument("--num_workers", type=int_at_least(0), default=default_workers(),
+                        help="parallel processes; 0 or 1: in this process (default %(default)s)")
     args = parser.parse_args(argv)
     cases = preprocess(args.data_list, args.cache_dir, args.data_root or None, args.num_workers,
                        progress=True)

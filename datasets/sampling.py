@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from datasets.normalize import apply_normalization
 from utils import speed
 from utils.regions import REGIONS, labels_to_regions
+from utils.workers import available_cpus
 
 CROP_MARGINS = (0, 15, 10)  # voxels kept from the (D, H, W) borders by the random crop
 SCALE_RANGE = (0.9, 1.1)
@@ -274,8 +275,7 @@ def loader_options(num_workers, device):
     batches ready; batches are pinned for an asynchronous copy when the device is a GPU.
     """
     if num_workers < 0:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        per_process = (cpus or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        per_process = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         num_workers = max(0, min(AUTO_WORKERS_MAX, per_process - 1))
     options = {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda"}
     if num_workers:

@@ -132,12 +132,15 @@ def test_script_end_to_end_with_subset_folders(tmp_path):
     np.testing.assert_array_equal(data, expected)
 
 
-def test_script_flat_folder_in_process(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])  # as datasets.preprocess: both in this process
+def test_script_flat_folder_in_process(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(postprocess, "worker_pool", None)  # calling it fails
     label = np.zeros((30, 30, 30), np.uint8)
     _cube(label, (5, 5, 2), 4, 2)  # entirely in the lowest 25 slices -> removed
-    _write(tmp_path / "in" / "case.nii.gz", label, np.eye(4))
+    for case in ("case", "other"):
+        _write(tmp_path / "in" / f"{case}.nii.gz", label, np.eye(4))
     postprocess.main(["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
-                      "--num_workers", "0"])
+                      "--num_workers", workers])
     assert not np.asanyarray(nib.load(str(tmp_path / "out" / "case.nii.gz")).dataobj).any()
 
 

@@ -111,9 +111,10 @@ def test_parallel_cli_and_data_root(dataset, capsys):
     assert not [p for p in cache.rglob("*tmp*")]  # no temporary files left behind
 
 
-def test_cli_empty_data_root_is_none_and_empty_list_is_refused(dataset, capsys):
+def test_cli_empty_data_root_is_none_and_empty_list_is_refused(dataset, capsys, monkeypatch):
     data, lst, cache = dataset
-    main(["--data_list", str(lst), "--cache_dir", str(cache), "--data_root", "", "--num_workers", "1"])
+    monkeypatch.setattr(preprocess_module, "worker_pool", None)  # 0 workers: in this process
+    main(["--data_list", str(lst), "--cache_dir", str(cache), "--data_root", "", "--num_workers", "0"])
     assert "3 cases (2 with labels)" in capsys.readouterr().out  # the list's own paths, as train.py
     with pytest.raises(SystemExit) as info:
         main(["--data_list", "", "--cache_dir", str(cache)])

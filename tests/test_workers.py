@@ -9,12 +9,14 @@ import pytest
 
 from datasets import synthetic
 from test_demo import REPO
+from utils import workers
 from utils.lock import exclusive_lock
 
 # A run holding its output folder's lock starts a pool and is killed with SIGKILL while its
 # worker is busy (the worker prints its pid first).
 HOLDER = """
 import multiprocessing, os, sys, time
+from utils import workers
 from utils.lock import exclusive_lock
 from utils.workers import worker_pool
 with exclusive_lock(sys.argv[1]):
@@ -91,3 +93,12 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
         process.kill()
     assert process.returncode == 130 and stderr.endswith("\ninterrupted\n")
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+@pytest.mark.parametrize("allowed, expected", [({0}, 1), ({3, 5}, 2), (set(range(64)), 8)])
+def test_the_default_worker_count_follows_the_cpus_this_process_may_use(monkeypatch, allowed,
+                                                                        expected):
+    # a scheduler's 2 CPUs of a 64-core node: 2 workers, not 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: allowed, raising=False)
+    assert workers.default_workers() == expected

@@ -8,10 +8,18 @@ from concurrent.futures import ProcessPoolExecutor
 PARENT_POLL_S = 0.5
 
 
+def available_cpus():
+    """The CPUs this process may run on: a scheduler's allocation or `taskset`, not the whole
+    machine's count."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_workers():
     """How many processes datasets.preprocess and postprocess.py start unless told: one per
-    CPU, at most 8."""
-    return min(8, os.cpu_count() or 1)
+    available CPU, at most 8."""
+    return min(8, available_cpus())
 
 
 def worker_pool(num_workers, mp_context=None):
