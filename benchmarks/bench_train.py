@@ -25,7 +25,7 @@ FLOPs x it/s / the device's dense peak for the row's precision (printed); n/a on
 slice or an unknown GPU. Peak memory: max_memory_allocated over each timed measurement, after
 the warm-up (CUDA only; compare rows of one run). warm-up s: the bare step's warm-up
 (compilation and cuDNN autotuning of every shape). wall s: the row's whole measurement (what a
-row costs on a lent GPU).
+row costs in a time-limited GPU session).
   election  (stage 2 rows) the teacher election with the variant's network on the validation
         case(s), once to warm up (eval-mode compilation), then timed: seconds per case.
 At the end, for each variant measured in both stages: the projected wall time of the published
@@ -39,7 +39,7 @@ variants. A row whose measurement fails prints FAILED with the error, the others
 and the exit status is 1.
 
 Variants (rows): published = the published step: all four modalities encoded per forward, fp16
-autocast with a loss scaler (issue 9's baseline; the released train.py has no autocast and
+autocast with a loss scaler (the baseline of the speed targets; the released train.py has no autocast and
 trains in fp32), NCDHW, eager, torch's default SGD (whose loss scaler reads the overflow flag on
 the host every step) (on a CPU in fp32: the published code needs a GPU, and CPU fp16 autocast
 runs ~10x slower than fp32); fp32 = this repository's step before the speed options; fp32_cl =
@@ -407,7 +407,7 @@ def measure(args, work, stage, variant, device):
 
 def measure_row(args, work, stage, variant, device):
     """measure(), or the row's error: one failing variant (a compiler error, out of memory)
-    must not cost the rows after it on a GPU lent for minutes. The traceback goes to stderr."""
+    must not cost the rows after it on a GPU held for minutes. The traceback goes to stderr."""
     try:
         return measure(args, work, stage, variant, device)
     except Exception as error:  # noqa: BLE001 (reported in the table and the exit status)
@@ -495,7 +495,7 @@ def main(argv=None):
         if not (work / "data" / "train.csv").exists():
             generate(work / "data", args.cases, shape_xyz=args.shape)
         # The targets first (the first three variants, both stages, their projection): a run
-        # stopped at a lent GPU's time limit keeps them. Each row is printed when measured.
+        # stopped at a GPU session's time limit keeps them. Each row is printed when measured.
         for group in (args.variants[:3], args.variants[3:]):
             group_rows = []
             for stage in args.stages if group else ():

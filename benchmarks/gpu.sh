@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures in the README's performance section, on one card:
 #   bash benchmarks/gpu.sh OUT_DIR [PART ...]      PARTS: train eval checks profile model (default: all,
-#                                                   in this order: the issue's targets first)
+#                                                   in this order: the speed targets first)
 # checks   tests/test_speed.py and tests/test_normalize.py: the speed options' numerics and, on
 #          CUDA, that a training iteration (data path, augmentation, step) never synchronises
 #          the host, that bf16 conv gradients match fp32 (on a CPU they do not: train.py refuses
@@ -16,22 +16,22 @@
 # model    bench_model.py: train step and 15-subset decode, fp32 and bf16.
 # Every part's output is appended to OUT_DIR/results.txt (and the terminal) as it is measured,
 # under a dated header naming the part (a re-run keeps the earlier output), its log to
-# OUT_DIR/stderr.log: with trace.json.gz, three files (a lent GPU returns at most 8). A part
+# OUT_DIR/stderr.log: with trace.json.gz, three files (a sandboxed GPU session may return only a few). A part
 # that fails does not stop the others; the exit status is 1 if any failed.
 #
 # Knobs (environment):
 #   PYTHON (python3), DEVICE (cuda; cpu runs the same steps on tiny settings: a dry run of
 #   this script's logic), BUDGET_S (start no part once the parts have run this many seconds:
-#   a lent GPU's time limit; 0 = none), VARIANTS, STAGES, WARMUP, STEPS, WORKERS (bench_train; -1,
+#   a time-limited GPU session's limit; 0 = none), VARIANTS, STAGES, WARMUP, STEPS, WORKERS (bench_train; -1,
 #   the default, sizes them from the machine as run.sh does), PROFILE_VARIANT,
 #   PROFILE_STAGE, and WORK, a folder to keep bench_train's synthetic cases and cache in for a
 #   re-run (default: a temporary folder; 4 cases of 240x240x155 take ~0.1 GB).
 #   WHEELS: a folder of wheels (default .whl) installed into a private folder first when the
-#   python lacks nibabel, for a machine without a package index (the lent GPUs): where there is
+#   python lacks nibabel, for a machine without a package index (e.g. an offline GPU node): where there is
 #   one, `python -m pip download --no-deps --only-binary=:all: --python-version 3.12 nibabel -d .whl`.
-# A time-limited run (a lent GPU): the train part prints each row as soon as it is measured,
-# the targets first, so what a cut-off run measured is in OUT_DIR/results.txt. For a lent GPU
-# (about 9 minutes): BUDGET_S=360 VARIANTS=published,bf16_cl_compile,bf16 bash benchmarks/gpu.sh OUT
+# A time-limited run: the train part prints each row as soon as it is measured,
+# the targets first, so what a cut-off run measured is in OUT_DIR/results.txt. For a session of
+# about 9 minutes: BUDGET_S=360 VARIANTS=published,bf16_cl_compile,bf16 bash benchmarks/gpu.sh OUT
 set -uo pipefail
 if [ $# -eq 0 ]; then
   echo "usage: bash benchmarks/gpu.sh OUT_DIR [train] [eval] [checks] [profile] [model]" >&2
