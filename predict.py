@@ -35,6 +35,7 @@ from utils.io import check_file_writable
 from utils.modalities import MODALITIES, T1CE, subset_name
 from utils.postprocessing import (add_threshold_args, orientation_warning, postprocess_label,
                                   rules_from_args, unused_threshold)
+from utils.regions import ED, ET, NCR
 from utils.distributed import resolve_device
 from utils.segment import add_inference_args, add_model_args, load_model, segment
 
@@ -208,16 +209,16 @@ def main(argv=None):
         if args.kmeans_necrosis:
             kmeans = (f"; K-means rule: {info['necrosis_relabelled']} edema voxels -> NCR"
                       if t1ce is not None else "; K-means rule skipped: no T1ce")
-        et = ("relabelled as NCR" if info["et_relabelled"] else "kept" if (label == 4).any()
+        et = ("relabelled as NCR" if info["et_relabelled"] else "kept" if (label == ET).any()
               else "none left")
         print(f"post-processing: {info['components_removed']} components removed, ET {et}{kmeans}")
     old_figure = mask_figure(args.output)
     if args.output.exists() and old_figure.is_file() and old_figure != figure_path(args):
         old_figure.unlink()  # replacing a mask (--overwrite): its old figure would mislead
     save_labels(label, case.affine, case.header, args.output)
-    counts = np.bincount(label.ravel(), minlength=5)
+    counts = np.bincount(label.ravel(), minlength=ET + 1)
     print(f"mask from {subset_name(case.available)} written to {args.output}: "
-          f"{counts[1]} NCR, {counts[2]} ED, {counts[4]} ET voxels")
+          f"{counts[NCR]} NCR, {counts[ED]} ED, {counts[ET]} ET voxels")
     if args.figure is not None:
         path = figure_path(args)
         figures.case_figure(path, *figures.case_slices(case, [case.available], [label]))

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from utils.cli import int_at_least, unit_fraction
+from utils.regions import ED, ET, NCR
 
 SLICE_AXIS = 2  # z in NIfTI order; index 0 is the lowest slice (see orientation_warning)
 
@@ -195,30 +196,31 @@ def relabel_edema_as_necrosis(label, cleaned, t1ce, rules=Rules()):
     Returns (new cleaned, voxels relabelled).
     """
     tumour = np.count_nonzero(label)
-    if tumour == 0 or np.count_nonzero(label == 4) / tumour >= rules.kmeans_case_et_ratio:
+    if tumour == 0 or np.count_nonzero(label == ET) / tumour >= rules.kmeans_case_et_ratio:
         return cleaned, 0
     components, drop = _components(label, rules)
-    ncr = np.count_nonzero(label == 1)
+    ncr = np.count_nonzero(label == NCR)
     out = cleaned.copy()
     relabelled = 0
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         part = components[box] == index
-        counts = np.bincount(label[box][part], minlength=5)
+        counts = np.bincount(label[box][part], minlength=ET + 1)
         if drop[index]:
-            ncr -= counts[1]
+            ncr -= counts[NCR]
             continue
-        value_sum = counts[1] + 2 * counts[2] + 4 * counts[4]
-        if not (4 * counts[4] / value_sum < rules.kmeans_component_et_share
-                and 4 * counts[4] < rules.kmeans_et_value_sum and ncr < rules.kmeans_max_ncr):
+        # the script's sum of label values: each voxel counts its label (ET 4, ED 2, NCR 1)
+        value_sum = NCR * counts[NCR] + ED * counts[ED] + ET * counts[ET]
+        if not (ET * counts[ET] / value_sum < rules.kmeans_component_et_share
+                and ET * counts[ET] < rules.kmeans_et_value_sum and ncr < rules.kmeans_max_ncr):
             continue
-        edema = part & (label[box] == 2)
+        edema = part & (label[box] == ED)
         if not edema.any():
             continue
         middle = _middle_edema(t1ce[box][edema], label.size - np.count_nonzero(edema))
         if middle is None:
             continue
         window = out[box]  # a view: writing it writes `out`
-        window[tuple(axis[middle] for axis in np.nonzero(edema))] = 1
+        window[tuple(axis[middle] for axis in np.nonzero(edema))] = NCR
         relabelled += int(middle.sum())
         ncr += int(middle.sum())
     return out, relabelled
@@ -229,12 +231,12 @@ def relabel_small_et(label, rules=Rules()):
 
     Returns (new label, whether ET was relabelled). A case without ET is returned unchanged.
     """
-    et = label == 4
+    et = label == ET
     et_voxels = int(et.sum())
     if et_voxels == 0 or et_voxels >= rules.et_threshold:
         return label.copy(), False
     cleaned = label.copy()
-    cleaned[et] = 1
+    cleaned[et] = NCR
     return cleaned, True
 
 

@@ -7,11 +7,12 @@ Regions, in the network's output order: ET = {4}, WT = {1, 2, 4}, TC = {1, 4}.
 import numpy as np
 import torch
 
-LABELS = (0, 1, 2, 4)
+NCR, ED, ET = 1, 2, 4  # the label values
+LABELS = (0, NCR, ED, ET)
 REGIONS = ("ET", "WT", "TC")
-REGION_LABELS = {"ET": (4,), "WT": (1, 2, 4), "TC": (1, 4)}
+REGION_LABELS = {"ET": (ET,), "WT": (NCR, ED, ET), "TC": (NCR, ET)}
 # Export writes regions in this order, later ones overwriting: WT -> 2, TC -> 1, ET -> 4.
-EXPORT_ORDER = (("WT", 2), ("TC", 1), ("ET", 4))
+EXPORT_ORDER = (("WT", ED), ("TC", NCR), ("ET", ET))
 
 
 def labels_to_regions(label):
