@@ -71,6 +71,7 @@ from utils.modalities import FULL, MODALITIES, parse_mode, parse_teachers, sampl
 from utils.regions import REGIONS
 from utils.run_folder import (FINISHED_SETTINGS, claim_snapshot_dir, refuse_changed_settings,
                               same_setting)
+from utils.segment import MODEL_FLAGS
 
 
 def get_parser():
@@ -375,8 +376,8 @@ def step(model, optimizer, scaler, image, regions, subset, teachers, amp, kd_wei
 def network_config(args):
     """The LCKDConfig the flags describe."""
     return LCKDConfig.from_name(
-        args.model_size, num_classes=args.num_classes, weight_std=args.weight_std,
-        norm=args.norm_cfg, activation=args.activation_cfg,
+        args.model_size, num_classes=args.num_classes,
+        **{field: getattr(args, flag) for flag, field in MODEL_FLAGS.items()},
         checkpoint_encoder=args.checkpoint_encoder, encode_all=args.encode_all_modalities)
 
 

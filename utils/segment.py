@@ -78,12 +78,12 @@ def resolve_model_config(args, saved, path):
                              f"know ({', '.join(unknown)}): evaluate it with the version that trained it")
         base = LCKDConfig(**saved["model_config"])
     else:
+        published = LCKDConfig()
         base = LCKDConfig.from_name(pick(args.model_size, "model_size", "full"),
-                                    weight_std=saved.get("weight_std", True),
-                                    norm=saved.get("norm_cfg", "IN"),
-                                    activation=saved.get("activation_cfg", "LeakyReLU"))
-    explicit = {field: value for field, value in (("weight_std", args.weight_std), ("norm", args.norm_cfg),
-                                                  ("activation", args.activation_cfg)) if value is not None}
+                                    **{field: saved.get(flag, getattr(published, field))
+                                       for flag, field in MODEL_FLAGS.items()})
+    explicit = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items()
+                if getattr(args, flag) is not None}
     config = replace(base, **explicit, checkpoint_encoder=False, encode_all=False)
     if args.num_classes != config.num_classes:
         raise UsageError(f"--num_classes {args.num_classes}: the network predicts "
