@@ -23,7 +23,7 @@ from datasets.brats import load_case  # noqa: E402
 from datasets.normalize import normalize_image  # noqa: E402
 from datasets.synthetic import generate, volume_shape  # noqa: E402
 from models import LCKD, LCKDConfig  # noqa: E402
-from utils.regions import regions_to_labels  # noqa: E402
+from utils.regions import probabilities_to_labels  # noqa: E402
 from utils.cli import ArgumentParser, device_name, positive_int, run_cli, window_size  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.inference import AMP_DTYPES, predict_subsets  # noqa: E402
@@ -51,7 +51,7 @@ def main(argv=None):
     predict = lambda image, subsets: predict_subsets(
         model, image, subsets, args.patch, "probabilities", batch_size=args.batch_size,
         device=device, amp=args.amp)
-    run = lambda image, subsets: [regions_to_labels(p > 0.5) for p in predict(image, subsets)]
+    run = lambda image, subsets: [probabilities_to_labels(p) for p in predict(image, subsets)]
 
     def timed(fn):
         synchronize(device)

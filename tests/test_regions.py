@@ -1,6 +1,7 @@
 import numpy as np
+import torch
 
-from utils.regions import REGIONS, labels_to_regions, regions_to_labels
+from utils.regions import REGIONS, labels_to_regions, probabilities_to_labels, regions_to_labels
 
 
 def test_regions_from_labels_by_hand():
@@ -27,3 +28,11 @@ def test_export_overwrite_order_for_inconsistent_regions():
     regions[2, 1] = True          # TC only
     regions[1, 2] = True          # WT only
     assert regions_to_labels(regions).tolist() == [4, 1, 2]
+
+
+def test_a_region_is_present_strictly_above_one_half():
+    # columns: WT at 0.5 (not present), WT just above, WT+TC, WT+TC+ET, ET alone (ET wins)
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.51],
+                          [0.5, 0.5001, 0.8, 0.9, 0.2],
+                          [0.2, 0.4, 0.6, 0.9, 0.1]])
+    assert probabilities_to_labels(probs).tolist() == [0, 2, 1, 4, 4]

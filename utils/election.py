@@ -23,7 +23,7 @@ from utils.io import write_text
 from utils.losses import soft_dice
 from utils.modalities import MODALITIES, SINGLE_SUBSETS
 from utils.overlay import tumour_slice
-from utils.regions import REGIONS, labels_to_regions
+from utils.regions import PRESENT_ABOVE, REGIONS, labels_to_regions
 
 
 def winners(dice_sums):
@@ -96,7 +96,7 @@ def _slice_sample(name, image, label, probs, target):
         "slice": d,
         "image": image[:, d].copy(),  # (4, H, W)
         "truth": target[:, d].cpu().numpy().astype(bool),  # (3, H, W)
-        "pred": (probs[:, :, d] > 0.5).cpu().numpy(),  # (S, 3, H, W)
+        "pred": (probs[:, :, d] > PRESENT_ABOVE).cpu().numpy(),  # (S, 3, H, W)
     }
 
 

@@ -13,6 +13,7 @@ REGIONS = ("ET", "WT", "TC")
 REGION_LABELS = {"ET": (ET,), "WT": (NCR, ED, ET), "TC": (NCR, ET)}
 # Export writes regions in this order, later ones overwriting: WT -> 2, TC -> 1, ET -> 4.
 EXPORT_ORDER = (("WT", ED), ("TC", NCR), ("ET", ET))
+PRESENT_ABOVE = 0.5  # a region is predicted where its probability exceeds this (published)
 
 
 def labels_to_regions(label):
@@ -37,3 +38,9 @@ def regions_to_labels(regions):
     for region, value in EXPORT_ORDER:
         label.masked_fill_(regions[REGIONS.index(region)], value)
     return label.cpu().numpy()
+
+
+def probabilities_to_labels(probs):
+    """Probabilities (3, ...) of ET, WT, TC -> the published uint8 label map (regions_to_labels
+    of the regions present above PRESENT_ABOVE)."""
+    return regions_to_labels(probs > PRESENT_ABOVE)

@@ -13,7 +13,7 @@ from utils.cli import (PUBLISHED_INPUT_SIZE, UsageError, device_name, overlap_fr
                        positive_int, str2bool, window_size)
 from utils.distributed import DEVICE_NAMES
 from utils.inference import AMP_DTYPES, AVERAGES, predict_subsets
-from utils.regions import regions_to_labels
+from utils.regions import probabilities_to_labels
 
 
 def add_model_args(parser):
@@ -124,4 +124,4 @@ def segment(model, image, subsets, window, args, device):
     probs = predict_subsets(model, image, subsets, window, args.average, overlap=args.overlap,
                             gaussian=args.gaussian, batch_size=args.batch_size,
                             mirror=args.mirror, device=device, amp=args.amp)
-    return [regions_to_labels(p > 0.5) for p in probs]  # a region is present above 0.5
+    return [probabilities_to_labels(p) for p in probs]
