@@ -20,6 +20,11 @@ from torch.utils.checkpoint import checkpoint
 PATCH_MULTIPLES = (16, 32, 32)
 MULTIPLES_RULE = "D must be a multiple of 16 and H, W of 32 (the encoder halves D 4 times and H, W 5 times)"
 
+
+def patch_fits(d, h, w):
+    """Whether the encoder takes a patch (D, H, W) of these sides (MULTIPLES_RULE)."""
+    return all(n % m == 0 for n, m in zip((d, h, w), PATCH_MULTIPLES))
+
 # ----------------------------------------------------------------------------------------------
 # Layers
 
@@ -351,12 +356,11 @@ class LCKD(nn.Module):
         return subset
 
     def _check_input(self, x):
-        m = self.config.in_modalities
-        if x.dim() != 5 or x.shape[1] != m:
-            raise ValueError(f"expected input (N, {m}, D, H, W), got {tuple(x.shape)}")
-        d, h, w = x.shape[2:]
-        if any(n % m for n, m in zip((d, h, w), PATCH_MULTIPLES)):
-            raise ValueError(f"patch {d}x{h}x{w}: {MULTIPLES_RULE}")
+        modalities = self.config.in_modalities
+        if x.dim() != 5 or x.shape[1] != modalities:
+            raise ValueError(f"expected input (N, {modalities}, D, H, W), got {tuple(x.shape)}")
+        if not patch_fits(*x.shape[2:]):
+            raise ValueError(f"patch {'x'.join(map(str, x.shape[2:]))}: {MULTIPLES_RULE}")
 
     def _batch_statistics(self):
         """True when features depend on which images share the batch (BatchNorm in training)."""

@@ -241,8 +241,12 @@ def test_config_and_input_validation():
     with pytest.raises(ValueError):
         LCKDConfig.from_name("medium")
     model = make_model()
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match=r"^patch 16x40x32: D must be a multiple of 16 and H, W of 32"):
         model(torch.zeros(1, 4, 16, 40, 32))
+    with pytest.raises(ValueError, match=r"^patch 8x32x32: "):
+        model(torch.zeros(1, 4, 8, 32, 32))
+    with pytest.raises(ValueError, match=r"^expected input \(N, 4, D, H, W\), got \(1, 3, 16, 32, 32\)"):
+        model(torch.zeros(1, 3, 16, 32, 32))
     with pytest.raises(ValueError, match="subset"):
         model(torch.zeros(1, 4, 16, 32, 32), (4,))
     with pytest.raises(ValueError):

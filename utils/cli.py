@@ -12,7 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from datasets.brats import DataError
-from models.lckd import MULTIPLES_RULE, PATCH_MULTIPLES
+from models.lckd import MULTIPLES_RULE, patch_fits
 from utils.distributed import (DEVICE_NAMES, DeviceError, MainRankFailed, PeerFailed,
                                RankTimeoutError, launched_rank, named_device)
 from utils.io import DiskFullError, NotWritableError, is_disk_full
@@ -69,7 +69,7 @@ def window_size(text):
         window = ()
     if len(window) != 3 or min(window) < 1:
         raise argparse.ArgumentTypeError(f"expected D,H,W such as {PUBLISHED_INPUT_SIZE}, got {text!r}")
-    if any(w % m for w, m in zip(window, PATCH_MULTIPLES)):
+    if not patch_fits(*window):
         raise argparse.ArgumentTypeError(f"{text}: {MULTIPLES_RULE}")
     return window
 
