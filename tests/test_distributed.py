@@ -6,9 +6,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from launch import script_env, torchrun_command
+from test_demo import REPO
 
 SCRIPT = """
 import os, signal, sys, time
@@ -41,9 +41,8 @@ run_cli(main, argv=sys.argv[1:])
 def torchrun(tmp_path, *args):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    cmd = ["timeout", "60", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(34500 + os.getpid() % 1000), str(script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [*torchrun_command(60), str(script), *args]
+    env = script_env()
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
 
@@ -62,9 +61,8 @@ def test_a_stop_signal_is_reported_once_by_rank_0(tmp_path):
     # A scheduler's SIGTERM reaches torchrun, which passes it on to every process.
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(37500 + os.getpid() % 1000), str(script), "wait", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [*torchrun_command(), str(script), "wait", "1"]
+    env = script_env()
     run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
@@ -106,10 +104,9 @@ def test_a_rank_killed_before_the_gather_is_not_said_to_have_printed_an_error(tm
 
 def test_a_flag_mistake_is_printed_once_per_machine_not_once_per_process(tmp_path):
     for script, flags in (("train.py", ["--num_steps", "0"]), ("eval.py", ["--overlap", "2"])):
-        cmd = ["timeout", "60", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(35500 + os.getpid() % 1000), str(REPO / script), "--device", "cpu",
+        cmd = [*torchrun_command(60), str(REPO / script), "--device", "cpu",
                *flags]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        env = script_env()
         run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
         errors = [line for line in (run.stdout + run.stderr).splitlines() if "error:" in line]
         assert len(errors) == 1 and "--" + flags[0].strip("-") in errors[0], run.stderr[-2000:]
@@ -122,10 +119,9 @@ def test_a_flag_mistake_is_never_lost(tmp_path):
     wrapper.write_text("import os, time\nimport train\nfrom utils.cli import run_cli\n"
                        "time.sleep(1 if os.environ['LOCAL_RANK'] == '0' else 0)\n"
                        "run_cli(train.main, train.TRAIN_ERRORS)\n")
-    cmd = ["timeout", "60", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(36500 + os.getpid() % 1000), str(wrapper), "--device", "cpu",
+    cmd = [*torchrun_command(60), str(wrapper), "--device", "cpu",
            "--num_steps", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = script_env()
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
     errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--num_steps 0" in errors[0], run.stderr[-2000:]

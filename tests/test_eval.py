@@ -23,6 +23,7 @@ import torch
 import eval as evaluate
 import models
 from datasets.brats import DataError, read_datalist
+from launch import script_env, torchrun_command
 from test_demo import LOCAL, REPO
 from test_shell import copy_scripts
 from test_figures import assert_regions_drawn, read_png
@@ -1012,9 +1013,8 @@ def test_eval_sh_launches_with_launch_on_the_gpus_listed(tmp_path):
 # ------------------------------------------------------------------------------ under torchrun
 def torchrun(root, out, *flags, **lists):
     """eval.py as `torchrun --nproc_per_node 2` starts it: two CPU processes (gloo)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", str(REPO / "eval.py"), *argv(root, out, *flags, **lists)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [*torchrun_command(), str(REPO / "eval.py"), *argv(root, out, *flags, **lists)]
+    env = script_env()
     # the timeout: a rank left waiting for another would otherwise hold the test
     return subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True,
                           timeout=120)

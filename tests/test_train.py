@@ -38,6 +38,7 @@ from utils.lock import LockError, exclusive_lock
 from utils.modalities import FULL, sample_subset, subset_name
 from utils.run_folder import refuse_changed_settings
 
+from launch import script_env, torchrun_command
 from test_shell import copy_scripts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,9 +189,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_state(data, tmp_path, monkeyp
 
 def test_torchrun_two_cpu_processes(data, tmp_path):
     snapshot = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + os.getpid() % 1000), str(REPO / "train.py"),
+    env = script_env()
+    cmd = [*torchrun_command(), str(REPO / "train.py"),
            *flags(data, snapshot, 3, 2, "--mode", "random")]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -448,7 +448,7 @@ def test_sigterm_saves_and_the_rerun_ends_bit_identical(data, tmp_path):
     snapshot = tmp_path / "interrupted"
     command = [sys.executable, str(REPO / "train.py"),
                *flags(data, snapshot, 16, 8, "--mode", "random", "--num_workers", "1")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = script_env()
     run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     while not (snapshot / "teachers.json").exists() and run.poll() is None:
@@ -529,9 +529,8 @@ def test_sigterm_to_rank_0_during_an_election_under_torchrun_stops_both_ranks(da
         "    return predict(*args, **kwargs)\n"
         "election.predict_subsets = predict_then_signal\n"
         "run_cli(train.main, train.TRAIN_ERRORS)\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(32500 + os.getpid() % 1000), str(wrapper),
+    env = script_env()
+    cmd = [*torchrun_command(120), str(wrapper),
            *flags(data, tmp_path / "ddp", 6, 2, "--val_list", str(val))]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
     output = run.stdout + run.stderr
@@ -555,11 +554,10 @@ def test_under_torchrun_rank_0_refusing_or_failing_to_write_stops_rank_1_without
         "    save(state, path)\n"
         "train.save_checkpoint = full\n"
         "run_cli(train.main, train.TRAIN_ERRORS)\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = script_env()
 
     def torchrun(snapshot, *extra, **more_env):
-        cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(33500 + os.getpid() % 1000), str(wrapper),
+        cmd = [*torchrun_command(120), str(wrapper),
                *flags(data, snapshot, 4, 2, "--val_list", "", *extra)]
         run = subprocess.run(cmd, cwd=tmp_path, env={**env, **more_env}, capture_output=True,
                              text=True, timeout=150)
@@ -598,11 +596,10 @@ def test_under_torchrun_a_killed_rank_is_one_line_on_the_other(data, tmp_path):
         "    return step(*args, **kwargs)\n"
         "train.step = killed\n"
         "run_cli(train.main, train.TRAIN_ERRORS)\n")
-    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(34500 + os.getpid() % 1000), str(wrapper),
+    cmd = [*torchrun_command(120), str(wrapper),
            *flags(data, tmp_path / "ddp", 6, 2, "--val_list", "")]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+                         env=script_env())
     output = run.stdout + run.stderr
     assert run.returncode not in (0, 124) and "[rank0]" not in output, output[-3000:]
     assert [line for line in output.splitlines() if line.startswith("error:")] == [
@@ -614,9 +611,8 @@ def test_under_torchrun_a_killed_rank_is_one_line_on_the_other(data, tmp_path):
 def test_under_torchrun_a_refused_resume_is_one_line(data, tmp_path):
     snapshot = tmp_path / "one_process"
     train.main(flags(data, snapshot, 4, 2, "--val_list", "", "--stop_at", "3"))  # last.pth at 2
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(37500 + os.getpid() % 1000), str(REPO / "train.py"),
+    env = script_env()
+    cmd = [*torchrun_command(120), str(REPO / "train.py"),
            *flags(data, snapshot, 4, 2, "--val_list", "")]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
     errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
@@ -628,9 +624,8 @@ def test_sigterm_under_torchrun_stops_every_rank_together(data, tmp_path):
     """torchrun forwards SIGTERM to both ranks; they agree at the next check point (every 2
     iterations here), rank 0 saves, both leave together."""
     snapshot = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(31500 + os.getpid() % 1000), str(REPO / "train.py"),
+    env = script_env()
+    cmd = [*torchrun_command(120), str(REPO / "train.py"),
            *flags(data, snapshot, 200, 100, "--val_list", "", "--log_every", "2",
                   "--save_every_min", "1e-9")]  # last.pth at every check point: the loop runs
     run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -743,7 +738,7 @@ def test_disk_full_while_writing_tensorboard_events_is_one_line(data, tmp_path):
     snapshot = tmp_path / "run"
     run = subprocess.run([sys.executable, "-c", code, str(REPO / "train.py"),
                           *flags(data, snapshot, 12, 100, "--val_list", "", "--log_every", "1")],
-                         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                         cwd=tmp_path, env=script_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr
     assert run.stderr.splitlines()[-1] == (f"error: no space left on device while writing in "
@@ -760,7 +755,7 @@ def test_disk_full_while_checkpointing_is_one_line(data, tmp_path):
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     run = subprocess.run([sys.executable, "-c", code, str(REPO / "train.py"),
                           *flags(data, tmp_path / "run", 4, 2, "--val_list", "")],
-                         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                         cwd=tmp_path, env=script_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1
     assert re.fullmatch(r"error: no space left on device while writing \S+last.pth; nothing was "
@@ -914,9 +909,8 @@ def test_a_stopped_rank_is_named_after_the_timeout(data, tmp_path):
         "distributed.barrier = stop_rank1\n"
         "run_cli(train.main, train.TRAIN_ERRORS)\n")
     preprocess(data / "data" / "train.csv", data / "cache")  # rank 1 waits for it at the first barrier
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(30500 + os.getpid() % 1000), str(wrapper),
+    env = script_env()
+    cmd = [*torchrun_command(120), str(wrapper),
            *flags(data, tmp_path / "ddp", 2, 2, "--val_list", "", "--dist_timeout_min", "0.1")]
     run = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
@@ -1147,7 +1141,7 @@ def test_a_stop_signal_while_the_loader_starts_its_workers_stops_the_run_instead
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "mp.BaseProcess.start = start_then_signal\n"
         "run_cli(train.main, train.TRAIN_ERRORS)\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = script_env()
     snapshot = tmp_path / "run"
     cmd = ["timeout", "60", sys.executable, str(wrapper),
            *flags(data, snapshot, 6, 3, "--val_list", "", "--num_workers", "1")]
