@@ -71,7 +71,7 @@ from datasets.sampling import PatchDataset, loader_options  # noqa: E402
 from datasets.synthetic import generate, split_counts, volume_shape  # noqa: E402
 from models import MODEL_SIZES  # noqa: E402
 from utils import distributed, speed  # noqa: E402
-from utils.cli import PUBLISHED_INPUT_SIZE, ArgumentParser, UsageError, int_at_least  # noqa: E402
+from utils.cli import PUBLISHED_INPUT_SIZE, ArgumentParser, UsageError, int_at_least, run_cli  # noqa: E402
 from utils.election import elect  # noqa: E402
 from utils.losses import segmentation_loss  # noqa: E402
 from utils.modalities import FULL, parse_teachers  # noqa: E402
@@ -515,5 +515,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    rows = main()
+    rows = run_cli(main)  # SIGTERM and Ctrl-C unwind: the temporary cases and cache are deleted
     sys.exit(1 if any("error" in r for r in rows) else 0)

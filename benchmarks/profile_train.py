@@ -31,7 +31,7 @@ import train  # noqa: E402
 from benchmarks import bench_train  # noqa: E402
 from datasets.synthetic import generate  # noqa: E402
 from utils import speed  # noqa: E402
-from utils.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser, run_cli  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 
 # (category, pattern on the lower-cased kernel or operator name), first match wins: Triton's
@@ -153,4 +153,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # SIGTERM and Ctrl-C unwind: the temporary cases are deleted

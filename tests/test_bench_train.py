@@ -207,16 +207,19 @@ def test_bench_data_refuses_a_count_below_1_in_one_line(flag, capsys):
                                        "benchmarks.bench_data --help)\n")
 
 
-def test_bench_data_stopped_by_sigterm_deletes_its_temporary_data(tmp_path):
-    # killed on the spot, it left ~100 MB of synthetic cases a case in the temporary folder
+@pytest.mark.parametrize("command", [["-m", "benchmarks.bench_data", "--num_cases", "2"],
+                                     ["benchmarks/bench_train.py"], ["benchmarks/profile_train.py"]])
+def test_a_benchmark_stopped_by_sigterm_deletes_its_temporary_data(tmp_path, command):
+    # killed on the spot, they left their synthetic cases (bench_data ~100 MB a case) in the
+    # temporary folder
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_data", "--num_cases", "2"],
+    process = subprocess.Popen([sys.executable, *command],
                                cwd=REPO, env=dict(os.environ, TMPDIR=str(tmp)),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not any(tmp.rglob("*.nii")) and time.monotonic() < deadline:  # generating
+        while not any(tmp.rglob("*.nii*")) and time.monotonic() < deadline:  # generating
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
