@@ -25,13 +25,13 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from utils import metrics
-from utils.modalities import FULL, MODALITIES, subset_name
+from utils.modalities import BRATS_2023_NAMES, FULL, MODALITIES, subset_name
 
 EXTENSIONS = (".nii.gz", ".nii")
 # File-name suffix of each part, per naming scheme.
 SCHEMES = {
     "brats2018": {"flair": "_flair", "t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "seg": "_seg"},
-    "brats2023": {"flair": "-t2f", "t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "seg": "-seg"},
+    "brats2023": {**{part: f"-{name}" for part, name in BRATS_2023_NAMES.items()}, "seg": "-seg"},
 }
 # Other names of each modality (the last '_' or '-' token of a file name): a case that lacks a
 # modality beside such a file (X_T1w.nii.gz) holds its scan under a name no scheme uses.

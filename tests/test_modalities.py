@@ -18,6 +18,8 @@ def test_fifteen_distinct_nonempty_subsets():
 @pytest.mark.parametrize("text, expected", [
     ("0,2", (0, 2)), ("flair,t1ce", (0, 2)), ("T1CE, flair", (0, 2)), ("flair+t2", (0, 3)),
     ("0,1,2,3", FULL), ("3", (3,)), ("t1", (1,)),
+    # BraTS 2023's names: t2f FLAIR, t1n T1, t1c T1ce, t2w T2
+    ("t2f,t1c", (0, 2)), ("T1N+t2w", (1, 3)), ("t2f,t1n,t1c,t2w", FULL), ("flair,t1c", (0, 2)),
 ])
 def test_parse_subset(text, expected):
     assert parse_subset(text) == expected
@@ -37,6 +39,7 @@ SYNTAX = ("give indices 0-3 or names flair, t1, t1ce, t2, each once, separated b
     ("0,0", "modality flair given twice in '0,0'"),
     ("flair,flair", "modality flair given twice in 'flair,flair'"),
     ("t1ce,0,2", "modality t1ce given twice in 't1ce,0,2'"),  # a name and its index
+    ("flair,t2f", "modality flair given twice in 'flair,t2f'"),  # BraTS 2023's name of FLAIR
     ("0,,2", "an empty item in the modality subset '0,,2'"),
     ("0,2,", "an empty item in the modality subset '0,2,'"),
     ("", "no modality given"), (" ", "no modality given"),

@@ -8,6 +8,8 @@ import itertools
 import random
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order of every image tensor
+# BraTS 2023's names of the same four (its files' suffixes, accepted in --mode too)
+BRATS_2023_NAMES = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
 FULL = tuple(range(len(MODALITIES)))
 T1CE = MODALITIES.index("t1ce")  # the image the released K-means post-processing rule reads
 
@@ -25,7 +27,7 @@ SUBSET_SYNTAX = (f"give indices 0-3 or names {', '.join(MODALITIES)}, each once,
 
 
 def parse_subset(text):
-    """'0,2' or 'flair,t1ce' (or a mix) -> (0, 2). Raises ValueError on anything else: a
+    """'0,2' or 'flair,t1ce' (or BraTS 2023's 't2f,t1c', or a mix) -> (0, 2). Raises ValueError on anything else: a
     repeated modality or an empty item ('0,0', 'flair,0', '0,,2') is a typo, not the smaller
     subset it would otherwise be read as."""
     tokens = [token.strip().lower() for token in str(text).replace("+", ",").split(",")]
@@ -39,6 +41,8 @@ def parse_subset(text):
             index = int(token)
         elif token in MODALITIES:
             index = MODALITIES.index(token)
+        elif token in BRATS_2023_NAMES.values():
+            index = list(BRATS_2023_NAMES.values()).index(token)
         else:
             raise ValueError(f"unknown modality {token!r} in {text!r}: {SUBSET_SYNTAX}")
         if index in indices:
