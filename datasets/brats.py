@@ -205,9 +205,14 @@ def read_datalist(list_path, data_root=None):
         tried = _candidates(entry, list_path.parent, data_root)
         others = (f" (and {len(missing) - 1} more of its {len(entries)} entries)"
                   if len(missing) > 1 else "")
+        # a header's word ('case', 'ID'): every other entry found, no digit as case names have
+        header = (missing == [0] and len(entries) > 1 and "/" not in entry
+                  and not any(c.isdigit() for c in entry))
         raise DataError(f"{list_path}:{number}: case folder {entry!r} not found{others}; tried "
                         + ", ".join(str(path) for path in tried)
-                        + _missing_entry_hint(entry, tried, data_root))
+                        + ("; the other entries were found: is line 1 a header? A datalist has "
+                           "none: delete the line" if header else
+                           _missing_entry_hint(entry, tried, data_root)))
     return [named_folder(path) for path in found]
 
 
@@ -222,6 +227,8 @@ def _missing_entry_hint(entry, tried, data_root):
     if re.search(r"[,;\t\"']", entry):  # a spreadsheet's export: columns, quotes
         return ("; a datalist names one case folder per line and nothing else (no header, no "
                 "other columns, no quotes)")
+    if "\\" in entry:
+        return "; separate its folders with '/' (a list written on Windows uses '\\')"
     if _split_name(Path(entry)) or any(path.is_file() for path in tried):
         return "; an entry names a case folder (the folder holding its files), not a file"
     if data_root is None:
@@ -410,7 +417,8 @@ def find_case_files(case_dir, allow_missing=False):
     other = [s for s in SCHEMES if s != scheme and found[s]]
     if other:
         stray = [p.name for paths in found[other[0]].values() for p in paths]
-        raise CaseError(case, case_dir, f"mixes naming schemes ({scheme} and {other[0]}: {stray})")
+        raise CaseError(case, case_dir, f"mixes naming schemes ({scheme} and {other[0]}: {stray}); "
+                        f"name its files after one ({scheme}: {', '.join(SCHEMES[scheme].values())})")
     files = {}
     for part, paths in found[scheme].items():
         if len(paths) > 1:

@@ -412,6 +412,28 @@ def test_an_entry_that_is_no_case_folder_says_what_a_datalist_holds(tmp_path, li
     assert str(info.value).endswith(f"; {hint}")
 
 
+@pytest.mark.parametrize("first, hint", [
+    ("ID", "the other entries were found: is line 1 a header? A datalist has none: delete the line"),
+    ("subject_id", "the other entries were found: is line 1 a header? A datalist has none: delete "
+                   "the line"),
+    # a case name (it has digits): a case missing, not a header
+    ("Brats18_Z_1", "pass --data_root DIR, the folder holding the cases (for the official lists, "
+                    "the one holding MICCAI_BraTS_2018_Data_Training/ and _Validation/), to "
+                    "re-base the entries (DATA_ROOT=DIR for run.sh and eval.sh)"),
+    ("HGG\\Brats18_A", "separate its folders with '/' (a list written on Windows uses '\\')"),
+])
+def test_a_header_line_and_a_windows_path_are_named_as_such(tmp_path, first, hint):
+    (tmp_path / "HGG").mkdir()
+    write_case(tmp_path / "HGG", "Brats18_A")
+    write_case(tmp_path, "Brats18_B")
+    lst = tmp_path / "l.csv"
+    lst.write_text(f"{first}\nHGG/Brats18_A\nBrats18_B\n")
+    with pytest.raises(DataError) as info:
+        read_datalist(lst)
+    assert str(info.value).startswith(f"{lst}:1: case folder {first!r} not found; tried ")
+    assert str(info.value).endswith(f"; {hint}")
+
+
 def test_every_missing_entry_is_counted_and_the_data_root_flag_named(tmp_path, monkeypatch):
     # A partial download: the first missing entry is named, the others counted.
     monkeypatch.chdir(tmp_path)
@@ -573,6 +595,18 @@ def test_a_scan_of_a_missing_modality_that_is_not_read_is_named(tmp_path, name, 
     (folder / name).unlink()
     part_path(folder, part).unlink()
     assert part not in find_case_files(folder, allow_missing=True)
+
+
+def test_a_case_mixing_naming_schemes_says_how_to_name_it(tmp_path):
+    folder, _ = write_case(tmp_path, "BraTS-GLI-00002-000", scheme="2023")
+    for part, new_name in (("t1ce", "_t1ce"), ("t2", "_t2")):  # two renamed the 2018 way
+        part_path(folder, part, "2023").rename(folder / f"{folder.name}{new_name}.nii.gz")
+    with pytest.raises(CaseError) as info:
+        find_case_files(folder)
+    assert str(info.value) == (
+        f"case BraTS-GLI-00002-000: {folder}: mixes naming schemes (brats2023 and brats2018: "
+        "['BraTS-GLI-00002-000_t1ce.nii.gz', 'BraTS-GLI-00002-000_t2.nii.gz']); name its files "
+        "after one (brats2023: -t2f, -t1n, -t1c, -t2w, -seg)")
 
 
 @pytest.mark.parametrize("scheme", ["2018", "2023"])
