@@ -41,12 +41,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datasets.brats import (ET_2018, ET_2023, EXTENSIONS, MODALITY_TOKENS, CaseError, case_files,
+from datasets.brats import (EXTENSIONS, MODALITY_TOKENS, CaseError, case_files, is_brats_2023,
                             is_placeholder, name_tokens, named_like_a_scan, nifti_stem, open_files,
                             read_files, require_modalities, scan_of, to_nifti_order)
 from utils.cli import ArgumentParser, UsageError, int_at_least, path_given, progress_interval, run_cli
-from utils.export import (CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, read_cases_record,
-                          read_mask, write_mask)
+from utils.export import (CASES_RECORD, EVAL_OUTPUT_DIR, EVAL_RECORD, add_et_label_arg, et_label_of,
+                          read_cases_record, read_mask, write_mask)
 from utils.io import check_file_writable, remove_temps_below
 from utils.lock import exclusive_lock
 from utils.modalities import MASK_FOLDERS, T1CE, parse_subset
@@ -80,9 +80,7 @@ def process_file(job):
     warning = orientation_warning(image.affine, name)
     if warning:
         info["warnings"].insert(0, warning)
-    if et_label != ET_2018:  # BraTS 2023's scorer: the rules above work on BraTS 2018's labels
-        cleaned[cleaned == ET_2018] = et_label
-    write_mask(cleaned, image.affine, image.header, target)
+    write_mask(cleaned, image.affine, image.header, target, et_label)
     return {"file": str(source), **info}
 
 
@@ -164,6 +162,14 @@ def cases_record_of(evaluation):
     except (OSError, ValueError) as error:
         raise UsageError(f"{evaluation / CASES_RECORD}: cannot read eval.py's record of the cases "
                          f"({error}); re-export with eval.sh (or eval.py --overwrite)") from None
+
+
+def brats_2023_case(sources, record):
+    """'case X' for one case of the masks that is BraTS 2023's (its folder as eval.py's cases.csv
+    records it, else its name), or None."""
+    folders = dict(zip(record["case"], record["folder"])) if record is not None else {}
+    cases = dict.fromkeys(nifti_stem(source) for source in sources)
+    return next((f"case {case}" for case in cases if is_brats_2023(case, folders.get(case))), None)
 
 
 def evaluation_mask_folders(input_dir):
@@ -304,9 +310,7 @@ def parse_args(argv=None):
                    help="folder of the case folders (<images>/<case>/), for their T1ce "
                         "(default: the folders eval.py recorded in input_dir/cases.csv)")
     add_threshold_args(parser, g)
-    parser.add_argument("--et_label", type=int, choices=(ET_2018, ET_2023), default=ET_2018,
-                        help="enhancing tumour's value in the written masks: 4, BraTS 2018-2021's "
-                             "(default), or 3 for BraTS 2023's online evaluation")
+    add_et_label_arg(parser)
     parser.add_argument("--num_workers", type=int_at_least(0), default=default_workers(),
                         help="parallel processes; 0 or 1: in this process (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
@@ -348,8 +352,9 @@ def main(argv=None):
     rules = rules_from_args(args)
     t1ce = (t1ce_files(sources, input_dir, evaluation, record, args.images) if args.kmeans_necrosis
             else [None] * len(sources))
+    et_label = et_label_of(args, brats_2023_case(sources, record))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)),
-             args.et_label) for s, t in zip(sources, t1ce)]
+             et_label) for s, t in zip(sources, t1ce)]
     for job in jobs:  # named now, not by a worker once the masks before it are written
         if job[1].parent.resolve().is_relative_to(input_dir):  # a folder linked into the input
             raise UsageError(f"--output_dir {args.output_dir}: {job[1].parent} leads into "

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from datasets.brats import (ALIASES, EXTENSIONS, MODALITY_TOKENS, brats_like_warnings,
-                            modality_named, name_tokens, named_like_a_scan, nifti_stem, read_files,
-                            to_network_order, to_nifti_order, without_placeholders)
+                            modality_named, name_tokens, named_like_a_scan, naming_scheme, nifti_stem,
+                            read_files, to_network_order, to_nifti_order, without_placeholders)
 from datasets.normalize import normalize_case
 from utils import figures
 from utils.cli import ArgumentParser, UsageError, path_given, run_cli
-from utils.export import save_labels
+from utils.export import add_et_label_arg, et_label_of, save_labels
 from utils.io import check_file_writable
 from utils.modalities import MODALITIES, T1CE, subset_name
 from utils.postprocessing import (add_threshold_args, orientation_warning, postprocess_label,
@@ -57,6 +57,7 @@ def parse_args(argv=None):
                    help="with --postprocess: the released K-means rule (uses --t1ce; skipped "
                         "without it)")
     add_threshold_args(g, g)
+    add_et_label_arg(p)
     p.add_argument("--figure", nargs="?", const="", default=None, metavar="PNG",
                    help="write a figure (default path: the mask's, with .png)")
     p.add_argument("--overwrite", action="store_true",
@@ -215,10 +216,13 @@ def main(argv=None):
     old_figure = mask_figure(args.output)
     if args.output.exists() and old_figure.is_file() and old_figure != figure_path(args):
         old_figure.unlink()  # replacing a mask (--overwrite): its old figure would mislead
-    save_labels(label, case.affine, case.header, args.output)
+    brats_2023 = naming_scheme(files) == "brats2023"
+    et_label = et_label_of(args, next(iter(files.values())).name if brats_2023 else None)
+    save_labels(label, case.affine, case.header, args.output, et_label)
     counts = np.bincount(label.ravel(), minlength=ET + 1)
     print(f"mask from {subset_name(case.available)} written to {args.output}: "
-          f"{counts[NCR]} NCR, {counts[ED]} ED, {counts[ET]} ET voxels")
+          f"{counts[NCR]} NCR, {counts[ED]} ED, {counts[ET]} ET voxels"
+          + (f" (ET written as {et_label})" if et_label != ET else ""))
     if args.figure is not None:
         path = figure_path(args)
         figures.case_figure(path, *figures.case_slices(case, [case.available], [label]))

@@ -38,6 +38,8 @@ SCHEMES = {
 ALIASES = {"flair": ("flair", "t2f", "t2flair", "fl"), "t1": ("t1", "t1w", "t1n", "t1native"),
            "t1ce": ("t1ce", "t1c", "t1gd", "t1wce", "t1post", "ce"), "t2": ("t2", "t2w")}
 MODALITY_TOKENS = set().union(*ALIASES.values())  # any modality's name in a file name
+# BraTS 2023's case names (BraTS-GLI-00000-000, BraTS-MEN-..., BraTS-PED-...)
+BRATS_2023_CASE = re.compile(r"BraTS-[A-Za-z]+-\d+-\d+")
 ALLOWED_LABELS = {"brats2018": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3)}
 ET_2018 = 4  # enhancing tumour's label in BraTS 2018-2021, ours
 ET_2023 = 3  # BraTS 2023 writes enhancing tumour as 3; we read it as ET_2018
@@ -360,20 +362,33 @@ def nifti_stem(path):
     return None if split is None else split[0]
 
 
-def _scheme_of(files):
-    """The naming scheme of a {part: Path} mapping found by find_case_files."""
+def naming_scheme(files):
+    """The naming scheme of a {part: Path} mapping (find_case_files's, or predict.py's files):
+    'brats2023' when every file has BraTS 2023's suffix for its part, else 'brats2018'."""
     return next(
         (scheme for scheme, suffixes in SCHEMES.items()
-         if all(_split_name(path)[0].lower().endswith(suffixes[part]) for part, path in files.items())),
+         if all((_split_name(path) or (path.name,))[0].lower().endswith(suffixes[part])
+                for part, path in files.items())),
         "brats2018",  # no file to tell: name expectations after the 2018 scheme
     )
+
+
+def is_brats_2023(case, folder=None):
+    """Whether a case is BraTS 2023's: its folder's files named so, or, without a folder to
+    read, its name."""
+    if folder is not None:
+        try:
+            return naming_scheme(find_case_files(folder, allow_missing=True)) == "brats2023"
+        except DataError:  # moved or changed since: its name still tells
+            pass
+    return BRATS_2023_CASE.fullmatch(case) is not None
 
 
 def expected_file(case_dir, files, part):
     """The path `part` would have in this case folder, in the scheme, prefix and extension of
     the files found (for messages about a missing file); without files, the folder's name."""
     case_dir = Path(case_dir)
-    scheme = SCHEMES[_scheme_of(files)]
+    scheme = SCHEMES[naming_scheme(files)]
     found = sorted((_split_name(p), name) for name, p in files.items())
     prefix, ext = case_dir.name, ".nii.gz"
     if found:
@@ -774,7 +789,7 @@ def read_files(case, files):
     label = None
     for part, path in files.items():
         if part == "seg":
-            label = to_network_order(read_label_map(case, path, images[part], _scheme_of(files)))
+            label = to_network_order(read_label_map(case, path, images[part], naming_scheme(files)))
             continue
         img = _guarded(case, path, lambda: _in_memory(path, images[part]))
         data = _guarded(case, path, lambda: img.get_fdata(dtype=np.float32)).reshape(grid)

@@ -167,6 +167,40 @@ def test_et_label_3_writes_brats_2023_labels_after_the_rules(tmp_path):
     assert (written["large"] == 3).sum() == 729
 
 
+def test_masks_of_brats_2023_cases_written_with_et_4_are_warned_about(tmp_path, capsys):
+    # BraTS 2023's scorer reads ET as 3: the default 4 would score its ET as nothing
+    label = np.zeros((30, 30, 60), np.uint8)
+    _cube(label, (2, 2, 35), 14, 2)
+    _cube(label, (4, 4, 37), 9, 4)
+    warning = ("warning: case {} is named as BraTS 2023 names its cases: its online evaluation "
+               "reads ET as 3, these masks hold 4; pass --et_label 3 for an upload there "
+               "(--et_label 4 keeps 4 without this warning)")
+    warnings = lambda: [line for line in capsys.readouterr().err.splitlines()
+                        if line.startswith("warning")]  # not the progress bar
+    flat = tmp_path / "flat"
+    _write(flat / "BraTS-GLI-00002-000.nii.gz", label, np.eye(4))  # told by its name
+    # an evaluation: told by the case folder's files, whatever the case's name
+    evaluation = tmp_path / "eval"
+    _eval_folder(evaluation, ["patient7"], [])
+    _write(evaluation / "flair" / "patient7.nii.gz", label, np.eye(4))
+    (tmp_path / "data" / "patient7").mkdir(parents=True)
+    for suffix in ("t2f", "t1n", "t1c", "t2w"):
+        (tmp_path / "data" / "patient7" / f"patient7-{suffix}.nii.gz").write_bytes(b"")
+    for inp, case in ((flat, "BraTS-GLI-00002-000"), (evaluation, "patient7")):
+        out = tmp_path / f"out_{inp.name}"
+        for flags, expected in (([], [warning.format(case)]), (["--et_label", "4"], [])):
+            postprocess.main(["--input_dir", str(inp), "--output_dir", str(out), "--num_workers",
+                              "0", *flags])
+            assert warnings() == expected
+            (written,) = out.rglob("*.nii.gz")
+            assert np.asanyarray(nib.load(str(written)).dataobj).max() == 4
+    # BraTS 2018 names: nothing to say
+    _write(tmp_path / "old" / "Brats18_CBICA_AAB_1.nii.gz", label, np.eye(4))
+    postprocess.main(["--input_dir", str(tmp_path / "old"), "--output_dir", str(tmp_path / "o"),
+                      "--num_workers", "0"])
+    assert warnings() == []
+
+
 def test_output_header_is_a_plain_uint8_mask_with_the_input_geometry(tmp_path):
     # A mask saved by another tool with a display range: the upload must not carry it.
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])

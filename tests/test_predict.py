@@ -368,3 +368,29 @@ def test_contrast_enhanced_t1_names_are_read_as_t1ce():
         "--t1 P01_T1_post.nii.gz is named as a t1ce scan (t1 post): ")
     # a name without a modality's, or a contrast word alone, says nothing
     assert predict.modality_names_warning(files(t1="P01_post.nii.gz", t2="flair_ax.nii.gz")) is None
+
+
+def test_brats_2023_files_warn_of_et_4_and_et_label_3_writes_its_labels(segmentation_setup,
+                                                                        tmp_path, capsys):
+    root, cases = segmentation_setup
+    case = cases[0]
+    renamed = tmp_path / "BraTS-GLI-00001-000"
+    renamed.mkdir()
+    for modality, suffix in (("flair", "t2f"), ("t1ce", "t1c")):
+        (renamed / f"{renamed.name}-{suffix}.nii.gz").write_bytes(
+            (case / f"{case.name}_{modality}.nii.gz").read_bytes())
+    common = ["--flair", str(renamed / f"{renamed.name}-t2f.nii.gz"),
+              "--t1ce", str(renamed / f"{renamed.name}-t1c.nii.gz"),
+              "--checkpoint", str(root / "final.pth"), "--device", "cpu"]
+    predict.main([*common, "-o", str(tmp_path / "4.nii.gz")])
+    assert capsys.readouterr().err == (
+        f"warning: {renamed.name}-t2f.nii.gz is named as BraTS 2023 names its cases: its online "
+        "evaluation reads ET as 3, these masks hold 4; pass --et_label 3 for an upload there "
+        "(--et_label 4 keeps 4 without this warning)\n")
+    predict.main([*common, "-o", str(tmp_path / "3.nii.gz"), "--et_label", "3"])
+    printed = capsys.readouterr()
+    assert printed.err == "" and printed.out.rstrip().endswith(" ET voxels (ET written as 3)")
+    expected = mask(tmp_path / "4.nii.gz")
+    assert 4 in expected  # the model predicts some ET here: the relabelling is seen
+    expected[expected == 4] = 3
+    np.testing.assert_array_equal(mask(tmp_path / "3.nii.gz"), expected)

@@ -5,13 +5,14 @@ A mask is written on the grid of the case's input images: same shape, affine and
 (the input header is copied), integer labels {0, 1, 2, 4} stored as uint8.
 """
 import logging
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from datasets.brats import nifti_stem, open_files, read_label_map, to_nifti_order
+from datasets.brats import ET_2018, ET_2023, nifti_stem, open_files, read_label_map, to_nifti_order
 from utils.io import atomic_path
 
 # Where the fixes of a NIfTI-2 header made NIfTI-1 are logged: nowhere (nibabel's own logger
@@ -37,7 +38,24 @@ MASK_LABEL_3_HINT = ("masks hold BraTS 2018's labels (ET 4), as eval.py writes t
                      "BraTS 2023's labels last)")
 
 
-def save_labels(label, affine, header, path):
+def add_et_label_arg(parser):
+    """--et_label (postprocess.py, predict.py); None when not given: see et_label_of."""
+    parser.add_argument("--et_label", type=int, choices=(ET_2018, ET_2023), default=None,
+                        help="enhancing tumour's value in the written masks: 4, BraTS 2018-2021's "
+                             "(default), or 3 for BraTS 2023's online evaluation")
+
+
+def et_label_of(args, brats_2023_case):
+    """The ET value to write: --et_label, else 4 with a warning on stderr when the masks are of
+    BraTS 2023 cases (`brats_2023_case`: one of them, or None), whose scorer reads ET as 3."""
+    if args.et_label is None and brats_2023_case is not None:
+        print(f"warning: {brats_2023_case} is named as BraTS 2023 names its cases: its online "
+              "evaluation reads ET as 3, these masks hold 4; pass --et_label 3 for an upload "
+              "there (--et_label 4 keeps 4 without this warning)", file=sys.stderr)
+    return ET_2018 if args.et_label is None else args.et_label
+
+
+def save_labels(label, affine, header, path, et_label=ET_2018):
     """Write a label map (D, H, W) in network order as a uint8 NIfTI at `path`, atomically.
 
     affine, header: those of the case's input images (datasets.brats.Case.affine/.header).
@@ -45,11 +63,13 @@ def save_labels(label, affine, header, path):
     label = np.asarray(label)
     if label.ndim != 3:
         raise ValueError(f"{path}: expected a label map (D, H, W), got shape {label.shape}")
-    write_mask(to_nifti_order(label), affine, header, path)
+    write_mask(to_nifti_order(label), affine, header, path, et_label)
 
 
-def write_mask(data, affine, header, path):
-    """Write a label map in NIfTI order (X, Y, Z) as a uint8 NIfTI at `path`, atomically.
+def write_mask(data, affine, header, path, et_label=ET_2018):
+    """Write a label map in NIfTI order (X, Y, Z) as a uint8 NIfTI at `path`, atomically; its
+    ET (4) written as `et_label` (3 for BraTS 2023's scorer: the rules and metrics work on
+    BraTS 2018's labels).
 
     The header copy keeps the source's qform / sform, units and orientation; its data type
     becomes uint8 and any intensity scaling (scl_slope / scl_inter) and display range of the
@@ -64,6 +84,8 @@ def write_mask(data, affine, header, path):
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(None, None)
     header["cal_min"], header["cal_max"] = 0, 0
+    if et_label != ET_2018:
+        data = np.where(data == ET_2018, et_label, data)
     image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.uint8), affine, header=header)
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
