@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+import datasets.augment as aug
 from datasets.augment import (
     AugmentConfig, _Draw, _draw_ranged_factor, _gaussian_blur, _gaussian_matrix, augment_batch,
 )
@@ -191,3 +192,51 @@ def test_scale_factor_below_and_above_one_equally_often():
     out, _ = augment_batch(image, regions, 0, AugmentConfig().only("p_scale"))
     magnified = (out.sum(dim=(1, 2, 3, 4)) > image[0].sum()).float().mean().item()
     assert abs(magnified - 0.5) < 0.075
+
+
+# ---------------------------------------------- the transforms' maths and probabilities
+def test_rotation_angles_stay_within_15_degrees(monkeypatch):
+    seen = []
+    real = aug._rotation_matrix
+    monkeypatch.setattr(aug, "_rotation_matrix", lambda *a: seen.append(a) or real(*a))
+    image, regions = torch.zeros(8, 1, 8, 8, 8), torch.zeros(8, 1, 8, 8, 8)
+    aug.augment_batch(image, regions, 0, aug.AugmentConfig().only("p_rotation"))
+    assert len(seen) == 8 and max(abs(a) for angles in seen for a in angles) <= np.radians(15)
+
+
+def test_contrast_and_gamma_by_hand():
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert aug._contrast(x, 2.0).tolist() == [0.0, 0.5, 2.5, 3.0]
+    y = aug._gamma(x, 2.0)
+    out = torch.tensor([0.0, 1 / 3, 4 / 3, 3.0])   # ((x/3)**2)*3, then mean/std of x restored
+    expected = (out - out.mean()) / out.std() * x.std() + x.mean()
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=0)
+
+
+def test_low_resolution_downsamples_by_the_zoom(monkeypatch):
+    sizes = []
+    real = aug.F.interpolate
+    monkeypatch.setattr(aug.F, "interpolate", lambda x, size, **k: sizes.append(tuple(size)) or real(x, size=size, **k))
+    aug._low_resolution(torch.rand(8, 16, 12), 0.5)
+    assert sizes == [(4, 8, 6), (8, 16, 12)]
+
+
+def test_probabilities_asked_in_order(monkeypatch):
+    asked = []
+    monkeypatch.setattr(aug._Draw, "happens", lambda self, p: asked.append(p) or True)
+    image, regions = torch.rand(1, 2, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8)
+    aug.augment_batch(image, regions, 0)
+    c = aug.AugmentConfig()
+    assert asked == [c.p_elastic, c.p_rotation, c.p_scale, 0.5,          # 0.5: scale below/above 1
+                     c.p_noise, c.p_blur, 0.5, 0.5, c.p_brightness_mult,
+                     c.p_brightness_add, 0.5, 0.5, c.p_contrast, 0.5, 0.5,  # contrast factors
+                     c.p_low_res, 0.5, 0.5, c.p_gamma, 0.5, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_each_angle_rotates_about_its_own_axis():
+    for k in range(3):
+        angles = [0.0, 0.0, 0.0]
+        angles[k] = 0.3
+        m = aug._rotation_matrix(*angles).numpy()
+        e = np.eye(3)[k]
+        np.testing.assert_allclose(m @ e, e, atol=1e-12)

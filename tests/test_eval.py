@@ -1317,3 +1317,11 @@ def test_the_inference_flags_reach_the_sliding_window(segmentation_setup, tmp_pa
     assert seen == [{"overlap": 0.5, "gaussian": True, "mirror": True, "amp": "bf16",
                      "batch_size": 3, "average": "logits", "window": (16, 32, 32),
                      "device": torch.device("cpu")}]
+
+
+def test_summary_table_keeps_regions_apart():
+    rows = [{"case": "a", "subset": "flair", "region": r, "dice": d, "hd95": h}
+            for r, d, h in (("ET", 0.1, 1.0), ("WT", 0.9, 2.0), ("TC", 0.5, 3.0))]
+    table = evaluate.summary_table(pd.DataFrame(rows), [(0,)])
+    assert table.loc[0, ["ET Dice", "TC Dice", "WT Dice"]].tolist() == pytest.approx([10, 50, 90])
+    assert table.loc[0, ["ET HD95", "TC HD95", "WT HD95"]].tolist() == pytest.approx([1, 3, 2])

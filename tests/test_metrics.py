@@ -184,3 +184,15 @@ def test_both_surface_distance_methods_agree(noise, spacing, monkeypatch):
         np.testing.assert_allclose(transform, tree, rtol=1e-12)
         if spacing == (1.0, 1.0, 1.0):
             assert np.array_equal(transform, tree)  # integer offsets: the same floats
+
+
+# ------------------------------------------------ the values region_metrics reports
+def test_region_metrics_sensitivity_specificity_argument_order():
+    gt = np.zeros((10, 10, 10), np.uint8)
+    gt[0:2, 0:2, 0:2] = 2                      # 8 WT voxels
+    pred = np.zeros_like(gt)
+    pred[0:1, 0:2, 0:2] = 2                    # 4 of them
+    pred[9, 9, 8:10] = 2                       # 2 false positives
+    wt = region_metrics(pred, gt)["WT"]
+    assert wt["sensitivity"] == pytest.approx(4 / 8)      # swapped args give 4/6
+    assert wt["specificity"] == pytest.approx(990 / 992)  # swapped args give 990/994

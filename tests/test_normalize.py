@@ -297,3 +297,12 @@ def test_apply_to_int16_crops_equals_the_whole_volume(corner, device):
     params_batch = torch.from_numpy(np.stack([params, params[::-1]]))  # (B, C, 4)
     out = apply_normalization(batch, params_batch).numpy()
     assert same_bits(out[0], whole) and same_bits(out[1], np.ascontiguousarray(whole[::-1]))
+
+
+def test_a_bin_of_exactly_50_voxels_is_full():
+    v = np.zeros((10, 10, 10), np.float32)
+    flat = v.reshape(-1)
+    flat[1:301], flat[301:351], flat[351:381] = 5, 10, 20   # 50 voxels at 10
+    assert normalization_params(v)[0] == 10                 # '>' instead of '>=' gives 5
+    fg = np.array([5.0] * 300 + [10.0] * 80, np.float32)
+    assert normalize_published(v).reshape(-1)[1:381] == pytest.approx((fg - fg.mean()) / fg.std(), rel=1e-5)

@@ -944,3 +944,114 @@ def test_a_read_only_output_folder_is_named_as_such(tmp_path):
                          cwd=Path(postprocess.__file__).parent)
     assert run.returncode != 0
     assert f"cannot write in {readonly / 'post' / 'flair'}: Read-only file system" in run.stderr
+
+
+# -------------------------------------------- the published thresholds, at their edges
+def test_component_of_exactly_the_threshold_is_kept():
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[1:11, 1:11, 20:30] = 2               # 1000 voxels: threshold min(2000, 100) = 100
+    label[20:24, 20:25, 20:25] = 2             # 100 voxels: kept (not < 100)
+    label[30:34, 1:6, 20:25] = 2
+    label[30, 1, 20] = 0                       # 99 voxels: removed
+    cleaned, removed = remove_components(label, Rules(bottom_slices=0))
+    assert removed == 1 and (cleaned > 0).sum() == 1100
+
+
+def test_bottom_rule_is_the_lowest_25_slices_with_defaults():
+    label = np.zeros((30, 30, 60), np.uint8)
+    label[0:10, 0:10, 0:25] = 2                # z 0..24: entirely in the lowest 25 -> removed
+    label[15:25, 0:10, 0:26] = 2               # reaches z = 25 -> kept
+    cleaned, info = postprocess_label(label)
+    assert info["components_removed"] == 1
+    assert not cleaned[0:10, 0:10].any() and (cleaned[15:25, 0:10, 0:26] == 2).all()
+
+
+def test_published_rule_defaults():
+    r = Rules()
+    assert (r.min_component, r.min_fraction, r.bottom_slices, r.et_threshold) == (2000, 0.1, 25, 500)
+
+
+def test_min_component_2000_binds_when_the_largest_is_big():
+    label = np.zeros((80, 80, 80), np.uint8)
+    label[0:40, 0:40, 30:50] = 2               # 32000 voxels: 10 % = 3200 > 2000
+    label[50:70, 0:10, 30:40] = 2              # 2000 voxels: kept
+    label[50:70, 20:30, 30:40] = 2
+    label[50, 20, 30] = 0                      # 1999: removed
+    cleaned, removed = remove_components(label)
+    assert removed == 1 and (cleaned > 0).sum() == 34000
+
+
+def test_min_fraction_10_percent_binds_when_the_largest_is_small():
+    label = np.zeros((60, 60, 60), np.uint8)
+    label[0:20, 0:20, 30:50] = 2               # 8000: 10 % = 800 < 2000
+    label[30:38, 30:40, 30:40] = 2             # 800 kept
+    label[45:53, 0:10, 30:40] = 2
+    label[45, 0, 30] = 0                       # 799 removed
+    cleaned, removed = remove_components(label)
+    assert removed == 1 and (cleaned > 0).sum() == 8800
+
+
+def test_et_499_relabelled_500_kept_with_defaults():
+    for n, relabelled in ((499, True), (500, False)):
+        label = np.zeros((40, 40, 60), np.uint8)
+        label[0:30, 0:30, 30:40] = 2
+        label.reshape(-1)[np.flatnonzero(label.reshape(-1) == 2)[:n]] = 4
+        _, info = postprocess_label(label)
+        assert info["et_relabelled"] is relabelled
+
+
+SHAPE = (20, 20, 40)
+NO_DROPS = Rules(min_component=1, bottom_slices=0, et_threshold=0)
+
+
+def kmeans_component(label, t1ce, corner, levels=(50, 300, 700), counts=(20, 100)):
+    x, y, z = corner
+    label[x:x + 6, y:y + 6, z:z + 6] = 2
+    label[x, y, z:z + 2] = 4
+    edema = np.zeros_like(label, bool)
+    edema[x:x + 6, y:y + 6, z:z + 6] = True
+    edema &= label == 2
+    values = np.full(edema.sum(), float(levels[2]))
+    values[:counts[0]], values[counts[0]:counts[0] + counts[1]] = levels[0], levels[1]
+    t1ce[edema] = values
+
+
+def test_kmeans_ncr_count_includes_earlier_relabelling():
+    label, t1ce = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.float32)
+    kmeans_component(label, t1ce, (2, 2, 30))
+    kmeans_component(label, t1ce, (12, 12, 30))
+    _, info = postprocess_label(label, replace(NO_DROPS, kmeans_max_ncr=50), t1ce=t1ce)
+    assert info["necrosis_relabelled"] == 100   # the second sees 100 NCR >= 50: not 200
+
+
+def test_kmeans_zeros_weigh_the_whole_volume():
+    label, t1ce = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.float32)
+    kmeans_component(label, t1ce, (2, 2, 30), levels=(100, 200, 700))
+    # whole volume: 15786 zeros, 20 x 100, 100 x 200, 94 x 700 -> {0}, {100, 200}, {700}
+    cleaned, info = postprocess_label(label, NO_DROPS, t1ce=t1ce)
+    assert info["necrosis_relabelled"] == 120
+    assert ((cleaned == 1) == ((label == 2) & (t1ce < 700))).all()
+
+
+def test_kmeans_case_ratio_is_taken_before_rule_1():
+    label, t1ce = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.float32)
+    kmeans_component(label, t1ce, (2, 2, 30))
+    label[14:18, 14:18, 10:14] = 4   # 64 ET voxels, dropped by rule 1: case ratio 66/280 >= 0.12
+    rules = Rules(min_component=100, min_fraction=1.0, bottom_slices=0, et_threshold=0)
+    _, info = postprocess_label(label, rules, t1ce=t1ce)
+    assert info["components_removed"] == 1 and info["necrosis_relabelled"] == 0
+
+
+def test_component_et_share_of_exactly_5_percent_does_not_fire():
+    label, t1ce = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.float32)
+    label[2:7, 2:7, 30:38] = 2                # 200 voxels
+    sub = label[2:7, 2:7, 30:38]
+    sub[0, 0, 0:5] = 4                        # 5 ET
+    sub[4, 4, 3:8] = 0                        # 5 removed (face-connected rest): 190 edema
+    edema = label == 2
+    values = np.full(edema.sum(), 700.0)
+    values[:20], values[20:120] = 50, 300
+    t1ce[edema] = values
+    assert 4 * 5 / (2 * 190 + 4 * 5) == 0.05
+    _, info = postprocess_label(label, NO_DROPS, t1ce=t1ce)
+    assert info["necrosis_relabelled"] == 0

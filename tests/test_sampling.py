@@ -27,7 +27,7 @@ def make_arrays(shape=(20, 40, 36), seed=0, dtype=np.int16):
     if dtype == np.float32:
         image[:, 2:-2, 3:-3, 4:-4] += 0.25  # not int16-representable: stored as float32
     label = np.zeros(shape, np.uint8)
-    label[12:18, 28:36, 4:12] = 2  # reaches outside the brain block: the box must keep it
+    label[12:18, 28:36, 4:12] = 2  # inside the brain block (see the test of a label outside it)
     label[13:17, 30:34, 5:10] = 1
     label[14:16, 31:33, 6:8] = 4
     return image, label
@@ -313,3 +313,68 @@ def test_iteration_sampler_continues_the_stream():
     full = list(IterationSampler(0, 4, batch_size=2, rank=1, world_size=2))
     assert full == [2, 3, 6, 7, 10, 11, 14, 15]
     assert list(IterationSampler(2, 4, 2, 1, 2)) == full[4:]
+
+
+# ------------------------------------------------ the sampler's draws, by a scripted rng
+class ScriptedRng:
+    def __init__(self, randoms, integers):
+        self.randoms, self.integers_out, self.integer_calls = list(randoms), list(integers), []
+
+    def random(self):
+        return self.randoms.pop(0)
+
+    def uniform(self, lo, hi):
+        return 1.0
+
+    def integers(self, *args):
+        self.integer_calls.append(args)
+        return self.integers_out.pop(0)
+
+
+def one_voxel_locations():
+    return tuple(np.array([[5, 20, 20]], np.int32) for _ in range(3))
+
+
+@pytest.mark.parametrize("u, centred", [(0.49, True), (0.51, False)])
+def test_foreground_probability_is_one_half(u, centred):
+    sampler = sampling.PatchSampler((4, 8, 8), random_scale=False, random_mirror=False)
+    rng = ScriptedRng([u], [0, 0] if centred else [0, 20, 20])  # choice ET, candidate 0 / starts
+    crop = sampler((10, 60, 60), rng, one_voxel_locations())
+    if centred:
+        assert crop.starts == (3, 16, 16)
+        assert rng.integer_calls[0] == (4,)    # ET, WT, TC or none: 4 choices
+    else:
+        assert crop.starts == (0, 20, 20)
+
+
+@pytest.mark.parametrize("u, flipped", [(0.29, False), (0.31, True)])
+def test_no_flip_probability_is_0_3(u, flipped):
+    sampler = sampling.PatchSampler((4, 8, 8), random_scale=False, random_mirror=True)
+    rng = ScriptedRng([0.99, u], [0, 0, 0, 7])
+    crop = sampler((10, 60, 60), rng, one_voxel_locations())
+    assert any(crop.flips) is flipped
+
+
+def test_cache_keeps_labels_outside_every_modalitys_foreground():
+    image, label = make_arrays()
+    label[12:18, 34:40, 4:12] = 2                       # H 37..39: every modality is 0 there
+    params = np.stack([normalization_params(c) for c in image])
+    case = CachedCase.from_arrays("c", image, label, params)
+    assert np.array_equal(case.full_label(), label)
+
+
+def test_padding_normalises_to_zero_when_the_background_is_not_0():
+    image, label = make_arrays(shape=(8, 16, 18))
+    image[:, 0, 0, 0] = 20000                           # clipped to top: background = top
+    params = np.stack([normalization_params(c) for c in image])
+    case = CachedCase.from_arrays("c", image, label, params)
+    ds = sampling.PatchDataset([case], (10, 20, 22), random_scale=False, random_mirror=False, length=3)
+    x, _ = finish(ds, range(3))
+    normalised = normalize_image(image, normalize_published)
+    for i in range(3):
+        want, _ = reference_patch(normalised, label, ds.crop(i)[1], (10, 20, 22))
+        assert np.array_equal(x[i].numpy(), want)
+
+
+def test_centred_start_by_hand():
+    assert [sampling._centred_start(d, s, c) for d, s, c in zip((20, 60, 60), (6, 10, 10), (10, 30, 31))] == [7, 25, 26]

@@ -1150,3 +1150,62 @@ def test_a_stop_signal_while_the_loader_starts_its_workers_stops_the_run_instead
     assert run.returncode == 143, output[-3000:]  # 124: hung
     assert "stopped by SIGTERM after iteration 0: " in output, output[-3000:]
     assert load_checkpoint(snapshot / "last.pth")["iteration"] == 1
+
+
+# ------------------------------------------------------- the election's maths, by hand
+class ConstantLogits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward_subsets(self, x, subsets):
+        return torch.zeros((x.shape[0], len(subsets), 3) + x.shape[2:])
+
+
+def election_label():
+    label = np.zeros((8, 16, 16), np.uint8)
+    label[2:6, 4:12, 4:12] = 2
+    label[3:5, 6:10, 6:10] = 1
+    label[3:5, 7:9, 7:9] = 4
+    return label
+
+
+def test_election_scores_soft_probabilities_not_masks():
+    label = election_label()
+    case = SimpleNamespace(name="c", normalized=lambda: np.ones((4, 8, 16, 16), np.float32),
+                           full_label=lambda: label)
+    result = elect(ConstantLogits(), [case], window=(8, 16, 16), overlap=0)
+    n = label.size
+    for region, g in (("ET", 8), ("WT", 256), ("TC", 32)):   # p = 0.5 everywhere
+        assert result["dice"]["flair"][region] == pytest.approx(2 * 0.5 * g / (0.5 * n + g + 1), rel=1e-5)
+
+
+class LastColumn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward_subsets(self, x, subsets):
+        out = torch.full((x.shape[0], len(subsets), 3) + x.shape[2:], -2.0)
+        out[..., -1] = 10.0
+        return out
+
+
+def test_election_averages_logits_over_windows():
+    label = np.zeros((8, 16, 40), np.uint8)
+    label[..., 20:] = 2                                 # WT only
+    case = SimpleNamespace(name="c", normalized=lambda: np.ones((4, 8, 16, 40), np.float32),
+                           full_label=lambda: label)
+    result = elect(LastColumn(), [case], window=(8, 16, 16), overlap=1 / 3)
+    starts = (0, 11, 22, 24)
+    logit = np.array([np.mean([10.0 if w == s + 15 else -2.0 for s in starts if s <= w < s + 16])
+                      for w in range(40)])
+    p = np.broadcast_to(1 / (1 + np.exp(-logit)), (8, 16, 40))
+    g = label > 0
+    expected = 2 * (p * g).sum() / (p.sum() + g.sum() + 1)
+    assert result["dice"]["flair"]["WT"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_train_defaults_are_published():
+    a = train.parse_args([])
+    assert (a.kd_weight, a.momentum, a.learning_rate, a.power, a.overlap) == (0.1, 0.99, 1e-2, 0.9, 1 / 3)
