@@ -27,6 +27,15 @@ def cli(argv):
     return cli_error(predict.main, argv)
 
 
+def brats_2023_copy(case, folder):
+    """The case's FLAIR and T1ce as a BraTS 2023 case folder names them (-t2f, -t1c)."""
+    folder.mkdir()
+    for modality, suffix in (("flair", "t2f"), ("t1ce", "t1c")):
+        (folder / f"{folder.name}-{suffix}.nii.gz").write_bytes(
+            (case / f"{case.name}_{modality}.nii.gz").read_bytes())
+    return folder
+
+
 def test_predict_equals_eval_on_the_incomplete_case(segmentation_setup, tmp_path, capsys):
     root, cases = segmentation_setup
     case = cases[0]
@@ -318,12 +327,7 @@ def test_a_file_named_as_another_modality_is_warned_about(segmentation_setup, tm
     # BraTS 2023's t2f is the FLAIR and t2w the T2: '--t2 X-t2f.nii.gz' would give the network a
     # FLAIR as T2 without a word.
     root, cases = segmentation_setup
-    case = cases[0]
-    renamed = tmp_path / "BraTS-GLI-00001-000"
-    renamed.mkdir()
-    for modality, suffix in (("flair", "t2f"), ("t1ce", "t1c")):
-        (renamed / f"{renamed.name}-{suffix}.nii.gz").write_bytes(
-            (case / f"{case.name}_{modality}.nii.gz").read_bytes())
+    renamed = brats_2023_copy(cases[0], tmp_path / "BraTS-GLI-00001-000")
     common = ["--checkpoint", str(root / "final.pth"), "--device", "cpu"]
     predict.main(["--t2", str(renamed / f"{renamed.name}-t2f.nii.gz"),
                   "--t1ce", str(renamed / f"{renamed.name}-t1c.nii.gz"), *common,
@@ -373,12 +377,7 @@ def test_contrast_enhanced_t1_names_are_read_as_t1ce():
 def test_brats_2023_files_warn_of_et_4_and_et_label_3_writes_its_labels(segmentation_setup,
                                                                         tmp_path, capsys):
     root, cases = segmentation_setup
-    case = cases[0]
-    renamed = tmp_path / "BraTS-GLI-00001-000"
-    renamed.mkdir()
-    for modality, suffix in (("flair", "t2f"), ("t1ce", "t1c")):
-        (renamed / f"{renamed.name}-{suffix}.nii.gz").write_bytes(
-            (case / f"{case.name}_{modality}.nii.gz").read_bytes())
+    renamed = brats_2023_copy(cases[0], tmp_path / "BraTS-GLI-00001-000")
     common = ["--flair", str(renamed / f"{renamed.name}-t2f.nii.gz"),
               "--t1ce", str(renamed / f"{renamed.name}-t1c.nii.gz"),
               "--checkpoint", str(root / "final.pth"), "--device", "cpu"]
