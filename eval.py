@@ -1,4 +1,4 @@
-"""Export segmentation masks (and, when the cases have labels, score them) for modality subsets.
+r"""Export segmentation masks (and, when the cases have labels, score them) for modality subsets.
 
 Examples (from the repository root):
 

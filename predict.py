@@ -1,4 +1,4 @@
-"""Segment one case from explicit files: any non-empty subset of FLAIR, T1, T1ce and T2.
+r"""Segment one case from explicit files: any non-empty subset of FLAIR, T1, T1ce and T2.
 
     python predict.py --flair P01_flair.nii.gz --t1ce P01_t1ce.nii.gz \
         --checkpoint snapshots/LCKD_stage2/final.pth -o P01_mask.nii.gz

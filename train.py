@@ -1,4 +1,4 @@
-"""Train LCKD with the published recipe: Dice + BCE + 0.1 * KD, SGD with poly decay,
+r"""Train LCKD with the published recipe: Dice + BCE + 0.1 * KD, SGD with poly decay,
 teacher election on the validation list at iteration 0 and every --val_pred_every iterations.
 
 Examples (from the repository root):
@@ -513,7 +513,7 @@ def train(args, lists, dist_info, device):
     data_root = args.data_root or None
 
     def open_cases():
-        workers = None if args.num_workers < 0 else max(1, args.num_workers)
+        workers = None if args.num_workers < 0 else args.num_workers
         # Both lists need labels: a missing seg file is named here, before any training.
         return [preprocess(data_list, cache_dir, data_root, workers, progress=main_rank,
                            require_label=True) if data_list else []

@@ -1,4 +1,4 @@
-"""Benchmark: all 15 subsets in one pass (encoder once per window) vs. 15 single-subset runs.
+r"""Benchmark: all 15 subsets in one pass (encoder once per window) vs. 15 single-subset runs.
 
     python benchmarks/bench_eval.py                                  # CPU, small model
     python benchmarks/bench_eval.py --device cuda --model full --shape 240,240,155 \

@@ -1,4 +1,4 @@
-"""Where a training step's time goes: torch.profiler over a few bare steps of one variant.
+r"""Where a training step's time goes: torch.profiler over a few bare steps of one variant.
 
     python benchmarks/profile_train.py                           # CPU: small model, 32x64x64
     python benchmarks/profile_train.py --device cuda --variant bf16_cl_compile --stage "stage 2" \

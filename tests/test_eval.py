@@ -543,8 +543,8 @@ def test_bad_flags_are_refused_when_parsed(flags, expected, capsys):
     (["--mode", "random"], "training mode"),
     (["--mode", "flair,dwi"], "--mode: unknown modality 'dwi'"),
     (["--mode", ""], "error: --mode: no modality given: give indices 0-3 or names flair, t1, t1ce, "
-                     "t2, each once, separated by commas (e.g. 0,2 or flair,t1ce); or 'all' (the "
-                     "15 subsets) or 'available'"),
+                     "t2 (BraTS 2023's t2f, t1n, t1c, t2w), each once, separated by commas (e.g. "
+                     "0,2 or flair,t1ce); or 'all' (the 15 subsets) or 'available'"),
     (["--input", "x", "--data_list", "y.csv"], "--input or --data_list, not both"),
     (["--input", "x", "--data_root", "/data"], "--data_root re-bases a datalist's case folders: "
                                                "with --input x it would do nothing; drop it"),

@@ -31,8 +31,8 @@ def test_parse_subset_rejects(text):
         parse_subset(text)
 
 
-SYNTAX = ("give indices 0-3 or names flair, t1, t1ce, t2, each once, separated by commas "
-          "(e.g. 0,2 or flair,t1ce)")
+SYNTAX = ("give indices 0-3 or names flair, t1, t1ce, t2 (BraTS 2023's t2f, t1n, t1c, t2w), each "
+          "once, separated by commas (e.g. 0,2 or flair,t1ce)")
 
 
 @pytest.mark.parametrize("text, problem", [

@@ -172,9 +172,9 @@ def test_masks_of_brats_2023_cases_written_with_et_4_are_warned_about(tmp_path, 
     label = np.zeros((30, 30, 60), np.uint8)
     _cube(label, (2, 2, 35), 14, 2)
     _cube(label, (4, 4, 37), 9, 4)
-    warning = ("warning: case {} is named as BraTS 2023 names its cases: its online evaluation "
-               "reads ET as 3, these masks hold 4; pass --et_label 3 for an upload there "
-               "(--et_label 4 keeps 4 without this warning)")
+    warning = ("warning: case {} follows BraTS 2023's naming: its online evaluation reads ET "
+               "as 3, these masks hold 4; pass --et_label 3 for an upload there (--et_label 4 "
+               "keeps 4 without this warning)")
     warnings = lambda: [line for line in capsys.readouterr().err.splitlines()
                         if line.startswith("warning")]  # not the progress bar
     flat = tmp_path / "flat"

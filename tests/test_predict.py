@@ -383,9 +383,9 @@ def test_brats_2023_files_warn_of_et_4_and_et_label_3_writes_its_labels(segmenta
               "--checkpoint", str(root / "final.pth"), "--device", "cpu"]
     predict.main([*common, "-o", str(tmp_path / "4.nii.gz")])
     assert capsys.readouterr().err == (
-        f"warning: {renamed.name}-t2f.nii.gz is named as BraTS 2023 names its cases: its online "
-        "evaluation reads ET as 3, these masks hold 4; pass --et_label 3 for an upload there "
-        "(--et_label 4 keeps 4 without this warning)\n")
+        f"warning: {renamed.name}-t2f.nii.gz follows BraTS 2023's naming: its online evaluation "
+        "reads ET as 3, these masks hold 4; pass --et_label 3 for an upload there (--et_label 4 "
+        "keeps 4 without this warning)\n")
     predict.main([*common, "-o", str(tmp_path / "3.nii.gz"), "--et_label", "3"])
     printed = capsys.readouterr()
     assert printed.err == "" and printed.out.rstrip().endswith(" ET voxels (ET written as 3)")
@@ -393,3 +393,10 @@ def test_brats_2023_files_warn_of_et_4_and_et_label_3_writes_its_labels(segmenta
     assert 4 in expected  # the model predicts some ET here: the relabelling is seen
     expected[expected == 4] = 3
     np.testing.assert_array_equal(mask(tmp_path / "3.nii.gz"), expected)
+
+
+def test_help_shows_the_examples_as_written(capsys):
+    # the docstring's shell line continuations were joined into one line
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--help"])
+    assert "--t1ce P01_t1ce.nii.gz \\\n        --checkpoint snapshots/" in capsys.readouterr().out

@@ -49,9 +49,9 @@ def et_label_of(args, brats_2023_case):
     """The ET value to write: --et_label, else 4 with a warning on stderr when the masks are of
     BraTS 2023 cases (`brats_2023_case`: one of them, or None), whose scorer reads ET as 3."""
     if args.et_label is None and brats_2023_case is not None:
-        print(f"warning: {brats_2023_case} is named as BraTS 2023 names its cases: its online "
-              "evaluation reads ET as 3, these masks hold 4; pass --et_label 3 for an upload "
-              "there (--et_label 4 keeps 4 without this warning)", file=sys.stderr)
+        print(f"warning: {brats_2023_case} follows BraTS 2023's naming: its online evaluation "
+              "reads ET as 3, these masks hold 4; pass --et_label 3 for an upload there "
+              "(--et_label 4 keeps 4 without this warning)", file=sys.stderr)
     return ET_2018 if args.et_label is None else args.et_label
 
 

@@ -22,14 +22,15 @@ SINGLE_SUBSETS = tuple(s for s in ALL_SUBSETS if len(s) == 1)
 AVAILABLE = "available"
 
 
-SUBSET_SYNTAX = (f"give indices 0-3 or names {', '.join(MODALITIES)}, each once, separated "
-                 "by commas (e.g. 0,2 or flair,t1ce)")
+SUBSET_SYNTAX = (f"give indices 0-3 or names {', '.join(MODALITIES)} (BraTS 2023's "
+                 f"{', '.join(BRATS_2023_NAMES.values())}), each once, separated by commas (e.g. "
+                 "0,2 or flair,t1ce)")
 
 
 def parse_subset(text):
-    """'0,2' or 'flair,t1ce' (or BraTS 2023's 't2f,t1c', or a mix) -> (0, 2). Raises ValueError on anything else: a
-    repeated modality or an empty item ('0,0', 'flair,0', '0,,2') is a typo, not the smaller
-    subset it would otherwise be read as."""
+    """'0,2' or 'flair,t1ce' (or BraTS 2023's 't2f,t1c', or a mix) -> (0, 2). Raises
+    ValueError on anything else: a repeated modality or an empty item ('0,0', 'flair,0', '0,,2')
+    is a typo, not the smaller subset it would otherwise be read as."""
     tokens = [token.strip().lower() for token in str(text).replace("+", ",").split(",")]
     if tokens == [""]:
         raise ValueError(f"no modality given: {SUBSET_SYNTAX}")
