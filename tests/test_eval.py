@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +28,7 @@ from launch import script_env, torchrun_command
 from test_demo import LOCAL, REPO
 from test_shell import copy_scripts
 from test_figures import assert_regions_drawn, read_png
+from test_metrics import line_and_voxel
 from utils import figures
 from utils.inference import predict_subsets
 from utils.lock import exclusive_lock
@@ -1325,3 +1327,46 @@ def test_summary_table_keeps_regions_apart():
     table = evaluate.summary_table(pd.DataFrame(rows), [(0,)])
     assert table.loc[0, ["ET Dice", "TC Dice", "WT Dice"]].tolist() == pytest.approx([10, 50, 90])
     assert table.loc[0, ["ET HD95", "TC HD95", "WT HD95"]].tolist() == pytest.approx([1, 3, 2])
+
+
+# ------------------------------------------------------------ metrics.csv's values, by hand
+def _case(gt, spacing=(1.0, 1.0, 1.0)):
+    return SimpleNamespace(name="c", label=gt, spacing=spacing)
+
+
+def test_metrics_csv_scores_the_prediction_against_the_reference():
+    """metrics.csv's sensitivity is TP / |reference|, specificity TN / |reference background|:
+    gt WT 8 voxels, pred 4 of them + 2 elsewhere in a 10^3 volume -> sensitivity 4/8,
+    specificity 990/992 (arguments swapped: 4/6 and 990/994)."""
+    gt = np.zeros((10, 10, 10), np.uint8)
+    gt[0:2, 0:2, 0:2] = 2
+    pred = np.zeros_like(gt)
+    pred[0:1, 0:2, 0:2] = 2
+    pred[9, 9, 8:10] = 2
+    rows = {r["region"]: r for r in evaluate.metric_rows(_case(gt), (0,), pred, "max")}
+    assert rows["WT"]["sensitivity"] == pytest.approx(4 / 8)
+    assert rows["WT"]["specificity"] == pytest.approx(990 / 992)
+    assert rows["WT"]["case"] == "c" and rows["WT"]["subset"] == "flair"
+
+
+def test_metrics_csv_hd95_uses_the_cases_spacing_in_network_order():
+    """Single voxels 3 apart along D (network axis 0) with spacing (D, H, W) = (2.0, 1.0, 0.5):
+    HD95 6.0 mm (ignored spacing: 3.0; reversed: 1.5)."""
+    gt = np.zeros((8, 6, 6), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[1, 3, 3] = 2
+    pred[4, 3, 3] = 2
+    rows = {r["region"]: r for r in evaluate.metric_rows(_case(gt, (2.0, 1.0, 0.5)), (0,), pred, "max")}
+    assert rows["WT"]["hd95"] == pytest.approx(6.0)
+
+
+def test_metrics_csv_hd95_follows_the_hd95_flag_whose_default_is_max():
+    """--hd95 pooled reaches the metric: line vs voxel, pooled p95 of [0, 0, 1..19] = 18.0,
+    max = 18.05."""
+    line, voxel = line_and_voxel()
+    pred, gt = line.astype(np.uint8) * 2, voxel.astype(np.uint8) * 2
+    pooled = {r["region"]: r for r in evaluate.metric_rows(_case(gt), (0,), pred, "pooled")}
+    maxed = {r["region"]: r for r in evaluate.metric_rows(_case(gt), (0,), pred, "max")}
+    assert pooled["WT"]["hd95"] == pytest.approx(18.0, rel=1e-9)
+    assert maxed["WT"]["hd95"] == pytest.approx(18.05, rel=1e-9)
+    assert evaluate.parse_args(["--restore_from", "x"]).hd95 == "max"

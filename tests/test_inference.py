@@ -214,3 +214,15 @@ def test_gaussian_weights_the_windows_by_their_centre_distance():
     out = sliding_window(lambda x: torch.full((x.shape[0], 1) + tuple(x.shape[2:]), next(uniform)),
                          torch.zeros(1, 8, 16, 27), (8, 16, 16), batch_size=1)
     assert out[0, 4, 8, 12].item() == 0.5
+
+
+def test_a_small_volume_is_padded_centred_in_the_window():
+    """Docstring: zero-padded (centred). D 5 -> 8: 1 before, 2 after; W 7 -> 16: 4 before, 5
+    after."""
+    img = torch.arange(1, 1 + 5 * 16 * 7, dtype=torch.float32).reshape(1, 5, 16, 7)
+    seen = []
+    sliding_window(lambda x: seen.append(x) or x, img, (8, 16, 16), batch_size=1)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][0, 0, 1:6, :, 4:11], img[0])
+    assert seen[0][0, 0, :1].abs().sum() == 0 and seen[0][0, 0, 6:].abs().sum() == 0
+    assert seen[0][0, 0, :, :, :4].abs().sum() == 0 and seen[0][0, 0, :, :, 11:].abs().sum() == 0

@@ -196,3 +196,30 @@ def test_region_metrics_sensitivity_specificity_argument_order():
     wt = region_metrics(pred, gt)["WT"]
     assert wt["sensitivity"] == pytest.approx(4 / 8)      # swapped args give 4/6
     assert wt["specificity"] == pytest.approx(990 / 992)  # swapped args give 990/994
+
+
+# ---------------------------------------------------------------- HD95's two directions
+def line_and_voxel():
+    line = np.zeros((1, 1, 20), bool)
+    line[0, 0, :] = True
+    voxel = np.zeros((1, 1, 20), bool)
+    voxel[0, 0, 0] = True
+    return line, voxel
+
+
+def test_hd95_measures_both_directions():
+    """pred = one voxel, gt = a 20-voxel line: pred->gt distances [0], gt->pred 0..19.
+    max(p95([0]), p95(0..19)) = 0.95 * 19 = 18.05."""
+    line, voxel = line_and_voxel()
+    assert hd95(voxel, line, method="max") == pytest.approx(18.05)
+    assert hd95(line, voxel, method="max") == pytest.approx(18.05)
+
+
+def test_hd95_default_is_the_max_of_the_directed_percentiles():
+    """The documented default ("max", MONAI / DeepMind / BraTS 2023 scorer), also eval.py's
+    --hd95 default: 18.05 here, where MedPy's pooled p95 of [0, 0, 1, ..., 19] is 18.0.
+"""
+    line, voxel = line_and_voxel()
+    assert hd95(line, voxel) == pytest.approx(18.05, rel=1e-9)
+    wt_line, wt_voxel = line.astype(np.uint8) * 2, voxel.astype(np.uint8) * 2
+    assert region_metrics(wt_line, wt_voxel)["WT"]["hd95"] == pytest.approx(18.05, rel=1e-9)

@@ -1,4 +1,5 @@
 """Tests for models/lckd.py on the small configuration (CPU, seconds)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,3 +252,126 @@ def test_config_and_input_validation():
         model(torch.zeros(1, 4, 16, 32, 32), (4,))
     with pytest.raises(ValueError):
         model(torch.zeros(1, 4, 16, 32, 32), ())
+
+
+# ------------------------------------------------ published details a wrong network would pass
+def test_encode_all_distils_only_available_teachers_into_available_students():
+    """Published DualNet: `if i_mode_t not in mode_split: continue` and `if i_mode_s not in
+    mode_split: continue`. With encode_all (and BN training) the missing modalities are encoded
+    too (zero images): they must be neither teacher nor student."""
+    model = make_model(encode_all=True).train()
+    x = image(2)  # 16x64x64: deep map 1x2x2, features differ between modalities
+    feats = model.encode(x, (1, 2), zero_image=True)  # the available ones, independently
+    f1, f2 = feats.deep[1].detach(), feats.deep[2].detach()
+    expected = (f1 - f2).abs().mean()  # teacher 1 -> student 2 only; teacher 0 is missing
+    logits, kd = model(x, (1, 2), teachers=(0, 1))
+    assert expected > 0
+    torch.testing.assert_close(kd, expected, atol=1e-5, rtol=1e-4)
+    _, kd_missing_teacher = model(x, (1, 2), teachers=(0,))
+    assert kd_missing_teacher.item() == 0.0
+
+
+def test_encode_all_leaves_the_input_alone_and_equals_the_default_path():
+    """encode_all zeroes the missing channels of a COPY: the caller's batch is untouched, and
+    forward_subsets (which runs one forward per subset on the same x) gives the default path's
+    logits."""
+    x = image(2, (16, 32, 32))
+    before = x.clone()
+    published = make_model(encode_all=True).eval()
+    default = make_model().eval()
+    subsets = [(0,), (1, 3), (0, 1, 2, 3)]
+    with torch.no_grad():
+        published(x, (1, 3))
+        assert torch.equal(x, before)
+        together = published.forward_subsets(x, subsets)
+        reference = default.forward_subsets(before.clone(), subsets)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(together, reference, atol=1e-4, rtol=1e-4)
+
+
+def _trilinear_x2_hw(a):
+    """Independent re-statement of trilinear upsampling x(1, 2, 2), align_corners=False
+    (published nn.Upsample(scale_factor=(1, 2, 2), mode='trilinear')): along H and W output
+    2i = 0.25 x[i-1] + 0.75 x[i], 2i+1 = 0.75 x[i] + 0.25 x[i+1], edges repeated."""
+    def axis(v, ax):
+        v = np.moveaxis(v, ax, -1)
+        p = np.concatenate([v[..., :1], v, v[..., -1:]], axis=-1)
+        even = 0.25 * p[..., :-2] + 0.75 * p[..., 1:-1]
+        odd = 0.75 * p[..., 1:-1] + 0.25 * p[..., 2:]
+        out = np.stack([even, odd], axis=-1).reshape(*v.shape[:-1], 2 * v.shape[-1])
+        return np.moveaxis(out, -1, ax)
+    return axis(axis(a, 3), 4)
+
+
+def test_decoder_ends_with_trilinear_upsampling_of_the_classifier():
+    """"""
+    model = make_model().eval()
+    seen = []
+    model.decoder.classifier.register_forward_hook(lambda m, i, o: seen.append(o.detach().double().numpy()))
+    with torch.no_grad():
+        logits, _ = model(image(1, (16, 32, 32)), (0, 2))
+    expected = _trilinear_x2_hw(seen[0])
+    assert logits.shape == (1, 3, 16, 32, 32) and expected.shape == logits.shape
+    np.testing.assert_allclose(logits.double().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_aspp_dilations_are_published():
+    """Published ASPP: 3x3x3 branches with dilation (= padding) 2, 4, 8."""
+    assert LCKDConfig().aspp_dilations == (2, 4, 8)
+    aspp = LCKD(LCKDConfig.small()).encoder.head[1]
+    convs = [branch[0] for branch in aspp.branches]
+    assert [c.kernel_size for c in convs] == [(1, 1, 1)] + [(3, 3, 3)] * 3
+    assert [c.dilation for c in convs[1:]] == [(2, 2, 2), (4, 4, 4), (8, 8, 8)]
+    assert [c.padding for c in convs[1:]] == [(2, 2, 2), (4, 4, 4), (8, 8, 8)]
+
+
+def test_bottleneck_strides_in_its_3x3x3_conv():
+    """Published Res50.Bottleneck: conv1 1x1 (stride 1), conv2 3x3x3 with the stage's stride,
+    shortcut 1x1 with the stride."""
+    model = LCKD(LCKDConfig.small())
+    for i, stage in enumerate(model.encoder.stages):
+        first = [m for m in stage if m.__class__.__name__ == "Bottleneck"][0]
+        stride = (1, 1, 1) if i == 0 else (2, 2, 2)
+        assert first.body[0][0].kernel_size == (1, 1, 1) and first.body[0][0].stride == (1, 1, 1)
+        assert first.body[1][0].kernel_size == (3, 3, 3) and first.body[1][0].stride == stride
+        assert first.body[2].stride == (1, 1, 1)
+        assert first.shortcut[0].stride == stride
+
+
+def test_published_he_normal_fan_out_initialisation():
+    """kaiming_normal_(mode='fan_out'): std = sqrt(2 / fan_out). Stem (8, 1, 7, 7, 7): fan_out
+    8 * 343 = 2744 -> 0.0270 (fan_in would give 0.0764). Decoder's first transposed conv
+    (128, 32, 2, 2, 2): PyTorch's fan_out is size(0) * 8 = 1024 -> 0.0442 (fan_in: 0.0884).
+   """
+    torch.manual_seed(0)
+    model = LCKD(LCKDConfig.small())
+    stem = model.encoder.stem[0].weight
+    assert stem.shape == (8, 1, 7, 7, 7)
+    assert stem.std().item() == pytest.approx((2 / 2744) ** 0.5, rel=0.1)
+    up = model.decoder.up[0].weight
+    assert up.shape == (128, 32, 2, 2, 2)
+    assert up.std().item() == pytest.approx((2 / 1024) ** 0.5, rel=0.1)
+
+
+def test_aspp_image_branch_is_the_global_mean_with_batchnorm():
+    """Published: torch.mean(x, [2, 3, 4], True) -> conv -> norm -> act -> broadcast. With IN the
+    branch is a constant whatever its input; with BN (eval, running statistics) it depends on the
+    mean."""
+    model = make_model(norm="BN").eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    aspp = model.encoder.head[1]
+    x = torch.randn(2, 32, 2, 2, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        g = x.mean(dim=(2, 3, 4), keepdim=True)
+        conv, bn = aspp.image_branch[0], aspp.image_branch[1]
+        w = conv.weight
+        w = (w - w.mean(dim=(1, 2, 3, 4), keepdim=True)) / torch.sqrt(w.var(dim=(1, 2, 3, 4), keepdim=True) + 1e-12)
+        y = F.conv3d(g, w)
+        y = (y - bn.running_mean.view(1, -1, 1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1, 1) + bn.eps)
+        y = F.leaky_relu(y * bn.weight.view(1, -1, 1, 1, 1) + bn.bias.view(1, -1, 1, 1, 1), 0.01)
+        expected = aspp.fuse(torch.cat([b(x) for b in aspp.branches] + [y.expand(-1, -1, 2, 2, 2)], dim=1))
+        torch.testing.assert_close(aspp(x), expected, atol=1e-5, rtol=1e-5)

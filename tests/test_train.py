@@ -35,7 +35,8 @@ from utils.election import append_history, elect, winners
 from utils.overlay import overlay
 from utils.inference import predict_subsets
 from utils.lock import LockError, exclusive_lock
-from utils.modalities import FULL, sample_subset, subset_name
+from utils.losses import segmentation_loss
+from utils.modalities import FULL, MODALITIES, sample_subset, subset_name
 from utils.run_folder import refuse_changed_settings
 
 from launch import script_env, torchrun_command
@@ -1209,3 +1210,97 @@ def test_election_averages_logits_over_windows():
 def test_train_defaults_are_published():
     a = train.parse_args([])
     assert (a.kd_weight, a.momentum, a.learning_rate, a.power, a.overlap) == (0.1, 0.99, 1e-2, 0.9, 1 / 3)
+
+
+# ------------------------------------------------------------ the step and the teachers used
+class _TinyNet(torch.nn.Module):
+    """model(image, subset, teachers) -> (logits, kd), as train.step calls LCKD."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(4, 3, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.linspace(-0.5, 0.5, 12).view(3, 4, 1, 1, 1))
+
+    def forward(self, image, subset=None, teachers=()):
+        return self.conv(image), self.conv.weight.new_zeros(())
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 2, 4, 4, generator=g), (torch.rand(2, 3, 2, 4, 4, generator=g) > 0.5).float()
+
+
+def test_step_with_an_fp16_gradient_scaler_takes_the_unscaled_sgd_step():
+    """With the scaler on (--amp fp16), the step must equal plain SGD on the loss: the scaler
+    multiplies the loss by its scale and divides the gradients by it again. lr 0.1, no momentum:
+    w1 = w0 - 0.1 * dL/dw (dL/dw from autograd on an identical copy)."""
+    image, regions = _batch()
+    reference = _TinyNet()
+    logits, kd = reference(image)
+    loss, _ = segmentation_loss(logits, regions, kd, 0.1)
+    (grad,) = torch.autograd.grad(loss, [reference.conv.weight])
+    expected = reference.conv.weight.detach() - 0.1 * grad
+
+    model = _TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    train.step(model, optimizer, scaler, image, regions, (0, 1, 2, 3), (), "off", 0.1)
+    torch.testing.assert_close(model.conv.weight.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert grad.abs().max() > 1e-3  # the step is visible
+
+
+def test_step_with_non_finite_gradients_skips_and_backs_off_the_scale():
+    """A batch whose loss is NaN: the scaler skips the update and halves its scale (backoff
+    0.5), so fp16 training recovers."""
+    image, regions = _batch()
+    image[0, 0, 0, 0, 0] = float("inf")
+    model = _TinyNet()
+    before = model.conv.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    train.step(model, optimizer, scaler, image, regions, (0, 1, 2, 3), (), "off", 0.1)
+    assert torch.equal(model.conv.weight.detach(), before)
+    assert scaler.get_scale() == 2.0 ** 9
+
+
+def test_resume_restores_the_fp16_gradient_scaler():
+    """The scaler's state (scale, growth tracker) continues after a resume."""
+    model = _TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    saved = torch.amp.GradScaler("cpu", init_scale=2.0 ** 7, growth_interval=3, enabled=True)
+    image, regions = _batch()
+    train.step(model, optimizer, saved, image, regions, (0, 1, 2, 3), (), "off", 0.1)  # tracker 1
+    checkpoint = make_checkpoint(model, optimizer, saved, 5, (2,), 0, random.Random(1),
+                                 {"mode": "random"}, random_start=0)
+    fresh = torch.amp.GradScaler("cpu", enabled=True)  # 65536
+    args = SimpleNamespace(mode="random", start_iters=0, momentum=0.99, weight_decay=0.0)
+    train.resume(checkpoint, True, torch.optim.SGD(model.parameters(), lr=0.1), fresh,
+                 random.Random(0), args, torch.device("cpu"))
+    assert fresh.get_scale() == 2.0 ** 7
+    assert fresh.state_dict()["_growth_tracker"] == saved.state_dict()["_growth_tracker"] == 1
+
+
+def test_training_uses_the_elected_teachers_and_a_new_augmentation_each_iteration(tmp_path, monkeypatch):
+    """Integration (a few seconds): 3 iterations, elections at 0 and 2. The teachers passed to
+    every step are the last election's (teachers.json), not --teachers (here none); every
+    iteration augments with its own seed."""
+    generate(tmp_path / "data", 3, shape_xyz=(64, 64, 32), seed=3)
+    steps, seeds = [], []
+    real_step, real_augment = train.step, train.augment_batch
+    monkeypatch.setattr(train, "step", lambda *a: steps.append(a[6]) or real_step(*a))
+    monkeypatch.setattr(train, "augment_batch",
+                        lambda *a, **k: seeds.append(k["seed"]) or real_augment(*a, **k))
+    snapshot = tmp_path / "run"
+    train.main(["--device", "cpu", "--model_size", "small", "--input_size", "16,32,32",
+                "--batch_size", "1", "--num_workers", "0", "--overlap", "0",
+                "--train_list", str(tmp_path / "data" / "train.csv"),
+                "--val_list", str(tmp_path / "data" / "val.csv"),
+                "--cache_dir", str(tmp_path / "cache"), "--snapshot_dir", str(snapshot),
+                "--num_steps", "3", "--val_pred_every", "2", "--teachers", "", "--log_every", "1"])
+    history = json.loads((snapshot / "teachers.json").read_text())
+    assert [h["iteration"] for h in history] == [0, 2]
+    elected = [tuple(MODALITIES.index(n) for n in h["teachers"]) for h in history]
+    assert all(elected)
+    assert steps == [elected[0], elected[0], elected[1]]
+    assert len(seeds) == 3 and len(set(seeds)) == 3
