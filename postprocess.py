@@ -352,7 +352,7 @@ def main(argv=None):
     rules = rules_from_args(args)
     t1ce = (t1ce_files(sources, input_dir, evaluation, record, args.images) if args.kmeans_necrosis
             else [None] * len(sources))
-    et_label = et_label_of(args, brats_2023_case(sources, record))
+    et_label = et_label_of(args, lambda: brats_2023_case(sources, record))
     jobs = [(s, output_dir / s.relative_to(input_dir), rules, t, str(s.relative_to(input_dir)),
              et_label) for s, t in zip(sources, t1ce)]
     for job in jobs:  # named now, not by a worker once the masks before it are written

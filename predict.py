@@ -216,8 +216,8 @@ def main(argv=None):
     old_figure = mask_figure(args.output)
     if args.output.exists() and old_figure.is_file() and old_figure != figure_path(args):
         old_figure.unlink()  # replacing a mask (--overwrite): its old figure would mislead
-    brats_2023 = naming_scheme(files) == "brats2023"
-    et_label = et_label_of(args, next(iter(files.values())).name if brats_2023 else None)
+    et_label = et_label_of(args, lambda: next(iter(files.values())).name
+                           if naming_scheme(files) == "brats2023" else None)
     save_labels(label, case.affine, case.header, args.output, et_label)
     counts = np.bincount(label.ravel(), minlength=ET + 1)
     print(f"mask from {subset_name(case.available)} written to {args.output}: "

@@ -379,7 +379,7 @@ def is_brats_2023(case, folder=None):
     if folder is not None:
         try:
             return naming_scheme(find_case_files(folder, allow_missing=True)) == "brats2023"
-        except DataError:  # moved or changed since: its name still tells
+        except (DataError, OSError):  # moved, changed or unreadable since: its name still tells
             pass
     return BRATS_2023_CASE.fullmatch(case) is not None
 

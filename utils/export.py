@@ -25,17 +25,15 @@ EVAL_OUTPUT_DIR = Path("outputs/LCKD")
 # The records eval.py writes next to the masks, which postprocess.py reads
 EVAL_RECORD = "eval_config.json"  # the settings, with the subsets masks were written of
 CASES_RECORD = "cases.csv"  # each case's folder and the modalities it has
+MASK_LABEL_3_HINT = ("masks hold BraTS 2018's labels (ET 4), as eval.py writes them: relabel 3 "
+                     "-> 4, or post-process eval.py's masks (postprocess.py --et_label 3 writes "
+                     "BraTS 2023's labels last)")
 
 
 def read_cases_record(folder):
     """eval.py's cases.csv in `folder` (case, folder, available), every column as text: a case
     named '007' stays '007'."""
     return pd.read_csv(Path(folder) / CASES_RECORD, dtype=str, keep_default_na=False)
-
-
-MASK_LABEL_3_HINT = ("masks hold BraTS 2018's labels (ET 4), as eval.py writes them: relabel 3 "
-                     "-> 4, or post-process eval.py's masks (postprocess.py --et_label 3 writes "
-                     "BraTS 2023's labels last)")
 
 
 def add_et_label_arg(parser):
@@ -45,14 +43,18 @@ def add_et_label_arg(parser):
                              "(default), or 3 for BraTS 2023's online evaluation")
 
 
-def et_label_of(args, brats_2023_case):
+def et_label_of(args, find_brats_2023_case):
     """The ET value to write: --et_label, else 4 with a warning on stderr when the masks are of
-    BraTS 2023 cases (`brats_2023_case`: one of them, or None), whose scorer reads ET as 3."""
-    if args.et_label is None and brats_2023_case is not None:
-        print(f"warning: {brats_2023_case} follows BraTS 2023's naming: its online evaluation "
-              "reads ET as 3, these masks hold 4; pass --et_label 3 for an upload there "
-              "(--et_label 4 keeps 4 without this warning)", file=sys.stderr)
-    return ET_2018 if args.et_label is None else args.et_label
+    BraTS 2023 cases, whose scorer reads ET as 3. `find_brats_2023_case()` names one of them,
+    or returns None; it is called only when --et_label is not given (it may list case folders)."""
+    if args.et_label is not None:
+        return args.et_label
+    example = find_brats_2023_case()
+    if example is not None:
+        print(f"warning: {example} follows BraTS 2023's naming: its online evaluation reads ET "
+              "as 3, these masks hold 4; pass --et_label 3 for an upload there (--et_label 4 "
+              "keeps 4 without this warning)", file=sys.stderr)
+    return ET_2018
 
 
 def save_labels(label, affine, header, path, et_label=ET_2018):

@@ -43,7 +43,7 @@ def parse_subset(text):
         elif token in MODALITIES:
             index = MODALITIES.index(token)
         elif token in BRATS_2023_NAMES.values():
-            index = list(BRATS_2023_NAMES.values()).index(token)
+            index = MODALITIES.index(next(m for m, name in BRATS_2023_NAMES.items() if name == token))
         else:
             raise ValueError(f"unknown modality {token!r} in {text!r}: {SUBSET_SYNTAX}")
         if index in indices:
