@@ -388,49 +388,40 @@ def test_data_root_missing_lists_tried_paths(tmp_path):
         "MICCAI_BraTS_2018_Data_Training/ and _Validation/)")
 
 
-@pytest.mark.parametrize("line, hint", [
+@pytest.mark.parametrize("number, line, hint", [
     # a spreadsheet's export: a header, a second column, quotes
-    ("case_id,path", "a datalist names one case folder per line and nothing else (no header, no "
-                     "other columns, no quotes)"),
-    ("Brats18_A;HGG", "a datalist names one case folder per line and nothing else (no header, no "
-                      "other columns, no quotes)"),
-    ('"Brats18_A"', "a datalist names one case folder per line and nothing else (no header, no "
-                    "other columns, no quotes)"),
+    (2, "case_id,path", "a datalist names one case folder per line and nothing else (no header, "
+                        "no other columns, no quotes)"),
+    (2, "Brats18_A;HGG", "a datalist names one case folder per line and nothing else (no header, "
+                         "no other columns, no quotes)"),
+    (2, '"Brats18_A"', "a datalist names one case folder per line and nothing else (no header, "
+                       "no other columns, no quotes)"),
     # a file of the case, named or found
-    ("Brats18_A/Brats18_A_t1.nii.gz", "an entry names a case folder (the folder holding its "
-                                      "files), not a file"),
-    ("notes.txt", "an entry names a case folder (the folder holding its files), not a file"),
-])
-def test_an_entry_that_is_no_case_folder_says_what_a_datalist_holds(tmp_path, line, hint):
-    write_case(tmp_path, "Brats18_A")
-    (tmp_path / "notes.txt").write_text("x")
-    lst = tmp_path / "l.csv"
-    lst.write_text(f"Brats18_A\n{line}\n")
-    with pytest.raises(DataError) as info:
-        read_datalist(lst)
-    assert str(info.value).startswith(f"{lst}:2: case folder {line!r} not found; tried ")
-    assert str(info.value).endswith(f"; {hint}")
-
-
-@pytest.mark.parametrize("first, hint", [
-    ("ID", "the other entries were found: is line 1 a header? A datalist has none: delete the line"),
-    ("subject_id", "the other entries were found: is line 1 a header? A datalist has none: delete "
-                   "the line"),
+    (2, "Brats18_A/Brats18_A_t1.nii.gz", "an entry names a case folder (the folder holding its "
+                                         "files), not a file"),
+    (2, "notes.txt", "an entry names a case folder (the folder holding its files), not a file"),
+    # a one-word first line, every other entry found: a header
+    (1, "ID", "the other entries were found: is line 1 a header? A datalist has none: delete the "
+              "line"),
+    (1, "subject_id", "the other entries were found: is line 1 a header? A datalist has none: "
+                      "delete the line"),
     # a case name (it has digits): a case missing, not a header
-    ("Brats18_Z_1", "pass --data_root DIR, the folder holding the cases (for the official lists, "
-                    "the one holding MICCAI_BraTS_2018_Data_Training/ and _Validation/), to "
-                    "re-base the entries (DATA_ROOT=DIR for run.sh and eval.sh)"),
-    ("HGG\\Brats18_A", "separate its folders with '/' (a list written on Windows uses '\\')"),
+    (1, "Brats18_Z_1", "pass --data_root DIR, the folder holding the cases (for the official "
+                       "lists, the one holding MICCAI_BraTS_2018_Data_Training/ and "
+                       "_Validation/), to re-base the entries (DATA_ROOT=DIR for run.sh and "
+                       "eval.sh)"),
+    (1, "HGG\\Brats18_B", "separate its folders with '/' (a list written on Windows uses '\\')"),
 ])
-def test_a_header_line_and_a_windows_path_are_named_as_such(tmp_path, first, hint):
-    (tmp_path / "HGG").mkdir()
-    write_case(tmp_path / "HGG", "Brats18_A")
-    write_case(tmp_path, "Brats18_B")
+def test_an_entry_that_is_no_case_folder_says_what_a_datalist_holds(tmp_path, number, line, hint):
+    write_case(tmp_path, "Brats18_A")
+    write_case(tmp_path / "HGG", "Brats18_B")
+    (tmp_path / "notes.txt").write_text("x")
+    found = ["Brats18_A", "HGG/Brats18_B"]
     lst = tmp_path / "l.csv"
-    lst.write_text(f"{first}\nHGG/Brats18_A\nBrats18_B\n")
+    lst.write_text("\n".join(found[:number - 1] + [line] + found[number - 1:]) + "\n")
     with pytest.raises(DataError) as info:
         read_datalist(lst)
-    assert str(info.value).startswith(f"{lst}:1: case folder {first!r} not found; tried ")
+    assert str(info.value).startswith(f"{lst}:{number}: case folder {line!r} not found; tried ")
     assert str(info.value).endswith(f"; {hint}")
 
 
